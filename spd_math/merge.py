@@ -18,10 +18,12 @@ import secrets
 from collections.abc import Callable
 
 import numpy as np
+import scipy.sparse
 import torch
 
+from spd_math import backend
 from spd_math.activations import ActivationsError, ProcessedActivations
-from spd_math.bitsets import BITS_PER_WORD, n_words, pack_columns, popcount_rows
+from spd_math.bitsets import BITS_PER_WORD, n_words, overlap_counts, pack_words
 from spd_math.config import MergeConfig
 from spd_math.costs import alpha_term, log_factors
 from spd_math.history import MergeHistory
@@ -30,11 +32,36 @@ from spd_math.samplers import sample_mcmc, sample_range
 PairSampler = Callable[[torch.Tensor], tuple[int, int]]
 
 # Rows of activations processed at once when building masks and coactivations: bounds the
-# temporary float copy (8192 x 2000 float32 = 64 MB) and is a multiple of the word size.
-CHUNK_ROWS = 8192
+# temporary float copy (4096 x 2000 float32 = 32 MB) and is a multiple of the word size.
+CHUNK_ROWS = 4096
 # Below this many groups the loop stops after a merge (MATH.md §7, as is).
 MIN_GROUPS = 3
 STATE_DTYPE = torch.float64
+# Below this fraction of active entries, CPU coactivation counts go through a sparse product.
+SPARSE_DENSITY = 0.1
+
+
+def _check_finite(chunk: torch.Tensor, first_row: int) -> None:
+    # NaN and inf propagate into column sums: one cheap reduction, and an exact look only on failure.
+    if bool(torch.isfinite(chunk.sum(dim=0)).all()):
+        return
+    bad = torch.nonzero(~torch.isfinite(chunk).all(dim=0)).squeeze(1)
+    if bad.numel():
+        raise ActivationsError(
+            f"activations: expected finite values, found NaN or inf in component column(s) {bad[:5].tolist()} "
+            f"within rows {first_row}..{first_row + chunk.shape[0] - 1}"
+        )
+
+
+def _count_coactivations(active: torch.Tensor) -> torch.Tensor:
+    """`MᵀM` of a boolean chunk as exact float64 counts (chunks are far below 2**24 rows)."""
+    if backend.numpy_fast_path(active):
+        mask = active.numpy()
+        if np.count_nonzero(mask) < SPARSE_DENSITY * mask.size:
+            sparse = scipy.sparse.csr_matrix(mask, dtype=np.float32)
+            return torch.from_numpy((sparse.T @ sparse).toarray().astype(np.float64))
+    as_float = active.float()
+    return (as_float.T @ as_float).to(STATE_DTYPE)
 
 
 class _GroupState:
@@ -48,19 +75,18 @@ class _GroupState:
         self.k = c
         self.coact = torch.zeros((c, c), dtype=STATE_DTYPE, device=device)
         # Boolean mode: packed masks. Continuous mode: plain column sums (the §6 diagonal rule).
-        self.masks = torch.zeros((c, n_words(n)), dtype=torch.int64, device=device) if self.boolean else None
+        self.masks = torch.zeros((n_words(n), c), dtype=torch.int64, device=device) if self.boolean else None
         column_sums = torch.zeros(c, dtype=STATE_DTYPE, device=device)
         for start in range(0, n, CHUNK_ROWS):
             chunk = activations[start : start + CHUNK_ROWS].to(device)
-            if not bool(torch.isfinite(chunk).all()):
-                raise ActivationsError(f"activations: expected finite values, found NaN or inf in rows {start}..{start + chunk.shape[0] - 1}")
+            _check_finite(chunk, start)
             if self.boolean:
                 active = chunk > config.activation_threshold
-                self.coact += (active.T.float() @ active.float()).to(STATE_DTYPE)  # exact counts
-                padded = torch.zeros((-(-chunk.shape[0] // BITS_PER_WORD) * BITS_PER_WORD, c), dtype=torch.bool, device=device)
+                self.coact += _count_coactivations(active)
+                padded = torch.zeros((n_words(chunk.shape[0]) * BITS_PER_WORD, c), dtype=torch.bool, device=device)
                 padded[: chunk.shape[0]] = active
                 first_word = start // BITS_PER_WORD
-                self.masks[:, first_word : first_word + padded.shape[0] // BITS_PER_WORD] = pack_columns(padded)
+                self.masks[first_word : first_word + n_words(chunk.shape[0])] = pack_words(padded)
             else:
                 wide = chunk.to(STATE_DTYPE)
                 self.coact += wide.T @ wide
@@ -68,8 +94,10 @@ class _GroupState:
         self.column_sums = None if self.boolean else column_sums
         self.sizes = torch.ones(c, dtype=STATE_DTYPE, device=device)
         diag = self.coact.diagonal()
-        self.alpha_terms = alpha_term(diag[:, None], self.sizes[:, None], diag[None, :], self.sizes[None, :], self.coact)
-        self.alpha_terms *= self.alpha
+        # All sizes are 1 at the start, so the α-term s_i·r_j + s_j·r_i - q_ij·(r_i + r_j) is s_i + s_j - 2·q_ij.
+        self.alpha_terms = torch.mul(self.coact, -2 * self.alpha)
+        self.alpha_terms += diag[:, None] * self.alpha
+        self.alpha_terms += diag[None, :] * self.alpha
         # Python-side mirrors of the diagonal and sizes, for the MDL loss without device syncs.
         self.diag_host = diag.cpu().numpy().copy()
         self.sizes_host = np.ones(c, dtype=np.float64)
@@ -97,12 +125,11 @@ class _GroupState:
         k = self.k
         coact = self.coact
         if self.boolean:
-            both = self.masks[keep] & self.masks[drop]
-            words = torch.nonzero(both).squeeze(1)
-            overlap = popcount_rows(self.masks[:k].index_select(1, words) & both.index_select(0, words))
-            new_row = coact[keep, :k] + coact[drop, :k] - overlap.to(STATE_DTYPE)
+            both = self.masks[:, keep] & self.masks[:, drop]
+            overlap = overlap_counts(self.masks[:, :k], both).to(device=coact.device, dtype=STATE_DTYPE)
+            new_row = coact[keep, :k] + coact[drop, :k] - overlap
             new_diag = self.diag_host[keep] + self.diag_host[drop] - float(overlap[keep])
-            self.masks[keep] |= self.masks[drop]
+            self.masks[:, keep] |= self.masks[:, drop]
         else:
             new_row = coact[keep, :k] + coact[drop, :k]
             self.column_sums[keep] += self.column_sums[drop]
@@ -127,9 +154,11 @@ class _GroupState:
         for matrix in (self.coact, self.alpha_terms):
             matrix[target, :k] = matrix[source, :k]
             matrix[:k, target] = matrix[:k, source]
-        for vector in (self.sizes, self.masks, self.column_sums, self.diag_host, self.sizes_host):
+        for vector in (self.sizes, self.column_sums, self.diag_host, self.sizes_host):
             if vector is not None:
                 vector[target] = vector[source]
+        if self.masks is not None:
+            self.masks[:, target] = self.masks[:, source]
 
 
 def _validated_pair(pair: object, k: int) -> tuple[int, int]:

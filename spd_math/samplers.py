@@ -8,36 +8,41 @@ the CPU generator passed in, so a seed gives the same choices on any device.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
+from spd_math import backend
 
-def prepare_offdiagonal(costs: torch.Tensor) -> tuple[float, float, torch.Tensor]:
-    """Min and max over off-diagonal entries, and per-row minima; sets the diagonal to +inf in place."""
-    k = costs.shape[0]
+
+def prepare_offdiagonal(costs: torch.Tensor) -> tuple[float, float]:
+    """Min and max over off-diagonal entries; sets the diagonal to +inf in place."""
     diagonal = costs.diagonal()
-    # Copying an off-diagonal value onto the diagonal lets one pass find the off-diagonal max.
-    diagonal.copy_(costs[0, 1].expand(k))
-    hi = costs.max()
+    # An off-diagonal value copied onto the diagonal changes neither extreme: one pass finds both.
+    diagonal.copy_(costs[0, 1].expand(costs.shape[0]))
+    lo, hi = torch.aminmax(costs)
     diagonal.fill_(float("inf"))
-    row_min = costs.amin(dim=1)
-    lo = row_min.min()
-    return float(lo), float(hi), row_min
+    return float(lo), float(hi)
+
+
+def _flat_indices_at_most(costs: torch.Tensor, cutoff: float) -> torch.Tensor:
+    """Row-major flat indices of the entries `<= cutoff`, in ascending order."""
+    if backend.numpy_fast_path(costs):
+        return torch.from_numpy(np.flatnonzero(costs.numpy() <= cutoff))  # far faster than torch.nonzero here
+    return torch.nonzero(costs.flatten() <= cutoff).squeeze(1)
 
 
 def sample_range(costs: torch.Tensor, threshold: float, generator: torch.Generator) -> tuple[int, int]:
     """Uniform choice among off-diagonal pairs with `cost <= lo + threshold · (hi - lo)`."""
-    lo, hi, row_min = prepare_offdiagonal(costs)
-    cutoff = lo + threshold * (hi - lo)
-    rows = torch.nonzero(row_min <= cutoff).squeeze(1)
-    candidates = torch.nonzero(costs.index_select(0, rows) <= cutoff)
+    lo, hi = prepare_offdiagonal(costs)
+    candidates = _flat_indices_at_most(costs, lo + threshold * (hi - lo))
     pick = int(torch.randint(candidates.shape[0], (1,), generator=generator))
-    row, col = candidates[pick].tolist()
-    return int(rows[row]), col
+    flat = int(candidates[pick])
+    return divmod(flat, costs.shape[0])
 
 
 def sample_mcmc(costs: torch.Tensor, temperature: float, generator: torch.Generator) -> tuple[int, int]:
     """Choice with probability proportional to `exp((lo - cost) / temperature)` over off-diagonal pairs."""
-    lo, _, _ = prepare_offdiagonal(costs)
+    lo, _ = prepare_offdiagonal(costs)
     weights = torch.exp((lo - costs.to(torch.float64)) / temperature).flatten()  # diagonal: exp(-inf) = 0
     cumulative = torch.cumsum(weights, dim=0)
     target = float(torch.rand((), generator=generator, dtype=torch.float64)) * float(cumulative[-1])
