@@ -121,12 +121,20 @@ def process_activations(
     activations = torch.cat(tensors, dim=1) if len(tensors) > 1 else tensors[0]
     if activations.shape[0] == 0:
         raise ActivationsError("activations: expected at least one sample, got 0")
-    dead_labels: list[str] = []
-    if filter_dead_threshold > 0:
-        alive = activations.amax(dim=0) >= filter_dead_threshold
-        if not bool(alive.all()):
-            alive_list = alive.tolist()
-            dead_labels = [label for label, keep in zip(labels, alive_list) if not keep]
-            labels = [label for label, keep in zip(labels, alive_list) if keep]
-            activations = activations[:, alive]
-    return ProcessedActivations(activations=activations, labels=labels, dead_labels=dead_labels)
+    processed = ProcessedActivations(activations=activations, labels=labels)
+    return drop_dead(processed, filter_dead_threshold)
+
+
+def drop_dead(processed: ProcessedActivations, filter_dead_threshold: float) -> ProcessedActivations:
+    """Remove components whose maximum is below the threshold (none when it is 0); their labels go to `dead_labels`."""
+    if filter_dead_threshold <= 0:
+        return processed
+    alive = processed.activations.amax(dim=0) >= filter_dead_threshold
+    if bool(alive.all()):
+        return processed
+    alive_list = alive.tolist()
+    return ProcessedActivations(
+        activations=processed.activations[:, alive],
+        labels=[label for label, keep in zip(processed.labels, alive_list) if keep],
+        dead_labels=processed.dead_labels + [label for label, keep in zip(processed.labels, alive_list) if not keep],
+    )

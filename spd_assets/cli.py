@@ -1,0 +1,163 @@
+"""`spd-cluster`: run an experiment through Dagster and say where the results are."""
+
+import argparse
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+from spd_assets.config import ExperimentConfig, ExperimentConfigError, load_config
+from spd_assets.storage import PROJECT_ROOT, dagster_home, database_path, results_root
+
+# The CLI parallelises over runs itself, so each run executes its steps in its own (worker) process.
+IN_PROCESS_RUN_CONFIG = {"execution": {"config": {"in_process": {}}}}
+RUN_TAG_EXPERIMENT = "spd_cluster/experiment"
+RUN_TAG_INVOCATION = "spd_cluster/invocation"
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    label: str
+    success: bool
+    run_id: str
+    seconds: float
+    error: str | None
+
+
+def _prepare_home() -> Path:
+    """Point DAGSTER_HOME at the instance (the project's dagster_home/ by default) and make sure it exists."""
+    home = dagster_home()
+    home.mkdir(parents=True, exist_ok=True)
+    template = PROJECT_ROOT / "dagster_home" / "dagster.yaml"
+    if not (home / "dagster.yaml").exists() and template.exists():
+        shutil.copy(template, home / "dagster.yaml")
+    os.environ["DAGSTER_HOME"] = str(home)
+    return home
+
+
+def _first_failure(result) -> str | None:
+    for event in result.all_events:
+        if event.is_step_failure or event.is_run_failure:
+            failure = event.event_specific_data
+            error = getattr(failure, "error", None)
+            if error is not None:
+                # The innermost cause carries the user-facing message (Dagster wraps it).
+                while getattr(error, "cause", None) is not None:
+                    error = error.cause
+                return f"{error.cls_name}: {error.message.strip()}"
+            return event.message
+    return None
+
+
+def execute_run(job_name: str, partition: str | None, tags: dict[str, str]) -> RunOutcome:
+    """Execute one job run (one partition) in this process's Dagster instance; the executor is the job's."""
+    from dagster import DagsterInstance, execute_job
+    from dagster._core.definitions.reconstruct import ReconstructableRepository
+
+    repository = ReconstructableRepository.for_module("spd_assets.definitions", "defs", working_directory=str(PROJECT_ROOT))
+    run_tags = dict(tags)
+    if partition is not None:
+        run_tags["dagster/partition"] = partition
+    started = time.perf_counter()
+    with DagsterInstance.get() as instance:
+        result = execute_job(
+            repository.get_reconstructable_job(job_name), instance=instance, run_config=IN_PROCESS_RUN_CONFIG, tags=run_tags
+        )
+        return RunOutcome(
+            label=partition or job_name,
+            success=result.success,
+            run_id=result.run_id,
+            seconds=time.perf_counter() - started,
+            error=None if result.success else _first_failure(result),
+        )
+
+
+def _log_to(path: str) -> None:
+    """Send a worker's output (Dagster's event log lines) to a file; the terminal shows progress only."""
+    handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(handle, 1)
+    os.dup2(handle, 2)
+    os.close(handle)
+
+
+def _print_outcome(outcome: RunOutcome, done: int, total: int) -> None:
+    mark = "ok    " if outcome.success else "FAILED"
+    print(f"  [{done}/{total}] {mark} {outcome.label:<24} {outcome.seconds:6.1f} s   run {outcome.run_id[:8]}", flush=True)
+    if outcome.error:
+        print(f"           {outcome.error}", flush=True)
+
+
+def run_experiment(config: ExperimentConfig, *, parallel: int) -> int:
+    from spd_assets.database import ensure_database
+    from spd_assets.definitions import ensemble_job_name, members_job_name
+    from spd_assets.experiments import register_experiment
+    from spd_assets.resources import source_for
+
+    home = _prepare_home()
+    members = source_for(config).member_keys()
+    register_experiment(config)
+    ensure_database()
+    invocation = time.strftime("%Y%m%dT%H%M%S")
+    tags = {RUN_TAG_EXPERIMENT: config.name, RUN_TAG_INVOCATION: invocation}
+    log_path = results_root(home) / "logs" / f"{config.name}-{invocation}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    print(f"spd-cluster: experiment {config.name!r} (config {config.config_hash}), {len(members)} members, "
+          f"DAGSTER_HOME={home}")
+    print(f"members ({parallel} at a time): activations and merge history per member", flush=True)
+    started = time.perf_counter()
+    outcomes = []
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=parallel, mp_context=context, initializer=_log_to, initargs=(str(log_path),)) as pool:
+        futures = [pool.submit(execute_run, members_job_name(config.name), member, tags) for member in members]
+        for done, future in enumerate(as_completed(futures), start=1):
+            outcomes.append(future.result())
+            _print_outcome(outcomes[-1], done, len(members))
+        failed = [o.label for o in outcomes if not o.success]
+        print("ensemble: normalized ensemble and distance matrices", flush=True)
+        ensemble = pool.submit(execute_run, ensemble_job_name(config.name), None, tags).result()
+    _print_outcome(ensemble, 1, 1)
+    total = time.perf_counter() - started
+    print(f"\ndone in {total:.1f} s: {len(members) - len(failed)}/{len(members)} members"
+          + (f" (failed: {', '.join(failed)})" if failed else "")
+          + (", ensemble and distances materialized" if ensemble.success else ", ensemble FAILED"))
+    print(f"""
+results   {results_root(home) / config.name}
+run logs  {log_path}  (and every run in the Dagster UI)
+tables    {database_path(home)}  (DuckDB views over Parquet)
+  query:  spd-cluster sql "SELECT member, max(iteration) + 1 AS iterations, min(mdl_loss) AS best_mdl FROM merge_events WHERE experiment = '{config.name}' GROUP BY member ORDER BY member"
+      or: duckdb -readonly {database_path(home)}
+UI        DAGSTER_HOME={home} dagster dev -w {PROJECT_ROOT / 'workspace.yaml'}   (then open http://localhost:3000)""")
+    return 0 if ensemble.success and not failed else 1
+
+
+def _default_parallel() -> int:
+    return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="spd-cluster", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="materialize every asset of an experiment (the embedded default without --config)")
+    run.add_argument("--config", type=Path, help="experiment config (YAML); default: the embedded synthetic default")
+    run.add_argument("--parallel", type=int, default=None, help="members materialized at once")
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        try:
+            config = load_config(args.config)
+        except ExperimentConfigError as error:
+            print(f"spd-cluster: {error}", file=sys.stderr)
+            return 2
+        parallel = args.parallel or _default_parallel()
+        if parallel < 1:
+            print(f"spd-cluster: --parallel: expected a positive number, got {parallel}", file=sys.stderr)
+            return 2
+        return run_experiment(config, parallel=parallel)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""The experiment config: one YAML file, validated before any work starts; defaults are the embedded default."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import zlib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from spd_math import ConfigError, MergeConfig
+from spd_math.distances import DISTANCE_METHODS
+
+EXPERIMENT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,62}$")
+
+
+class ExperimentConfigError(ValueError):
+    """The experiment config is invalid; the message lists every field at fault."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SyntheticSource(_Strict):
+    """SPD-like causal importances with planted co-firing groups (see `spd_assets.sources.synthetic`)."""
+
+    kind: Literal["synthetic"] = "synthetic"
+    params: dict[str, Any] = Field(default_factory=dict, description="overrides of SyntheticParams fields")
+    batch_size: int = Field(32, ge=1, description="sequences per ensemble member")
+    n_members: int = Field(6, ge=1, le=10_000, description="ensemble size: one batch per member")
+
+    @field_validator("params")
+    @classmethod
+    def _known_params(cls, params: dict[str, Any]) -> dict[str, Any]:
+        from spd_assets.sources.synthetic import SyntheticParams
+
+        known = set(SyntheticParams.__dataclass_fields__)
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise ValueError(f"unknown synthetic parameter(s) {unknown}; expected some of {sorted(known)}")
+        SyntheticParams(**{k: tuple(v) if isinstance(v, list) else v for k, v in params.items()})
+        return params
+
+
+class FilesSource(_Strict):
+    """A directory with one activation file per ensemble member (`.safetensors`, `.npz` or `.pt`)."""
+
+    kind: Literal["files"] = "files"
+    directory: Path
+    value_range: tuple[float, float] = Field((0.0, 1.0), description="values outside are an error")
+    n_members: int | None = Field(None, ge=1, description="use only the first n files (sorted by name)")
+
+    @field_validator("value_range")
+    @classmethod
+    def _ordered(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if value[0] > value[1]:
+            raise ValueError(f"expected [low, high] with low <= high, got {list(value)}")
+        return value
+
+
+ActivationSource = Annotated[SyntheticSource | FilesSource, Field(discriminator="kind")]
+
+
+class ExperimentConfig(_Strict):
+    """Everything that determines an experiment's results."""
+
+    name: str = Field("default", description="experiment name: asset key prefix and `experiment` column")
+    source: ActivationSource = Field(default_factory=SyntheticSource)
+    seq_mode: Literal["concat", "seq_mean"] | None = "concat"
+    merge_config: dict[str, Any] = Field(
+        default_factory=lambda: {"iters": None},
+        description="original research merge_config keys; missing keys take MergeConfig defaults",
+    )
+    distance_methods: tuple[Literal["perm_invariant_hamming", "matching_dist"], ...] = DISTANCE_METHODS
+    base_seed: int = Field(0, ge=0, description="member seeds derive from it and the member's partition key")
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, name: str) -> str:
+        if not EXPERIMENT_NAME.match(name):
+            raise ValueError(f"expected a letter then letters, digits or '_' (at most 63), got {name!r}")
+        return name
+
+    @field_validator("merge_config")
+    @classmethod
+    def _valid_merge_config(cls, values: dict[str, Any]) -> dict[str, Any]:
+        try:
+            MergeConfig.from_dict(values)
+        except (ConfigError, TypeError) as error:
+            raise ValueError(str(error)) from None
+        return values
+
+    @model_validator(mode="after")
+    def _methods_present(self) -> ExperimentConfig:
+        if not self.distance_methods:
+            raise ValueError("distance_methods: expected at least one of " + ", ".join(DISTANCE_METHODS))
+        return self
+
+    @property
+    def merge(self) -> MergeConfig:
+        return MergeConfig.from_dict(self.merge_config)
+
+    def canonical_json(self) -> str:
+        """The config with every default filled in, as stable JSON (what the hash is of)."""
+        values = self.model_dump(mode="json")
+        values["merge_config"] = self.merge.to_dict()
+        return json.dumps(values, sort_keys=True, separators=(",", ":"))
+
+    @property
+    def config_hash(self) -> str:
+        return hashlib.sha256(self.canonical_json().encode()).hexdigest()[:16]
+
+    def member_seed(self, partition_key: str) -> int:
+        """A member's seed: a function of the base seed and its partition key only, so it can be recomputed alone."""
+        return (self.base_seed * 1_000_003 + zlib.crc32(partition_key.encode())) % 2**63
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for problem in error.errors():
+        where = ".".join(str(part) for part in problem["loc"]) or "(top level)"
+        message = problem["msg"].removeprefix("Value error, ")
+        value = problem.get("input")
+        shown = "" if isinstance(value, dict) or problem["type"] == "missing" else f" (got {value!r})"
+        lines.append(f"  {where}: {message}{shown}")
+    return "\n".join(lines)
+
+
+def parse_config(values: Any, *, origin: str = "config") -> ExperimentConfig:
+    """Validate a mapping (e.g. loaded YAML) into an ExperimentConfig, with every problem named."""
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ExperimentConfigError(f"{origin}: expected a mapping of settings, got {type(values).__name__}")
+    try:
+        return ExperimentConfig.model_validate(values)
+    except ValidationError as error:
+        raise ExperimentConfigError(f"{origin} is invalid:\n{_describe(error)}") from None
+
+
+def load_config(path: str | Path | None) -> ExperimentConfig:
+    """Read a YAML experiment config; None gives the embedded default."""
+    if path is None:
+        return ExperimentConfig()
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ExperimentConfigError(f"cannot read config file {path}: {error.strerror}") from None
+    try:
+        values = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ExperimentConfigError(f"{path} is not valid YAML: {error}") from None
+    config = parse_config(values, origin=str(path))
+    if isinstance(config.source, FilesSource) and not config.source.directory.is_absolute():
+        # Relative directories are relative to the config file, not to wherever the command runs.
+        source = config.source.model_copy(update={"directory": (path.parent / config.source.directory).resolve()})
+        config = config.model_copy(update={"source": source})
+    return config
+
+
+def dump_config(config: ExperimentConfig) -> str:
+    """YAML text that `load_config` reads back into an equal config."""
+    values = json.loads(config.canonical_json())
+    return yaml.safe_dump(values, sort_keys=False)

@@ -1,0 +1,83 @@
+"""Activation sources as Dagster resources: each gives one member's module -> causal-importance mapping."""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+
+import numpy as np
+import torch
+from dagster import ConfigurableResource
+
+from spd_assets.config import ExperimentConfig, FilesSource, SyntheticSource
+from spd_assets.sources import files, synthetic
+
+
+@lru_cache(maxsize=8)
+def _synthetic_model(params_json: str) -> synthetic.SyntheticModel:
+    # JSON turns tuples into lists; the params dataclass wants tuples back.
+    params = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(params_json).items()}
+    return synthetic.build_model(synthetic.SyntheticParams(**params))
+
+
+class ActivationSource(ConfigurableResource):
+    """What every source offers the assets."""
+
+    def member_keys(self) -> list[str]:
+        raise NotImplementedError
+
+    def load_batch(self, member: str, seed: int) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def planted_partition(self, labels: list[str]) -> np.ndarray | None:
+        """The known truth for these labels, where the source has one (synthetic data)."""
+        return None
+
+
+class SyntheticActivationSource(ActivationSource):
+    """SPD-like causal importances with planted co-firing groups; deterministic per (model, seed)."""
+
+    params_json: str = "{}"
+    batch_size: int = 32
+    n_members: int = 6
+
+    @property
+    def model(self) -> synthetic.SyntheticModel:
+        return _synthetic_model(self.params_json)
+
+    def member_keys(self) -> list[str]:
+        width = max(3, len(str(self.n_members - 1)))
+        return [f"member_{index:0{width}d}" for index in range(self.n_members)]
+
+    def load_batch(self, member: str, seed: int) -> dict[str, torch.Tensor]:
+        return synthetic.generate_batch(self.model, seed=seed, batch_size=self.batch_size)
+
+    def planted_partition(self, labels: list[str]) -> np.ndarray:
+        return self.model.planted_partition(labels)
+
+
+class FilesActivationSource(ActivationSource):
+    """One activation file per member in a directory; the members are the files (named by their stems)."""
+
+    directory: str
+    value_range: tuple[float, float] = (0.0, 1.0)
+    n_members: int | None = None
+
+    def member_keys(self) -> list[str]:
+        keys = list(files.discover_batch_files(self.directory))
+        return keys[: self.n_members] if self.n_members is not None else keys
+
+    def load_batch(self, member: str, seed: int) -> dict[str, torch.Tensor]:
+        return files.load_batch(self.directory, member, value_range=self.value_range)
+
+
+def source_for(config: ExperimentConfig) -> ActivationSource:
+    """The resource the experiment's config asks for."""
+    source = config.source
+    if isinstance(source, SyntheticSource):
+        return SyntheticActivationSource(
+            params_json=json.dumps(source.params), batch_size=source.batch_size, n_members=source.n_members
+        )
+    if isinstance(source, FilesSource):
+        return FilesActivationSource(directory=str(source.directory), value_range=source.value_range, n_members=source.n_members)
+    raise TypeError(f"unknown activation source {type(source).__name__}")

@@ -1,0 +1,1 @@
+"""Where causal importances come from: one mapping module name -> tensor per ensemble member."""

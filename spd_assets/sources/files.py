@@ -1,0 +1,338 @@
+"""Activation source: a directory with one file of causal importances per data batch.
+
+Each file is one ensemble member; its partition key is the file name without its suffix.
+A file maps module name -> float tensor `[batch, seq, C]` or `[samples, C]` (MATH.md §1).
+Every file must match the directory's reference layout: the same module names, in the same
+order, with the same number of components C per module. The number of samples (batch and
+seq sizes) may differ between files, but not between the modules of one file.
+
+Module order is the order stored in the file: `.npz` keeps the order the arrays were saved
+in and `.pt` the order of the saved dict. `.safetensors` cannot keep an order (its writer
+sorts tensors), so its modules come in sorted name order, as `safe_open(...).keys()` reports.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+import torch
+from numpy.lib import format as npy_format
+from safetensors import safe_open
+
+SUPPORTED_SUFFIXES = (".safetensors", ".npz", ".pt")
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+DEFAULT_VALUE_RANGE = (0.0, 1.0)  # causal importances are gates in [0, 1]
+SUPPORTED_NDIMS = (2, 3)
+EXPECTED_SHAPES = "[batch, seq, C] or [samples, C]"
+
+_EXPECTED_CONTENT = {
+    ".safetensors": "a file written by safetensors (e.g. safetensors.torch.save_file)",
+    ".npz": "an archive of float arrays written by numpy.savez or numpy.savez_compressed",
+    ".pt": (
+        "a dict of module name -> torch.Tensor written by torch.save "
+        "(tensors only: it is loaded with weights_only=True)"
+    ),
+}
+_EXPECTED_DIRECTORY = f"a directory with one batch file ({', '.join(SUPPORTED_SUFFIXES)}) per ensemble member"
+_SAFETENSORS_DTYPE_NAMES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
+
+Layout = dict[str, tuple[int, ...]]
+PathLike = str | os.PathLike[str]
+TensorGetter = Callable[[str], torch.Tensor]
+
+
+class BatchFileError(ValueError):
+    """A batch file or its directory is missing, unreadable or holds the wrong content.
+
+    The message names the file (or directory), what was wrong and what was expected.
+    """
+
+
+@dataclass(frozen=True)
+class _TensorSpec:
+    """What a file's header says about one tensor, before any data is read."""
+
+    shape: tuple[int, ...]
+    dtype: str  # torch-style name ("float32"); safetensors codes of non-float types stay as stored ("I64")
+
+
+def discover_batch_files(directory: PathLike) -> dict[str, Path]:
+    """Partition key (file name without suffix) -> batch file, sorted by key.
+
+    Hidden files are skipped: they are editor, OS or partial-write leftovers, not batches.
+    """
+    root = Path(directory)
+    if not root.exists():
+        raise BatchFileError(f"{root}: directory does not exist; expected {_EXPECTED_DIRECTORY}")
+    if not root.is_dir():
+        raise BatchFileError(f"{root}: is not a directory; expected {_EXPECTED_DIRECTORY}")
+    paths_by_key: dict[str, list[Path]] = {}
+    for path in root.iterdir():
+        if path.suffix in SUPPORTED_SUFFIXES and not path.name.startswith(".") and path.is_file():
+            paths_by_key.setdefault(path.stem, []).append(path)
+    if not paths_by_key:
+        raise BatchFileError(f"{root}: no batch files found; expected files ending in {', '.join(SUPPORTED_SUFFIXES)}")
+    duplicates = [paths for paths in paths_by_key.values() if len(paths) > 1]
+    if duplicates:
+        raise BatchFileError(f"{root}: " + "; ".join(_duplicate_problem(paths) for paths in duplicates))
+    return {key: paths_by_key[key][0] for key in sorted(paths_by_key)}
+
+
+def read_layout(path: PathLike) -> Layout:
+    """Module name -> tensor shape of one batch file, in file order, after checking its structure.
+
+    Reads only the header of `.safetensors` and `.npz` files; a `.pt` file has to be loaded.
+    """
+    path = Path(path)
+    with _open_batch_file(path) as (specs, _):
+        return _validated_layout(path, specs)
+
+
+def load_batch(
+    directory: PathLike,
+    partition_key: str,
+    *,
+    value_range: tuple[float, float] | None = DEFAULT_VALUE_RANGE,
+) -> dict[str, torch.Tensor]:
+    """Read one ensemble member's batch file and check it against the directory's reference layout.
+
+    The reference layout is that of the first file, in key order, whose layout can be read;
+    unreadable files are skipped so that a bad file fails only its own partition. It is
+    recomputed on every call (usually one header read), so it stays right when files change.
+    `value_range=None` skips the range check (e.g. for activations that are not CIs).
+    """
+    if value_range is not None and not value_range[0] <= value_range[1]:
+        raise ValueError(f"value_range: expected (low, high) with low <= high, got {value_range!r}")
+    root = Path(directory)
+    path = _batch_file(root, partition_key)
+    # Found before opening `path`, so that no two files' data are held at once (.pt must load).
+    reference = _reference_before(root, partition_key)
+    with _open_batch_file(path) as (specs, get_tensor):
+        layout = _validated_layout(path, specs)
+        if reference is not None:
+            _check_matches_reference(path, layout, *reference)
+        tensors = {name: get_tensor(name) for name in layout}
+    problems = _value_problems(tensors, value_range)
+    if problems:
+        raise BatchFileError(_problems_message(path, "has invalid values", problems))
+    return tensors
+
+
+def _batch_file(root: Path, partition_key: str) -> Path:
+    candidates = [root / f"{partition_key}{suffix}" for suffix in SUPPORTED_SUFFIXES]
+    existing = [path for path in candidates if path.is_file()]
+    if not existing:
+        raise BatchFileError(
+            f"{root}: no batch file for partition {partition_key!r}; expected one of "
+            f"{', '.join(path.name for path in candidates)} (deleted or renamed after the partitions were discovered?)"
+        )
+    if len(existing) > 1:
+        raise BatchFileError(f"{root}: {_duplicate_problem(existing)}")
+    return existing[0]
+
+
+def _duplicate_problem(paths: list[Path]) -> str:
+    names = ", ".join(sorted(path.name for path in paths))
+    return f"files {names} share the partition key {paths[0].stem!r}; expected one file per key"
+
+
+def _reference_before(root: Path, partition_key: str) -> tuple[Path, Layout] | None:
+    """The reference file and layout, or None when the file of `partition_key` is the reference itself."""
+    for key, path in discover_batch_files(root).items():
+        if key >= partition_key:
+            return None
+        try:
+            return path, read_layout(path)
+        except BatchFileError:
+            continue  # that file fails its own partition; the next readable one is the reference
+    return None
+
+
+@contextmanager
+def _open_batch_file(path: Path) -> Iterator[tuple[dict[str, _TensorSpec], TensorGetter]]:
+    """The file's tensor specs in file order, and a getter for their data, from one open handle."""
+    openers = {".safetensors": _open_safetensors, ".npz": _open_npz, ".pt": _open_torch}
+    opener = openers.get(path.suffix)
+    if opener is None:
+        expected = ", ".join(SUPPORTED_SUFFIXES)
+        raise BatchFileError(f"{path}: unsupported file type {path.suffix!r}; expected one of {expected}")
+    with ExitStack() as stack:
+        with _reader_errors(path):
+            specs, get_tensor = stack.enter_context(opener(path))
+
+        def get_tensor_or_fail(name: str) -> torch.Tensor:
+            with _reader_errors(path):
+                return get_tensor(name)
+
+        yield specs, get_tensor_or_fail
+
+
+@contextmanager
+def _reader_errors(path: Path) -> Iterator[None]:
+    """Turn a reader library's failure on a bad file into a BatchFileError naming the file."""
+    try:
+        yield
+    except (BatchFileError, MemoryError):
+        raise
+    except FileNotFoundError as error:
+        raise BatchFileError(
+            f"{path}: file no longer exists (deleted or renamed after the partitions were discovered?)"
+        ) from error
+    # Readers raise many types on corrupt input (SafetensorError, UnpicklingError, BadZipFile, zlib.error, ...).
+    except Exception as error:
+        raise BatchFileError(
+            f"{path}: cannot be read ({_reader_reason(error)}); expected {_EXPECTED_CONTENT[path.suffix]}"
+        ) from error
+
+
+def _reader_reason(error: Exception) -> str:
+    reason = str(error).strip()
+    if isinstance(error, pickle.UnpicklingError):
+        # torch's weights-only refusal wraps its reason in advice to unpickle arbitrary code, which we never do.
+        _, marker, refusal = reason.partition("WeightsUnpickler error:")
+        if marker:
+            reason = refusal.strip().splitlines()[0].split(". ")[0]
+    return f"{type(error).__name__}: {reason}" if reason else type(error).__name__
+
+
+@contextmanager
+def _open_safetensors(path: Path) -> Iterator[tuple[dict[str, _TensorSpec], TensorGetter]]:
+    with safe_open(path, framework="pt", device="cpu") as handle:
+        specs = {}
+        for name in handle.keys():
+            tensor_slice = handle.get_slice(name)
+            dtype = tensor_slice.get_dtype()
+            specs[name] = _TensorSpec(tuple(tensor_slice.get_shape()), _SAFETENSORS_DTYPE_NAMES.get(dtype, dtype))
+        yield specs, handle.get_tensor
+
+
+@contextmanager
+def _open_npz(path: Path) -> Iterator[tuple[dict[str, _TensorSpec], TensorGetter]]:
+    # Read as a zip of .npy members rather than via np.load, which takes a non-zip file for a
+    # pickle or a single array and then fails with a misleading message.
+    with zipfile.ZipFile(path) as archive:
+        specs = {}
+        for member in archive.infolist():
+            if not member.filename.endswith(".npy"):
+                raise BatchFileError(
+                    f"{path}: archive member {member.filename!r} is not a .npy array; "
+                    f"expected {_EXPECTED_CONTENT['.npz']}"
+                )
+            with archive.open(member) as stream:
+                shape, dtype = _npy_header(stream)
+            specs[member.filename.removesuffix(".npy")] = _TensorSpec(shape, dtype.name)
+
+        def get_tensor(name: str) -> torch.Tensor:
+            with archive.open(f"{name}.npy") as stream:
+                # allow_pickle=False: object arrays would run arbitrary code and are not activations anyway.
+                return _numpy_to_torch(npy_format.read_array(stream, allow_pickle=False))
+
+        yield specs, get_tensor
+
+
+def _npy_header(stream: IO[bytes]) -> tuple[tuple[int, ...], np.dtype]:
+    version = npy_format.read_magic(stream)
+    # Format 3.0 only differs from 2.0 in allowing utf-8 field names, which float arrays never have.
+    read_header = npy_format.read_array_header_1_0 if version == (1, 0) else npy_format.read_array_header_2_0
+    shape, _fortran_order, dtype = read_header(stream)
+    return shape, dtype
+
+
+def _numpy_to_torch(array: np.ndarray) -> torch.Tensor:
+    # torch only wraps arrays in native byte order.
+    return torch.from_numpy(array.astype(array.dtype.newbyteorder("="), copy=False))
+
+
+@contextmanager
+def _open_torch(path: Path) -> Iterator[tuple[dict[str, _TensorSpec], TensorGetter]]:
+    content = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(content, Mapping):
+        raise BatchFileError(f"{path}: contains a {type(content).__name__}; expected {_EXPECTED_CONTENT['.pt']}")
+    specs = {}
+    for name, value in content.items():
+        if not isinstance(name, str) or not isinstance(value, torch.Tensor):
+            raise BatchFileError(
+                f"{path}: entry {name!r} -> {type(value).__name__}; expected {_EXPECTED_CONTENT['.pt']}"
+            )
+        specs[name] = _TensorSpec(tuple(value.shape), str(value.dtype).removeprefix("torch."))
+    yield specs, content.__getitem__
+
+
+def _validated_layout(path: Path, specs: dict[str, _TensorSpec]) -> Layout:
+    if not specs:
+        raise BatchFileError(f"{path}: contains no tensors; expected a mapping of module name -> tensor")
+    problems = []
+    for name, spec in specs.items():
+        if spec.dtype not in FLOAT_DTYPES:
+            problems.append(f"module {name!r} has dtype {spec.dtype}, expected one of {', '.join(FLOAT_DTYPES)}")
+        if len(spec.shape) not in SUPPORTED_NDIMS:
+            problems.append(f"module {name!r} has shape {list(spec.shape)}, expected {EXPECTED_SHAPES}")
+    # Every module must describe the same samples, or their columns cannot be concatenated.
+    sample_shapes = {name: spec.shape[:-1] for name, spec in specs.items() if len(spec.shape) in SUPPORTED_NDIMS}
+    if sample_shapes:
+        first_name, first_samples = next(iter(sample_shapes.items()))
+        for name, samples in sample_shapes.items():
+            if samples != first_samples:
+                problems.append(
+                    f"module {name!r} has sample dimensions {list(samples)} but module {first_name!r} has "
+                    f"{list(first_samples)}; expected all modules of a file to cover the same samples"
+                )
+    if problems:
+        summary = f"is not a mapping of module name -> float {EXPECTED_SHAPES} tensor"
+        raise BatchFileError(_problems_message(path, summary, problems))
+    return {name: spec.shape for name, spec in specs.items()}
+
+
+def _check_matches_reference(path: Path, layout: Layout, reference_path: Path, reference: Layout) -> None:
+    problems = []
+    missing = [name for name in reference if name not in layout]
+    extra = [name for name in layout if name not in reference]
+    if missing:
+        problems.append(f"missing modules {missing}")
+    if extra:
+        problems.append(f"extra modules {extra}")
+    for name, shape in layout.items():
+        if name in reference and shape[-1] != reference[name][-1]:
+            problems.append(f"module {name!r} has C={shape[-1]} components, expected C={reference[name][-1]}")
+    shared_in_file_order = [name for name in layout if name in reference]
+    shared_in_reference_order = [name for name in reference if name in layout]
+    if shared_in_file_order != shared_in_reference_order:
+        order_problem = f"modules are in the order {shared_in_file_order}, expected {shared_in_reference_order}"
+        if ".safetensors" in (path.suffix, reference_path.suffix):
+            order_problem += " (.safetensors files list their modules in sorted name order)"
+        problems.append(order_problem)
+    if problems:
+        summary = f"has a different module layout than {reference_path.name}, the first readable file of the directory"
+        raise BatchFileError(_problems_message(path, summary, problems))
+
+
+def _value_problems(tensors: dict[str, torch.Tensor], value_range: tuple[float, float] | None) -> list[str]:
+    problems = []
+    for name, tensor in tensors.items():
+        finite = torch.isfinite(tensor)
+        finite_values = tensor
+        if not bool(finite.all()):
+            nan_count = int(torch.isnan(tensor).sum())
+            inf_count = tensor.numel() - int(finite.sum()) - nan_count
+            problems.append(f"module {name!r} has {nan_count} NaN and {inf_count} inf values (of {tensor.numel()})")
+            finite_values = tensor[finite]
+        if value_range is not None and finite_values.numel() > 0:
+            low, high = (float(bound) for bound in torch.aminmax(finite_values))
+            if low < value_range[0] or high > value_range[1]:
+                problems.append(
+                    f"module {name!r} has values from {low:g} to {high:g}, "
+                    f"expected within [{value_range[0]:g}, {value_range[1]:g}]"
+                )
+    return problems
+
+
+def _problems_message(path: Path, summary: str, problems: list[str]) -> str:
+    return f"{path}: {summary}:\n" + "\n".join(f"  - {problem}" for problem in problems)
