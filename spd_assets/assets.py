@@ -33,13 +33,13 @@ from spd_assets.storage import EnsembleDistances, MemberEnsemble, write_table
 from spd_math import (
     MergeHistory,
     ProcessedActivations,
+    adjusted_rand_index,
     compute_distances,
     drop_dead,
     merge_iteration,
     normalize_ensemble,
     process_activations,
 )
-from spd_math.partitions import adjusted_rand_index
 
 IO_MANAGER_KEY = "spd_results"
 # Bump when a change to an asset's code changes its results (Dagster marks downstream stale).

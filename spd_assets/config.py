@@ -43,7 +43,7 @@ class SyntheticSource(_Strict):
         unknown = sorted(set(params) - known)
         if unknown:
             raise ValueError(f"unknown synthetic parameter(s) {unknown}; expected some of {sorted(known)}")
-        SyntheticParams(**{k: tuple(v) if isinstance(v, list) else v for k, v in params.items()})
+        SyntheticParams(**params)
         return params
 
 

@@ -15,9 +15,7 @@ from spd_assets.sources import files, synthetic
 
 @lru_cache(maxsize=8)
 def _synthetic_model(params_json: str) -> synthetic.SyntheticModel:
-    # JSON turns tuples into lists; the params dataclass wants tuples back.
-    params = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(params_json).items()}
-    return synthetic.build_model(synthetic.SyntheticParams(**params))
+    return synthetic.build_model(synthetic.SyntheticParams(**json.loads(params_json)))
 
 
 class ActivationSource(ConfigurableResource):

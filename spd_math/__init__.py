@@ -13,6 +13,7 @@ from spd_math.distances import (
 from spd_math.ensemble import EnsembleError, NormalizedEnsemble, normalize_ensemble
 from spd_math.history import HistoryError, MergeHistory
 from spd_math.merge import merge_iteration
+from spd_math.partitions import adjusted_rand_index, canonical_labels
 
 __all__ = [
     "DISTANCE_METHODS",
@@ -25,6 +26,8 @@ __all__ = [
     "MergeHistory",
     "NormalizedEnsemble",
     "ProcessedActivations",
+    "adjusted_rand_index",
+    "canonical_labels",
     "compute_distances",
     "compute_merge_costs",
     "drop_dead",
