@@ -232,8 +232,8 @@ def experiment_assets(config: ExperimentConfig, members: list[str]) -> list[Asse
         ensemble = normalize_ensemble([histories[member] for member in used])
         value = MemberEnsemble(ensemble=ensemble, members=used, missing=missing)
         ensure_database()
-        write_table(tables.ensemble_members(name, ensemble, members, histories, missing), "ensemble_members", name)
-        coverage = ensemble.present.double().mean(dim=1).numpy()
+        members_table = tables.ensemble_members(name, ensemble, used, members, histories)
+        write_table(members_table, "ensemble_members", name)
         yield Output(
             value,
             metadata={
@@ -244,7 +244,8 @@ def experiment_assets(config: ExperimentConfig, members: list[str]) -> list[Asse
                 "member_overlap": MetadataValue.md(
                     _markdown_table(
                         ["member", "components", "iterations", "share of union"],
-                        [[m, histories[m].c_components, histories[m].n_iters, f"{coverage[i]:.3f}"] for i, m in enumerate(used)],
+                        [[row["member"], row["n_components"], row["n_iters_completed"], f"{row['union_coverage']:.3f}"]
+                         for row in members_table.filter(pl.col("status") == "used").iter_rows(named=True)],
                     )
                 ),
             },

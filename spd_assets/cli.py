@@ -39,17 +39,16 @@ def _prepare_home() -> Path:
     return home
 
 
-def _first_failure(result) -> str | None:
+def first_failure_message(result) -> str | None:
+    """The user-facing message of a failed run: the first error of its first failed step that Dagster did not wrap."""
     for event in result.all_events:
         if event.is_step_failure or event.is_run_failure:
-            failure = event.event_specific_data
-            error = getattr(failure, "error", None)
-            if error is not None:
-                # The innermost cause carries the user-facing message (Dagster wraps it).
-                while getattr(error, "cause", None) is not None:
-                    error = error.cause
-                return f"{error.cls_name}: {error.message.strip()}"
-            return event.message
+            error = getattr(event.event_specific_data, "error", None)
+            # Dagster wraps the user's exception ("Error occurred while executing op ..."); its cause is the message.
+            while error is not None and error.cls_name.startswith("Dagster") and error.cause is not None:
+                error = error.cause
+            # The message already starts with the exception's qualified class name.
+            return error.message.strip() if error is not None else event.message
     return None
 
 
@@ -72,7 +71,7 @@ def execute_run(job_name: str, partition: str | None, tags: dict[str, str]) -> R
             success=result.success,
             run_id=result.run_id,
             seconds=time.perf_counter() - started,
-            error=None if result.success else _first_failure(result),
+            error=None if result.success else first_failure_message(result),
         )
 
 

@@ -37,7 +37,6 @@ def build_definitions(configs: list[ExperimentConfig] | None = None) -> Definiti
             define_asset_job(
                 members_job_name(config.name),
                 selection=[key for a in per_member for key in a.keys],
-                partitions_def=per_member[0].partitions_def,
                 description=f"{config.name}: activations and merge history of one ensemble member",
             )
         )

@@ -58,7 +58,8 @@ class FilesActivationSource(ActivationSource):
     """One activation file per member in a directory; the members are the files (named by their stems)."""
 
     directory: str
-    value_range: tuple[float, float] = (0.0, 1.0)
+    value_min: float = 0.0
+    value_max: float = 1.0
     n_members: int | None = None
 
     def member_keys(self) -> list[str]:
@@ -66,7 +67,7 @@ class FilesActivationSource(ActivationSource):
         return keys[: self.n_members] if self.n_members is not None else keys
 
     def load_batch(self, member: str, seed: int) -> dict[str, torch.Tensor]:
-        return files.load_batch(self.directory, member, value_range=self.value_range)
+        return files.load_batch(self.directory, member, value_range=(self.value_min, self.value_max))
 
 
 def source_for(config: ExperimentConfig) -> ActivationSource:
@@ -77,5 +78,6 @@ def source_for(config: ExperimentConfig) -> ActivationSource:
             params_json=json.dumps(source.params), batch_size=source.batch_size, n_members=source.n_members
         )
     if isinstance(source, FilesSource):
-        return FilesActivationSource(directory=str(source.directory), value_range=source.value_range, n_members=source.n_members)
+        low, high = source.value_range
+        return FilesActivationSource(directory=str(source.directory), value_min=low, value_max=high, n_members=source.n_members)
     raise TypeError(f"unknown activation source {type(source).__name__}")

@@ -133,24 +133,26 @@ def membership_spans(experiment: str, member: str, history: MergeHistory) -> pl.
 def ensemble_members(
     experiment: str,
     ensemble: NormalizedEnsemble,
-    members: Sequence[str],
+    used: Sequence[str],
+    expected: Sequence[str],
     histories: Mapping[str, MergeHistory],
-    missing: Sequence[str],
 ) -> pl.DataFrame:
-    """One row per expected member: whether it was used, its size, and how much of the label union it covers."""
-    present = ensemble.present.numpy()
+    """One row per expected member: whether it was used (and where), its size, and how much of the label union it covers."""
+    coverage = ensemble.present.double().mean(dim=1).numpy()
+    index_of = {member: position for position, member in enumerate(used)}
     rows = []
-    for position, member in enumerate(members):
+    for member in expected:
+        position = index_of.get(member)
         history = histories.get(member)
         rows.append(
             {
                 "experiment": experiment,
                 "member": member,
                 "ensemble_index": position,
-                "status": "missing" if member in missing else "used",
+                "status": "used" if position is not None else "missing",
                 "n_components": history.c_components if history else None,
                 "n_iters_completed": history.n_iters if history else None,
-                "union_coverage": float(present[position].mean()) if member not in missing else None,
+                "union_coverage": float(coverage[position]) if position is not None else None,
             }
         )
     return pl.DataFrame(rows, schema={"experiment": pl.String, "member": pl.String, "ensemble_index": pl.Int32,
