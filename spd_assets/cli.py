@@ -36,6 +36,11 @@ def _prepare_home() -> Path:
     if not (home / "dagster.yaml").exists() and template.exists():
         shutil.copy(template, home / "dagster.yaml")
     os.environ["DAGSTER_HOME"] = str(home)
+    from dagster import DagsterInstance
+
+    # Create the instance's storage once, here: parallel workers creating it together would race.
+    with DagsterInstance.get():
+        pass
     return home
 
 
@@ -75,6 +80,14 @@ def execute_run(job_name: str, partition: str | None, tags: dict[str, str]) -> R
         )
 
 
+def _outcome_of(future, label: str) -> RunOutcome:
+    """A run's outcome; a worker that died before Dagster could record a run counts as a failed run."""
+    try:
+        return future.result()
+    except Exception as error:  # the run never started: instance unreachable, worker killed, ...
+        return RunOutcome(label=label, success=False, run_id="-" * 8, seconds=0.0, error=f"{type(error).__name__}: {error}")
+
+
 def _log_to(path: str) -> None:
     """Send a worker's output (Dagster's event log lines) to a file; the terminal shows progress only."""
     handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -111,13 +124,14 @@ def run_experiment(config: ExperimentConfig, *, parallel: int) -> int:
     outcomes = []
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=parallel, mp_context=context, initializer=_log_to, initargs=(str(log_path),)) as pool:
-        futures = [pool.submit(execute_run, members_job_name(config.name), member, tags) for member in members]
+        futures = {pool.submit(execute_run, members_job_name(config.name), member, tags): member for member in members}
         for done, future in enumerate(as_completed(futures), start=1):
-            outcomes.append(future.result())
+            outcomes.append(_outcome_of(future, futures[future]))
             _print_outcome(outcomes[-1], done, len(members))
         failed = [o.label for o in outcomes if not o.success]
         print("ensemble: normalized ensemble and distance matrices", flush=True)
-        ensemble = pool.submit(execute_run, ensemble_job_name(config.name), None, tags).result()
+        ensemble_job = ensemble_job_name(config.name)
+        ensemble = _outcome_of(pool.submit(execute_run, ensemble_job, None, tags), ensemble_job)
     _print_outcome(ensemble, 1, 1)
     total = time.perf_counter() - started
     print(f"\ndone in {total:.1f} s: {len(members) - len(failed)}/{len(members)} members"

@@ -9,8 +9,8 @@ items closed under "same group in a" and "same group in b".
 - `perm_invariant_hamming = n − max Σ C[p,σ(p)]`: the best matching never pairs groups
   from different connected components of the bipartite graph "a-group — b-group, an edge
   per nonempty cell", so it is a sum over those components (the blocks). A component
-  with one a-group or one b-group contributes its largest cell; the others are solved
-  together in one sparse assignment problem.
+  with one a-group or one b-group contributes its largest cell; the others go to an
+  assignment solver, many small components per call.
 
 A merge history changes little from one iteration to the next, and so do the blocks: a
 block without an item whose group changed (as a set of items) is exactly an old block,
@@ -25,8 +25,8 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from scipy.sparse import coo_array, csr_array
 from scipy.optimize import linear_sum_assignment
+from scipy.sparse import coo_array, csr_array
 from scipy.sparse.csgraph import connected_components, min_weight_full_bipartite_matching
 
 from spd_math.ensemble import NormalizedEnsemble
@@ -37,12 +37,12 @@ DISTANCE_METHODS = ("perm_invariant_hamming", "matching_dist")
 # of this size, so pairs are processed in chunks that keep it near 32 MB.
 MAX_TRACKED_ITEMS = 1 << 21
 
-# (block of every item, value of every block) for the items of a batch of member pairs.
 # Target number of groups per call of the assignment solver (see _component_blocks).
 MATCHING_BATCH_NODES = 2048
 # A batch is solved densely when its dense table has at most this many entries per nonzero cell.
 DENSE_ENTRIES_PER_CELL = 16
 
+# (block of every item, value of every block) for the items of a batch of member pairs.
 BlocksFn = Callable[[np.ndarray, np.ndarray, np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 
 
@@ -127,12 +127,13 @@ def _compact_ids(merges: np.ndarray) -> tuple[np.ndarray, int]:
     n = merges.shape[2]
     if merges.size == 0 or (merges.min() >= 0 and merges.max() < 2 * n):
         return merges, int(merges.max()) + 1 if merges.size else 1
-    order = np.argsort(merges, axis=-1, kind="stable")
-    ordered = np.take_along_axis(merges, order, axis=-1)
-    starts_group = np.ones(ordered.shape, dtype=bool)
-    starts_group[..., 1:] = ordered[..., 1:] != ordered[..., :-1]
     ranks = np.empty_like(merges)
-    np.put_along_axis(ranks, order, np.cumsum(starts_group, axis=-1) - 1, axis=-1)
+    for member, rows in enumerate(merges):  # one member at a time bounds the temporaries
+        order = np.argsort(rows, axis=-1)
+        ordered = np.take_along_axis(rows, order, axis=-1)
+        starts_group = np.ones(ordered.shape, dtype=bool)
+        starts_group[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+        np.put_along_axis(ranks[member], order, np.cumsum(starts_group, axis=-1) - 1, axis=-1)
     return ranks, n
 
 
@@ -193,8 +194,7 @@ def _track_pairs(
             in_dirty_block[block_rep[seeds]] = False
             pair, item = np.divmod(dirty, n)
             np.subtract.at(running, pair, block_value[dirty])
-            labels = merges[:, t]
-            block, value = blocks_fn(pair, labels[first[pair], item], labels[second[pair], item], n_ids)
+            block, value = blocks_fn(pair, merges[first[pair], t, item], merges[second[pair], t, item], n_ids)
             rep = np.empty(value.size, dtype=np.int64)
             rep[block] = dirty  # any item of the block will do
             block_rep[dirty] = rep[block]
@@ -209,8 +209,8 @@ def _changed_items(previous: np.ndarray, current: np.ndarray, n_ids: int) -> np.
     """`[rows, n]` bool: whether an item's group, as a set of items, differs between the two rows.
 
     An old group G survives as new group H exactly when every item of G is now in H and
-    every item of H was in G; one representative per group and a comparison per item
-    check both directions.
+    every item of H was in G: record, per group, where one of its items went (or came
+    from), then compare every item against that.
     """
     offsets = (np.arange(current.shape[0]) * n_ids)[:, None]
     old, new = previous + offsets, current + offsets
@@ -240,7 +240,7 @@ def _cell_blocks(pair: np.ndarray, a: np.ndarray, b: np.ndarray, n_ids: int) -> 
 def _component_blocks(pair: np.ndarray, a: np.ndarray, b: np.ndarray, n_ids: int) -> tuple[np.ndarray, np.ndarray]:
     """Blocks = connected components of the cell graph, valued by their max-weight group matching."""
     cell_key, item_cell, weight = _cells(pair, a, b, n_ids)
-    # Node numbering: a-groups of the batch first (keys are sorted, so a-groups come in runs), then b-groups.
+    # Nodes: the batch's a-groups (keys are sorted, so a-groups come in runs), then its b-groups.
     a_group_key = cell_key // n_ids
     starts_a_group = np.ones(cell_key.size, dtype=bool)
     starts_a_group[1:] = a_group_key[1:] != a_group_key[:-1]
