@@ -28,6 +28,12 @@ class RunOutcome:
     error: str | None
 
 
+def _prepare_home_env() -> Path:
+    home = dagster_home()
+    os.environ["DAGSTER_HOME"] = str(home)
+    return home
+
+
 def _prepare_home() -> Path:
     """Point DAGSTER_HOME at the instance (the project's dagster_home/ by default) and make sure it exists."""
     home = dagster_home()
@@ -151,13 +157,98 @@ def _default_parallel() -> int:
     return 1
 
 
+OUTPUT_FORMATS = ("table", "csv", "json", "parquet")
+
+
+def run_sql(query: str, *, output_format: str, output: Path | None, max_rows: int) -> int:
+    """Run one read-only query against the results database and print or write the answer."""
+    import duckdb
+
+    from spd_assets.database import connect_read_only
+
+    if output_format == "parquet" and output is None:
+        print("spd-cluster sql: --format parquet needs --output FILE", file=sys.stderr)
+        return 2
+    try:
+        connection = connect_read_only()
+    except (duckdb.Error, RuntimeError) as error:
+        print(f"spd-cluster sql: cannot open the results database: {error}", file=sys.stderr)
+        return 1
+    try:
+        relation = connection.sql(query)
+        if relation is None:  # a statement without a result, e.g. SET
+            return 0
+        _write_result(relation, output_format, output, max_rows)
+    except duckdb.Error as error:
+        print(f"spd-cluster sql: {error}", file=sys.stderr)
+        return 1
+    finally:
+        connection.close()
+    return 0
+
+
+def _write_result(relation, output_format: str, output: Path | None, max_rows: int) -> None:
+    import json
+    import tempfile
+
+    from spd_assets.atomic import atomic_path
+
+    if output_format == "table":
+        rows = relation.shape[0]
+        text = relation.__str__() if max_rows <= 0 or rows <= max_rows else relation.limit(max_rows).__str__()
+        if 0 < max_rows < rows:
+            text += f"({rows} rows, first {max_rows} shown: --max-rows 0 for all, or --format csv)\n"
+        _emit(text, output)
+    elif output_format == "json":
+        records = [dict(zip(relation.columns, row)) for row in relation.fetchall()]
+        _emit(json.dumps(records, default=str, indent=1), output)
+    else:
+        target = output if output is not None else Path(tempfile.mkdtemp()) / f"result.{output_format}"
+        with atomic_path(target) as temporary:
+            (relation.write_csv if output_format == "csv" else relation.write_parquet)(str(temporary))
+        if output is None:
+            sys.stdout.write(target.read_text())
+
+
+def _emit(text: str, output: Path | None) -> None:
+    if output is None:
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+        return
+    from spd_assets.atomic import atomic_path
+
+    with atomic_path(output) as temporary:
+        temporary.write_text(text if text.endswith("\n") else text + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="spd-cluster", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="materialize every asset of an experiment (the embedded default without --config)")
     run.add_argument("--config", type=Path, help="experiment config (YAML); default: the embedded synthetic default")
     run.add_argument("--parallel", type=int, default=None, help="members materialized at once")
+    sql = commands.add_parser("sql", help="query the results (read-only; works while pipelines run)")
+    sql.add_argument("query", nargs="?", help="SQL; omit to read it from --file or standard input")
+    sql.add_argument("--file", type=Path, help="read the query from this file")
+    sql.add_argument("--format", choices=OUTPUT_FORMATS, default="table")
+    sql.add_argument("--output", type=Path, help="write to this file instead of standard output")
+    sql.add_argument("--max-rows", type=int, default=40, help="rows shown in table format (0: all)")
     args = parser.parse_args(argv)
+    if args.command == "sql":
+        _prepare_home_env()
+        if args.query is not None:
+            query = args.query
+        elif args.file is not None:
+            try:
+                query = args.file.read_text()
+            except OSError as error:
+                print(f"spd-cluster sql: cannot read {args.file}: {error.strerror}", file=sys.stderr)
+                return 2
+        else:
+            query = sys.stdin.read()
+        if not query.strip():
+            print("spd-cluster sql: expected a query (argument, --file or standard input), got nothing", file=sys.stderr)
+            return 2
+        return run_sql(query, output_format=args.format, output=args.output, max_rows=args.max_rows)
     if args.command == "run":
         try:
             config = load_config(args.config)
