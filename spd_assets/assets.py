@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import polars as pl
+import torch
 from dagster import (
     AssetCheckResult,
     AssetCheckSeverity,
@@ -21,6 +22,7 @@ from dagster import (
     Failure,
     MetadataValue,
     Output,
+    RetryRequested,
     StaticPartitionsDefinition,
     asset,
 )
@@ -28,7 +30,8 @@ from dagster import (
 from spd_assets import tables
 from spd_assets.config import ExperimentConfig
 from spd_assets.database import ensure_database
-from spd_assets.resources import ActivationSource
+from spd_assets.deployment import DEVICE_POOL
+from spd_assets.resources import ActivationSource, DevicePool
 from spd_assets.storage import EnsembleDistances, MemberEnsemble, write_table
 from spd_math import (
     MergeHistory,
@@ -42,8 +45,11 @@ from spd_math import (
 )
 
 IO_MANAGER_KEY = "spd_results"
+DEVICE_POOL_KEY = "device_pool"
 # Bump when a change to an asset's code changes its results (Dagster marks downstream stale).
 CODE_VERSION = "1"
+OUT_OF_MEMORY_RETRIES = 3
+OUT_OF_MEMORY_WAIT_S = 30
 # ARI at the planted number of groups below which the planted-truth check fails.
 PLANTED_ARI_MINIMUM = 0.9
 
@@ -103,8 +109,14 @@ def _symmetry_check(by_method: dict) -> AssetCheckResult:
     return AssetCheckResult(check_name="symmetric_with_zero_diagonal", passed=not problems, metadata={"problems": MetadataValue.json(problems)})
 
 
-def experiment_assets(config: ExperimentConfig, members: list[str]) -> list[AssetsDefinition]:
-    """The assets (with their checks) of one experiment whose ensemble members are `members` (partition keys)."""
+def experiment_assets(
+    config: ExperimentConfig, members: list[str], *, device_op_tags: dict | None = None
+) -> list[AssetsDefinition]:
+    """The assets (with their checks) of one experiment whose ensemble members are `members` (partition keys).
+
+    Steps that compute on a device (the merge) lease one from the device pool and belong to the
+    Dagster concurrency pool `DEVICE_POOL`; `device_op_tags` go on those steps (e.g. Kubernetes GPU limits).
+    """
     name = config.name
     merge_config = config.merge
     partitions = StaticPartitionsDefinition(members)
@@ -167,8 +179,10 @@ def experiment_assets(config: ExperimentConfig, members: list[str]) -> list[Asse
         key=history_key,
         partitions_def=partitions,
         ins={"activations": AssetIn(key=activations_key)},
-        required_resource_keys={source_key},
+        required_resource_keys={source_key, DEVICE_POOL_KEY},
         check_specs=history_checks,
+        pool=DEVICE_POOL,
+        op_tags=device_op_tags,
         kinds={"torch"},
         description="The greedy MDL merge of one member (spd_math.merge_iteration), stored in the original zip format; "
         "merge events and memberships go to the merge_events and membership_spans tables.",
@@ -177,10 +191,20 @@ def experiment_assets(config: ExperimentConfig, members: list[str]) -> list[Asse
     def merge_history(context: AssetExecutionContext, activations: ProcessedActivations) -> Iterator:
         member = context.partition_key
         seed = seed_of(member)
-        device = "cpu"
-        started = time.perf_counter()
-        history = merge_iteration(activations, merge_config, seed=seed, device=device)
-        seconds = time.perf_counter() - started
+        pool: DevicePool = getattr(context.resources, DEVICE_POOL_KEY)
+        with pool.lease(context) as lease:
+            context.log.info(f"leased {lease.device} after waiting {lease.waited_s:.1f} s")
+            started = time.perf_counter()
+            try:
+                history = merge_iteration(activations, merge_config, seed=seed, device=lease.torch_device)
+            except torch.cuda.OutOfMemoryError as error:
+                # Transient: another process may hold the memory. Retry; the next lease prefers the freest GPU.
+                raise RetryRequested(max_retries=OUT_OF_MEMORY_RETRIES, seconds_to_wait=OUT_OF_MEMORY_WAIT_S) from RuntimeError(
+                    f"CUDA out of memory on {lease.device} merging {activations.n_samples} samples x "
+                    f"{activations.n_components} components: {error}"
+                )
+            seconds = time.perf_counter() - started
+        device = lease.device
         context.log.info(f"merged {history.c_components} components over {history.n_iters} iterations in {seconds:.2f} s on {device}")
         ensure_database()
         write_table(tables.merge_events(name, member, history), "merge_events", name, member)
@@ -199,6 +223,7 @@ def experiment_assets(config: ExperimentConfig, members: list[str]) -> list[Asse
                 "k_at_mdl_min": int(history.k_groups[best]) if mdl.size else -1,
                 "seconds": round(seconds, 3),
                 "device": device,
+                "device_wait_seconds": round(lease.waited_s, 3),
                 "seed": seed,
             },
         )

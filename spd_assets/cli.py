@@ -4,6 +4,7 @@ import argparse
 import multiprocessing
 import os
 import shutil
+import socket
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -11,12 +12,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from spd_assets.config import ExperimentConfig, ExperimentConfigError, load_config
+from spd_assets.deployment import DEVICE_POOL as DEVICE_POOL_NAME
+from spd_assets.deployment import DeploymentError
+from spd_assets.devices import DeviceError
+from spd_assets.sources.files import BatchFileError
 from spd_assets.storage import PROJECT_ROOT, dagster_home, database_path, results_root
 
-# The CLI parallelises over runs itself, so each run executes its steps in its own (worker) process.
+# With the default (multiprocess) executor the CLI runs each member's run in one worker process of
+# its own and parallelises over runs; the steps of a run then need no further processes.
 IN_PROCESS_RUN_CONFIG = {"execution": {"config": {"in_process": {}}}}
 RUN_TAG_EXPERIMENT = "spd_cluster/experiment"
 RUN_TAG_INVOCATION = "spd_cluster/invocation"
+RUN_TAG_HOST = "spd_cluster/host"
+RUN_TAG_PID = "spd_cluster/pid"
 
 
 @dataclass(frozen=True)
@@ -63,19 +71,20 @@ def first_failure_message(result) -> str | None:
     return None
 
 
-def execute_run(job_name: str, partition: str | None, tags: dict[str, str]) -> RunOutcome:
-    """Execute one job run (one partition) in this process's Dagster instance; the executor is the job's."""
+def execute_run(job_name: str, partition: str | None, tags: dict[str, str], run_config: dict | None) -> RunOutcome:
+    """Execute one job run (one partition) in this process's Dagster instance."""
     from dagster import DagsterInstance, execute_job
     from dagster._core.definitions.reconstruct import ReconstructableRepository
 
     repository = ReconstructableRepository.for_module("spd_assets.definitions", "defs", working_directory=str(PROJECT_ROOT))
-    run_tags = dict(tags)
+    # Host and pid let a later invocation recognise this run as orphaned if this process is killed.
+    run_tags = {**tags, RUN_TAG_HOST: socket.gethostname(), RUN_TAG_PID: str(os.getpid())}
     if partition is not None:
         run_tags["dagster/partition"] = partition
     started = time.perf_counter()
     with DagsterInstance.get() as instance:
         result = execute_job(
-            repository.get_reconstructable_job(job_name), instance=instance, run_config=IN_PROCESS_RUN_CONFIG, tags=run_tags
+            repository.get_reconstructable_job(job_name), instance=instance, run_config=run_config, tags=run_tags
         )
         return RunOutcome(
             label=partition or job_name,
@@ -109,52 +118,97 @@ def _print_outcome(outcome: RunOutcome, done: int, total: int) -> None:
         print(f"           {outcome.error}", flush=True)
 
 
-def run_experiment(config: ExperimentConfig, *, parallel: int) -> int:
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a killed process not yet reaped by its new parent is a zombie: dead for our purposes
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state != "Z"
+
+
+def reap_orphaned_runs(instance) -> list[str]:
+    """Mark runs of killed `spd-cluster run` workers on this host as failed and free their pool slots.
+
+    (`dagster dev`'s run monitoring does this for runs it launched; CLI runs have no monitor.)
+    """
+    from dagster import DagsterRunStatus, RunsFilter
+
+    host = socket.gethostname()
+    reaped = []
+    in_flight = RunsFilter(statuses=[DagsterRunStatus.STARTED, DagsterRunStatus.STARTING], tags={RUN_TAG_HOST: host})
+    for run in instance.get_runs(filters=in_flight):
+        pid = run.tags.get(RUN_TAG_PID)
+        if pid and pid.isdigit() and not _pid_alive(int(pid)):
+            instance.report_run_failed(run, f"its process (pid {pid}) died without finishing; marked failed by spd-cluster")
+            instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+            reaped.append(run.run_id)
+    return reaped
+
+
+def run_experiment(config: ExperimentConfig, *, parallel: int | None, only_members: list[str] | None) -> int:
+    from dagster import DagsterInstance
+
     from spd_assets.database import ensure_database
     from spd_assets.definitions import ensemble_job_name, members_job_name
+    from spd_assets.deployment import load_settings
     from spd_assets.experiments import register_experiment
     from spd_assets.resources import source_for
 
     home = _prepare_home()
+    settings = load_settings(home)
+    devices = settings.device_names()
     members = source_for(config).member_keys()
+    if only_members is not None:
+        unknown = sorted(set(only_members) - set(members))
+        if unknown:
+            print(f"spd-cluster: --members: {unknown} are not members of {config.name!r}; expected some of {members}", file=sys.stderr)
+            return 2
+        members = [member for member in members if member in only_members]
+    parallel = parallel or len(devices)
     register_experiment(config)
     ensure_database()
+    with DagsterInstance.get() as instance:
+        for run_id in reap_orphaned_runs(instance):
+            print(f"  (marked orphaned run {run_id[:8]} failed and freed its pool slots)")
     invocation = time.strftime("%Y%m%dT%H%M%S")
     tags = {RUN_TAG_EXPERIMENT: config.name, RUN_TAG_INVOCATION: invocation}
+    run_config = IN_PROCESS_RUN_CONFIG if settings.executor == "multiprocess" else None
     log_path = results_root(home) / "logs" / f"{config.name}-{invocation}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     print(f"spd-cluster: experiment {config.name!r} (config {config.config_hash}), {len(members)} members, "
           f"DAGSTER_HOME={home}")
+    print(f"devices: {', '.join(devices)} (executor {settings.executor}); pool {DEVICE_POOL_NAME!r} limits device steps across runs")
     print(f"members ({parallel} at a time): activations and merge history per member", flush=True)
     started = time.perf_counter()
     outcomes = []
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=parallel, mp_context=context, initializer=_log_to, initargs=(str(log_path),)) as pool:
-        futures = {pool.submit(execute_run, members_job_name(config.name), member, tags): member for member in members}
+        futures = {pool.submit(execute_run, members_job_name(config.name), m, tags, run_config): m for m in members}
         for done, future in enumerate(as_completed(futures), start=1):
             outcomes.append(_outcome_of(future, futures[future]))
             _print_outcome(outcomes[-1], done, len(members))
         failed = [o.label for o in outcomes if not o.success]
         print("ensemble: normalized ensemble and distance matrices", flush=True)
         ensemble_job = ensemble_job_name(config.name)
-        ensemble = _outcome_of(pool.submit(execute_run, ensemble_job, None, tags), ensemble_job)
+        ensemble = _outcome_of(pool.submit(execute_run, ensemble_job, None, tags, run_config), ensemble_job)
     _print_outcome(ensemble, 1, 1)
     total = time.perf_counter() - started
     print(f"\ndone in {total:.1f} s: {len(members) - len(failed)}/{len(members)} members"
-          + (f" (failed: {', '.join(failed)})" if failed else "")
+          + (f" (failed: {', '.join(failed)}; retry with --members {','.join(failed)})" if failed else "")
           + (", ensemble and distances materialized" if ensemble.success else ", ensemble FAILED"))
     print(f"""
 results   {results_root(home) / config.name}
 run logs  {log_path}  (and every run in the Dagster UI)
-tables    {database_path(home)}  (DuckDB views over Parquet)
+tables    {database_path(home)}  (DuckDB views over Parquet; any DuckDB client can open it read-only)
   query:  spd-cluster sql "SELECT member, max(iteration) + 1 AS iterations, min(mdl_loss) AS best_mdl FROM merge_events WHERE experiment = '{config.name}' GROUP BY member ORDER BY member"
-      or: duckdb -readonly {database_path(home)}
 UI        DAGSTER_HOME={home} dagster dev -w {PROJECT_ROOT / 'workspace.yaml'}   (then open http://localhost:3000)""")
     return 0 if ensemble.success and not failed else 1
-
-
-def _default_parallel() -> int:
-    return 1
 
 
 OUTPUT_FORMATS = ("table", "csv", "json", "parquet")
@@ -225,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="materialize every asset of an experiment (the embedded default without --config)")
     run.add_argument("--config", type=Path, help="experiment config (YAML); default: the embedded synthetic default")
-    run.add_argument("--parallel", type=int, default=None, help="members materialized at once")
+    run.add_argument("--parallel", type=int, default=None, help="member runs at once (default: the number of devices)")
+    run.add_argument("--members", help="only these members (comma-separated partition keys), e.g. to retry failed ones")
     sql = commands.add_parser("sql", help="query the results (read-only; works while pipelines run)")
     sql.add_argument("query", nargs="?", help="SQL; omit to read it from --file or standard input")
     sql.add_argument("--file", type=Path, help="read the query from this file")
@@ -255,11 +310,15 @@ def main(argv: list[str] | None = None) -> int:
         except ExperimentConfigError as error:
             print(f"spd-cluster: {error}", file=sys.stderr)
             return 2
-        parallel = args.parallel or _default_parallel()
-        if parallel < 1:
-            print(f"spd-cluster: --parallel: expected a positive number, got {parallel}", file=sys.stderr)
+        if args.parallel is not None and args.parallel < 1:
+            print(f"spd-cluster: --parallel: expected a positive number, got {args.parallel}", file=sys.stderr)
             return 2
-        return run_experiment(config, parallel=parallel)
+        only = [m.strip() for m in args.members.split(",") if m.strip()] if args.members else None
+        try:
+            return run_experiment(config, parallel=args.parallel, only_members=only)
+        except (ExperimentConfigError, DeploymentError, BatchFileError, DeviceError) as error:
+            print(f"spd-cluster: {error}", file=sys.stderr)
+            return 2
     return 2
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from functools import lru_cache
 
@@ -10,7 +11,9 @@ import torch
 from dagster import ConfigurableResource
 
 from spd_assets.config import ExperimentConfig, FilesSource, SyntheticSource
+from spd_assets.devices import Lease, lease_device
 from spd_assets.sources import files, synthetic
+from spd_assets.storage import results_root
 
 
 @lru_cache(maxsize=8)
@@ -81,3 +84,19 @@ def source_for(config: ExperimentConfig) -> ActivationSource:
         low, high = source.value_range
         return FilesActivationSource(directory=str(source.directory), value_min=low, value_max=high, n_members=source.n_members)
     raise TypeError(f"unknown activation source {type(source).__name__}")
+
+
+class DevicePool(ConfigurableResource):
+    """The devices steps lease exclusively (GPUs, or CPU slots); see `spd_assets.devices`."""
+
+    devices: list[str]
+    lease_timeout_s: float = 24 * 3600
+
+    def lease(self, context) -> "contextlib.AbstractContextManager[Lease]":
+        """Hold one device for the duration of a `with` block in a step; waiting is logged."""
+        holder = {"run_id": context.run.run_id, "step_key": context.get_step_execution_context().step.key,
+                  "partition": context.partition_key if context.has_partition_key else None}
+        return lease_device(
+            self.devices, results_root() / "device_leases", holder=holder, timeout_s=self.lease_timeout_s,
+            report=context.log.info,
+        )
