@@ -1,9 +1,10 @@
 """The asset graph of one experiment: activations -> merge histories -> normalized ensemble -> distances.
+
 Assets are built per experiment by `experiment_assets`, keyed `[experiment, asset]` and
 grouped by experiment, so several experiments (an alpha sweep, say) live side by side in
-one Dagster instance. Bodies are thin: the math is `spd_math`, the tables are `tables`.
+one Dagster instance. Bodies are thin: the math is `spd_math`, the tables are `tables`,
+data versions and lineage rows are `lineage`.
 """
-
 
 import time
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ from dagster import (
     AssetIn,
     AssetKey,
     AssetsDefinition,
+    DataVersion,
     Failure,
     MetadataValue,
     Output,
@@ -31,6 +33,8 @@ from spd_assets import tables
 from spd_assets.config import ExperimentConfig
 from spd_assets.database import ensure_database
 from spd_assets.deployment import DEVICE_POOL
+from spd_assets.io_manager import asset_path
+from spd_assets.lineage import Consumed, fingerprint, record_materialization
 from spd_assets.resources import ActivationSource, DevicePool
 from spd_assets.storage import EnsembleDistances, MemberEnsemble, write_table
 from spd_math import (
@@ -128,6 +132,19 @@ def experiment_assets(
     common = {"group_name": name, "io_manager_key": IO_MANAGER_KEY, "code_version": CODE_VERSION}
     seed_of = config.member_seed
 
+    def materialize(context: AssetExecutionContext, asset_name: str, value, metadata: dict, consumed: list[Consumed]) -> Iterator:
+        """Yield the output with its content fingerprint as data version, then record its lineage rows."""
+        partition = context.partition_key if context.has_partition_key else None
+        version = fingerprint(value)
+        yield Output(value, metadata=metadata, data_version=DataVersion(version))
+        # Only now: the IO manager has stored the value and Dagster has logged the materialization.
+        record_materialization(
+            experiment=name, asset=asset_name, partition=partition, run_id=context.run.run_id,
+            step_key=context.get_step_execution_context().step.key, code_version=CODE_VERSION, data_version=version,
+            config_hash=config.config_hash, storage_path=str(asset_path(name, asset_name, partition)),
+            metadata=metadata, consumed=consumed,
+        )
+
     @asset(
         key=activations_key,
         partitions_def=partitions,
@@ -137,7 +154,7 @@ def experiment_assets(
         "per-component stats go to the component_stats table.",
         **common,
     )
-    def component_activations(context: AssetExecutionContext) -> Output[ProcessedActivations]:
+    def component_activations(context: AssetExecutionContext) -> Iterator:
         source: ActivationSource = getattr(context.resources, source_key)
         member = context.partition_key
         seed = seed_of(member)
@@ -154,21 +171,21 @@ def experiment_assets(
         table_path = write_table(stats, "component_stats", name, member)
         live = stats.filter(~stats["dead"])
         top = live.sort("activation_frequency", descending=True).head(10)
-        return Output(
-            processed,
-            metadata={
-                "samples": processed.n_samples,
-                "components": processed.n_components,
-                "dead_components": len(processed.dead_labels),
-                "modules": len(mapping),
-                "mean_activation_frequency": float(live["activation_frequency"].mean() or 0.0),
-                "seed": seed,
-                "stats_table": MetadataValue.path(str(table_path)),
-                "most_active": MetadataValue.md(
-                    _markdown_table(["label", "frequency", "max"], [[r["label"], f"{r['activation_frequency']:.4f}", f"{r['max_activation']:.3f}"] for r in top.iter_rows(named=True)])
-                ),
-            },
-        )
+        metadata = {
+            "samples": processed.n_samples,
+            "components": processed.n_components,
+            "dead_components": len(processed.dead_labels),
+            "modules": len(mapping),
+            "mean_activation_frequency": float(live["activation_frequency"].mean() or 0.0),
+            "seed": seed,
+            "stats_table": MetadataValue.path(str(table_path)),
+            "most_active": MetadataValue.md(
+                _markdown_table(["label", "frequency", "max"],
+                                [[r["label"], f"{r['activation_frequency']:.4f}", f"{r['max_activation']:.3f}"] for r in top.iter_rows(named=True)])
+            ),
+        }
+        batch = Consumed(f"source:{config.source.kind}", member, fingerprint(dict(mapping)))
+        yield from materialize(context, "component_activations", processed, metadata, [batch])
 
     history_checks = [AssetCheckSpec("partition_sizes", asset=history_key)]
     synthetic = config.source.kind == "synthetic"
@@ -204,29 +221,28 @@ def experiment_assets(
                     f"{activations.n_components} components: {error}"
                 )
             seconds = time.perf_counter() - started
-        device = lease.device
-        context.log.info(f"merged {history.c_components} components over {history.n_iters} iterations in {seconds:.2f} s on {device}")
+        context.log.info(f"merged {history.c_components} components over {history.n_iters} iterations "
+                         f"in {seconds:.2f} s on {lease.device}")
         ensure_database()
         write_table(tables.merge_events(name, member, history), "merge_events", name, member)
         write_table(tables.membership_spans(name, member, history), "membership_spans", name, member)
         mdl = history.mdl_losses.numpy()
         best = int(np.argmin(mdl)) if mdl.size else -1
-        yield Output(
-            history,
-            metadata={
-                "iterations": history.n_iters,
-                "components": history.c_components,
-                "final_k": int(history.k_groups[-1]) if history.n_iters else history.c_components,
-                "mdl_start": float(mdl[0]) if mdl.size else float("nan"),
-                "mdl_end": float(mdl[-1]) if mdl.size else float("nan"),
-                "mdl_min": float(mdl[best]) if mdl.size else float("nan"),
-                "k_at_mdl_min": int(history.k_groups[best]) if mdl.size else -1,
-                "seconds": round(seconds, 3),
-                "device": device,
-                "device_wait_seconds": round(lease.waited_s, 3),
-                "seed": seed,
-            },
-        )
+        metadata = {
+            "iterations": history.n_iters,
+            "components": history.c_components,
+            "final_k": int(history.k_groups[-1]) if history.n_iters else history.c_components,
+            "mdl_start": float(mdl[0]) if mdl.size else float("nan"),
+            "mdl_end": float(mdl[-1]) if mdl.size else float("nan"),
+            "mdl_min": float(mdl[best]) if mdl.size else float("nan"),
+            "k_at_mdl_min": int(history.k_groups[best]) if mdl.size else -1,
+            "seconds": round(seconds, 3),
+            "device": lease.device,
+            "device_wait_seconds": round(lease.waited_s, 3),
+            "seed": seed,
+        }
+        consumed = [Consumed("component_activations", member, fingerprint(activations))]
+        yield from materialize(context, "merge_history", history, metadata, consumed)
         yield _partition_sizes_check(history)
         if synthetic:
             source: ActivationSource = getattr(context.resources, source_key)
@@ -255,26 +271,24 @@ def experiment_assets(
         if missing:
             context.log.warning(f"{len(missing)} of {len(members)} members have no merge history and are left out: {missing}")
         ensemble = normalize_ensemble([histories[member] for member in used])
-        value = MemberEnsemble(ensemble=ensemble, members=used, missing=missing)
         ensure_database()
         members_table = tables.ensemble_members(name, ensemble, used, members, histories)
         write_table(members_table, "ensemble_members", name)
-        yield Output(
-            value,
-            metadata={
-                "members": len(used),
-                "missing_members": MetadataValue.json(missing),
-                "union_components": len(ensemble.labels),
-                "iterations_used": ensemble.n_iters,
-                "member_overlap": MetadataValue.md(
-                    _markdown_table(
-                        ["member", "components", "iterations", "share of union"],
-                        [[row["member"], row["n_components"], row["n_iters_completed"], f"{row['union_coverage']:.3f}"]
-                         for row in members_table.filter(pl.col("status") == "used").iter_rows(named=True)],
-                    )
-                ),
-            },
-        )
+        metadata = {
+            "members": len(used),
+            "missing_members": MetadataValue.json(missing),
+            "union_components": len(ensemble.labels),
+            "iterations_used": ensemble.n_iters,
+            "member_overlap": MetadataValue.md(
+                _markdown_table(
+                    ["member", "components", "iterations", "share of union"],
+                    [[row["member"], row["n_components"], row["n_iters_completed"], f"{row['union_coverage']:.3f}"]
+                     for row in members_table.filter(pl.col("status") == "used").iter_rows(named=True)],
+                )
+            ),
+        }
+        consumed = [Consumed("merge_history", member, fingerprint(histories[member])) for member in used]
+        yield from materialize(context, "normalized_ensemble", MemberEnsemble(ensemble, used, missing), metadata, consumed)
         unassigned = int((ensemble.merges < 0).sum())
         yield AssetCheckResult(check_name="every_component_assigned", passed=unassigned == 0, metadata={"unassigned_entries": unassigned})
         yield AssetCheckResult(
@@ -312,10 +326,9 @@ def experiment_assets(
                     summary[f"{method}_mean_{where}"] = float(distances[iteration].numpy()[off_diagonal].mean())
         ensure_database()
         write_table(pl.concat(frames), "distances", name)
-        yield Output(
-            EnsembleDistances(by_method=by_method, members=ensemble.members),
-            metadata={"members": len(ensemble.members), "iterations": ensemble.ensemble.n_iters, **summary},
-        )
+        metadata = {"members": len(ensemble.members), "iterations": ensemble.ensemble.n_iters, **summary}
+        consumed = [Consumed("normalized_ensemble", None, fingerprint(ensemble))]
+        yield from materialize(context, "distance_matrices", EnsembleDistances(by_method, ensemble.members), metadata, consumed)
         yield _symmetry_check(by_method)
 
     return [component_activations, merge_history, normalized_ensemble, distance_matrices]

@@ -21,7 +21,7 @@ import polars as pl
 from spd_assets.atomic import atomic_path
 from spd_assets.storage import database_path, tables_dir
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # Files of this name hold no rows, only the schema, so every view works before any results exist.
 SCHEMA_FILE = "_schema.parquet"
 LOCK_TIMEOUT_S = 30.0
@@ -53,6 +53,46 @@ TABLE_SCHEMAS: dict[str, dict[str, pl.DataType]] = {
         "experiment": pl.String, "method": pl.String, "iteration": pl.Int32, "member_a": pl.String,
         "member_b": pl.String, "distance": pl.Int64,
     },
+    # Lineage: one row per materialization, one per input it consumed (history is kept).
+    "materializations": {
+        "experiment": pl.String, "asset": pl.String, "partition": pl.String, "run_id": pl.String, "step_key": pl.String,
+        "materialized_at": pl.Datetime("us", "UTC"), "code_version": pl.String, "data_version": pl.String,
+        "config_hash": pl.String, "storage_path": pl.String, "metadata_json": pl.String,
+    },
+    "lineage_edges": {
+        "experiment": pl.String, "asset": pl.String, "partition": pl.String, "run_id": pl.String, "data_version": pl.String,
+        "upstream_asset": pl.String, "upstream_partition": pl.String, "upstream_data_version": pl.String,
+    },
+}
+
+# Views derived from the tables above (created after them, in this order).
+DERIVED_VIEWS = {
+    "latest_materializations": """
+        SELECT * FROM materializations
+        QUALIFY row_number() OVER (PARTITION BY experiment, asset, partition ORDER BY materialized_at DESC) = 1""",
+    # Each edge with the materialization that produced the version it consumed.
+    "lineage": """
+        SELECT e.*, u.run_id AS upstream_run_id, u.code_version AS upstream_code_version,
+               u.config_hash AS upstream_config_hash, u.materialized_at AS upstream_materialized_at
+        FROM lineage_edges e
+        LEFT JOIN (
+            SELECT * FROM materializations
+            QUALIFY row_number() OVER (PARTITION BY experiment, asset, partition, data_version ORDER BY materialized_at DESC) = 1
+        ) u ON u.experiment = e.experiment AND u.asset = e.upstream_asset
+           AND u.partition IS NOT DISTINCT FROM e.upstream_partition AND u.data_version = e.upstream_data_version""",
+    # Every (member, iteration, label) expanded from the spans; memberships_at(i) is the fast way to one iteration.
+    "memberships": """
+        SELECT experiment, member, unnest(range(first_iteration, last_iteration + 1)) AS iteration, label, group_label
+        FROM membership_spans""",
+    "experiment_settings": """
+        SELECT experiment, config_hash, source_kind, n_members,
+               CAST(json_extract(config_json, '$.merge_config.alpha') AS DOUBLE) AS alpha,
+               CAST(json_extract(config_json, '$.merge_config.activation_threshold') AS DOUBLE) AS activation_threshold,
+               CAST(json_extract(config_json, '$.merge_config.iters') AS INTEGER) AS iters,
+               json_extract_string(config_json, '$.merge_config.merge_pair_sampling_method') AS sampler,
+               CAST(json_extract(config_json, '$.base_seed') AS BIGINT) AS base_seed,
+               registered_at, config_json
+        FROM experiments""",
 }
 
 MACROS = {
@@ -128,6 +168,8 @@ def ensure_database(home: Path | None = None) -> Path:
             if not _is_current(connection, home):
                 for table in TABLE_SCHEMAS:
                     connection.execute(_view_sql(table, home))
+                for view, query in DERIVED_VIEWS.items():
+                    connection.execute(f"CREATE OR REPLACE VIEW {view} AS {query}")
                 for name, body in MACROS.items():
                     connection.execute(f"CREATE OR REPLACE MACRO {name}{body}")
                 connection.execute("CREATE OR REPLACE TABLE spd_cluster_meta (schema_version INTEGER, tables_root VARCHAR)")
