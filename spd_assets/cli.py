@@ -274,11 +274,33 @@ def _emit(text: str, output: Path | None) -> None:
         temporary.write_text(text if text.endswith("\n") else text + "\n")
 
 
+def print_clusters(args) -> int:
+    import json
+
+    from spd_assets.clusters import ensemble_clusters, member_clusters
+    from spd_assets.storage import StorageError
+    from spd_math.history import HistoryError
+
+    _prepare_home_env()
+    try:
+        if args.consensus:
+            report = ensemble_clusters(args.experiment, args.iteration, threshold=args.threshold)
+        else:
+            report = member_clusters(args.experiment, args.member, args.iteration)
+    except (StorageError, HistoryError, ValueError) as error:
+        print(f"spd-cluster clusters: {error}", file=sys.stderr)
+        return 1
+    _emit(json.dumps(report, indent=1), args.output)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="spd-cluster", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="materialize every asset of an experiment (the embedded default without --config)")
     run.add_argument("--config", type=Path, help="experiment config (YAML); default: the embedded synthetic default")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config value, e.g. --set name=alpha_half --set merge_config.alpha=0.5")
     run.add_argument("--parallel", type=int, default=None, help="member runs at once (default: the number of devices)")
     run.add_argument("--members", help="only these members (comma-separated partition keys), e.g. to retry failed ones")
     sql = commands.add_parser("sql", help="query the results (read-only; works while pipelines run)")
@@ -287,7 +309,17 @@ def main(argv: list[str] | None = None) -> int:
     sql.add_argument("--format", choices=OUTPUT_FORMATS, default="table")
     sql.add_argument("--output", type=Path, help="write to this file instead of standard output")
     sql.add_argument("--max-rows", type=int, default=40, help="rows shown in table format (0: all)")
+    clusters = commands.add_parser("clusters", help="component label -> cluster at an iteration, as JSON")
+    clusters.add_argument("--iteration", type=int, required=True, help="after which merge (0-based, as in the tables)")
+    which = clusters.add_mutually_exclusive_group(required=True)
+    which.add_argument("--member", help="one member's partition (its partition key)")
+    which.add_argument("--consensus", action="store_true", help="components together in at least --threshold of the members")
+    clusters.add_argument("--threshold", type=float, default=0.5, help="consensus: fraction of members (default: half)")
+    clusters.add_argument("--experiment", default="default")
+    clusters.add_argument("--output", type=Path, help="write the JSON to this file")
     args = parser.parse_args(argv)
+    if args.command == "clusters":
+        return print_clusters(args)
     if args.command == "sql":
         _prepare_home_env()
         if args.query is not None:
@@ -306,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_sql(query, output_format=args.format, output=args.output, max_rows=args.max_rows)
     if args.command == "run":
         try:
-            config = load_config(args.config)
+            config = load_config(args.config, args.set)
         except ExperimentConfigError as error:
             print(f"spd-cluster: {error}", file=sys.stderr)
             return 2

@@ -143,10 +143,31 @@ def parse_config(values: Any, *, origin: str = "config") -> ExperimentConfig:
         raise ExperimentConfigError(f"{origin} is invalid:\n{_describe(error)}") from None
 
 
-def load_config(path: str | Path | None) -> ExperimentConfig:
-    """Read a YAML experiment config; None gives the embedded default."""
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """`["merge_config.alpha=0.5", "name=alpha_half"]` set into a copy of `values`; values are read as YAML."""
+    values = json.loads(json.dumps(values, default=str))
+    for override in overrides:
+        key, separator, raw = override.partition("=")
+        if not separator or not key.strip():
+            raise ExperimentConfigError(f"--set {override!r}: expected KEY=VALUE, e.g. merge_config.alpha=0.5")
+        *parents, leaf = key.strip().split(".")
+        target = values
+        for part in parents:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise ExperimentConfigError(f"--set {override!r}: {part!r} is not a section of the config")
+        try:
+            target[leaf] = yaml.safe_load(raw)
+        except yaml.YAMLError as error:
+            raise ExperimentConfigError(f"--set {override!r}: the value is not valid YAML: {error}") from None
+    return values
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> ExperimentConfig:
+    """Read a YAML experiment config (None: the embedded default) and apply `--set` overrides."""
     if path is None:
-        return ExperimentConfig()
+        embedded_default = json.loads(ExperimentConfig().canonical_json())
+        return parse_config(apply_overrides(embedded_default, list(overrides)), origin="--set")
     path = Path(path)
     try:
         text = path.read_text()
@@ -156,6 +177,8 @@ def load_config(path: str | Path | None) -> ExperimentConfig:
         values = yaml.safe_load(text)
     except yaml.YAMLError as error:
         raise ExperimentConfigError(f"{path} is not valid YAML: {error}") from None
+    if overrides and isinstance(values, dict):
+        values = apply_overrides(values, list(overrides))
     config = parse_config(values, origin=str(path))
     if isinstance(config.source, FilesSource) and not config.source.directory.is_absolute():
         # Relative directories are relative to the config file, not to wherever the command runs.

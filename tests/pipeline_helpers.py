@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 from dagster import DagsterInstance, Definitions
+from dagster._core.instance.ref import InstanceRef
 
 from spd_assets.config import ExperimentConfig, parse_config
 from spd_assets.definitions import build_definitions, ensemble_job_name, members_job_name
@@ -52,3 +53,8 @@ def materialize_experiment(defs: Definitions, instance: DagsterInstance, config:
 
 def definitions_for(*configs: ExperimentConfig) -> Definitions:
     return build_definitions(list(configs))
+
+
+def instance_at(home: Path) -> DagsterInstance:
+    """The Dagster instance stored in `home`, without touching the DAGSTER_HOME environment variable."""
+    return DagsterInstance.from_ref(InstanceRef.from_dir(str(home)))

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from dagster import AssetKey, DagsterInstance, Definitions
+from dagster import AssetKey, Definitions
 
 from spd_assets.cli import reap_orphaned_runs
 from spd_assets.definitions import build_definitions
 from spd_assets.deployment import DEVICE_POOL, DeploymentSettings, load_settings
 from spd_assets.devices import LEASE_LOG, DeviceError, holders, lease_device
-from tests.pipeline_helpers import SMALL_SYNTHETIC, make_home, small_config
+from tests.pipeline_helpers import SMALL_SYNTHETIC, instance_at, make_home, small_config
 
 # Members whose merge takes long enough (seconds) that concurrently started runs surely overlap.
 SLOW_SOURCE = {**SMALL_SYNTHETIC, "batch_size": 48, "params": {**SMALL_SYNTHETIC["params"], "components_per_module": [150, 180], "seq_len": 64}}
@@ -79,15 +79,10 @@ def test_five_concurrent_runs_share_two_slots_without_overlap(tmp_path, devices,
             assert earlier["released_at"] <= later["acquired_at"], f"two steps on {device} at once"
     assert max_overlap(intervals) == 2, "expected the five runs to use both slots, and never more"
 
-    with _instance(home) as instance:
+    with instance_at(home) as instance:
         events = instance.fetch_materializations(AssetKey(["pooled", "merge_history"]), limit=10).records
         recorded = {e.event_log_entry.dagster_event.partition: e.asset_materialization.metadata["device"].value for e in events}
     assert recorded == {i["partition"]: i["device"] for i in intervals}
-
-
-def _instance(home: Path) -> DagsterInstance:
-    os.environ["DAGSTER_HOME"] = str(home)
-    return DagsterInstance.get()
 
 
 HOLDER_SCRIPT = """
@@ -129,7 +124,7 @@ def test_a_killed_run_is_reaped_and_frees_its_pool_slot(tmp_path):
     os.killpg(process.pid, signal.SIGKILL)  # the CLI and its worker, mid-merge
     process.wait()
 
-    with _instance(home) as instance:
+    with instance_at(home) as instance:
         assert instance.event_log_storage.get_concurrency_info(DEVICE_POOL).claimed_slots, "the run held a pool slot"
         reaped = reap_orphaned_runs(instance)
         assert len(reaped) == 1

@@ -1,0 +1,82 @@
+"""Clusters as researchers read them: one member's partition, or the ensemble's consensus.
+
+Consensus: two components belong together when they share a group in at least `threshold`
+(default half) of the members; clusters are the connected components of that
+co-association graph. A cluster's stability is the mean co-association of its member pairs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse
+import torch
+from scipy.sparse.csgraph import connected_components
+
+
+@dataclass(frozen=True)
+class Clusters:
+    """`cluster_of[x]`: cluster id of item x, or -1 when x is alone. Ids count up from 0 in order of each
+    cluster's first item. `stability[i]`: mean co-association of cluster i's pairs (1.0 for one partition)."""
+
+    cluster_of: np.ndarray
+    stability: np.ndarray
+
+
+def _numbered(groups: np.ndarray) -> Clusters:
+    """Groups of two or more items as clusters 0, 1, ... by first item; singletons -1."""
+    _, first, inverse, counts = np.unique(groups, return_index=True, return_inverse=True, return_counts=True)
+    shared = counts[inverse] > 1
+    order = np.argsort(first)  # group ids by first appearance
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size)
+    group_rank = rank[inverse]
+    kept = np.unique(group_rank[shared])
+    renumber = np.full(order.size, -1)
+    renumber[kept] = np.arange(kept.size)
+    return Clusters(cluster_of=np.where(shared, renumber[group_rank], -1), stability=np.ones(kept.size))
+
+
+def partition_clusters(groups: np.ndarray | torch.Tensor) -> Clusters:
+    """One member's partition at one iteration, as clusters (singleton groups are not clusters)."""
+    return _numbered(np.asarray(groups).reshape(-1))
+
+
+def _co_association_counts(partitions: np.ndarray) -> scipy.sparse.csr_matrix:
+    """`[c, c]` sparse: in how many members items x and y share a group (diagonal included)."""
+    n_members, c = partitions.shape
+    counts = scipy.sparse.csr_matrix((c, c), dtype=np.int64)
+    for groups in partitions:
+        _, dense = np.unique(groups, return_inverse=True)
+        one_hot = scipy.sparse.csr_matrix((np.ones(c, dtype=np.int64), (np.arange(c), dense)), shape=(c, dense.max() + 1))
+        counts = counts + one_hot @ one_hot.T
+    return counts.tocsr()
+
+
+def consensus_clusters(partitions: np.ndarray | torch.Tensor, threshold: float = 0.5) -> Clusters:
+    """Consensus of `[n_members, c]` partitions (one iteration of a normalized ensemble)."""
+    partitions = np.asarray(partitions)
+    if partitions.ndim != 2 or partitions.shape[0] == 0:
+        raise ValueError(f"partitions: expected [n_members >= 1, c], got shape {partitions.shape}")
+    if not 0 < threshold <= 1:
+        raise ValueError(f"threshold: expected a fraction in (0, 1], got {threshold}")
+    n_members = partitions.shape[0]
+    counts = _co_association_counts(partitions)
+    # In whole members: "at least half" of 4 members is 2, of 5 members is 3.
+    needed = math.ceil(threshold * n_members - 1e-9)
+    upper = scipy.sparse.triu(counts, k=1).tocoo()
+    linked = upper.data >= needed
+    graph = scipy.sparse.coo_matrix((np.ones(int(linked.sum())), (upper.row[linked], upper.col[linked])), shape=counts.shape)
+    _, components = connected_components(graph, directed=False)
+    clusters = _numbered(components)
+    # Stability: co-association summed over each cluster's pairs, divided by its pairs x members.
+    cluster_of = clusters.cluster_of
+    row_cluster, col_cluster = cluster_of[upper.row], cluster_of[upper.col]
+    inside = (row_cluster == col_cluster) & (row_cluster >= 0)
+    n_clusters = clusters.stability.size
+    together = np.bincount(row_cluster[inside], weights=upper.data[inside], minlength=n_clusters)
+    sizes = np.bincount(cluster_of[cluster_of >= 0], minlength=n_clusters)
+    stability = together / (sizes * (sizes - 1) / 2 * n_members)
+    return Clusters(cluster_of=cluster_of, stability=stability)
