@@ -14,8 +14,8 @@ import time
 
 import numpy as np
 import torch
-
 from bench_merge import synthetic_activations
+
 from spd_math import MergeConfig, ProcessedActivations, merge_iteration
 
 

@@ -5,9 +5,20 @@
 
 from __future__ import annotations
 
-from dagster import Definitions, ExecutorDefinition, define_asset_job, in_process_executor, multi_or_in_process_executor
+from dagster import (
+    Definitions,
+    ExecutorDefinition,
+    define_asset_job,
+    in_process_executor,
+    multi_or_in_process_executor,
+)
 
-from spd_assets.assets import DEVICE_POOL_KEY, IO_MANAGER_KEY, experiment_assets, source_resource_key
+from spd_assets.assets import (
+    DEVICE_POOL_KEY,
+    IO_MANAGER_KEY,
+    experiment_assets,
+    source_resource_key,
+)
 from spd_assets.config import ExperimentConfig
 from spd_assets.deployment import DeploymentSettings, load_settings
 from spd_assets.experiments import registered_experiments

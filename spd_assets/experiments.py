@@ -12,7 +12,12 @@ from pathlib import Path
 import polars as pl
 
 from spd_assets.atomic import atomic_path
-from spd_assets.config import ExperimentConfig, ExperimentConfigError, dump_config, load_config
+from spd_assets.config import (
+    ExperimentConfig,
+    ExperimentConfigError,
+    dump_config,
+    load_config,
+)
 from spd_assets.storage import experiments_dir, write_table
 
 

@@ -27,7 +27,10 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from scipy.sparse import coo_array, csr_array
-from scipy.sparse.csgraph import connected_components, min_weight_full_bipartite_matching
+from scipy.sparse.csgraph import (
+    connected_components,
+    min_weight_full_bipartite_matching,
+)
 
 from spd_math.ensemble import NormalizedEnsemble
 

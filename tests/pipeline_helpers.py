@@ -9,7 +9,11 @@ from dagster import DagsterInstance, Definitions
 from dagster._core.instance.ref import InstanceRef
 
 from spd_assets.config import ExperimentConfig, parse_config
-from spd_assets.definitions import build_definitions, ensemble_job_name, members_job_name
+from spd_assets.definitions import (
+    build_definitions,
+    ensemble_job_name,
+    members_job_name,
+)
 from spd_assets.storage import PROJECT_ROOT
 
 # A small synthetic model: seconds per member, still with planted groups to recover.

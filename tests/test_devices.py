@@ -14,10 +14,10 @@ import pytest
 import yaml
 from dagster import AssetKey, Definitions
 
-from spd_assets.cli import reap_orphaned_runs
 from spd_assets.definitions import build_definitions
 from spd_assets.deployment import DEVICE_POOL, DeploymentSettings, load_settings
 from spd_assets.devices import LEASE_LOG, DeviceError, holders, lease_device
+from spd_assets.runs import reap_orphaned_runs
 from tests.pipeline_helpers import SMALL_SYNTHETIC, instance_at, make_home, small_config
 
 # Members whose merge takes long enough (seconds) that concurrently started runs surely overlap.

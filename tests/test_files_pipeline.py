@@ -8,10 +8,10 @@ import safetensors.torch
 import torch
 from dagster import AssetCheckKey, AssetKey, DagsterInstance
 
-from spd_assets.cli import first_failure_message
 from spd_assets.config import parse_config
 from spd_assets.database import connect_read_only
 from spd_assets.resources import source_for
+from spd_assets.runs import first_failure_message
 from spd_assets.sources.synthetic import SyntheticParams, build_model, generate_batch
 from tests.pipeline_helpers import definitions_for, make_home, materialize_experiment
 

@@ -11,7 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from spd_assets.history_format import HistoryFormatError, read_history_zip, write_history_zip
+from spd_assets.history_format import (
+    HistoryFormatError,
+    read_history_zip,
+    write_history_zip,
+)
 from spd_math import MergeConfig, MergeHistory, ProcessedActivations, merge_iteration
 from tests.conftest import GOLDEN_DIR
 

@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from spd_math import MergeConfig, ProcessedActivations, compute_merge_costs, merge_iteration, process_activations
+from spd_math import (
+    MergeConfig,
+    ProcessedActivations,
+    compute_merge_costs,
+    merge_iteration,
+    process_activations,
+)
 from tests.conftest import golden_files, load_golden
 
 RTOL = 1e-4

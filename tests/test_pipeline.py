@@ -20,7 +20,12 @@ from spd_math import (
     normalize_ensemble,
     process_activations,
 )
-from tests.pipeline_helpers import definitions_for, make_home, materialize_experiment, small_config
+from tests.pipeline_helpers import (
+    definitions_for,
+    make_home,
+    materialize_experiment,
+    small_config,
+)
 
 
 @pytest.fixture(scope="module")

@@ -16,11 +16,11 @@ import polars as pl
 import pytest
 from dagster import AssetKey, AssetRecordsFilter
 
+from spd_assets.config import load_config
 from spd_assets.database import connect_read_only
 from spd_assets.io_manager import asset_path
 from spd_assets.resources import source_for
 from spd_assets.storage import load_ensemble
-from spd_assets.config import load_config
 from spd_math.consensus import consensus_clusters
 from tests.pipeline_helpers import instance_at, make_home
 
