@@ -323,7 +323,7 @@ def experiment_assets(
             off_diagonal = ~np.eye(n_ens, dtype=bool)
             for where, iteration in (("first", 0), ("middle", n_iters // 2), ("last", n_iters - 1)):
                 if n_iters and n_ens > 1:
-                    summary[f"{method}_mean_{where}"] = float(distances[iteration].numpy()[off_diagonal].mean())
+                    summary[f"{method}_mean_{where}"] = round(float(distances[iteration].numpy()[off_diagonal].mean()), 3)
         ensure_database()
         write_table(pl.concat(frames), "distances", name)
         metadata = {"members": len(ensemble.members), "iterations": ensemble.ensemble.n_iters, **summary}

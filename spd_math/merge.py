@@ -69,7 +69,6 @@ class _GroupState:
 
     def __init__(self, activations: torch.Tensor, config: MergeConfig, device: torch.device) -> None:
         n, c = activations.shape
-        self.n_samples = n
         self.alpha = config.alpha
         self.boolean = config.activation_threshold is not None
         self.k = c
