@@ -15,6 +15,8 @@ from spd_assets.devices import Lease, lease_device
 from spd_assets.sources import files, synthetic
 from spd_assets.storage import results_root
 
+PARTITION_KEY_FORBIDDEN = set("|,[]")
+
 
 @lru_cache(maxsize=8)
 def _synthetic_model(params_json: str) -> synthetic.SyntheticModel:
@@ -66,7 +68,15 @@ class FilesActivationSource(ActivationSource):
     n_members: int | None = None
 
     def member_keys(self) -> list[str]:
-        keys = list(files.discover_batch_files(self.directory))
+        found = files.discover_batch_files(self.directory)
+        # Dagster partition keys cannot contain these; say which file to rename rather than fail inside Dagster.
+        unusable = {key: path.name for key, path in found.items() if set(key) & PARTITION_KEY_FORBIDDEN}
+        if unusable:
+            raise files.BatchFileError(
+                f"{self.directory}: file names become partition keys, which cannot contain any of "
+                f"{''.join(sorted(PARTITION_KEY_FORBIDDEN))}; rename {sorted(unusable.values())}"
+            )
+        keys = list(found)
         return keys[: self.n_members] if self.n_members is not None else keys
 
     def load_batch(self, member: str, seed: int) -> dict[str, torch.Tensor]:

@@ -12,6 +12,7 @@ from spd_assets.config import parse_config
 from spd_assets.database import connect_read_only
 from spd_assets.resources import source_for
 from spd_assets.runs import first_failure_message
+from spd_assets.sources.files import BatchFileError
 from spd_assets.sources.synthetic import SyntheticParams, build_model, generate_batch
 from tests.pipeline_helpers import definitions_for, make_home, materialize_experiment
 
@@ -95,3 +96,10 @@ def test_values_outside_the_expected_range_fail_with_a_clear_message(tmp_path, b
     assert not result.success
     message = first_failure_message(result)
     assert "b2.pt" in message and first_module in message and "expected within [0, 1]" in message
+
+
+def test_file_names_that_cannot_be_partition_keys_are_named(tmp_path, batch_directory):
+    (batch_directory / "b2.pt").rename(batch_directory / "b[2].pt")
+    config = parse_config({"name": "odd", "source": {"kind": "files", "directory": str(batch_directory)}})
+    with pytest.raises(BatchFileError, match=r"b\[2\]\.pt"):
+        source_for(config).member_keys()
