@@ -138,6 +138,7 @@ def experiment_assets(
         version = fingerprint(value)
         yield Output(value, metadata=metadata, data_version=DataVersion(version))
         # Only now: the IO manager has stored the value and Dagster has logged the materialization.
+        ensure_database()  # views over the tables, for instances whose first run did not come from the CLI
         record_materialization(
             experiment=name, asset=asset_name, partition=partition, run_id=context.run.run_id,
             step_key=context.get_step_execution_context().step.key, code_version=CODE_VERSION, data_version=version,
@@ -167,7 +168,6 @@ def experiment_assets(
             name, member, every_component, dead_labels=processed.dead_labels,
             activation_threshold=merge_config.activation_threshold,
         )
-        ensure_database()
         table_path = write_table(stats, "component_stats", name, member)
         live = stats.filter(~stats["dead"])
         top = live.sort("activation_frequency", descending=True).head(10)
@@ -223,7 +223,6 @@ def experiment_assets(
             seconds = time.perf_counter() - started
         context.log.info(f"merged {history.c_components} components over {history.n_iters} iterations "
                          f"in {seconds:.2f} s on {lease.device}")
-        ensure_database()
         write_table(tables.merge_events(name, member, history), "merge_events", name, member)
         write_table(tables.membership_spans(name, member, history), "membership_spans", name, member)
         mdl = history.mdl_losses.numpy()
@@ -271,7 +270,6 @@ def experiment_assets(
         if missing:
             context.log.warning(f"{len(missing)} of {len(members)} members have no merge history and are left out: {missing}")
         ensemble = normalize_ensemble([histories[member] for member in used])
-        ensure_database()
         members_table = tables.ensemble_members(name, ensemble, used, members, histories)
         write_table(members_table, "ensemble_members", name)
         metadata = {
@@ -324,7 +322,6 @@ def experiment_assets(
             for where, iteration in (("first", 0), ("middle", n_iters // 2), ("last", n_iters - 1)):
                 if n_iters and n_ens > 1:
                     summary[f"{method}_mean_{where}"] = round(float(distances[iteration].numpy()[off_diagonal].mean()), 3)
-        ensure_database()
         write_table(pl.concat(frames), "distances", name)
         metadata = {"members": len(ensemble.members), "iterations": ensemble.ensemble.n_iters, **summary}
         consumed = [Consumed("normalized_ensemble", None, fingerprint(ensemble))]
