@@ -19,17 +19,12 @@ from spd_assets.runs import (
     RunOutcome,
     execute_run,
     outcome_of,
+    point_at_instance,
     prepare_instance,
     reap_orphaned_runs,
 )
 from spd_assets.sources.files import BatchFileError
-from spd_assets.storage import PROJECT_ROOT, dagster_home, database_path, results_root
-
-
-def _point_at_instance() -> Path:
-    home = dagster_home()
-    os.environ["DAGSTER_HOME"] = str(home)
-    return home
+from spd_assets.storage import PROJECT_ROOT, database_path, results_root
 
 
 def _log_to(path: str) -> None:
@@ -114,7 +109,7 @@ def print_clusters(args) -> int:
     from spd_assets.storage import StorageError
     from spd_math.history import HistoryError
 
-    _point_at_instance()
+    point_at_instance()
     try:
         if args.consensus:
             report = ensemble_clusters(args.experiment, args.iteration, threshold=args.threshold)
@@ -154,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "clusters":
         return print_clusters(args)
     if args.command == "sql":
-        _point_at_instance()
+        point_at_instance()
         if args.query is not None:
             query = args.query
         elif args.file is not None:

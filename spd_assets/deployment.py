@@ -63,10 +63,6 @@ class DeploymentSettings(BaseModel):
     def device_names(self) -> list[str]:
         return visible_devices(self.cpu_slots) if self.devices == "auto" else list(self.devices)
 
-    @property
-    def uses_gpus(self) -> bool:
-        return all(name.startswith("cuda:") for name in self.device_names())
-
 
 def load_settings(home: Path | None = None) -> DeploymentSettings:
     path = (home or dagster_home()) / SETTINGS_FILE

@@ -69,7 +69,6 @@ class Lease:
     device: str
     torch_device: torch.device
     waited_s: float
-    cpu_threads: int | None  # threads a CPU slot may use (cores shared among slots); None on a GPU
 
 
 def _preference(devices: Sequence[str]) -> list[str]:
@@ -166,13 +165,14 @@ def _held(device: str, devices: Sequence[str], handle, lease_dir: Path, holder: 
     handle.write(json.dumps(record))
     handle.flush()
     _append_log(lease_dir, {"event": "acquired", **record})
+    # A CPU slot shares the cores with the other slots; a GPU step keeps torch's default threads.
     cpu_slots = sum(1 for d in devices if d.startswith("cpu:"))
     threads = max(1, (os.cpu_count() or 1) // cpu_slots) if device.startswith("cpu:") else None
     previous_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        yield Lease(device=device, torch_device=torch_device(device), waited_s=waited_s, cpu_threads=threads)
+        yield Lease(device=device, torch_device=torch_device(device), waited_s=waited_s)
     finally:
         torch.set_num_threads(previous_threads)
         if device.startswith("cuda:"):

@@ -27,14 +27,20 @@ class RunOutcome:
     error: str | None
 
 
-def prepare_instance() -> Path:
-    """Point DAGSTER_HOME at the instance (the project's dagster_home/ by default) and make sure it exists."""
+def point_at_instance() -> Path:
+    """Set DAGSTER_HOME to the instance in use (the project's dagster_home/ by default), for Dagster and children."""
     home = dagster_home()
+    os.environ["DAGSTER_HOME"] = str(home)
+    return home
+
+
+def prepare_instance() -> Path:
+    """`point_at_instance`, and make sure the instance exists with its settings and storage."""
+    home = point_at_instance()
     home.mkdir(parents=True, exist_ok=True)
     template = PROJECT_ROOT / "dagster_home" / "dagster.yaml"
     if not (home / "dagster.yaml").exists() and template.exists():
         shutil.copy(template, home / "dagster.yaml")
-    os.environ["DAGSTER_HOME"] = str(home)
     from dagster import DagsterInstance
 
     # Create the instance's storage once, here: parallel workers creating it together would race.

@@ -60,11 +60,3 @@ class MergeHistory:
     @property
     def c_components(self) -> int:
         return self.group_idxs.shape[1]
-
-    def partition_at(self, iteration: int) -> torch.Tensor:
-        """Group of each component after `iteration` (0-based); -1 means before any merge."""
-        if iteration == -1:
-            return torch.arange(self.c_components)
-        if not 0 <= iteration < self.n_iters:
-            raise HistoryError(f"iteration: expected -1..{self.n_iters - 1}, got {iteration}")
-        return self.group_idxs[iteration]
