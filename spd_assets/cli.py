@@ -49,7 +49,7 @@ def run_experiment(config: ExperimentConfig, *, parallel: int | None, only_membe
     from spd_assets.definitions import ensemble_job_name, members_job_name
     from spd_assets.deployment import load_settings
     from spd_assets.experiments import register_experiment
-    from spd_assets.resources import source_for
+    from spd_assets.resources import pool_limit, source_for
 
     home = prepare_instance()
     settings = load_settings(home)
@@ -61,12 +61,14 @@ def run_experiment(config: ExperimentConfig, *, parallel: int | None, only_membe
             print(f"spd-cluster: --members: {unknown} are not members of {config.name!r}; expected some of {members}", file=sys.stderr)
             return 2
         members = [member for member in members if member in only_members]
-    parallel = parallel or len(devices)
     register_experiment(config)
     ensure_database()
     with DagsterInstance.get() as instance:
         for run_id in reap_orphaned_runs(instance):
             print(f"  (marked orphaned run {run_id[:8]} failed and freed its pool slots)")
+        limit = pool_limit(instance)
+    at_once = min(len(devices), limit or len(devices))
+    parallel = parallel or at_once
     invocation = time.strftime("%Y%m%dT%H%M%S")
     tags = {RUN_TAG_EXPERIMENT: config.name, RUN_TAG_INVOCATION: invocation}
     run_config = IN_PROCESS_RUN_CONFIG if settings.executor == "multiprocess" else None
@@ -74,7 +76,8 @@ def run_experiment(config: ExperimentConfig, *, parallel: int | None, only_membe
     log_path.parent.mkdir(parents=True, exist_ok=True)
     print(f"spd-cluster: experiment {config.name!r} (config {config.config_hash}), {len(members)} members, "
           f"DAGSTER_HOME={home}")
-    print(f"devices: {', '.join(devices)} (executor {settings.executor}); pool {DEVICE_POOL!r} limits device steps across runs")
+    print(f"devices: {', '.join(devices)} (executor {settings.executor}); at most {at_once} merges at once "
+          f"(pool {DEVICE_POOL!r} limit {limit if limit is not None else 'none'}, across runs)")
     print(f"members ({parallel} at a time): activations and merge history per member", flush=True)
     started = time.perf_counter()
     outcomes = []

@@ -119,6 +119,38 @@ def holders(lease_dir: Path, devices: Sequence[str]) -> dict[str, dict | None]:
     return result
 
 
+def _try_lock(path: Path):
+    """An open handle holding an exclusive lock on `path`, or None when another process holds it."""
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    return handle
+
+
+def _try_lease(devices: Sequence[str], lease_dir: Path, limit: int | None):
+    """(device, its locked handle, the slot's locked handle or None), or None while nothing may be leased now.
+
+    Below `limit` devices, a step first takes one of `limit` slot locks: Dagster's pool keeps the
+    same limit, but its SQLite storage claims slots with a read-then-write that two processes
+    starting at once can both win, so the locks are what makes the limit exact.
+    """
+    slot = None
+    if limit is not None and limit < len(devices):
+        slot = next(filter(None, (_try_lock(lease_dir / f"slot-{i}.lock") for i in range(limit))), None)
+        if slot is None:
+            return None
+    for device in _preference(devices):
+        handle = _try_lock(lease_dir / f"{device}.lock")
+        if handle is not None:
+            return device, handle, slot
+    if slot is not None:
+        slot.close()
+    return None
+
+
 @contextmanager
 def lease_device(
     devices: Sequence[str],
@@ -126,48 +158,48 @@ def lease_device(
     *,
     holder: dict,
     timeout_s: float,
+    limit: int | None = None,
     report: Callable[[str], None] = lambda message: None,
 ) -> Iterator[Lease]:
-    """Hold one of `devices` exclusively for the duration of the block; wait while all are taken."""
+    """Hold one of `devices` exclusively for the duration of the block, with at most `limit` held at once
+    (all devices when None); wait while none may be leased."""
     devices = validate_devices(devices)
+    if limit is not None and limit < 1:
+        raise DeviceError(f"device limit: expected at least 1 step at once, got {limit}")
     lease_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     next_report = started + REPORT_INTERVAL_S
-    while True:
-        for device in _preference(devices):
-            handle = open(lease_dir / f"{device}.lock", "a+")
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                handle.close()
-                continue
-            try:
-                yield from _held(device, devices, handle, lease_dir, holder, time.monotonic() - started)
-            finally:
-                handle.close()  # closing the descriptor releases the lock
-            return
+    while (leased := _try_lease(devices, lease_dir, limit)) is None:
         now = time.monotonic()
         if now - started > timeout_s:
             raise DeviceError(
-                f"no device free after {timeout_s:.0f} s; holders: {holders(lease_dir, devices)}. "
-                "Raise device_lease_timeout_s, add devices, or lower the pool limit in dagster.yaml."
+                f"no device free after {timeout_s:.0f} s (at most {limit or len(devices)} at once); "
+                f"holders: {holders(lease_dir, devices)}. "
+                "Raise device_lease_timeout_s, add devices, or raise the pool limit in dagster.yaml."
             )
         if now >= next_report:
-            report(f"waiting {now - started:.0f} s for a device: all of {list(devices)} are leased")
+            report(f"waiting {now - started:.0f} s for a device: {limit or len(devices)} of {list(devices)} are leased")
             next_report = now + REPORT_INTERVAL_S
         time.sleep(POLL_INTERVAL_S)
+    device, handle, slot = leased
+    concurrent = min(sum(d.startswith("cpu:") for d in devices) or 1, limit or len(devices))
+    try:
+        yield from _held(device, concurrent, handle, lease_dir, holder, time.monotonic() - started)
+    finally:
+        handle.close()  # closing a descriptor releases its lock
+        if slot is not None:
+            slot.close()
 
 
-def _held(device: str, devices: Sequence[str], handle, lease_dir: Path, holder: dict, waited_s: float) -> Iterator[Lease]:
+def _held(device: str, concurrent: int, handle, lease_dir: Path, holder: dict, waited_s: float) -> Iterator[Lease]:
     record = {**holder, "device": device, "pid": os.getpid(), "host": socket.gethostname(), "acquired_at": time.time()}
     handle.seek(0)
     handle.truncate()
     handle.write(json.dumps(record))
     handle.flush()
     _append_log(lease_dir, {"event": "acquired", **record})
-    # A CPU slot shares the cores with the other slots; a GPU step keeps torch's default threads.
-    cpu_slots = sum(1 for d in devices if d.startswith("cpu:"))
-    threads = max(1, (os.cpu_count() or 1) // cpu_slots) if device.startswith("cpu:") else None
+    # A CPU slot shares the cores with the other steps that may run at once; a GPU step keeps torch's default threads.
+    threads = max(1, (os.cpu_count() or 1) // concurrent) if device.startswith("cpu:") else None
     previous_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)

@@ -11,6 +11,7 @@ import torch
 from dagster import ConfigurableResource
 
 from spd_assets.config import ExperimentConfig, FilesSource, SyntheticSource
+from spd_assets.deployment import DEVICE_POOL
 from spd_assets.devices import Lease, lease_device
 from spd_assets.sources import files, synthetic
 from spd_assets.storage import results_root
@@ -108,5 +109,12 @@ class DevicePool(ConfigurableResource):
                   "partition": context.partition_key if context.has_partition_key else None}
         return lease_device(
             self.devices, results_root() / "device_leases", holder=holder, timeout_s=self.lease_timeout_s,
-            report=context.log.info,
+            limit=pool_limit(context.instance), report=context.log.info,
         )
+
+
+def pool_limit(instance) -> int | None:
+    """The instance's limit on device steps at once (Dagster pool `DEVICE_POOL`), or None without one."""
+    if not instance.event_log_storage.supports_global_concurrency_limits:
+        return None
+    return instance.event_log_storage.get_concurrency_info(DEVICE_POOL).limit

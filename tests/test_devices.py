@@ -61,8 +61,8 @@ def set_pool_limit(home: Path, limit: int) -> None:
 @pytest.mark.parametrize("devices, pool_limit", [("cpu:0,cpu:1", 5), ("cpu:0,cpu:1,cpu:2", 2)],
                          ids=["leases-limit", "dagster-pool-limits"])
 def test_five_concurrent_runs_share_two_slots_without_overlap(tmp_path, devices, pool_limit):
-    """Five member runs at once. Either the device leases (2 devices, roomy pool) or the Dagster pool
-    (limit 2, 3 devices) must keep at most 2 merges running, and never two on one device."""
+    """Five member runs at once. Either the number of devices (2, roomy pool) or the pool limit in
+    dagster.yaml (2, with 3 devices) must keep at most 2 merges running, and never two on one device."""
     home = make_home(tmp_path / "home")
     set_pool_limit(home, pool_limit)
     config = write_experiment(tmp_path, "pooled", n_members=5)
@@ -110,6 +110,22 @@ def test_a_killed_holder_does_not_keep_its_device(tmp_path):
         assert lease.device == "cpu:0" and holders(lease_dir, ["cpu:0"])["cpu:0"]["who"] == "next"
     assert time.monotonic() - started < 2
     assert holders(lease_dir, ["cpu:0"])["cpu:0"] is None
+
+
+def test_a_limit_below_the_device_count_is_exact(tmp_path):
+    lease_dir = tmp_path / "leases"
+    devices = ["cpu:0", "cpu:1", "cpu:2"]
+    with lease_device(devices, lease_dir, holder={}, timeout_s=1, limit=2) as first:
+        with lease_device(devices, lease_dir, holder={}, timeout_s=1, limit=2) as second:
+            assert first.device != second.device
+            with pytest.raises(DeviceError, match="at most 2 at once"):
+                with lease_device(devices, lease_dir, holder={}, timeout_s=0.5, limit=2):
+                    pass
+        with lease_device(devices, lease_dir, holder={}, timeout_s=1, limit=2) as third:
+            assert third.device != first.device
+    with pytest.raises(DeviceError, match="at least 1"):
+        with lease_device(devices, lease_dir, holder={}, timeout_s=1, limit=0):
+            pass
 
 
 def test_a_killed_run_is_reaped_and_frees_its_pool_slot(tmp_path):
