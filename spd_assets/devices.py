@@ -166,6 +166,7 @@ def lease_device(
     devices = validate_devices(devices)
     if limit is not None and limit < 1:
         raise DeviceError(f"device limit: expected at least 1 step at once, got {limit}")
+    at_once = min(len(devices), limit or len(devices))
     lease_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     next_report = started + REPORT_INTERVAL_S
@@ -173,16 +174,16 @@ def lease_device(
         now = time.monotonic()
         if now - started > timeout_s:
             raise DeviceError(
-                f"no device free after {timeout_s:.0f} s (at most {limit or len(devices)} at once); "
+                f"no device free after {timeout_s:.0f} s (at most {at_once} at once); "
                 f"holders: {holders(lease_dir, devices)}. "
                 "Raise device_lease_timeout_s, add devices, or raise the pool limit in dagster.yaml."
             )
         if now >= next_report:
-            report(f"waiting {now - started:.0f} s for a device: {limit or len(devices)} of {list(devices)} are leased")
+            report(f"waiting {now - started:.0f} s for a device: {at_once} of {list(devices)} are leased")
             next_report = now + REPORT_INTERVAL_S
         time.sleep(POLL_INTERVAL_S)
     device, handle, slot = leased
-    concurrent = min(sum(d.startswith("cpu:") for d in devices) or 1, limit or len(devices))
+    concurrent = min(sum(d.startswith("cpu:") for d in devices) or 1, at_once)
     try:
         yield from _held(device, concurrent, handle, lease_dir, holder, time.monotonic() - started)
     finally:
