@@ -48,6 +48,7 @@ def run_experiment(config: ExperimentConfig, *, parallel: int | None, only_membe
     from spd_assets.database import ensure_database
     from spd_assets.definitions import ensemble_job_name, members_job_name
     from spd_assets.deployment import load_settings
+    from spd_assets.devices import leases_at_once
     from spd_assets.experiments import register_experiment
     from spd_assets.resources import pool_limit, source_for
 
@@ -67,7 +68,7 @@ def run_experiment(config: ExperimentConfig, *, parallel: int | None, only_membe
         for run_id in reap_orphaned_runs(instance):
             print(f"  (marked orphaned run {run_id[:8]} failed and freed its pool slots)")
         limit = pool_limit(instance)
-    at_once = min(len(devices), limit or len(devices))
+    at_once = leases_at_once(devices, limit)
     parallel = parallel or at_once
     invocation = time.strftime("%Y%m%dT%H%M%S")
     tags = {RUN_TAG_EXPERIMENT: config.name, RUN_TAG_INVOCATION: invocation}

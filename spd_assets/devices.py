@@ -119,6 +119,11 @@ def holders(lease_dir: Path, devices: Sequence[str]) -> dict[str, dict | None]:
     return result
 
 
+def leases_at_once(devices: Sequence[str], limit: int | None) -> int:
+    """How many of `devices` may be leased at once under `limit` (None: no limit)."""
+    return min(len(devices), limit or len(devices))
+
+
 def _try_lock(path: Path):
     """An open handle holding an exclusive lock on `path`, or None when another process holds it."""
     handle = open(path, "a+")
@@ -166,7 +171,7 @@ def lease_device(
     devices = validate_devices(devices)
     if limit is not None and limit < 1:
         raise DeviceError(f"device limit: expected at least 1 step at once, got {limit}")
-    at_once = min(len(devices), limit or len(devices))
+    at_once = leases_at_once(devices, limit)
     lease_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     next_report = started + REPORT_INTERVAL_S
