@@ -7,7 +7,7 @@ import json
 import re
 import zlib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import (
@@ -16,74 +16,35 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
-    model_validator,
 )
 
+from spd_assets.errors import ExperimentConfigError
+from spd_assets.sources import SOURCES, SyntheticSourceConfig
 from spd_math import ConfigError, MergeConfig
 from spd_math.distances import DISTANCE_METHODS
 
 EXPERIMENT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,62}$")
 
 
-class ExperimentConfigError(ValueError):
-    """The experiment config is invalid; the message lists every field at fault."""
-
-
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class SyntheticSource(_Strict):
-    """SPD-like causal importances with planted co-firing groups (see `spd_assets.sources.synthetic`)."""
-
-    kind: Literal["synthetic"] = "synthetic"
-    params: dict[str, Any] = Field(default_factory=dict, description="overrides of SyntheticParams fields")
-    batch_size: int = Field(32, ge=1, description="sequences per ensemble member")
-    n_members: int = Field(6, ge=1, le=10_000, description="ensemble size: one batch per member")
-
-    @field_validator("params")
-    @classmethod
-    def _known_params(cls, params: dict[str, Any]) -> dict[str, Any]:
-        from spd_assets.sources.synthetic import SyntheticParams
-
-        known = set(SyntheticParams.__dataclass_fields__)
-        unknown = sorted(set(params) - known)
-        if unknown:
-            raise ValueError(f"unknown synthetic parameter(s) {unknown}; expected some of {sorted(known)}")
-        SyntheticParams(**params)
-        return params
-
-
-class FilesSource(_Strict):
-    """A directory with one activation file per ensemble member (`.safetensors`, `.npz` or `.pt`)."""
-
-    kind: Literal["files"] = "files"
-    directory: Path
-    value_range: tuple[float, float] = Field((0.0, 1.0), description="values outside are an error")
-    n_members: int | None = Field(None, ge=1, description="use only the first n files (sorted by name)")
-
-    @field_validator("value_range")
-    @classmethod
-    def _ordered(cls, value: tuple[float, float]) -> tuple[float, float]:
-        if value[0] > value[1]:
-            raise ValueError(f"expected [low, high] with low <= high, got {list(value)}")
-        return value
-
-
-ActivationSource = Annotated[SyntheticSource | FilesSource, Field(discriminator="kind")]
+# The `source:` block: one of the registered sources' configs, chosen by its `kind`.
+SourceBlock = Annotated[Union[tuple(source.config_type for source in SOURCES.values())], Field(discriminator="kind")]
 
 
 class ExperimentConfig(_Strict):
     """Everything that determines an experiment's results."""
 
     name: str = Field("default", description="experiment name: asset key prefix and `experiment` column")
-    source: ActivationSource = Field(default_factory=SyntheticSource)
+    source: SourceBlock = Field(default_factory=SyntheticSourceConfig)
     seq_mode: Literal["concat", "seq_mean"] | None = "concat"
     merge_config: dict[str, Any] = Field(
         default_factory=lambda: {"iters": None},
         description="original research merge_config keys; missing keys take MergeConfig defaults",
     )
-    distance_methods: tuple[Literal["perm_invariant_hamming", "matching_dist"], ...] = DISTANCE_METHODS
+    distance_methods: tuple[str, ...] = Field(tuple(DISTANCE_METHODS), description="distance methods of spd_math")
     base_seed: int = Field(0, ge=0, description="member seeds derive from it and the member's partition key")
 
     @field_validator("name")
@@ -102,11 +63,13 @@ class ExperimentConfig(_Strict):
             raise ValueError(str(error)) from None
         return values
 
-    @model_validator(mode="after")
-    def _methods_present(self) -> ExperimentConfig:
-        if not self.distance_methods:
-            raise ValueError("distance_methods: expected at least one of " + ", ".join(DISTANCE_METHODS))
-        return self
+    @field_validator("distance_methods")
+    @classmethod
+    def _known_methods(cls, methods: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [method for method in methods if method not in DISTANCE_METHODS]
+        if unknown or not methods:
+            raise ValueError(f"expected at least one of {', '.join(DISTANCE_METHODS)}; got {list(methods)}")
+        return methods
 
     @property
     def merge(self) -> MergeConfig:
@@ -187,11 +150,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Experimen
     if overrides and isinstance(values, dict):
         values = apply_overrides(values, list(overrides))
     config = parse_config(values, origin=str(path))
-    if isinstance(config.source, FilesSource) and not config.source.directory.is_absolute():
-        # Relative directories are relative to the config file, not to wherever the command runs.
-        source = config.source.model_copy(update={"directory": (path.parent / config.source.directory).resolve()})
-        config = config.model_copy(update={"source": source})
-    return config
+    # Relative paths are relative to the config file, not to wherever the command runs.
+    return config.model_copy(update={"source": config.source.resolved(path.parent.resolve())})
 
 
 def dump_config(config: ExperimentConfig) -> str:

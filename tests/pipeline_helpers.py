@@ -6,15 +6,13 @@ import shutil
 from pathlib import Path
 
 from dagster import DagsterInstance, Definitions
-from dagster._core.instance.ref import InstanceRef
 
 from spd_assets.config import ExperimentConfig, parse_config
-from spd_assets.definitions import (
-    build_definitions,
-    ensemble_job_name,
-    members_job_name,
-)
-from spd_assets.storage import PROJECT_ROOT
+from spd_assets.defs.definitions import build_definitions
+from spd_assets.defs.home import TEMPLATE_HOME, results_store
+from spd_assets.defs.jobs import ensemble_job_name, members_job_name
+from spd_assets.storage.store import ResultsStore
+from spd_assets.storage.values import value_format
 
 # A small synthetic model: seconds per member, still with planted groups to recover.
 SMALL_SYNTHETIC = {
@@ -31,6 +29,14 @@ SMALL_SYNTHETIC = {
     },
 }
 
+# The type of each value asset's value, which decides its file format.
+VALUE_TYPES = {
+    "component_activations": "ProcessedActivations",
+    "merge_history": "MergeHistory",
+    "normalized_ensemble": "MemberEnsemble",
+    "distance_matrices": "EnsembleDistances",
+}
+
 
 def small_config(name: str = "small", **overrides) -> ExperimentConfig:
     values = {"name": name, "source": SMALL_SYNTHETIC, "merge_config": {"iters": None}}
@@ -40,8 +46,18 @@ def small_config(name: str = "small", **overrides) -> ExperimentConfig:
 
 def make_home(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
-    shutil.copy(PROJECT_ROOT / "dagster_home" / "dagster.yaml", path / "dagster.yaml")
+    shutil.copy(TEMPLATE_HOME / "dagster.yaml", path / "dagster.yaml")
     return path
+
+
+def store_at(home: Path) -> ResultsStore:
+    return results_store(home)
+
+
+def asset_path(experiment: str, asset: str, partition: str | None, home: Path) -> Path:
+    """The file of a value asset (a partition of it) in the instance at `home`."""
+    suffix = value_format(VALUE_TYPES[asset]).suffix
+    return store_at(home).value_path(experiment, asset, partition, suffix)
 
 
 def materialize_experiment(defs: Definitions, instance: DagsterInstance, config: ExperimentConfig, members: list[str]):
@@ -60,5 +76,5 @@ def definitions_for(*configs: ExperimentConfig) -> Definitions:
 
 
 def instance_at(home: Path) -> DagsterInstance:
-    """The Dagster instance stored in `home`, without touching the DAGSTER_HOME environment variable."""
-    return DagsterInstance.from_ref(InstanceRef.from_dir(str(home)))
+    """The Dagster instance stored in `home` (as `DagsterInstance.get()` would open it with DAGSTER_HOME=home)."""
+    return DagsterInstance.from_config(str(home))

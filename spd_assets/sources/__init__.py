@@ -1,1 +1,34 @@
-"""Where causal importances come from: one mapping module name -> tensor per ensemble member."""
+"""Layer 2, activation sources: where each ensemble member's causal importances come from.
+
+One module per source kind, registered here (kind -> class). A new source is one module with
+a `SourceConfig` subclass and an `ActivationSource` subclass, plus one line in `SOURCES`; the
+experiment config accepts its `source:` block from then on.
+"""
+
+from __future__ import annotations
+
+from spd_assets.sources.base import ActivationSource, SourceConfig, numbered_members
+from spd_assets.sources.files import FilesSource, FilesSourceConfig
+from spd_assets.sources.synthetic import SyntheticSource, SyntheticSourceConfig
+
+SOURCES: dict[str, type[ActivationSource]] = {
+    source.kind: source for source in (SyntheticSource, FilesSource)
+}
+
+
+def source_for(config: SourceConfig) -> ActivationSource:
+    """The source an experiment's `source:` block describes."""
+    return SOURCES[config.kind](config)
+
+
+__all__ = [
+    "SOURCES",
+    "ActivationSource",
+    "FilesSource",
+    "FilesSourceConfig",
+    "SourceConfig",
+    "SyntheticSource",
+    "SyntheticSourceConfig",
+    "numbered_members",
+    "source_for",
+]

@@ -20,12 +20,16 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Literal
 
 import numpy as np
 import torch
 from numpy.lib import format as npy_format
+from pydantic import Field, field_validator
 from safetensors import safe_open
+
+from spd_assets.errors import BatchFileError
+from spd_assets.sources.base import PARTITION_KEY_FORBIDDEN, ActivationSource, SourceConfig
 
 SUPPORTED_SUFFIXES = (".safetensors", ".npz", ".pt")
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
@@ -47,13 +51,6 @@ _SAFETENSORS_DTYPE_NAMES = {"F16": "float16", "BF16": "bfloat16", "F32": "float3
 Layout = dict[str, tuple[int, ...]]
 PathLike = str | os.PathLike[str]
 TensorGetter = Callable[[str], torch.Tensor]
-
-
-class BatchFileError(ValueError):
-    """A batch file or its directory is missing, unreadable or holds the wrong content.
-
-    The message names the file (or directory), what was wrong and what was expected.
-    """
 
 
 @dataclass(frozen=True)
@@ -336,3 +333,42 @@ def _value_problems(tensors: dict[str, torch.Tensor], value_range: tuple[float, 
 
 def _problems_message(path: Path, summary: str, problems: list[str]) -> str:
     return f"{path}: {summary}:\n" + "\n".join(f"  - {problem}" for problem in problems)
+
+
+class FilesSourceConfig(SourceConfig):
+    """A directory with one activation file per ensemble member (`.safetensors`, `.npz` or `.pt`)."""
+
+    kind: Literal["files"] = "files"
+    directory: Path
+    value_range: tuple[float, float] = Field(DEFAULT_VALUE_RANGE, description="values outside are an error")
+    n_members: int | None = Field(None, ge=1, description="use only the first n files (sorted by name)")
+
+    @field_validator("value_range")
+    @classmethod
+    def _ordered(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if value[0] > value[1]:
+            raise ValueError(f"expected [low, high] with low <= high, got {list(value)}")
+        return value
+
+
+class FilesSource(ActivationSource[FilesSourceConfig]):
+    """One activation file per member in a directory; the members are the files (named by their stems)."""
+
+    kind = "files"
+    config_type = FilesSourceConfig
+
+    def member_keys(self) -> list[str]:
+        directory = self.config.directory
+        found = discover_batch_files(directory)
+        # Dagster partition keys cannot contain these; say which file to rename rather than fail inside Dagster.
+        unusable = {key: path.name for key, path in found.items() if set(key) & PARTITION_KEY_FORBIDDEN}
+        if unusable:
+            raise BatchFileError(
+                f"{directory}: file names become partition keys, which cannot contain any of "
+                f"{''.join(sorted(PARTITION_KEY_FORBIDDEN))}; rename {sorted(unusable.values())}"
+            )
+        keys = list(found)
+        return keys[: self.config.n_members] if self.config.n_members is not None else keys
+
+    def load_batch(self, member: str, seed: int) -> dict[str, torch.Tensor]:
+        return load_batch(self.config.directory, member, value_range=self.config.value_range)

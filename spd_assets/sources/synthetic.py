@@ -17,10 +17,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from pydantic import Field, field_validator
 
+from spd_assets.sources.base import ActivationSource, SourceConfig, numbered_members
 from spd_math.partitions import canonical_labels
 
 # CI of a firing component: well above any activation threshold a user would pick.
@@ -234,3 +238,50 @@ def generate_batch(model: SyntheticModel, *, seed: int, batch_size: int) -> dict
         batch[name] = torch.from_numpy(module_values).reshape(batch_size, params.seq_len, size)
         start += size
     return batch
+
+
+class SyntheticSourceConfig(SourceConfig):
+    """SPD-like causal importances with planted co-firing groups (see `SyntheticParams`)."""
+
+    kind: Literal["synthetic"] = "synthetic"
+    params: dict[str, Any] = Field(default_factory=dict, description="overrides of SyntheticParams fields")
+    batch_size: int = Field(32, ge=1, description="sequences per ensemble member")
+    n_members: int = Field(6, ge=1, le=10_000, description="ensemble size: one batch per member")
+
+    @field_validator("params")
+    @classmethod
+    def _known_params(cls, params: dict[str, Any]) -> dict[str, Any]:
+        known = set(SyntheticParams.__dataclass_fields__)
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise ValueError(f"unknown synthetic parameter(s) {unknown}; expected some of {sorted(known)}")
+        SyntheticParams(**params)
+        return params
+
+
+@lru_cache(maxsize=8)
+def _model(params: tuple[tuple[str, Any], ...]) -> SyntheticModel:
+    return build_model(SyntheticParams(**dict(params)))
+
+
+class SyntheticSource(ActivationSource[SyntheticSourceConfig]):
+    """The embedded default: a synthetic model, one batch per member, and the planted truth to check against."""
+
+    kind = "synthetic"
+    config_type = SyntheticSourceConfig
+    has_planted_truth = True
+
+    @property
+    def model(self) -> SyntheticModel:
+        # Lists from YAML become tuples, so the cache key is hashable.
+        key = tuple(sorted((name, tuple(v) if isinstance(v, list) else v) for name, v in self.config.params.items()))
+        return _model(key)
+
+    def member_keys(self) -> list[str]:
+        return numbered_members(self.config.n_members)
+
+    def load_batch(self, member: str, seed: int) -> dict[str, torch.Tensor]:
+        return generate_batch(self.model, seed=seed, batch_size=self.config.batch_size)
+
+    def planted_partition(self, labels: list[str]) -> np.ndarray:
+        return self.model.planted_partition(labels)

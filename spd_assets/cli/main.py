@@ -1,0 +1,97 @@
+"""`spd-cluster`: run an experiment through Dagster and say where the results are; query the results.
+
+Each command imports only what it needs: `sql` answers without importing torch or Dagster.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from spd_assets.cli.sql import OUTPUT_FORMATS, emit, run_sql
+from spd_assets.defs.home import point_at_instance, results_store
+from spd_assets.errors import SpdClusterError
+
+
+def print_clusters(args) -> int:
+    import json
+
+    from spd_assets.cli.clusters import ensemble_clusters, member_clusters
+
+    store = results_store(point_at_instance())
+    try:
+        if args.consensus:
+            report = ensemble_clusters(store, args.experiment, args.iteration, threshold=args.threshold)
+        else:
+            report = member_clusters(store, args.experiment, args.member, args.iteration)
+    except (SpdClusterError, ValueError) as error:
+        print(f"spd-cluster clusters: {error}", file=sys.stderr)
+        return 1
+    emit(json.dumps(report, indent=1), args.output)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="spd-cluster", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="materialize every asset of an experiment (the embedded default without --config)")
+    run.add_argument("--config", type=Path, help="experiment config (YAML); default: the embedded synthetic default")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config value, e.g. --set name=alpha_half --set merge_config.alpha=0.5")
+    run.add_argument("--parallel", type=int, default=None, help="member runs at once (default: the number of devices)")
+    run.add_argument("--members", help="only these members (comma-separated partition keys), e.g. to retry failed ones")
+    sql = commands.add_parser("sql", help="query the results (read-only; works while pipelines run)")
+    sql.add_argument("query", nargs="?", help="SQL; omit to read it from --file or standard input")
+    sql.add_argument("--file", type=Path, help="read the query from this file")
+    sql.add_argument("--format", choices=OUTPUT_FORMATS, default="table")
+    sql.add_argument("--output", type=Path, help="write to this file instead of standard output")
+    sql.add_argument("--max-rows", type=int, default=40, help="rows shown in table format (0: all)")
+    clusters = commands.add_parser("clusters", help="component label -> cluster at an iteration, as JSON")
+    clusters.add_argument("--iteration", type=int, required=True, help="after which merge (0-based, as in the tables)")
+    which = clusters.add_mutually_exclusive_group(required=True)
+    which.add_argument("--member", help="one member's partition (its partition key)")
+    which.add_argument("--consensus", action="store_true", help="components together in at least --threshold of the members")
+    clusters.add_argument("--threshold", type=float, default=0.5, help="consensus: fraction of members (default: half)")
+    clusters.add_argument("--experiment", default="default")
+    clusters.add_argument("--output", type=Path, help="write the JSON to this file")
+    args = parser.parse_args(argv)
+    if args.command == "clusters":
+        return print_clusters(args)
+    if args.command == "sql":
+        store = results_store(point_at_instance())
+        if args.query is not None:
+            query = args.query
+        elif args.file is not None:
+            try:
+                query = args.file.read_text()
+            except OSError as error:
+                print(f"spd-cluster sql: cannot read {args.file}: {error.strerror}", file=sys.stderr)
+                return 2
+        else:
+            query = sys.stdin.read()
+        if not query.strip():
+            print("spd-cluster sql: expected a query (argument, --file or standard input), got nothing", file=sys.stderr)
+            return 2
+        return run_sql(store, query, output_format=args.format, output=args.output, max_rows=args.max_rows)
+    if args.command == "run":
+        from spd_assets.cli.run import run_experiment
+        from spd_assets.config import load_config
+
+        try:
+            config = load_config(args.config, args.set)
+        except SpdClusterError as error:
+            print(f"spd-cluster: {error}", file=sys.stderr)
+            return 2
+        if args.parallel is not None and args.parallel < 1:
+            print(f"spd-cluster: --parallel: expected a positive number, got {args.parallel}", file=sys.stderr)
+            return 2
+        only = [m.strip() for m in args.members.split(",") if m.strip()] if args.members else None
+        try:
+            return run_experiment(config, parallel=args.parallel, only_members=only)
+        except SpdClusterError as error:
+            print(f"spd-cluster: {error}", file=sys.stderr)
+            return 2
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,15 @@
+"""Layer 3, orchestration: the Dagster definitions of spd-cluster (no math here).
+
+- `definitions`  the code location: every registered experiment's definitions, merged (`defs`)
+- `assets`       the asset graph of one experiment, thin wrappers around `steps`
+- `steps`        what each asset computes, as plain functions (no Dagster)
+- `checks`       asset checks
+- `lineage`      which materialization each step consumed, and the lineage tables from the event log
+- `resources`    the results folder, activation sources and the device pool as Dagster resources
+- `io_managers`  values to their files, tables to Parquet
+- `jobs`         per-member and whole-ensemble jobs
+- `executors`    multiprocess, in-process or Kubernetes
+- `devices`      exclusive device leases (GPUs or CPU slots)
+- `deployment`   settings of this machine or cluster (`$DAGSTER_HOME/spd_cluster.yaml`)
+- `home`         where the Dagster instance and its results folder are
+"""

@@ -1,0 +1,301 @@
+"""The asset graph of one experiment, as thin Dagster wrappers around `steps`.
+
+    component_activations ─┬─ component_stats                 (per member)
+      └─ merge_history ────┼─ merge_events, membership_spans  (per member, on a leased device)
+           └─ normalized_ensemble ─ ensemble_members
+                └─ distance_matrices ─ distances
+    experiments          the experiment's config
+    materializations, lineage_edges   rebuilt from Dagster's event log
+
+Each step is one multi-asset: the value (stored by the value IO manager) and the result tables
+it feeds (Parquet through the table IO manager, with their column schema in the UI). Keys are
+`[experiment, name]`, grouped by experiment, so experiments live side by side.
+"""
+
+
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import polars as pl
+import torch
+from dagster import (
+    AssetCheckSpec,
+    AssetExecutionContext,
+    AssetIn,
+    AssetKey,
+    AssetOut,
+    AssetsDefinition,
+    DataVersion,
+    MetadataValue,
+    Output,
+    PreviewWarning,
+    RetryRequested,
+    StaticPartitionsDefinition,
+    TableColumn,
+    TableSchema,
+    asset,
+    multi_asset,
+)
+
+from spd_assets.config import ExperimentConfig
+from spd_assets.defs import checks, steps
+from spd_assets.defs.deployment import DEVICE_POOL
+from spd_assets.defs.io_managers import VALUE_TYPE_METADATA_KEY
+from spd_assets.defs.lineage import (
+    CONFIG_HASH_METADATA_KEY,
+    CONSUMED_METADATA_KEY,
+    consumed_inputs,
+    materialization_records,
+)
+from spd_assets.defs.resources import ActivationSourceResource, DevicePoolResource, source_resource_key
+from spd_assets.sources import SOURCES
+from spd_assets.storage import tables
+from spd_assets.storage.lineage import Consumed, fingerprint, lineage_tables
+from spd_assets.storage.schemas import TABLE_SCHEMAS
+from spd_assets.storage.values import EnsembleDistances, MemberEnsemble
+from spd_math import MergeHistory, ProcessedActivations
+
+VALUE_IO_MANAGER_KEY = "spd_values"
+TABLE_IO_MANAGER_KEY = "spd_tables"
+DEVICE_POOL_KEY = "device_pool"
+# Bump when a change to an asset's code changes its results (Dagster marks downstream stale).
+CODE_VERSION = "1"
+OUT_OF_MEMORY_RETRIES = 3
+OUT_OF_MEMORY_WAIT_S = 30
+
+# The assets whose values are stored and whose materializations the lineage tables record.
+VALUE_ASSETS = ("component_activations", "merge_history", "normalized_ensemble", "distance_matrices")
+
+
+def dagster_table_schema(table: str) -> TableSchema:
+    """The Dagster column schema of a result table, from its one definition in `storage.schemas`."""
+    return TableSchema(columns=[TableColumn(name, sql_type, description=description)
+                                for name, (sql_type, description) in TABLE_SCHEMAS[table].columns.items()])
+
+
+def _dagster_metadata(metadata: dict) -> dict:
+    """Plain step metadata as Dagster metadata values (Markdown rendered, lists as JSON)."""
+    def convert(value):
+        if isinstance(value, steps.Markdown):
+            return MetadataValue.md(str(value))
+        if isinstance(value, Path):
+            return MetadataValue.path(str(value))
+        if isinstance(value, (list, dict)):
+            return MetadataValue.json(value)
+        return value
+
+    return {name: convert(value) for name, value in metadata.items()}
+
+
+@dataclass(frozen=True)
+class ExperimentAssets:
+    """The asset definitions of one experiment and the keys its jobs select."""
+
+    assets: list[AssetsDefinition]
+    member_keys: list[AssetKey]
+    ensemble_keys: list[AssetKey]
+
+
+def experiment_assets(
+    config: ExperimentConfig, members: list[str], *, device_op_tags: dict | None = None
+) -> ExperimentAssets:
+    """The assets (with their checks) of one experiment whose ensemble members are `members` (partition keys).
+
+    Steps that compute on a device (the merge) lease one from the device pool and belong to the
+    Dagster concurrency pool `DEVICE_POOL`; `device_op_tags` go on those steps (e.g. Kubernetes GPU limits).
+    """
+    name = config.name
+    partitions = StaticPartitionsDefinition(members)
+    source_key = source_resource_key(name)
+    has_planted_truth = SOURCES[config.source.kind].has_planted_truth
+
+    def key(asset_name: str) -> AssetKey:
+        return AssetKey([name, asset_name])
+
+    def op_name(asset_name: str) -> str:
+        return f"{name}__{asset_name}"  # also the step key of the asset's step
+
+    def value_out(asset_name: str, value_type: type, description: str, kinds: set[str]) -> AssetOut:
+        return AssetOut(key=key(asset_name), dagster_type=value_type, io_manager_key=VALUE_IO_MANAGER_KEY,
+                        description=description, code_version=CODE_VERSION, group_name=name, kinds=kinds,
+                        metadata={VALUE_TYPE_METADATA_KEY: value_type.__name__})
+
+    def table_out(table: str) -> AssetOut:
+        return AssetOut(key=key(table), dagster_type=pl.DataFrame, io_manager_key=TABLE_IO_MANAGER_KEY,
+                        description=f"Result table: {TABLE_SCHEMAS[table].description}.", code_version=CODE_VERSION,
+                        group_name=name, kinds={"parquet", "duckdb"},
+                        metadata={"dagster/column_schema": dagster_table_schema(table)})
+
+    def member_check(check: str, description: str) -> AssetCheckSpec:
+        """A check of one member's history whose results carry the member (Dagster's partitioned checks)."""
+        with warnings.catch_warnings():
+            # Partitioned checks are a Dagster preview feature; they are what tells which member a result is of.
+            warnings.simplefilter("ignore", PreviewWarning)
+            return AssetCheckSpec(check, asset=key("merge_history"), partitions_def=partitions, description=description)
+
+    def emit(value_name: str, result: steps.StepResult, consumed: list[Consumed]) -> Iterator[Output]:
+        """The value with its content fingerprint as data version and its lineage, then its tables."""
+        metadata = {
+            **_dagster_metadata(result.metadata),
+            CONFIG_HASH_METADATA_KEY: config.config_hash,
+            CONSUMED_METADATA_KEY: MetadataValue.json([item.to_json() for item in [*result.consumed, *consumed]]),
+        }
+        yield Output(result.value, output_name=value_name, metadata=metadata,
+                     data_version=DataVersion(fingerprint(result.value)))
+        for table, frame in result.tables.items():
+            yield Output(frame, output_name=table)
+
+    @multi_asset(
+        name=op_name("component_activations"),
+        outs={
+            "component_activations": value_out(
+                "component_activations", ProcessedActivations,
+                "One member's causal importances, processed (seq mode, module filter, dead filter).", {"torch"}),
+            "component_stats": table_out("component_stats"),
+        },
+        internal_asset_deps={"component_activations": set(), "component_stats": {key("component_activations")}},
+        partitions_def=partitions,
+        required_resource_keys={source_key},
+    )
+    def component_activations(context: AssetExecutionContext) -> Iterator:
+        resource: ActivationSourceResource = getattr(context.resources, source_key)
+        result = steps.component_activations(resource.source, config, context.partition_key)
+        yield from emit("component_activations", result, [])
+
+    history_checks = [
+        member_check("partition_sizes", "the partition after iteration i has c - i - 1 groups"),
+        *([member_check("planted_truth_recovered", "the planted groups are recovered at the planted k")]
+          if has_planted_truth else []),
+    ]
+
+    @multi_asset(
+        name=op_name("merge_history"),
+        outs={
+            "merge_history": value_out(
+                "merge_history", MergeHistory,
+                "The greedy MDL merge of one member (spd_math.merge_iteration), stored in the original zip format.",
+                {"torch"}),
+            "merge_events": table_out("merge_events"),
+            "membership_spans": table_out("membership_spans"),
+        },
+        ins={"activations": AssetIn(key=key("component_activations"))},
+        internal_asset_deps={
+            "merge_history": {key("component_activations")},
+            "merge_events": {key("merge_history")},
+            "membership_spans": {key("merge_history")},
+        },
+        partitions_def=partitions,
+        required_resource_keys={source_key, DEVICE_POOL_KEY},
+        check_specs=history_checks,
+        pool=DEVICE_POOL,
+        op_tags=device_op_tags,
+    )
+    def merge_history(context: AssetExecutionContext, activations: ProcessedActivations) -> Iterator:
+        member = context.partition_key
+        pool: DevicePoolResource = getattr(context.resources, DEVICE_POOL_KEY)
+        with pool.lease(context, step_key=op_name("merge_history")) as lease:
+            context.log.info(f"leased {lease.device} after waiting {lease.waited_s:.1f} s")
+            try:
+                result = steps.merge_history(activations, config, member, lease.torch_device)
+            except torch.cuda.OutOfMemoryError as error:
+                # Transient: another process may hold the memory. Retry; the next lease prefers the freest GPU.
+                raise RetryRequested(max_retries=OUT_OF_MEMORY_RETRIES, seconds_to_wait=OUT_OF_MEMORY_WAIT_S) from RuntimeError(
+                    f"CUDA out of memory on {lease.device} merging {activations.n_samples} samples x "
+                    f"{activations.n_components} components: {error}"
+                )
+        history = result.value
+        context.log.info(f"merged {history.c_components} components over {history.n_iters} iterations "
+                         f"in {result.metadata['seconds']:.2f} s on {lease.device}")
+        result.metadata.update(device=lease.device, device_wait_seconds=round(lease.waited_s, 3))
+        consumed = consumed_inputs(context.instance, key("component_activations"), {member: fingerprint(activations)})
+        yield from emit("merge_history", result, consumed)
+        yield checks.partition_sizes(history)
+        if has_planted_truth:
+            source = getattr(context.resources, source_key).source
+            yield checks.planted_truth_recovered(history, source.planted_partition(history.labels))
+
+    @multi_asset(
+        name=op_name("normalized_ensemble"),
+        outs={
+            "normalized_ensemble": value_out(
+                "normalized_ensemble", MemberEnsemble,
+                "All member histories aligned on the union of labels (docs/math.md §8); missing members are listed, "
+                "not fatal.", {"torch"}),
+            "ensemble_members": table_out("ensemble_members"),
+        },
+        ins={"histories": AssetIn(key=key("merge_history"))},
+        internal_asset_deps={"normalized_ensemble": {key("merge_history")}, "ensemble_members": {key("normalized_ensemble")}},
+        check_specs=[
+            AssetCheckSpec("every_component_assigned", asset=key("normalized_ensemble"),
+                           description="no -1 left in any member's partitions"),
+            AssetCheckSpec("all_members_present", asset=key("normalized_ensemble"),
+                           description="every configured member contributed a history"),
+        ],
+    )
+    def normalized_ensemble(context: AssetExecutionContext, histories: dict[str, MergeHistory]) -> Iterator:
+        result = steps.normalized_ensemble(histories, members, config)
+        ensemble: MemberEnsemble = result.value
+        if ensemble.missing:
+            context.log.warning(f"{len(ensemble.missing)} of {len(members)} members have no merge history "
+                                f"and are left out: {ensemble.missing}")
+        loaded = {member: fingerprint(histories[member]) for member in ensemble.members}
+        yield from emit("normalized_ensemble", result, consumed_inputs(context.instance, key("merge_history"), loaded))
+        yield checks.every_component_assigned(ensemble)
+        yield checks.all_members_present(ensemble)
+
+    @multi_asset(
+        name=op_name("distance_matrices"),
+        outs={
+            "distance_matrices": value_out(
+                "distance_matrices", EnsembleDistances,
+                "Distances between every pair of members' partitions at every iteration, one matrix per method.",
+                {"torch"}),
+            "distances": table_out("distances"),
+        },
+        ins={"ensemble": AssetIn(key=key("normalized_ensemble"))},
+        internal_asset_deps={"distance_matrices": {key("normalized_ensemble")}, "distances": {key("distance_matrices")}},
+        check_specs=[AssetCheckSpec("symmetric_with_zero_diagonal", asset=key("distance_matrices"),
+                                    description="every distance matrix is symmetric with a zero diagonal")],
+    )
+    def distance_matrices(context: AssetExecutionContext, ensemble: MemberEnsemble) -> Iterator:
+        result = steps.distance_matrices(ensemble, config)
+        consumed = consumed_inputs(context.instance, key("normalized_ensemble"), {None: fingerprint(ensemble)})
+        yield from emit("distance_matrices", result, consumed)
+        yield checks.symmetric_with_zero_diagonal(result.value.by_method)
+
+    @asset(
+        key=key("experiments"),
+        dagster_type=pl.DataFrame,
+        io_manager_key=TABLE_IO_MANAGER_KEY,
+        group_name=name,
+        kinds={"parquet", "duckdb"},
+        code_version=CODE_VERSION,
+        description=f"Result table: {TABLE_SCHEMAS['experiments'].description}.",
+        metadata={"dagster/column_schema": dagster_table_schema("experiments"), "config_hash": config.config_hash},
+    )
+    def experiments() -> pl.DataFrame:
+        return tables.experiment_row(config, datetime.now(timezone.utc))
+
+    value_keys = [key(asset_name) for asset_name in VALUE_ASSETS]
+
+    @multi_asset(
+        name=op_name("lineage"),
+        outs={"materializations": table_out("materializations"), "lineage_edges": table_out("lineage_edges")},
+        deps=value_keys,
+        internal_asset_deps={"materializations": set(value_keys), "lineage_edges": set(value_keys)},
+    )
+    def lineage(context: AssetExecutionContext) -> Iterator:
+        """Rebuilt from Dagster's event log, which stays the source of truth."""
+        materializations, edges = lineage_tables(materialization_records(context.instance, name, value_keys))
+        yield Output(materializations, output_name="materializations")
+        yield Output(edges, output_name="lineage_edges")
+
+    return ExperimentAssets(
+        assets=[component_activations, merge_history, normalized_ensemble, distance_matrices, experiments, lineage],
+        member_keys=[*component_activations.keys, *merge_history.keys],
+        ensemble_keys=[*normalized_ensemble.keys, *distance_matrices.keys, *experiments.keys, *lineage.keys],
+    )
+

@@ -1,0 +1,34 @@
+"""Where steps execute: the executor of the code location and per-step resources on Kubernetes."""
+
+from __future__ import annotations
+
+from dagster import ExecutorDefinition, in_process_executor, multi_or_in_process_executor
+
+from spd_assets.defs.deployment import DeploymentSettings
+
+
+def executor_for(settings: DeploymentSettings) -> ExecutorDefinition:
+    """multiprocess (default; each step in its own process, so its own CUDA context; a run may still pick
+    in_process in its run config), in_process (debugging), or k8s (one pod per step)."""
+    if settings.executor == "in_process":
+        return in_process_executor
+    if settings.executor == "k8s":
+        from dagster_k8s import k8s_job_executor  # the optional `k8s` extra
+
+        k8s = settings.k8s
+        executor_config = {
+            "job_namespace": k8s.job_namespace,
+            "max_concurrent": k8s.max_concurrent or len(settings.device_names()),
+            **({"job_image": k8s.job_image} if k8s.job_image else {}),
+            **k8s.executor_config,
+        }
+        return k8s_job_executor.configured(executor_config, name="spd_k8s_job_executor")
+    return multi_or_in_process_executor
+
+
+def device_op_tags(settings: DeploymentSettings) -> dict | None:
+    """Per-step pod resources on Kubernetes: the GPUs a device step needs."""
+    if settings.executor != "k8s" or settings.k8s.gpus_per_step == 0:
+        return None
+    limits = {"nvidia.com/gpu": str(settings.k8s.gpus_per_step)}
+    return {"dagster-k8s/config": {"container_config": {"resources": {"limits": limits}}}}

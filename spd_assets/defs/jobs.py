@@ -1,0 +1,30 @@
+"""The jobs of an experiment: one run per member (a partition), then one for the whole ensemble."""
+
+from __future__ import annotations
+
+from dagster import AssetSelection, define_asset_job
+
+from spd_assets.defs.assets import ExperimentAssets
+
+
+def members_job_name(experiment: str) -> str:
+    return f"{experiment}__members"
+
+
+def ensemble_job_name(experiment: str) -> str:
+    return f"{experiment}__ensemble"
+
+
+def experiment_jobs(experiment: str, assets: ExperimentAssets) -> list:
+    return [
+        define_asset_job(
+            members_job_name(experiment),
+            selection=AssetSelection.assets(*assets.member_keys),
+            description=f"{experiment}: activations and merge history of one ensemble member",
+        ),
+        define_asset_job(
+            ensemble_job_name(experiment),
+            selection=AssetSelection.assets(*assets.ensemble_keys),
+            description=f"{experiment}: normalized ensemble, distance matrices, settings and lineage tables",
+        ),
+    ]

@@ -1,0 +1,162 @@
+"""What each asset computes, as plain functions of plain values: no Dagster here, so tests call them directly.
+
+Each step returns a `StepResult`: the asset's value, the rows of the result tables it feeds,
+metadata a researcher reads in the UI, and the inputs it consumed from outside the asset graph
+(a source's batch). The Dagster assets (`assets`) are thin wrappers around these.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from spd_assets.config import ExperimentConfig
+from spd_assets.errors import SpdClusterError
+from spd_assets.sources import ActivationSource
+from spd_assets.storage import tables
+from spd_assets.storage.lineage import Consumed, fingerprint
+from spd_assets.storage.values import EnsembleDistances, MemberEnsemble
+from spd_math import (
+    MergeHistory,
+    ProcessedActivations,
+    compute_distances,
+    drop_dead,
+    merge_iteration,
+    normalize_ensemble,
+    process_activations,
+)
+
+# Components listed in the "most active" metadata table.
+MOST_ACTIVE_SHOWN = 10
+
+
+class Markdown(str):
+    """Metadata text to render as Markdown in the UI."""
+
+
+class NoMembersError(SpdClusterError, RuntimeError):
+    """No member of an ensemble has a merge history to build it from."""
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """An asset's value, the rows of the tables it feeds (table name -> frame), its metadata, and what it
+    consumed from outside the asset graph."""
+
+    value: Any
+    tables: dict[str, pl.DataFrame] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    consumed: list[Consumed] = field(default_factory=list)
+
+
+def markdown_table(header: list[str], rows: list[list[object]]) -> Markdown:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
+    return Markdown("\n".join(lines))
+
+
+def component_activations(source: ActivationSource, config: ExperimentConfig, member: str) -> StepResult:
+    """One member's batch from the source, processed (seq mode, module filter, dead filter), with per-component
+    statistics."""
+    merge_config = config.merge
+    seed = config.member_seed(member)
+    batch = source.load_batch(member, seed)
+    every_component = process_activations(
+        batch, filter_dead_threshold=0.0, seq_mode=config.seq_mode, module_filter=merge_config.module_name_filter
+    )
+    processed = drop_dead(every_component, merge_config.filter_dead_threshold)
+    stats = tables.component_stats(
+        config.name, member, every_component, dead_labels=processed.dead_labels,
+        activation_threshold=merge_config.activation_threshold,
+    )
+    live = stats.filter(~stats["dead"])
+    top = live.sort("activation_frequency", descending=True).head(MOST_ACTIVE_SHOWN)
+    metadata = {
+        "samples": processed.n_samples,
+        "components": processed.n_components,
+        "dead_components": len(processed.dead_labels),
+        "modules": len(batch),
+        "mean_activation_frequency": float(live["activation_frequency"].mean() or 0.0),
+        "seed": seed,
+        "most_active": markdown_table(
+            ["label", "frequency", "max"],
+            [[r["label"], f"{r['activation_frequency']:.4f}", f"{r['max_activation']:.3f}"] for r in top.iter_rows(named=True)],
+        ),
+    }
+    consumed = [Consumed(f"source:{source.kind}", member, fingerprint(dict(batch)))]
+    return StepResult(processed, {"component_stats": stats}, metadata, consumed)
+
+
+def merge_history(activations: ProcessedActivations, config: ExperimentConfig, member: str, device) -> StepResult:
+    """The greedy MDL merge of one member on `device`, with its merge events and membership spans."""
+    seed = config.member_seed(member)
+    started = time.perf_counter()
+    history = merge_iteration(activations, config.merge, seed=seed, device=device)
+    seconds = time.perf_counter() - started
+    mdl = history.mdl_losses.numpy()
+    best = int(np.argmin(mdl)) if mdl.size else -1
+    metadata = {
+        "iterations": history.n_iters,
+        "components": history.c_components,
+        "final_k": int(history.k_groups[-1]) if history.n_iters else history.c_components,
+        "mdl_start": float(mdl[0]) if mdl.size else float("nan"),
+        "mdl_end": float(mdl[-1]) if mdl.size else float("nan"),
+        "mdl_min": float(mdl[best]) if mdl.size else float("nan"),
+        "k_at_mdl_min": int(history.k_groups[best]) if mdl.size else -1,
+        "seconds": round(seconds, 3),
+        "seed": seed,
+    }
+    member_tables = {
+        "merge_events": tables.merge_events(config.name, member, history),
+        "membership_spans": tables.membership_spans(config.name, member, history),
+    }
+    return StepResult(history, member_tables, metadata)
+
+
+def normalized_ensemble(histories: Mapping[str, MergeHistory], members: list[str], config: ExperimentConfig) -> StepResult:
+    """Every member history that exists, aligned on the union of labels (docs/math.md §8); missing members are
+    listed, not fatal."""
+    used = [member for member in members if member in histories]
+    missing = [member for member in members if member not in histories]
+    if not used:
+        raise NoMembersError(
+            f"no merge_history partition of {config.name} is materialized; expected members {members}. "
+            "Materialize merge_history first."
+        )
+    ensemble = normalize_ensemble([histories[member] for member in used])
+    members_table = tables.ensemble_members(config.name, ensemble, used, members, histories)
+    metadata = {
+        "members": len(used),
+        "missing_members": missing,
+        "union_components": len(ensemble.labels),
+        "iterations_used": ensemble.n_iters,
+        "member_overlap": markdown_table(
+            ["member", "components", "iterations", "share of union"],
+            [[row["member"], row["n_components"], row["n_iters_completed"], f"{row['union_coverage']:.3f}"]
+             for row in members_table.filter(pl.col("status") == "used").iter_rows(named=True)],
+        ),
+    }
+    return StepResult(MemberEnsemble(ensemble, used, missing), {"ensemble_members": members_table}, metadata)
+
+
+def distance_matrices(ensemble: MemberEnsemble, config: ExperimentConfig) -> StepResult:
+    """Distances between every two members' partitions at every iteration, per configured method."""
+    by_method, summary, frames = {}, {}, []
+    for method in config.distance_methods:
+        started = time.perf_counter()
+        distances = compute_distances(ensemble.ensemble, method)
+        summary[f"{method}_seconds"] = round(time.perf_counter() - started, 3)
+        by_method[method] = distances
+        frames.append(tables.distances_long(config.name, method, distances, ensemble.members))
+        n_iters, n_ens, _ = distances.shape
+        off_diagonal = ~np.eye(n_ens, dtype=bool)
+        for where, iteration in (("first", 0), ("middle", n_iters // 2), ("last", n_iters - 1)):
+            if n_iters and n_ens > 1:
+                summary[f"{method}_mean_{where}"] = round(float(distances[iteration].numpy()[off_diagonal].mean()), 3)
+    metadata = {"members": len(ensemble.members), "iterations": ensemble.ensemble.n_iters, **summary}
+    return StepResult(EnsembleDistances(by_method, ensemble.members), {"distances": pl.concat(frames)}, metadata)

@@ -1,0 +1,47 @@
+"""Every error spd-cluster raises for something a user can fix, with one common base.
+
+Each message names what was wrong (the file, field or value) and what was expected, so the
+command line prints it as it is, without a traceback. Errors of the math itself derive from
+`spd_math.SpdMathError` instead; both are `ValueError`s where bad input is the cause.
+"""
+
+from __future__ import annotations
+
+
+class SpdClusterError(Exception):
+    """Base of spd-cluster's user-facing errors."""
+
+
+class ExperimentConfigError(SpdClusterError, ValueError):
+    """The experiment config is invalid; the message lists every field at fault."""
+
+
+class SourceError(SpdClusterError, ValueError):
+    """An activation source cannot give a member's batch: missing model, empty text, bad file, ..."""
+
+
+class BatchFileError(SourceError):
+    """A batch file or its directory is missing, unreadable or holds the wrong content.
+
+    The message names the file (or directory), what was wrong and what was expected.
+    """
+
+
+class StorageError(SpdClusterError, RuntimeError):
+    """A stored result is missing or unreadable; the message names the file."""
+
+
+class DatabaseError(SpdClusterError, RuntimeError):
+    """The results database cannot be opened or prepared; the message says why and what to do."""
+
+
+class DeploymentError(SpdClusterError, ValueError):
+    """The deployment settings are invalid; the message names the setting and the source."""
+
+
+class DeviceError(SpdClusterError, RuntimeError):
+    """A device specification is invalid or no device could be leased; the message says which and why."""
+
+
+class UsageError(SpdClusterError, ValueError):
+    """A command-line argument is out of range for the stored results; the message names the argument."""

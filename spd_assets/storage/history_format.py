@@ -1,0 +1,231 @@
+"""Merge histories in the original research implementation's zip format, so runs move both ways.
+
+A history file is an uncompressed (stored) zip with these entries, named, typed and ordered as
+the original writes them:
+
+    merge.group_idxs.npy   [iters, c] int16   group of each component after each merge
+    merge.k_groups.npy     [iters] int16      number of groups after each merge
+    selected_pairs.npy     [iters, 2] int16   the pair merged at each iteration
+    labels.txt             the component labels, one a line, no trailing newline
+    metadata.json          {"merge_config", "c_components", "n_iters_current", "labels"}
+
+Ids are int16 like the original's; a history with more than 2**15 components has ids that do
+not fit, and its id arrays are written as int32 instead.
+
+Our histories carry more, stored where original readers ignore it: `merge.pair_costs.npy` and
+`merge.mdl_losses.npy` (float64 [iters]) as extra entries and `seed` as an extra metadata key,
+each written only when known. `selected_pairs.npy` is left out when the history has none.
+Reading treats all of these as optional, so files written by the original load as they are.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import zipfile
+import zlib
+from typing import Any
+
+import numpy as np
+import torch
+
+from spd_assets.errors import StorageError
+from spd_assets.storage.atomic import atomic_path
+from spd_math.config import ConfigError, MergeConfig
+from spd_math.history import MergeHistory
+
+GROUP_IDXS = "merge.group_idxs.npy"
+K_GROUPS = "merge.k_groups.npy"
+SELECTED_PAIRS = "selected_pairs.npy"
+LABELS = "labels.txt"
+METADATA = "metadata.json"
+PAIR_COSTS = "merge.pair_costs.npy"
+MDL_LOSSES = "merge.mdl_losses.npy"
+
+REQUIRED_ENTRIES = (GROUP_IDXS, K_GROUPS, LABELS, METADATA)
+REQUIRED_METADATA_KEYS = ("merge_config", "c_components", "n_iters_current", "labels")
+
+
+class HistoryFormatError(StorageError, ValueError):
+    """Not a valid merge history zip, or not writable as one; the message names the file and the problem."""
+
+
+def write_history_zip(history: MergeHistory, path: str | os.PathLike[str]) -> None:
+    """Write `history` to `path` in the original format; readers see the old file or the complete new one."""
+    c = history.c_components
+    id_dtype = np.int16 if c - 1 <= np.iinfo(np.int16).max else np.int32
+    multiline = [label for label in history.labels if "\n" in label]
+    if multiline:
+        raise HistoryFormatError(f"{path}: {LABELS} holds one label a line, so labels cannot contain newlines: {multiline[:3]}")
+
+    entries = {
+        GROUP_IDXS: _npy_bytes(_id_array(path, "group_idxs", history.group_idxs, id_dtype)),
+        K_GROUPS: _npy_bytes(_id_array(path, "k_groups", history.k_groups, id_dtype)),
+    }
+    if history.selected_pairs is not None:
+        entries[SELECTED_PAIRS] = _npy_bytes(_id_array(path, "selected_pairs", history.selected_pairs, id_dtype))
+    entries[LABELS] = "\n".join(history.labels).encode("utf-8")
+    metadata: dict[str, Any] = {
+        "merge_config": history.config.to_dict() if history.config is not None else None,
+        "c_components": c,
+        "n_iters_current": history.n_iters,
+        "labels": list(history.labels),
+    }
+    if history.seed is not None:
+        metadata["seed"] = int(history.seed)
+    entries[METADATA] = json.dumps(metadata).encode("utf-8")
+    for name, values in ((PAIR_COSTS, history.pair_costs), (MDL_LOSSES, history.mdl_losses)):
+        if values is not None:
+            entries[name] = _npy_bytes(values.detach().cpu().numpy().astype(np.float64))
+
+    with atomic_path(path) as temporary, zipfile.ZipFile(temporary, "w", zipfile.ZIP_STORED) as archive:
+        for name, data in entries.items():
+            archive.writestr(name, data)
+
+
+def read_history_zip(path: str | os.PathLike[str]) -> MergeHistory:
+    """Read a history written by `write_history_zip` or by the original implementation.
+
+    Raises HistoryFormatError when the file is not such a zip or its parts disagree; a missing or
+    unreadable path raises the usual OSError.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return _read_archive(archive, path)
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as error:
+        raise HistoryFormatError(f"{path}: not a readable zip archive ({error})") from error
+
+
+def _npy_bytes(values: np.ndarray) -> bytes:
+    # Through a buffer: np.save on a path would append ".npy" to names lacking it.
+    buffer = io.BytesIO()
+    np.save(buffer, values, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _id_array(path: str | os.PathLike[str], name: str, values: torch.Tensor, dtype: type[np.integer]) -> np.ndarray:
+    original = values.detach().cpu().numpy()
+    converted = original.astype(dtype)
+    # A narrowing cast wraps silently; refuse rather than write wrong ids.
+    if not np.array_equal(converted, original):
+        raise HistoryFormatError(f"{path}: {name} holds values outside the {np.dtype(dtype).name} range of the format")
+    return converted
+
+
+def _read_archive(archive: zipfile.ZipFile, path: str | os.PathLike[str]) -> MergeHistory:
+    present = set(archive.namelist())
+    missing = [name for name in REQUIRED_ENTRIES if name not in present]
+    if missing:
+        raise HistoryFormatError(f"{path}: missing entries {missing}; the archive holds {sorted(present)}")
+
+    metadata = _read_metadata(archive, path)
+    labels = metadata["labels"]
+    c = metadata["c_components"]
+    label_lines = _read_text(archive, path, LABELS).split("\n")
+    if label_lines != labels:
+        raise HistoryFormatError(f"{path}: {LABELS} disagrees with the labels in {METADATA}: {_first_difference(label_lines, labels)}")
+    if len(labels) != c:
+        raise HistoryFormatError(f"{path}: {METADATA} lists {len(labels)} labels but c_components is {c}")
+
+    group_idxs = _read_array(archive, path, GROUP_IDXS, ndim=2, kind="integer")
+    if group_idxs.shape[1] != c:
+        raise HistoryFormatError(f"{path}: {GROUP_IDXS} has {group_idxs.shape[1]} columns but c_components is {c}")
+    per_iteration = {GROUP_IDXS: group_idxs, K_GROUPS: _read_array(archive, path, K_GROUPS, ndim=1, kind="integer")}
+    if SELECTED_PAIRS in present:
+        selected_pairs = _read_array(archive, path, SELECTED_PAIRS, ndim=2, kind="integer")
+        if selected_pairs.shape[1] != 2:
+            raise HistoryFormatError(f"{path}: {SELECTED_PAIRS} must have shape [iters, 2], got {selected_pairs.shape}")
+        per_iteration[SELECTED_PAIRS] = selected_pairs
+    for name in (PAIR_COSTS, MDL_LOSSES):
+        if name in present:
+            per_iteration[name] = _read_array(archive, path, name, ndim=1, kind="floating")
+    rows = {name: values.shape[0] for name, values in per_iteration.items()}
+    if len(set(rows.values())) != 1:
+        raise HistoryFormatError(f"{path}: per-iteration entries disagree on the number of iterations: {rows}")
+
+    # The original preallocates rows for every planned iteration and fills n_iters_current of
+    # them; a run that stopped early leaves unfilled rows behind, which are not part of the history.
+    n_iters = metadata["n_iters_current"]
+    if n_iters > rows[GROUP_IDXS]:
+        raise HistoryFormatError(f"{path}: {METADATA} n_iters_current is {n_iters} but the entries hold only {rows[GROUP_IDXS]} iterations")
+    kept = {name: values[:n_iters] for name, values in per_iteration.items()}
+    if kept[GROUP_IDXS].size and not (0 <= kept[GROUP_IDXS].min() and kept[GROUP_IDXS].max() < c):
+        raise HistoryFormatError(f"{path}: {GROUP_IDXS} holds group ids outside 0..{c - 1}")
+
+    def tensor(name: str, dtype: type[np.generic]) -> torch.Tensor | None:
+        return torch.from_numpy(kept[name].astype(dtype)) if name in kept else None
+
+    return MergeHistory(
+        labels=labels,
+        group_idxs=tensor(GROUP_IDXS, np.int64),
+        selected_pairs=tensor(SELECTED_PAIRS, np.int64),
+        k_groups=tensor(K_GROUPS, np.int64),
+        pair_costs=tensor(PAIR_COSTS, np.float64),
+        mdl_losses=tensor(MDL_LOSSES, np.float64),
+        config=_merge_config(metadata["merge_config"], path),
+        seed=metadata.get("seed"),
+    )
+
+
+def _first_difference(label_lines: list[str], labels: list[str]) -> str:
+    for position, (line, label) in enumerate(zip(label_lines, labels)):
+        if line != label:
+            return f"line {position + 1} is {line!r}, metadata has {label!r}"
+    return f"{len(label_lines)} lines against {len(labels)} labels"
+
+
+def _read_text(archive: zipfile.ZipFile, path: str | os.PathLike[str], name: str) -> str:
+    try:
+        return archive.read(name).decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise HistoryFormatError(f"{path}: {name} is not UTF-8 text ({error})") from error
+
+
+def _read_metadata(archive: zipfile.ZipFile, path: str | os.PathLike[str]) -> dict[str, Any]:
+    try:
+        metadata = json.loads(_read_text(archive, path, METADATA))
+    except json.JSONDecodeError as error:
+        raise HistoryFormatError(f"{path}: {METADATA} is not valid JSON ({error})") from error
+    if not isinstance(metadata, dict):
+        raise HistoryFormatError(f"{path}: {METADATA} must hold a JSON object, got {type(metadata).__name__}")
+    missing = [key for key in REQUIRED_METADATA_KEYS if key not in metadata]
+    if missing:
+        raise HistoryFormatError(f"{path}: {METADATA} lacks the keys {missing}")
+    for key in ("c_components", "n_iters_current"):
+        if not _is_count(metadata[key]):
+            raise HistoryFormatError(f"{path}: {METADATA} {key} must be a non-negative integer, got {metadata[key]!r}")
+    labels = metadata["labels"]
+    if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
+        raise HistoryFormatError(f"{path}: {METADATA} labels must be a list of strings")
+    seed = metadata.get("seed")
+    if seed is not None and not _is_count(seed):
+        raise HistoryFormatError(f"{path}: {METADATA} seed must be a non-negative integer or null, got {seed!r}")
+    return metadata
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _read_array(archive: zipfile.ZipFile, path: str | os.PathLike[str], name: str, *, ndim: int, kind: str) -> np.ndarray:
+    try:
+        # read_array, not np.load: np.load would also accept a nested zip (npz) or a pickle.
+        values = np.lib.format.read_array(io.BytesIO(archive.read(name)), allow_pickle=False)
+    except (ValueError, EOFError, OSError) as error:
+        raise HistoryFormatError(f"{path}: {name} is not a readable .npy array ({error})") from error
+    if values.ndim != ndim:
+        raise HistoryFormatError(f"{path}: {name} must be {ndim}-D, got shape {values.shape}")
+    expected_type = np.integer if kind == "integer" else np.floating
+    if not np.issubdtype(values.dtype, expected_type):
+        raise HistoryFormatError(f"{path}: {name} must hold {kind} values, got dtype {values.dtype}")
+    return values
+
+
+def _merge_config(values: Any, path: str | os.PathLike[str]) -> MergeConfig | None:
+    if values is None:
+        return None
+    try:
+        return MergeConfig.from_dict(values)
+    except ConfigError as error:
+        raise HistoryFormatError(f"{path}: {METADATA} merge_config cannot be loaded ({error})") from error

@@ -1,0 +1,94 @@
+"""Where results live: one `ResultsStore` per results folder, which every read and write goes through.
+
+    <root>/                                      $DAGSTER_HOME/spd_cluster by default
+      experiments/<experiment>.yaml              registered experiment configs
+      <experiment>/component_activations/<member>.npz
+      <experiment>/merge_history/<member>.zip          (the original research format)
+      <experiment>/normalized_ensemble.npz
+      <experiment>/distance_matrices.npz
+      tables/<table>/<experiment>__<part>.parquet      one file per experiment and partition
+      device_leases/                             lock files of the device leases
+      logs/                                      run logs of the command line
+    <root>.duckdb                                views over the tables (see `database`)
+
+The store knows paths and writes atomically; what a file holds is for `values`, `tables` and
+`history_format` to say.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from spd_assets.storage.atomic import atomic_path
+
+# Partition part of a table file name for assets that are not partitioned.
+WHOLE_EXPERIMENT = "all"
+TABLE_SUFFIX = ".parquet"
+
+
+@dataclass(frozen=True)
+class ResultsStore:
+    """The results folder `root` and the DuckDB database beside it (`<root>.duckdb`).
+
+    Examples
+    --------
+    >>> store = ResultsStore(Path("/tmp/home/spd_cluster"))
+    >>> store.database_path.as_posix()
+    '/tmp/home/spd_cluster.duckdb'
+    >>> store.table_file("merge_events", "default", "member_000").name
+    'default__member_000.parquet'
+    """
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root).resolve())
+
+    @property
+    def database_path(self) -> Path:
+        return self.root.with_name(self.root.name + ".duckdb")
+
+    @property
+    def experiments_dir(self) -> Path:
+        return self.root / "experiments"
+
+    @property
+    def tables_dir(self) -> Path:
+        return self.root / "tables"
+
+    @property
+    def lease_dir(self) -> Path:
+        return self.root / "device_leases"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.root / "logs"
+
+    def experiment_dir(self, experiment: str) -> Path:
+        return self.root / experiment
+
+    def value_path(self, experiment: str, asset: str, partition: str | None, suffix: str) -> Path:
+        """The file of an asset's value: one per partition for partitioned assets."""
+        base = self.experiment_dir(experiment)
+        return base / asset / f"{partition}{suffix}" if partition is not None else base / f"{asset}{suffix}"
+
+    def table_dir(self, table: str) -> Path:
+        return self.tables_dir / table
+
+    def table_file(self, table: str, experiment: str, part: str | None = None) -> Path:
+        return self.table_dir(table) / f"{experiment}__{part or WHOLE_EXPERIMENT}{TABLE_SUFFIX}"
+
+    def write_table(self, frame, table: str, experiment: str, part: str | None = None) -> Path:
+        """Write (or replace) one experiment partition's rows of a table (a Polars DataFrame); readers never
+        see half a file."""
+        path = self.table_file(table, experiment, part)
+        with atomic_path(path) as temporary:
+            frame.write_parquet(temporary)
+        return path
+
+
+def default_results_root(dagster_home: str | os.PathLike[str]) -> Path:
+    """The results folder of a Dagster instance: `<DAGSTER_HOME>/spd_cluster`."""
+    return Path(dagster_home) / "spd_cluster"

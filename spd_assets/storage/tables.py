@@ -1,0 +1,183 @@
+"""Result tables built from spd_math value objects, as Polars DataFrames (one function per table).
+
+Every table carries `experiment` (and `member` where it is per member) so results of many
+experiments live side by side in one set of Parquet files and DuckDB views. Column names and
+types come from `schemas.TABLE_SCHEMAS`: each builder's frame is conformed to its schema.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+
+import numpy as np
+import polars as pl
+import torch
+
+from spd_assets.config import ExperimentConfig
+from spd_assets.storage.schemas import TABLE_SCHEMAS
+from spd_math import MergeHistory, NormalizedEnsemble, ProcessedActivations
+
+# Columns of activations summarised at once: bounds temporaries for large batches.
+STATS_CHUNK_ROWS = 16_384
+
+
+def _conformed(table: str, columns: dict) -> pl.DataFrame:
+    return TABLE_SCHEMAS[table].conform(pl.DataFrame(columns))
+
+
+def split_label(label: str) -> tuple[str, int]:
+    """`"layers.0.mlp.up:17"` -> `("layers.0.mlp.up", 17)`."""
+    module, _, index = label.rpartition(":")
+    return module, int(index)
+
+
+def component_stats(
+    experiment: str,
+    member: str,
+    activations: ProcessedActivations,
+    *,
+    dead_labels: Sequence[str],
+    activation_threshold: float | None,
+) -> pl.DataFrame:
+    """Per component: how often it is active, its mean and max, and whether it was dropped as dead."""
+    values = activations.activations
+    n, c = values.shape
+    active = torch.zeros(c, dtype=torch.int64)
+    sums = torch.zeros(c, dtype=torch.float64)
+    maxima = torch.full((c,), float("-inf"), dtype=torch.float64)
+    cutoff = 0.0 if activation_threshold is None else activation_threshold
+    for rows in values.split(STATS_CHUNK_ROWS):
+        active += (rows > cutoff).sum(dim=0)
+        sums += rows.sum(dim=0, dtype=torch.float64)
+        maxima = torch.maximum(maxima, rows.amax(dim=0).double())
+    modules, indices = zip(*(split_label(label) for label in activations.labels)) if c else ((), ())
+    dead = set(dead_labels)
+    return _conformed("component_stats", {
+            "experiment": experiment,
+            "member": member,
+            "label": activations.labels,
+            "module": list(modules),
+            "component_index": list(indices),
+            "activation_frequency": (active.double() / max(n, 1)).numpy(),
+            "mean_activation": (sums / max(n, 1)).numpy(),
+            "max_activation": maxima.numpy(),
+            "dead": [label in dead for label in activations.labels],
+    })
+
+
+def _optional(values: torch.Tensor | None, n: int, dtype: type) -> np.ndarray | list[None]:
+    return values.numpy().astype(dtype) if values is not None else [None] * n
+
+
+def merge_events(experiment: str, member: str, history: MergeHistory) -> pl.DataFrame:
+    """One row per merge: the pair as sampled (pre-merge group ids), the group it became, k, cost and MDL after."""
+    n = history.n_iters
+    pairs = history.selected_pairs
+    return _conformed("merge_events", {
+            "experiment": experiment,
+            "member": member,
+            "iteration": np.arange(n, dtype=np.int32),
+            "group_a": _optional(pairs[:, 0] if pairs is not None else None, n, np.int32),
+            "group_b": _optional(pairs[:, 1] if pairs is not None else None, n, np.int32),
+            "merged_group": _optional(pairs.min(dim=1).values if pairs is not None else None, n, np.int32),
+            "k_groups": history.k_groups.numpy().astype(np.int32),
+            "pair_cost": _optional(history.pair_costs, n, np.float64),
+            "mdl_loss": _optional(history.mdl_losses, n, np.float64),
+    })
+
+
+def group_representatives(group_idxs: np.ndarray) -> np.ndarray:
+    """`[n_iters, c]`: for each component, the index of the smallest member of its group at each iteration."""
+    representatives = np.empty_like(group_idxs)
+    for iteration, partition in enumerate(group_idxs):
+        _, first_member = np.unique(partition, return_index=True)
+        lookup = np.zeros(int(partition.max()) + 1, dtype=group_idxs.dtype) if partition.size else np.zeros(0, dtype=group_idxs.dtype)
+        lookup[partition[first_member]] = first_member
+        representatives[iteration] = lookup[partition]
+    return representatives
+
+
+def membership_spans(experiment: str, member: str, history: MergeHistory) -> pl.DataFrame:
+    """Memberships, compactly: component `label` is in the group represented by `group_label` (its smallest
+    member) for every iteration from `first_iteration` to `last_iteration` inclusive.
+
+    A group keeps its representative until it merges with a group holding a smaller member, so a
+    component has few spans and the table stays small; `memberships_at(...)` in DuckDB expands it.
+    """
+    group_idxs = history.group_idxs.numpy()
+    n_iters, c = group_idxs.shape
+    labels = np.array(history.labels, dtype=object)
+    if n_iters == 0:
+        return TABLE_SCHEMAS["membership_spans"].empty()
+    representatives = group_representatives(group_idxs)
+    starts = np.ones_like(representatives, dtype=bool)
+    starts[1:] = representatives[1:] != representatives[:-1]
+    ends = np.ones_like(starts)
+    ends[:-1] = starts[1:]
+    components, first = np.nonzero(starts.T)  # ordered by component, then iteration
+    _, last = np.nonzero(ends.T)
+    return _conformed("membership_spans", {
+            "experiment": experiment,
+            "member": member,
+            "label": labels[components].tolist(),
+            "group_label": labels[representatives[first, components]].tolist(),
+            "first_iteration": first.astype(np.int32),
+            "last_iteration": last.astype(np.int32),
+    })
+
+
+def ensemble_members(
+    experiment: str,
+    ensemble: NormalizedEnsemble,
+    used: Sequence[str],
+    expected: Sequence[str],
+    histories: Mapping[str, MergeHistory],
+) -> pl.DataFrame:
+    """One row per expected member: whether it was used (and where), its size, and how much of the label union it covers."""
+    coverage = ensemble.present.double().mean(dim=1).numpy()
+    index_of = {member: position for position, member in enumerate(used)}
+    rows = []
+    for member in expected:
+        position = index_of.get(member)
+        history = histories.get(member)
+        rows.append(
+            {
+                "experiment": experiment,
+                "member": member,
+                "ensemble_index": position,
+                "status": "used" if position is not None else "missing",
+                "n_components": history.c_components if history else None,
+                "n_iters_completed": history.n_iters if history else None,
+                "union_coverage": float(coverage[position]) if position is not None else None,
+            }
+        )
+    return TABLE_SCHEMAS["ensemble_members"].conform(pl.DataFrame(rows, schema=TABLE_SCHEMAS["ensemble_members"].dtypes))
+
+
+def distances_long(experiment: str, method: str, distances: torch.Tensor, members: Sequence[str]) -> pl.DataFrame:
+    """`[n_iters, n_ens, n_ens]` as rows (iteration, member_a, member_b, distance), both orders, no diagonal."""
+    values = distances.numpy()
+    n_iters, n_ens, _ = values.shape
+    iteration, a, b = np.nonzero(~np.eye(n_ens, dtype=bool)[None].repeat(n_iters, axis=0))
+    names = np.array(members, dtype=object)
+    return _conformed("distances", {
+            "experiment": experiment,
+            "method": method,
+            "iteration": iteration.astype(np.int32),
+            "member_a": names[a].tolist(),
+            "member_b": names[b].tolist(),
+            "distance": values[iteration, a, b].astype(np.int64),
+    })
+
+
+def experiment_row(config: ExperimentConfig, registered_at: datetime) -> pl.DataFrame:
+    """The experiment's row of the `experiments` table: its config with every default filled in."""
+    return _conformed("experiments", {
+        "experiment": [config.name],
+        "config_hash": [config.config_hash],
+        "config_json": [config.canonical_json()],
+        "source_kind": [config.source.kind],
+        "n_members": [config.source.n_members],
+        "registered_at": [registered_at],
+    })

@@ -1,0 +1,153 @@
+"""The value objects assets pass along, and how each is stored in a file of its own.
+
+One `ValueFormat` per value type: its file suffix, a writer and a reader. The IO manager picks
+the format by the type an asset declares, so a new asset of an existing type needs nothing
+here, and a new type is one class plus one `VALUE_FORMATS` entry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from spd_assets.errors import StorageError
+from spd_assets.storage.atomic import atomic_path
+from spd_assets.storage.history_format import read_history_zip, write_history_zip
+from spd_math import MergeHistory, NormalizedEnsemble, ProcessedActivations
+
+
+@dataclass(frozen=True)
+class MemberEnsemble:
+    """A normalized ensemble with the partition key of each member (in ensemble order) and those missing."""
+
+    ensemble: NormalizedEnsemble
+    members: list[str]
+    missing: list[str]
+
+
+@dataclass(frozen=True)
+class EnsembleDistances:
+    """`[n_iters, n_ens, n_ens]` distances per method, members in ensemble order."""
+
+    by_method: dict[str, torch.Tensor]
+    members: list[str]
+
+
+def _save_npz(path: Path, **arrays: np.ndarray) -> None:
+    with atomic_path(path) as temporary, open(temporary, "wb") as handle:
+        np.savez(handle, **arrays)
+
+
+def load_npz(path: Path) -> dict[str, np.ndarray]:
+    """Every array of an `.npz` file, or a StorageError naming the file."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {key: data[key] for key in data.files}
+    except FileNotFoundError:
+        raise StorageError(f"{path} does not exist (was the upstream asset materialized?)") from None
+    except (OSError, ValueError) as error:
+        raise StorageError(f"{path} is unreadable: {error}") from None
+
+
+def save_activations(path: Path, activations: ProcessedActivations) -> None:
+    """Sparse (CSR) float32: causal importances are mostly exactly zero."""
+    dense = activations.activations.detach().cpu().numpy()
+    rows, columns = np.nonzero(dense)
+    indptr = np.zeros(dense.shape[0] + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows, minlength=dense.shape[0]), out=indptr[1:])
+    _save_npz(
+        path,
+        shape=np.array(dense.shape, dtype=np.int64),
+        indptr=indptr,
+        indices=columns.astype(np.int32),
+        values=dense[rows, columns].astype(np.float32),
+        labels=np.array(activations.labels, dtype=str),
+        dead_labels=np.array(activations.dead_labels, dtype=str),
+    )
+
+
+def load_activations(path: Path) -> ProcessedActivations:
+    data = load_npz(path)
+    n, c = (int(v) for v in data["shape"])
+    dense = np.zeros((n, c), dtype=np.float32)
+    rows = np.repeat(np.arange(n), np.diff(data["indptr"]))
+    dense[rows, data["indices"]] = data["values"]
+    return ProcessedActivations(
+        activations=torch.from_numpy(dense),
+        labels=data["labels"].tolist(),
+        dead_labels=data["dead_labels"].tolist(),
+    )
+
+
+def save_ensemble(path: Path, value: MemberEnsemble) -> None:
+    _save_npz(
+        path,
+        merges=value.ensemble.merges.numpy(),
+        labels=np.array(value.ensemble.labels, dtype=str),
+        present=value.ensemble.present.numpy(),
+        members=np.array(value.members, dtype=str),
+        missing=np.array(value.missing, dtype=str),
+    )
+
+
+def load_ensemble(path: Path) -> MemberEnsemble:
+    data = load_npz(path)
+    ensemble = NormalizedEnsemble(
+        merges=torch.from_numpy(data["merges"]),
+        labels=data["labels"].tolist(),
+        present=torch.from_numpy(data["present"]),
+    )
+    return MemberEnsemble(ensemble=ensemble, members=data["members"].tolist(), missing=data["missing"].tolist())
+
+
+def save_distances(path: Path, value: EnsembleDistances) -> None:
+    arrays = {f"method__{method}": distances.numpy() for method, distances in value.by_method.items()}
+    _save_npz(path, members=np.array(value.members, dtype=str), **arrays)
+
+
+def load_distances(path: Path) -> EnsembleDistances:
+    data = load_npz(path)
+    by_method = {key.removeprefix("method__"): torch.from_numpy(v) for key, v in data.items() if key.startswith("method__")}
+    return EnsembleDistances(by_method=by_method, members=data["members"].tolist())
+
+
+def load_history(path: Path) -> MergeHistory:
+    try:
+        return read_history_zip(path)
+    except FileNotFoundError:
+        raise StorageError(f"{path} does not exist (was the upstream asset materialized?)") from None
+
+
+@dataclass(frozen=True)
+class ValueFormat:
+    suffix: str
+    save: Callable[[Path, Any], None]
+    load: Callable[[Path], Any]
+
+
+VALUE_FORMATS: dict[type, ValueFormat] = {
+    ProcessedActivations: ValueFormat(".npz", save_activations, load_activations),
+    MergeHistory: ValueFormat(".zip", lambda path, history: write_history_zip(history, path), load_history),
+    MemberEnsemble: ValueFormat(".npz", save_ensemble, load_ensemble),
+    EnsembleDistances: ValueFormat(".npz", save_distances, load_distances),
+}
+
+
+def value_format(value_type: type | str) -> ValueFormat:
+    """The format of `value_type` (a class or its name), or of its nearest registered base class."""
+    if isinstance(value_type, str):
+        by_name = {cls.__name__: value_format for cls, value_format in VALUE_FORMATS.items()}
+        if value_type in by_name:
+            return by_name[value_type]
+    else:
+        for cls in value_type.__mro__:
+            if cls in VALUE_FORMATS:
+                return VALUE_FORMATS[cls]
+    name = value_type if isinstance(value_type, str) else value_type.__name__
+    raise StorageError(f"no storage format for values of type {name!r}; "
+                       f"expected one of {[cls.__name__ for cls in VALUE_FORMATS]}")

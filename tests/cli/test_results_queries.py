@@ -1,0 +1,181 @@
+"""SQL over results and lineage, the README's example queries, and the sql and clusters commands,
+all against real `spd-cluster run`s (the embedded default and an alpha sweep) in a temporary DAGSTER_HOME."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from dagster import AssetKey, AssetRecordsFilter
+
+from spd_assets.config import load_config
+from spd_assets.sources import source_for
+from spd_assets.storage.database import connect_read_only
+from spd_assets.storage.values import load_ensemble
+from spd_math.consensus import consensus_clusters
+from tests.pipeline_helpers import asset_path, instance_at, make_home, store_at
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+ALPHA_SWEEP = ["--set", "name=alpha_half", "--set", "merge_config.alpha=0.5"]
+
+
+def cli(home: Path, *args: str, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "spd_assets.cli", *args], env={**os.environ, "DAGSTER_HOME": str(home)},
+                            input=stdin, capture_output=True, text=True, timeout=900)
+    if check:
+        assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory) -> Path:
+    home = make_home(tmp_path_factory.mktemp("results") / "home")
+    cli(home, "run")
+    cli(home, "run", *ALPHA_SWEEP)
+    return home
+
+
+def readme_queries() -> list[str]:
+    section = README.read_text().split("## Querying results", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```sql\n(.*?)```", section, flags=re.DOTALL)
+
+
+def query(home: Path, sql: str, parameters: list | None = None) -> pl.DataFrame:
+    with connect_read_only(store_at(home)) as connection:
+        relation = connection.execute(sql, parameters or [])
+        columns = [description[0] for description in relation.description]
+        return pl.DataFrame(relation.fetchall(), schema=columns, orient="row")
+
+
+def test_readme_has_the_example_queries():
+    assert len(readme_queries()) == 4
+
+
+def test_readme_same_cluster_in_every_member_finds_the_planted_group(home):
+    answer = query(home, readme_queries()[0])
+    model = source_for(load_config(None).source).model
+    group = model.planted_group[model.labels.index("layers.1.mlp.up:10")]
+    planted = {label for label, g in zip(model.labels, model.planted_group) if g == group} - {"layers.1.mlp.up:10"}
+    assert set(answer["label"]) == planted
+
+
+def test_readme_lineage_query_names_every_member_history_that_fed_the_distances(home):
+    answer = query(home, readme_queries()[1])
+    members = source_for(load_config(None).source).member_keys()
+    assert answer["member"].to_list() == members
+    assert answer["config_hash"].to_list() == [load_config(None).config_hash] * len(members)
+    assert answer["code_version"].null_count() == 0 and answer["run_id"].null_count() == 0
+    with instance_at(home) as instance:
+        for member, version in zip(answer["member"], answer["history_version"]):
+            records = instance.fetch_materializations(
+                AssetRecordsFilter(asset_key=AssetKey(["default", "merge_history"]), asset_partitions=[member]), limit=1
+            ).records
+            recorded = records[0].asset_materialization.tags["dagster/data_version"]
+            assert recorded == version, "DuckDB and Dagster disagree on the data version"
+
+
+def test_readme_alpha_comparison_returns_both_experiments(home):
+    answer = query(home, readme_queries()[2])
+    assert set(answer["alpha"]) == {0.5, 1.0}
+    assert set(answer["experiment"]) == {"default", "alpha_half"}
+    assert answer.height == 2 * 2 * 3  # alphas x methods x iterations
+
+
+def test_readme_mdl_minimum_query(home):
+    answer = query(home, readme_queries()[3])
+    assert answer.height == 12 and answer["k_at_min"].min() > 3
+
+
+def test_every_partition_has_a_materialization_and_edges_connect_the_graph(home):
+    members = source_for(load_config(None).source).member_keys()
+    latest = query(home, "SELECT asset, partition, data_version, run_id FROM latest_materializations WHERE experiment = 'default'")
+    version = {(row["asset"], row["partition"]): row["data_version"] for row in latest.iter_rows(named=True)}
+    assert set(version) == {(asset, m) for asset in ("component_activations", "merge_history") for m in members} | {
+        ("normalized_ensemble", None), ("distance_matrices", None)}
+    edges = query(home, "SELECT * FROM lineage_edges WHERE experiment = 'default'")
+    consumed = {(r["asset"], r["partition"], r["upstream_asset"], r["upstream_partition"]): r["upstream_data_version"]
+                for r in edges.iter_rows(named=True)}
+    assert consumed[("distance_matrices", None, "normalized_ensemble", None)] == version[("normalized_ensemble", None)]
+    for member in members:
+        assert consumed[("normalized_ensemble", None, "merge_history", member)] == version[("merge_history", member)]
+        assert consumed[("merge_history", member, "component_activations", member)] == version[("component_activations", member)]
+        assert ("component_activations", member, "source:synthetic", member) in consumed
+
+
+def test_rerunning_a_partition_and_the_ensemble_keeps_history(home):
+    before = query(home, "SELECT asset, partition, run_id FROM materializations WHERE experiment = 'alpha_half'")
+    cli(home, "run", *ALPHA_SWEEP, "--members", "member_002")
+    latest = query(home, "SELECT asset, partition, run_id FROM latest_materializations WHERE experiment = 'alpha_half'")
+    old_runs = set(before["run_id"])
+    rerun = latest.filter((pl.col("partition") == "member_002") | pl.col("partition").is_null())
+    assert rerun.height == 4 and not (set(rerun["run_id"]) & old_runs), "latest rows must be the new runs"
+    untouched = latest.filter(pl.col("partition").is_not_null() & (pl.col("partition") != "member_002"))
+    assert set(untouched["run_id"]) <= old_runs
+    after = query(home, "SELECT count(*) AS n FROM materializations WHERE experiment = 'alpha_half'")["n"][0]
+    assert after == before.height + 4
+    # Result tables replace the partition's rows: no duplicates.
+    counts = query(home, "SELECT member, count(*) AS n FROM merge_events WHERE experiment = 'alpha_half' GROUP BY member")
+    assert counts["n"].n_unique() == 1
+
+
+def test_sql_command_formats_and_errors(home, tmp_path):
+    statement = "SELECT experiment, count(*) AS n FROM merge_events GROUP BY experiment ORDER BY experiment"
+    table = cli(home, "sql", statement).stdout
+    assert "alpha_half" in table and "│" in table
+    csv = cli(home, "sql", "--format", "csv", stdin=statement).stdout
+    assert csv.splitlines()[0] == "experiment,n" and len(csv.splitlines()) == 3
+    records = json.loads(cli(home, "sql", statement, "--format", "json").stdout)
+    assert [r["experiment"] for r in records] == ["alpha_half", "default"]
+    query_file = tmp_path / "query.sql"
+    query_file.write_text(statement)
+    cli(home, "sql", "--file", str(query_file), "--format", "parquet", "--output", str(tmp_path / "out.parquet"))
+    assert pl.read_parquet(tmp_path / "out.parquet")["n"].to_list() == [int(r["n"]) for r in records]
+
+    bad = cli(home, "sql", "SELECT * FROM no_such_table", check=False)
+    assert bad.returncode == 1 and "no_such_table" in bad.stderr and "Traceback" not in bad.stderr
+    writing = cli(home, "sql", "DROP VIEW distances", check=False)
+    assert writing.returncode == 1 and "read-only" in writing.stderr.lower() and "Traceback" not in writing.stderr
+    assert cli(home, "sql", "SELECT count(*) FROM distances").returncode == 0
+
+
+def test_sql_command_while_a_pipeline_runs(home):
+    environment = {**os.environ, "DAGSTER_HOME": str(home)}
+    run = subprocess.Popen([sys.executable, "-m", "spd_assets.cli", "run", "--set", "name=during", "--set", "source.n_members=2"],
+                           env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    answers = []
+    while run.poll() is None:
+        answers.append(cli(home, "sql", "SELECT count(*) AS n FROM merge_events WHERE experiment = 'during'", "--format", "csv").stdout)
+        time.sleep(0.5)
+    stdout, stderr = run.communicate()
+    assert run.returncode == 0, stdout + stderr
+    assert answers, "the run ended before any query"
+    final = cli(home, "sql", "SELECT count(*) AS n FROM merge_events WHERE experiment = 'during'", "--format", "csv").stdout
+    assert int(final.splitlines()[1]) > 0
+
+
+def test_clusters_of_a_member_and_of_the_consensus(home):
+    member = json.loads(cli(home, "clusters", "--iteration", "300", "--member", "member_001").stdout)
+    assert member["experiment"] == "default" and member["iteration"] == 300 and member["member"] == "member_001"
+    ids = [v for v in member["clusters"].values() if v is not None]
+    assert sorted(set(ids)) == list(range(member["n_clusters"]))
+    assert all(ids.count(i) >= 2 for i in set(ids)), "singletons must be null, not clusters"
+
+    consensus = json.loads(cli(home, "clusters", "--iteration", "300", "--consensus").stdout)
+    stored = load_ensemble(asset_path("default", "normalized_ensemble", None, home))
+    expected = consensus_clusters(stored.ensemble.merges[:, 300, :])
+    assert consensus["members"] == stored.members and consensus["member"] is None
+    assert [consensus["clusters"][label] for label in stored.ensemble.labels] == [
+        int(c) if c >= 0 else None for c in expected.cluster_of]
+    stability = np.array([consensus["stability"][str(i)] for i in range(consensus["n_clusters"])])
+    assert ((stability >= 0.5) & (stability <= 1.0)).all()
+
+    missing = cli(home, "clusters", "--iteration", "300", "--member", "member_999", check=False)
+    assert missing.returncode == 1 and "member_000" in missing.stderr
