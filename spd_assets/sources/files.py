@@ -2,9 +2,11 @@
 
 Each file is one ensemble member; its partition key is the file name without its suffix.
 A file maps module name -> float tensor `[batch, seq, C]` or `[samples, C]` (MATH.md §1).
-Every file must match the directory's reference layout: the same module names, in the same
-order, with the same number of components C per module. The number of samples (batch and
-seq sizes) may differ between files, but not between the modules of one file.
+Every file must match the experiment's layout: the same module names, in the same order, with
+the same number of components C per module. That layout is the one most files of the directory
+share (so an odd file fails alone, whatever its name), or the one declared in the config
+(`layout:` module name -> C). The number of samples (batch and seq sizes) may differ between
+files, but not between the modules of one file.
 
 Module order is the order stored in the file: `.npz` keeps the order the arrays were saved
 in and `.pt` the order of the saved dict. `.safetensors` cannot keep an order (its writer
@@ -98,25 +100,27 @@ def load_batch(
     partition_key: str,
     *,
     value_range: tuple[float, float] | None = DEFAULT_VALUE_RANGE,
+    layout: Mapping[str, int] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Read one ensemble member's batch file and check it against the directory's reference layout.
 
-    The reference layout is that of the first file, in key order, whose layout can be read;
-    unreadable files are skipped so that a bad file fails only its own partition. It is
-    recomputed on every call (usually one header read), so it stays right when files change.
+    The reference layout is `layout` (module name -> components C) when given; otherwise the
+    layout most readable files of the directory share, so that an odd file fails alone whatever
+    its name. Unreadable files take no part in the vote, and a tie is an error that asks for a
+    declared layout. The vote is recomputed on every call (one header read per file, cached
+    while a file is unchanged), so it stays right when files change.
     `value_range=None` skips the range check (e.g. for activations that are not CIs).
     """
     if value_range is not None and not value_range[0] <= value_range[1]:
         raise ValueError(f"value_range: expected (low, high) with low <= high, got {value_range!r}")
     root = Path(directory)
     path = _batch_file(root, partition_key)
-    # Found before opening `path`, so that no two files' data are held at once (.pt must load).
-    reference = _reference_before(root, partition_key)
+    # Decided before opening `path`, so that no two files' data are held at once.
+    reference = _declared_reference(layout) if layout is not None else _majority_reference(root, path)
     with _open_batch_file(path) as (specs, get_tensor):
-        layout = _validated_layout(path, specs)
-        if reference is not None:
-            _check_matches_reference(path, layout, *reference)
-        tensors = {name: get_tensor(name) for name in layout}
+        file_layout = _validated_layout(path, specs)
+        _check_matches_reference(path, file_layout, reference)
+        tensors = {name: get_tensor(name) for name in file_layout}
     problems = _value_problems(tensors, value_range)
     if problems:
         raise BatchFileError(_problems_message(path, "has invalid values", problems))
@@ -141,16 +145,76 @@ def _duplicate_problem(paths: list[Path]) -> str:
     return f"files {names} share the partition key {paths[0].stem!r}; expected one file per key"
 
 
-def _reference_before(root: Path, partition_key: str) -> tuple[Path, Layout] | None:
-    """The reference file and layout, or None when the file of `partition_key` is the reference itself."""
-    for key, path in discover_batch_files(root).items():
-        if key >= partition_key:
-            return None
+@dataclass(frozen=True)
+class _Reference:
+    """The layout every file must have: module name -> components C (in file order), and where it comes from."""
+
+    components: dict[str, int]
+    origin: str
+    # Module order is part of a layout read from files; a declared layout names modules and sizes only
+    # (a registered config keeps its keys sorted, so its order carries no meaning).
+    ordered: bool
+    has_safetensors: bool = False
+
+
+def _declared_reference(layout: Mapping[str, int]) -> _Reference:
+    return _Reference(dict(layout), "the layout declared in the config (source.layout)", ordered=False)
+
+
+def _signature(layout: Layout) -> tuple[tuple[str, int], ...]:
+    """What files must agree on: module names in order and their component counts (sample counts may differ)."""
+    return tuple((name, shape[-1]) for name, shape in layout.items())
+
+
+# (path, size, mtime) -> layout, or the error that made it unreadable: a process loading several members
+# reads each header once.
+_layout_cache: dict[tuple[str, int, int], Layout | BatchFileError] = {}
+
+
+def _cached_layout(path: Path) -> Layout:
+    try:
+        status = path.stat()
+    except FileNotFoundError:
+        raise BatchFileError(f"{path}: file no longer exists") from None
+    key = (str(path), status.st_size, status.st_mtime_ns)
+    if key not in _layout_cache:
         try:
-            return path, read_layout(path)
+            _layout_cache[key] = read_layout(path)
+        except BatchFileError as error:
+            _layout_cache[key] = error
+    cached = _layout_cache[key]
+    if isinstance(cached, BatchFileError):
+        raise cached
+    return cached
+
+
+def _majority_reference(root: Path, path: Path) -> _Reference:
+    """The layout shared by more readable files of `root` than any other."""
+    voters: dict[tuple[tuple[str, int], ...], list[Path]] = {}
+    for candidate in discover_batch_files(root).values():
+        try:
+            voters.setdefault(_signature(_cached_layout(candidate)), []).append(candidate)
         except BatchFileError:
-            continue  # that file fails its own partition; the next readable one is the reference
-    return None
+            continue  # that file fails its own partition and has no say in the others'
+    if not voters:
+        # Nothing readable: `path` fails on its own problem when it is opened.
+        return _Reference({}, "no readable file", ordered=False)
+    ranked = sorted(voters.items(), key=lambda item: len(item[1]), reverse=True)
+    signature, files = ranked[0]
+    readable = sum(len(group) for group in voters.values())
+    tied = [group for _, group in ranked if len(group) == len(files)]
+    if len(tied) > 1:
+        groups = "; ".join(", ".join(p.name for p in group) for group in tied)
+        raise BatchFileError(
+            f"{path}: the files of {root} do not agree on a module layout and none is shared by more files than "
+            f"another (files alike: {groups}); declare the expected layout in the config as source.layout "
+            "(module name -> number of components), so that the files that differ from it fail alone"
+        )
+    shown = ", ".join(p.name for p in files[:3]) + (", ..." if len(files) > 3 else "")
+    origin = (f"the layout most files of the directory share ({len(files)} of {readable} readable files: {shown})"
+              if readable > 1 else f"{files[0].name}, the only readable file of the directory")
+    return _Reference(dict(signature), origin, ordered=True,
+                      has_safetensors=any(p.suffix == ".safetensors" for p in files))
 
 
 @contextmanager
@@ -250,7 +314,13 @@ def _numpy_to_torch(array: np.ndarray) -> torch.Tensor:
 
 @contextmanager
 def _open_torch(path: Path) -> Iterator[tuple[dict[str, _TensorSpec], TensorGetter]]:
-    content = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        # Memory-mapped, a layout read touches the file's index, not its data (zip-format files, torch's default).
+        content = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as error:
+        if "mmap" not in str(error):
+            raise
+        content = torch.load(path, map_location="cpu", weights_only=True)  # the legacy format cannot be mapped
     if not isinstance(content, Mapping):
         raise BatchFileError(f"{path}: contains a {type(content).__name__}; expected {_EXPECTED_CONTENT['.pt']}")
     specs = {}
@@ -288,27 +358,29 @@ def _validated_layout(path: Path, specs: dict[str, _TensorSpec]) -> Layout:
     return {name: spec.shape for name, spec in specs.items()}
 
 
-def _check_matches_reference(path: Path, layout: Layout, reference_path: Path, reference: Layout) -> None:
+def _check_matches_reference(path: Path, layout: Layout, reference: _Reference) -> None:
+    if not reference.components:
+        return
+    expected = reference.components
     problems = []
-    missing = [name for name in reference if name not in layout]
-    extra = [name for name in layout if name not in reference]
+    missing = [name for name in expected if name not in layout]
+    extra = [name for name in layout if name not in expected]
     if missing:
         problems.append(f"missing modules {missing}")
     if extra:
         problems.append(f"extra modules {extra}")
     for name, shape in layout.items():
-        if name in reference and shape[-1] != reference[name][-1]:
-            problems.append(f"module {name!r} has C={shape[-1]} components, expected C={reference[name][-1]}")
-    shared_in_file_order = [name for name in layout if name in reference]
-    shared_in_reference_order = [name for name in reference if name in layout]
-    if shared_in_file_order != shared_in_reference_order:
+        if name in expected and shape[-1] != expected[name]:
+            problems.append(f"module {name!r} has C={shape[-1]} components, expected C={expected[name]}")
+    shared_in_file_order = [name for name in layout if name in expected]
+    shared_in_reference_order = [name for name in expected if name in layout]
+    if reference.ordered and shared_in_file_order != shared_in_reference_order:
         order_problem = f"modules are in the order {shared_in_file_order}, expected {shared_in_reference_order}"
-        if ".safetensors" in (path.suffix, reference_path.suffix):
+        if path.suffix == ".safetensors" or reference.has_safetensors:
             order_problem += " (.safetensors files list their modules in sorted name order)"
         problems.append(order_problem)
     if problems:
-        summary = f"has a different module layout than {reference_path.name}, the first readable file of the directory"
-        raise BatchFileError(_problems_message(path, summary, problems))
+        raise BatchFileError(_problems_message(path, f"has a different module layout than {reference.origin}", problems))
 
 
 def _value_problems(tensors: dict[str, torch.Tensor], value_range: tuple[float, float] | None) -> list[str]:
@@ -342,6 +414,8 @@ class FilesSourceConfig(SourceConfig):
     directory: Path
     value_range: tuple[float, float] = Field(DEFAULT_VALUE_RANGE, description="values outside are an error")
     n_members: int | None = Field(None, ge=1, description="use only the first n files (sorted by name)")
+    layout: dict[str, int] | None = Field(
+        None, description="module name -> number of components every file must have; default: what most files share")
 
     @field_validator("value_range")
     @classmethod
@@ -349,6 +423,13 @@ class FilesSourceConfig(SourceConfig):
         if value[0] > value[1]:
             raise ValueError(f"expected [low, high] with low <= high, got {list(value)}")
         return value
+
+    @field_validator("layout")
+    @classmethod
+    def _sizes(cls, layout: dict[str, int] | None) -> dict[str, int] | None:
+        if layout is not None and (not layout or any(c < 1 for c in layout.values())):
+            raise ValueError(f"expected module name -> a positive number of components, got {layout}")
+        return layout
 
 
 class FilesSource(ActivationSource[FilesSourceConfig]):
@@ -371,4 +452,4 @@ class FilesSource(ActivationSource[FilesSourceConfig]):
         return keys[: self.config.n_members] if self.config.n_members is not None else keys
 
     def load_batch(self, member: str, seed: int) -> dict[str, torch.Tensor]:
-        return load_batch(self.config.directory, member, value_range=self.config.value_range)
+        return load_batch(self.config.directory, member, value_range=self.config.value_range, layout=self.config.layout)

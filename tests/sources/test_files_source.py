@@ -264,8 +264,10 @@ def test_modules_covering_different_samples_within_a_file_are_reported(tmp_path,
 
 
 def write_reference_and_member(tmp_path: Path, member: dict[str, torch.Tensor], suffix: str = ".npz") -> None:
+    """Two files with the usual layout around one (b1) that differs."""
     write_batch(tmp_path / "b0.npz", batch())
     write_batch(tmp_path / f"b1{suffix}", member)
+    write_batch(tmp_path / "b2.npz", batch(seed=2))
 
 
 def test_missing_and_extra_modules_are_reported(tmp_path):
@@ -273,7 +275,8 @@ def test_missing_and_extra_modules_are_reported(tmp_path):
 
     message = load_error(tmp_path, "b1")
 
-    assert "b1.npz: has a different module layout than b0.npz, the first readable file of the directory" in message
+    assert ("b1.npz: has a different module layout than the layout most files of the directory share "
+            "(2 of 3 readable files: b0.npz, b2.npz)") in message
     assert "missing modules ['layers.0.attn']" in message
     assert "extra modules ['layers.2.mlp']" in message
 
@@ -331,8 +334,46 @@ def test_corrupt_first_file_fails_only_its_own_partition(tmp_path, suffix):
     assert f"b0{suffix}: cannot be read" in load_error(tmp_path, "b0")
     assert torch.equal(load_batch(tmp_path, "b2")["layers.1.mlp"], batch(seed=2)["layers.1.mlp"])
     message = load_error(tmp_path, "b3")
-    assert f"different module layout than b1{suffix}" in message
+    assert f"different module layout than the layout most files of the directory share (2 of 3 readable files: b1{suffix}, b2{suffix})" in message
     assert "missing modules ['layers.0.attn']" in message
+
+
+def test_an_odd_file_sorted_first_fails_alone(tmp_path):
+    """The layout is what most files share, not what the first file by name has."""
+    write_batch(tmp_path / "a_odd.npz", batch(module_cs={"layers.1.mlp": 3, "layers.0.attn": 5}))
+    for index in range(3):
+        write_batch(tmp_path / f"b{index}.npz", batch(seed=index))
+
+    message = load_error(tmp_path, "a_odd")
+    assert "a_odd.npz: has a different module layout than the layout most files of the directory share (3 of 4" in message
+    assert "module 'layers.0.attn' has C=5 components, expected C=4" in message
+    for index in range(3):
+        assert torch.equal(load_batch(tmp_path, f"b{index}")["layers.0.attn"], batch(seed=index)["layers.0.attn"])
+
+
+def test_a_tie_between_layouts_asks_for_a_declared_layout(tmp_path):
+    write_batch(tmp_path / "b0.npz", batch())
+    write_batch(tmp_path / "b1.npz", batch(module_cs={"layers.1.mlp": 3, "layers.0.attn": 5}))
+
+    for key in ("b0", "b1"):
+        message = load_error(tmp_path, key)
+        assert "do not agree on a module layout" in message and "b0.npz; b1.npz" in message
+        assert "source.layout" in message
+    declared = {"layers.0.attn": 5, "layers.1.mlp": 3}
+    assert load_batch(tmp_path, "b1", layout=declared)["layers.0.attn"].shape[-1] == 5
+    message = load_error(tmp_path, "b0", layout=declared)
+    assert "b0.npz: has a different module layout than the layout declared in the config (source.layout)" in message
+    assert "module 'layers.0.attn' has C=4 components, expected C=5" in message
+
+
+def test_a_declared_layout_overrides_the_majority(tmp_path):
+    for index in range(3):
+        write_batch(tmp_path / f"b{index}.npz", batch(module_cs={"layers.1.mlp": 3}, seed=index))
+    write_batch(tmp_path / "b3.npz", batch())
+
+    assert "missing modules ['layers.0.attn']" in load_error(tmp_path, "b0", layout=MODULE_CS)
+    # A declared layout names modules and sizes; the order of a file's modules is free.
+    assert list(load_batch(tmp_path, "b3", layout=dict(reversed(MODULE_CS.items())))) == list(MODULE_CS)
 
 
 def test_reference_skips_files_with_invalid_tensors(tmp_path):
@@ -390,3 +431,9 @@ def test_read_layout_rejects_unsupported_suffix(tmp_path):
     path.write_text("{}")
     with pytest.raises(BatchFileError, match=r"b0\.json: unsupported file type '\.json'"):
         read_layout(path)
+
+
+def test_pt_files_in_the_legacy_format_still_load(tmp_path):
+    torch.save(batch(), tmp_path / "b0.pt", _use_new_zipfile_serialization=False)
+
+    assert list(load_batch(tmp_path, "b0")) == list(MODULE_CS)
