@@ -5,6 +5,8 @@
 - `steps`        what each asset computes, as plain functions (no Dagster)
 - `checks`       asset checks
 - `lineage`      which materialization each step consumed, and the lineage tables from the event log
+- `dead_runs`    runs whose process died: found, marked failed, their pool slots freed
+- `sensors`      the sensor that does so under `dagster dev`
 - `resources`    the results folder, activation sources and the device pool as Dagster resources
 - `io_managers`  values to their files, tables to Parquet
 - `jobs`         per-member and whole-ensemble jobs

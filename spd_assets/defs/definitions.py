@@ -24,6 +24,7 @@ from spd_assets.defs.resources import (
     StorageResource,
     source_resource_key,
 )
+from spd_assets.defs.sensors import dead_runs
 from spd_assets.errors import SpdClusterError
 from spd_assets.sources import source_for
 from spd_assets.storage.experiments import registered_experiments
@@ -44,8 +45,9 @@ def experiment_definitions(config: ExperimentConfig, settings: DeploymentSetting
 
 
 def shared_definitions(settings: DeploymentSettings, storage: StorageResource) -> Definitions:
-    """The resources every experiment uses, and the executor."""
+    """The resources every experiment uses, the executor, and the sensor that clears dead runs."""
     return Definitions(
+        sensors=[dead_runs],
         resources={
             STORAGE_KEY: storage,
             VALUE_IO_MANAGER_KEY: ValueIOManager(storage=storage),

@@ -12,12 +12,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from dagster import AssetKey, Definitions
+from dagster import AssetKey, DagsterEventType, DagsterRunStatus, Definitions, RunsFilter, build_sensor_context
 
-from spd_assets.cli.runs import reap_orphaned_runs
+from spd_assets.defs.dead_runs import reap_dead_runs
 from spd_assets.defs.definitions import build_definitions
 from spd_assets.defs.deployment import DEVICE_POOL, DeploymentSettings, load_settings
 from spd_assets.defs.devices import LEASE_LOG, DeviceError, holders, lease_device
+from spd_assets.defs.sensors import dead_runs
 from tests.pipeline_helpers import SMALL_SYNTHETIC, instance_at, make_home, small_config
 
 # Members whose merge takes long enough (seconds) that concurrently started runs surely overlap.
@@ -128,7 +129,9 @@ def test_a_limit_below_the_device_count_is_exact(tmp_path):
             pass
 
 
-def test_a_killed_run_is_reaped_and_frees_its_pool_slot(tmp_path):
+def test_a_killed_run_is_cleared_by_the_dead_runs_sensor(tmp_path):
+    """The sensor `dagster dev`'s daemon evaluates (here evaluated directly) marks the dead run failed and frees
+    its pool slot; tests/faults/test_dagster_dev.py has the daemon do it."""
     home = make_home(tmp_path / "home")
     config = write_experiment(tmp_path, "killed", n_members=1)
     process = run_cli(home, "run", "--config", str(config), devices="cpu:0", start_new_session=True)
@@ -142,10 +145,15 @@ def test_a_killed_run_is_reaped_and_frees_its_pool_slot(tmp_path):
 
     with instance_at(home) as instance:
         assert instance.event_log_storage.get_concurrency_info(DEVICE_POOL).claimed_slots, "the run held a pool slot"
-        reaped = reap_orphaned_runs(instance)
-        assert len(reaped) == 1
-        assert instance.get_run_by_id(reaped[0]).is_failure
+        (dead,) = instance.get_runs(filters=RunsFilter(tags={"spd_cluster/experiment": "killed"}))
+        assert dead.status == DagsterRunStatus.STARTED
+        result = dead_runs(build_sensor_context(instance=instance))
+        assert "marked 1 dead run(s) failed" in result.skip_message
+        assert instance.get_run_by_id(dead.run_id).is_failure
         assert not instance.event_log_storage.get_concurrency_info(DEVICE_POOL).claimed_slots
+        assert reap_dead_runs(instance, reaper="the test") == [], "nothing left to reap"
+        failure = instance.all_logs(dead.run_id, of_type=DagsterEventType.RUN_FAILURE)[0]
+        assert f"(pid {dead.tags['spd_cluster/pid']}) is gone; marked by the dead_runs sensor" in failure.message
     with lease_device(["cpu:0"], home / "spd_cluster" / "device_leases", holder={}, timeout_s=2) as lease:
         assert lease.device == "cpu:0"
 
