@@ -20,6 +20,7 @@ from pydantic import (
 
 from spd_assets.errors import ExperimentConfigError
 from spd_assets.sources import SOURCES, SyntheticSourceConfig
+from spd_assets.storage.store import RESERVED_NAMES
 from spd_math import ConfigError, MergeConfig
 from spd_math.distances import DISTANCE_METHODS
 
@@ -52,6 +53,8 @@ class ExperimentConfig(_Strict):
     def _valid_name(cls, name: str) -> str:
         if not EXPERIMENT_NAME.match(name):
             raise ValueError(f"expected a letter then letters, digits or '_' (at most 63), got {name!r}")
+        if name in RESERVED_NAMES:
+            raise ValueError(f"{name!r} names a folder of the results store; expected another name")
         return name
 
     @field_validator("merge_config")

@@ -143,3 +143,16 @@ def test_dead_components_are_listed_in_order():
     processed = process_activations({"m": values}, filter_dead_threshold=0.001)
     assert processed.labels == ["m:0", "m:2"]
     assert processed.dead_labels == ["m:1", "m:3"]
+
+
+@pytest.mark.parametrize("name", ["tables", "logs", "experiments", "device_leases"])
+def test_names_of_results_store_folders_are_not_experiment_names(name):
+    with pytest.raises(ExperimentConfigError, match=f"{name!r} names a folder of the results store"):
+        parse_config({"name": name})
+
+
+def test_a_declared_files_layout_must_give_positive_sizes(tmp_path):
+    with pytest.raises(ExperimentConfigError, match=r"source\.files\.layout"):
+        parse_config({"source": {"kind": "files", "directory": str(tmp_path), "layout": {"mlp": 0}}})
+    config = parse_config({"source": {"kind": "files", "directory": str(tmp_path), "layout": {"mlp": 4, "attn": 2}}})
+    assert config.source.layout == {"mlp": 4, "attn": 2}

@@ -26,6 +26,8 @@ from spd_assets.storage.atomic import atomic_path
 # Partition part of a table file name for assets that are not partitioned.
 WHOLE_EXPERIMENT = "all"
 TABLE_SUFFIX = ".parquet"
+# Folders of the results root that are not experiments (so no experiment may take their names).
+RESERVED_NAMES = frozenset({"experiments", "tables", "device_leases", "logs"})
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,29 @@ class ResultsStore:
     def table_file(self, table: str, experiment: str, part: str | None = None) -> Path:
         return self.table_dir(table) / f"{experiment}__{part or WHOLE_EXPERIMENT}{TABLE_SUFFIX}"
 
+    def table_files(self, experiment: str) -> dict[Path, str]:
+        """Every table file of `experiment` -> its partition part (`WHOLE_EXPERIMENT` when not partitioned).
+
+        File names are `<experiment>__<part>`; a file of another experiment whose name starts with
+        `<experiment>__` (one registered or with a results folder) is not counted.
+        """
+        prefix = f"{experiment}__"
+        longer = [p.name + "__" for p in self.root.glob(f"{glob_escape(prefix)}*") if p.is_dir()]
+        longer += [p.stem + "__" for p in self.experiments_dir.glob(f"{glob_escape(prefix)}*.yaml")]
+        found = {}
+        for path in self.tables_dir.glob(f"*/{glob_escape(prefix)}*{TABLE_SUFFIX}"):
+            if not any(path.name.startswith(other) for other in longer):
+                found[path] = path.name[len(prefix):-len(TABLE_SUFFIX)]
+        return found
+
+    def value_files(self, experiment: str) -> dict[Path, str | None]:
+        """Every value file of `experiment` -> its partition (None for a value of the whole experiment)."""
+        base = self.experiment_dir(experiment)
+        if not base.is_dir():
+            return {}
+        return {path: (path.stem if path.parent != base else None)
+                for path in base.rglob("*") if path.is_file() and not path.name.startswith(".")}
+
     def write_table(self, frame, table: str, experiment: str, part: str | None = None) -> Path:
         """Write (or replace) one experiment partition's rows of a table (a Polars DataFrame); readers never
         see half a file."""
@@ -87,6 +112,11 @@ class ResultsStore:
         with atomic_path(path) as temporary:
             frame.write_parquet(temporary)
         return path
+
+
+def glob_escape(text: str) -> str:
+    """`text` matched literally in a glob pattern."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in text)
 
 
 def default_results_root(dagster_home: str | os.PathLike[str]) -> Path:
