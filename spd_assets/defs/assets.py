@@ -66,9 +66,6 @@ CODE_VERSION = "1"
 OUT_OF_MEMORY_RETRIES = 3
 OUT_OF_MEMORY_WAIT_S = 30
 
-# The assets whose values are stored and whose materializations the lineage tables record.
-VALUE_ASSETS = ("component_activations", "merge_history", "normalized_ensemble", "distance_matrices")
-
 
 def dagster_table_schema(table: str) -> TableSchema:
     """The Dagster column schema of a result table, from its one definition in `storage.schemas`."""
@@ -279,17 +276,20 @@ def experiment_assets(
     def experiments() -> pl.DataFrame:
         return tables.experiment_row(config, datetime.now(timezone.utc))
 
-    value_keys = [key(asset_name) for asset_name in VALUE_ASSETS]
+    # Every asset above is recorded: values with what they consumed, tables with their files.
+    recorded_keys = [*component_activations.keys, *merge_history.keys, *normalized_ensemble.keys,
+                     *distance_matrices.keys, *experiments.keys]
 
     @multi_asset(
         name=op_name("lineage"),
         outs={"materializations": table_out("materializations"), "lineage_edges": table_out("lineage_edges")},
-        deps=value_keys,
-        internal_asset_deps={"materializations": set(value_keys), "lineage_edges": set(value_keys)},
+        deps=recorded_keys,
+        internal_asset_deps={"materializations": set(recorded_keys), "lineage_edges": set(recorded_keys)},
     )
     def lineage(context: AssetExecutionContext) -> Iterator:
         """Rebuilt from Dagster's event log, which stays the source of truth."""
-        materializations, edges = lineage_tables(materialization_records(context.instance, name, value_keys))
+        records = materialization_records(context.instance, name, recorded_keys, members)
+        materializations, edges = lineage_tables(records)
         yield Output(materializations, output_name="materializations")
         yield Output(edges, output_name="lineage_edges")
 

@@ -10,7 +10,7 @@ disagree with what Dagster recorded.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from datetime import datetime, timezone
 
 from dagster import AssetKey, AssetRecordsFilter, DagsterInstance, EventLogRecord
@@ -24,7 +24,7 @@ CODE_VERSION_TAG = "dagster/code_version"
 PAGE_SIZE = 1000
 
 
-def _records(instance: DagsterInstance, records_filter: AssetRecordsFilter) -> Iterator[EventLogRecord]:
+def recorded_materializations(instance: DagsterInstance, records_filter: AssetRecordsFilter) -> Iterator[EventLogRecord]:
     """Every materialization record matching the filter, newest first."""
     cursor = None
     while True:
@@ -43,7 +43,7 @@ def consumed_inputs(
     partitions = [p for p in loaded_versions if p is not None]
     records_filter = AssetRecordsFilter(asset_key=key, asset_partitions=partitions or None)
     found: dict[str | None, str] = {}
-    for record in _records(instance, records_filter):
+    for record in recorded_materializations(instance, records_filter):
         partition = record.partition_key
         materialization = record.asset_materialization
         if partition in loaded_versions and partition not in found and materialization is not None:
@@ -60,14 +60,15 @@ def _plain(value):
 
 
 def materialization_records(
-    instance: DagsterInstance, experiment: str, keys: Sequence[AssetKey]
+    instance: DagsterInstance, experiment: str, keys: Sequence[AssetKey], members: Collection[str]
 ) -> Iterable[MaterializationRecord]:
-    """Every recorded materialization of `keys`, oldest first."""
+    """Every recorded materialization of `keys`, oldest first, of the whole experiment or of one of its current
+    `members` (a member that left the experiment is not part of its results)."""
     records = []
     for key in keys:
-        for record in _records(instance, AssetRecordsFilter(asset_key=key)):
+        for record in recorded_materializations(instance, AssetRecordsFilter(asset_key=key)):
             materialization = record.asset_materialization
-            if materialization is None:
+            if materialization is None or (record.partition_key is not None and record.partition_key not in members):
                 continue
             metadata = {name: _plain(value) for name, value in materialization.metadata.items()}
             consumed = metadata.pop(CONSUMED_METADATA_KEY, None) or []

@@ -120,7 +120,7 @@ _TABLES = [
         "member_b": _MEMBER,
         "distance": ("BIGINT", "the distance (an integer count)"),
     }),
-    TableSchema("materializations", "one row per materialization of an experiment's value assets", {
+    TableSchema("materializations", "one row per materialization of an experiment's assets (values and tables)", {
         "experiment": _EXPERIMENT,
         "asset": ("VARCHAR", "asset name"),
         "partition": ("VARCHAR", "partition key (null when not partitioned)"),
@@ -128,9 +128,9 @@ _TABLES = [
         "step_key": ("VARCHAR", "Dagster step"),
         "materialized_at": (_UTC, "when Dagster recorded it"),
         "code_version": ("VARCHAR", "code version of the asset"),
-        "data_version": ("VARCHAR", "fingerprint of the value's content"),
+        "data_version": ("VARCHAR", "fingerprint of a value's content (a table's: Dagster's data version)"),
         "config_hash": ("VARCHAR", "hash of the experiment config"),
-        "storage_path": ("VARCHAR", "file holding the value"),
+        "storage_path": ("VARCHAR", "file holding the value or the table's rows"),
         "metadata_json": ("VARCHAR", "the materialization's metadata as JSON"),
     }),
     TableSchema("lineage_edges", "one row per input a materialization consumed", {
