@@ -22,3 +22,8 @@ def load_golden(path: Path) -> dict[str, np.ndarray]:
         pytest.skip(f"golden vectors not found at {GOLDEN_DIR} (they live in ../shared/golden next to the project)")
     with np.load(path) as data:
         return {key: data[key] for key in data.files}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--cycles", type=int, default=None,
+                     help="fault-injection cycles of tests/faults (default: $SPD_FAULT_CYCLES, else a few)")

@@ -1,4 +1,4 @@
-"""`spd-cluster`: run an experiment through Dagster and say where the results are; query the results.
+"""`spd-cluster`: run an experiment through Dagster and say where the results are; query the results; repair.
 
 Each command imports only what it needs: `sql` answers without importing torch or Dagster.
 """
@@ -39,6 +39,12 @@ def main(argv: list[str] | None = None) -> int:
                      help="override a config value, e.g. --set name=alpha_half --set merge_config.alpha=0.5")
     run.add_argument("--parallel", type=int, default=None, help="member runs at once (default: the number of devices)")
     run.add_argument("--members", help="only these members (comma-separated partition keys), e.g. to retry failed ones")
+    run.add_argument("--replace", action="store_true",
+                     help="the experiment has results of another config or of members no longer in it: remove them first")
+    doctor = commands.add_parser("doctor", help="find and repair what disagrees between Dagster, the result files and "
+                                 "the processes alive (dead runs, partial or unrecorded files, stale lineage tables)")
+    doctor.add_argument("--dry-run", action="store_true", help="only report; change nothing")
+    doctor.add_argument("--experiment", action="append", help="only this experiment's results (repeatable)")
     sql = commands.add_parser("sql", help="query the results (read-only; works while pipelines run)")
     sql.add_argument("query", nargs="?", help="SQL; omit to read it from --file or standard input")
     sql.add_argument("--file", type=Path, help="read the query from this file")
@@ -54,6 +60,34 @@ def main(argv: list[str] | None = None) -> int:
     clusters.add_argument("--experiment", default="default")
     clusters.add_argument("--output", type=Path, help="write the JSON to this file")
     args = parser.parse_args(argv)
+    try:
+        return _dispatch(args)
+    except KeyboardInterrupt:  # before any work was under way; `run` handles its own interruptions
+        print(f"spd-cluster {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def run_doctor(args) -> int:
+    from dagster import DagsterInstance
+
+    from spd_assets.cli.doctor import examine, report
+    from spd_assets.cli.runs import prepare_instance
+
+    home = prepare_instance()
+    store = results_store(home)
+    print(f"spd-cluster doctor: DAGSTER_HOME={home}" + (" (dry run: nothing is changed)" if args.dry_run else ""))
+    with DagsterInstance.get() as instance:
+        findings = examine(store, instance, repair=not args.dry_run, only=args.experiment)
+    return report(store, findings, repair=not args.dry_run)
+
+
+def _dispatch(args) -> int:
+    if args.command == "doctor":
+        try:
+            return run_doctor(args)
+        except SpdClusterError as error:
+            print(f"spd-cluster doctor: {error}", file=sys.stderr)
+            return 2
     if args.command == "clusters":
         return print_clusters(args)
     if args.command == "sql":
@@ -86,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         only = [m.strip() for m in args.members.split(",") if m.strip()] if args.members else None
         try:
-            return run_experiment(config, parallel=args.parallel, only_members=only)
+            return run_experiment(config, parallel=args.parallel, only_members=only, replace=args.replace)
         except SpdClusterError as error:
             print(f"spd-cluster: {error}", file=sys.stderr)
             return 2

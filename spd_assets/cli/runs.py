@@ -1,30 +1,47 @@
-"""Executing Dagster runs for the CLI, and cleaning up after runs whose process was killed."""
+"""Executing Dagster runs for the CLI, and what their outcomes and asset checks say."""
 
 import os
 import shutil
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from spd_assets.defs.dead_runs import RUN_TAG_HOST, RUN_TAG_PID
 from spd_assets.defs.home import TEMPLATE_HOME, point_at_instance
 
-# With the default (multiprocess) executor the CLI runs each member's run in one worker process of
-# its own and parallelises over runs; the steps of a run then need no further processes.
+# The CLI runs each member's run in one worker process of its own and parallelises over runs; with the
+# multiprocess executor too, the steps of a run need no further processes.
 IN_PROCESS_RUN_CONFIG = {"execution": {"config": {"in_process": {}}}}
 RUN_TAG_EXPERIMENT = "spd_cluster/experiment"
 RUN_TAG_INVOCATION = "spd_cluster/invocation"
-RUN_TAG_HOST = "spd_cluster/host"
-RUN_TAG_PID = "spd_cluster/pid"
+
+
+def run_config_for(settings) -> dict | None:
+    """The run config that executes a run's steps in its own process, whichever executor is deployed."""
+    return IN_PROCESS_RUN_CONFIG if settings.executor == "multiprocess" else None
+
+
+@dataclass(frozen=True)
+class CheckOutcome:
+    """One asset check evaluation of a run: which asset and check, of which member, and its result."""
+
+    asset: str
+    check: str
+    partition: str | None
+    passed: bool
+    severity: str  # "ERROR" or "WARN"
+    description: str | None
 
 
 @dataclass(frozen=True)
 class RunOutcome:
     label: str
     success: bool
-    run_id: str
+    run_id: str | None  # None when no Dagster run was recorded
     seconds: float
     error: str | None
+    checks: tuple[CheckOutcome, ...] = field(default_factory=tuple)
 
 
 def prepare_instance() -> Path:
@@ -55,8 +72,10 @@ def first_failure_message(result) -> str | None:
     return None
 
 
-def execute_run(job_name: str, partition: str | None, tags: dict[str, str], run_config: dict | None) -> RunOutcome:
-    """Execute one job run (one partition) in this process's Dagster instance."""
+def execute_run(job_name: str, partition: str | None, tags: dict[str, str], run_config: dict | None,
+                asset_selection=None) -> RunOutcome:
+    """Execute one job run (one partition; only `asset_selection` of its assets when given) in this process's
+    Dagster instance."""
     from dagster import DagsterInstance, build_reconstructable_job, execute_job
 
     # Rebuilt from the code location in whatever process executes it (a worker, or each step's process).
@@ -67,52 +86,36 @@ def execute_run(job_name: str, partition: str | None, tags: dict[str, str], run_
         run_tags["dagster/partition"] = partition
     started = time.perf_counter()
     with DagsterInstance.get() as instance:
-        result = execute_job(job, instance=instance, run_config=run_config, tags=run_tags)
+        result = execute_job(job, instance=instance, run_config=run_config, tags=run_tags, asset_selection=asset_selection)
+        checks = tuple(
+            CheckOutcome(asset=evaluation.asset_key.path[-1], check=evaluation.check_name,
+                         partition=evaluation.partition or partition, passed=evaluation.passed,
+                         severity=evaluation.severity.value, description=evaluation.description)
+            for evaluation in result.get_asset_check_evaluations()
+        )
         return RunOutcome(
             label=partition or job_name,
             success=result.success,
             run_id=result.run_id,
             seconds=time.perf_counter() - started,
             error=None if result.success else first_failure_message(result),
+            checks=checks,
         )
 
 
-def outcome_of(future, label: str) -> RunOutcome:
-    """A run's outcome; a worker that died before Dagster could record a run counts as a failed run."""
-    try:
-        return future.result()
-    except Exception as error:  # the run never started: instance unreachable, worker killed, ...
-        return RunOutcome(label=label, success=False, run_id="-" * 8, seconds=0.0, error=f"{type(error).__name__}: {error}")
+def cancel_runs_of(instance, invocation: str, pids: set[int]) -> list[str]:
+    """Mark the runs in flight that this host's processes `pids` executed for `invocation` canceled, and free
+    their pool slots (the processes must be gone already); their run ids."""
+    from dagster import RunsFilter
 
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a killed process not yet reaped by its new parent is a zombie: dead for our purposes
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return True
-    return state != "Z"
-
-
-def reap_orphaned_runs(instance) -> list[str]:
-    """Mark runs of killed `spd-cluster run` workers on this host as failed and free their pool slots.
-
-    (`dagster dev`'s run monitoring does this for runs it launched; CLI runs have no monitor.)
-    """
-    from dagster import DagsterRunStatus, RunsFilter
+    from spd_assets.defs.dead_runs import IN_FLIGHT, free_pool_slots
 
     host = socket.gethostname()
-    reaped = []
-    in_flight = RunsFilter(statuses=[DagsterRunStatus.STARTED, DagsterRunStatus.STARTING], tags={RUN_TAG_HOST: host})
+    canceled = []
+    in_flight = RunsFilter(statuses=IN_FLIGHT, tags={RUN_TAG_INVOCATION: invocation, RUN_TAG_HOST: host})
     for run in instance.get_runs(filters=in_flight):
-        pid = run.tags.get(RUN_TAG_PID)
-        if pid and pid.isdigit() and not _pid_alive(int(pid)):
-            instance.report_run_failed(run, f"its process (pid {pid}) died without finishing; marked failed by spd-cluster")
-            instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
-            reaped.append(run.run_id)
-    return reaped
+        if run.tags.get(RUN_TAG_PID, "").isdigit() and int(run.tags[RUN_TAG_PID]) in pids:
+            instance.report_run_canceled(run, "Canceled: spd-cluster run was interrupted")
+            free_pool_slots(instance, run.run_id)
+            canceled.append(run.run_id)
+    return canceled

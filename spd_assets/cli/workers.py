@@ -1,0 +1,175 @@
+"""Worker processes that execute the command line's Dagster runs, one run at a time each, and end with it.
+
+Each worker is a spawned process serving run requests over a pipe of its own, so a worker that
+dies fails only the run it was executing. Workers end when the command line ends, however it
+ends: the kernel kills them when their parent dies (Linux's parent-death signal; elsewhere a
+watchdog thread notices the parent is gone), and they sit in a process group of their own, so a
+Ctrl-C in the terminal reaches only the command line, which then stops them in order
+(`Workers.stop`) and says what it canceled.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from spd_assets.cli.runs import RunOutcome, execute_run
+
+PR_SET_PDEATHSIG = 1  # from <sys/prctl.h>
+PARENT_WATCH_INTERVAL_S = 0.5
+
+
+@dataclass(frozen=True)
+class RunTask:
+    """One run to execute: a job, and the partition (member) for a partitioned one."""
+
+    job_name: str
+    partition: str | None
+    tags: dict[str, str]
+    run_config: dict | None
+
+    @property
+    def label(self) -> str:
+        return self.partition or self.job_name
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Have this process killed when `parent_pid` ends (however it ends)."""
+    libc_name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(libc_name, use_errno=True) if libc_name else None
+    if libc is not None and hasattr(libc, "prctl") and libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0:
+        if os.getppid() != parent_pid:  # the parent died before the signal was armed
+            os._exit(1)
+        return
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(PARENT_WATCH_INTERVAL_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _serve(connection, parent_pid: int, log_path: str) -> None:
+    """A worker: execute each run request received, send back its outcome; stop at None or a closed pipe."""
+    os.setpgid(0, 0)  # out of the terminal's foreground group: Ctrl-C is for the command line to handle
+    _die_with_parent(parent_pid)
+    handle = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(handle, 1)  # Dagster's event log lines go to the run log; the terminal shows progress only
+    os.dup2(handle, 2)
+    os.close(handle)
+    while True:
+        try:
+            task = connection.recv()
+        except (EOFError, OSError):
+            return
+        if task is None:
+            return
+        try:
+            outcome = execute_run(task.job_name, task.partition, task.tags, task.run_config)
+        except Exception as error:  # the run never started: instance unreachable, job not found, ...
+            outcome = RunOutcome(label=task.label, success=False, run_id=None, seconds=0.0,
+                                 error=f"{type(error).__name__}: {error}")
+        connection.send(outcome)
+
+
+class _Worker:
+    def __init__(self, context, log_path: str) -> None:
+        self.connection, child_end = context.Pipe(duplex=True)
+        self.process = context.Process(target=_serve, args=(child_end, os.getpid(), log_path))
+        self.process.start()
+        child_end.close()
+        self.task: RunTask | None = None
+        self.started = 0.0
+
+    def assign(self, task: RunTask) -> None:
+        self.task, self.started = task, time.perf_counter()
+        self.connection.send(task)
+
+    def death(self) -> str:
+        """How the worker ended, in words."""
+        self.process.join(timeout=5)
+        code = self.process.exitcode
+        if code is not None and code < 0:
+            return f"worker process {self.process.pid} was killed by {signal.Signals(-code).name}"
+        return f"worker process {self.process.pid} ended (exit code {code})"
+
+
+class Workers:
+    """`size` worker processes; `run` executes tasks on them and reports each outcome as it comes."""
+
+    def __init__(self, size: int, log_path: str) -> None:
+        self._context = multiprocessing.get_context("spawn")
+        self._log_path = log_path
+        self._size = size
+        self._workers: list[_Worker] = []
+
+    def run(self, tasks: Sequence[RunTask], report: Callable[[RunOutcome], None],
+            on_worker_death: Callable[[int], None] = lambda pid: None) -> list[RunOutcome]:
+        """Execute `tasks`, at most `size` at once; a worker that dies fails its task, and another takes its place."""
+        pending = deque(tasks)
+        outcomes = []
+        while len(self._workers) < min(self._size, len(tasks)):
+            self._workers.append(_Worker(self._context, self._log_path))
+        while pending or any(worker.task for worker in self._workers):
+            for worker in self._workers:
+                if worker.task is None and pending:
+                    worker.assign(pending.popleft())
+            busy = [worker for worker in self._workers if worker.task is not None]
+            ready = set(multiprocessing.connection.wait(
+                [w.connection for w in busy] + [w.process.sentinel for w in busy]))
+            for worker in busy:
+                if worker.connection not in ready and worker.process.sentinel not in ready:
+                    continue
+                try:
+                    outcome = worker.connection.recv()
+                except (EOFError, OSError):  # the worker died mid-run
+                    outcome = RunOutcome(label=worker.task.label, success=False, run_id=None,
+                                         seconds=time.perf_counter() - worker.started,
+                                         error=f"{worker.death()} while running it")
+                    on_worker_death(worker.process.pid)
+                    self._workers.remove(worker)
+                    if pending:
+                        self._workers.append(_Worker(self._context, self._log_path))
+                worker.task = None
+                outcomes.append(outcome)
+                report(outcome)
+        return outcomes
+
+    def busy_pids(self) -> dict[int, str]:
+        """pid -> label of the task of every worker executing one."""
+        return {worker.process.pid: worker.task.label for worker in self._workers if worker.task is not None}
+
+    def stop(self) -> None:
+        """End every worker now (SIGKILL: the kernel releases their device leases) and wait for them."""
+        for worker in self._workers:
+            if worker.process.is_alive():
+                worker.process.kill()
+        for worker in self._workers:
+            worker.process.join()
+            worker.connection.close()
+        self._workers = []
+
+    def close(self) -> None:
+        """Let idle workers finish and exit."""
+        for worker in self._workers:
+            try:
+                worker.connection.send(None)
+            except (BrokenPipeError, OSError):
+                pass
+        for worker in self._workers:
+            worker.process.join(timeout=10)
+            if worker.process.is_alive():
+                worker.process.kill()
+                worker.process.join()
+            worker.connection.close()
+        self._workers = []

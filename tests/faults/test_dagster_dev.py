@@ -1,0 +1,108 @@
+"""A real `dagster dev` (webserver and daemon) clears the run of a killed `spd-cluster run` that holds the only
+device pool slot, and a run launched from the UI (its GraphQL API) then gets the slot and completes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import yaml
+from dagster import DagsterEventType, DagsterRunStatus, RunsFilter
+
+from spd_assets.defs.deployment import DEVICE_POOL
+from spd_assets.defs.devices import LEASE_LOG
+from tests.pipeline_helpers import SMALL_SYNTHETIC, instance_at, make_home
+
+ROOT = Path(__file__).resolve().parents[2]
+SLOW = {**SMALL_SYNTHETIC, "n_members": 2, "batch_size": 48,
+        "params": {**SMALL_SYNTHETIC["params"], "components_per_module": [150, 180], "seq_len": 64}}
+READY_TIMEOUT_S = 300
+LAUNCH = """mutation($params: ExecutionParams!) { launchRun(executionParams: $params) {
+  __typename ... on LaunchRunSuccess { run { runId } } ... on PythonError { message } } }"""
+REPOSITORIES = "{ repositoriesOrError { ... on RepositoryConnection { nodes { name location { name } } } } }"
+
+
+def graphql(port: int, query: str, variables: dict | None = None) -> dict:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/graphql", headers={"Content-Type": "application/json"},
+                                     data=json.dumps({"query": query, "variables": variables or {}}).encode())
+    with urllib.request.urlopen(request, timeout=60) as response:
+        answer = json.loads(response.read())
+    assert not answer.get("errors"), answer["errors"]
+    return answer["data"]
+
+
+def wait_for(condition, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(1.0)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+def test_dagster_dev_clears_a_dead_cli_run_and_a_ui_launch_then_runs(tmp_path):
+    home = make_home(tmp_path / "home")
+    settings = yaml.safe_load((home / "dagster.yaml").read_text())
+    settings["concurrency"]["pools"]["default_limit"] = 1  # one slot: the dead run's, unless it is freed
+    (home / "dagster.yaml").write_text(yaml.safe_dump(settings))
+    config = tmp_path / "blocked.yaml"
+    config.write_text(yaml.safe_dump({"name": "blocked", "source": SLOW, "merge_config": {"iters": 30}}))
+    environment = {**os.environ, "DAGSTER_HOME": str(home), "SPD_CLUSTER_DEVICES": "cpu:0"}
+
+    cli = subprocess.Popen([sys.executable, "-m", "spd_assets.cli", "run", "--config", str(config)], env=environment,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    log = home / "spd_cluster" / "device_leases" / LEASE_LOG
+    wait_for(lambda: log.exists() and "acquired" in log.read_text(), 300, "the command line's merge to start")
+    os.kill(cli.pid, signal.SIGKILL)
+    cli.wait()
+    with instance_at(home) as instance:
+        (dead,) = instance.get_runs(filters=RunsFilter(statuses=[DagsterRunStatus.STARTED]))
+        assert instance.event_log_storage.get_concurrency_info(DEVICE_POOL).claimed_slots, "the dead run holds the slot"
+
+    port = socket.socket()
+    port.bind(("127.0.0.1", 0))
+    port_number = port.getsockname()[1]
+    port.close()
+    server = subprocess.Popen([sys.executable, "-m", "dagster", "dev", "-w", str(ROOT / "workspace.yaml"),
+                               "-p", str(port_number)], cwd=ROOT, env=environment, start_new_session=True,
+                              stdout=open(tmp_path / "dagster_dev.log", "w"), stderr=subprocess.STDOUT)
+    try:
+        def repository():
+            try:
+                nodes = graphql(port_number, REPOSITORIES)["repositoriesOrError"]["nodes"]
+            except OSError:
+                return None
+            return nodes[0] if nodes else None
+
+        found = wait_for(repository, READY_TIMEOUT_S, "dagster dev to serve the code location")
+        with instance_at(home) as instance:
+            wait_for(lambda: instance.get_run_by_id(dead.run_id).status == DagsterRunStatus.FAILURE, 180,
+                     "the daemon's dead_runs sensor to mark the dead run failed")
+            failure = instance.all_logs(dead.run_id, of_type=DagsterEventType.RUN_FAILURE)[0]
+            assert "marked by the dead_runs sensor" in failure.message
+
+        params = {"selector": {"repositoryLocationName": found["location"]["name"], "repositoryName": found["name"],
+                               "jobName": "blocked__members"},
+                  "runConfigData": {},
+                  "executionMetadata": {"tags": [{"key": "dagster/partition", "value": "member_001"}]}}
+        launched = graphql(port_number, LAUNCH, {"params": params})["launchRun"]
+        assert launched["__typename"] == "LaunchRunSuccess", launched
+        run_id = launched["run"]["runId"]
+        with instance_at(home) as instance:
+            final = wait_for(lambda: (run := instance.get_run_by_id(run_id)).is_finished and run, 600,
+                             "the run launched from the UI to finish")
+            assert final.status == DagsterRunStatus.SUCCESS, (tmp_path / "dagster_dev.log").read_text()[-3000:]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
