@@ -41,7 +41,7 @@ class KubernetesSettings(BaseModel):
 class DeploymentSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    executor: Literal["multiprocess", "in_process", "k8s"] = "multiprocess"
+    executor: Literal["in_process", "multiprocess", "k8s"] = "in_process"
     devices: list[str] | Literal["auto"] = "auto"
     cpu_slots: int | None = Field(None, ge=1, description="with devices: auto and no GPU: CPU slots (default: one per core)")
     device_lease_timeout_s: float = Field(24 * 3600, gt=0, description="how long a step waits for a free device")

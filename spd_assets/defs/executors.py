@@ -8,8 +8,9 @@ from spd_assets.defs.deployment import DeploymentSettings
 
 
 def executor_for(settings: DeploymentSettings) -> ExecutorDefinition:
-    """multiprocess (default; each step in its own process, so its own CUDA context; a run may still pick
-    in_process in its run config), in_process (debugging), or k8s (one pod per step)."""
+    """in_process (default: each run is a process of its own, one per member, and its steps run in it),
+    multiprocess (each step in a process of its own too, at the price of starting Python, torch and Dagster
+    per step; a run may still pick in_process in its run config), or k8s (one pod per step)."""
     if settings.executor == "in_process":
         return in_process_executor
     if settings.executor == "k8s":

@@ -188,11 +188,13 @@ def test_workspace_validates_with_kubernetes_from_the_environment(tmp_path):
 
 
 def test_deployment_settings_from_file_and_environment(tmp_path, monkeypatch):
-    (tmp_path / "spd_cluster.yaml").write_text(yaml.safe_dump({"executor": "in_process", "devices": ["cuda:0", "cuda:1"]}))
+    monkeypatch.delenv("SPD_CLUSTER_EXECUTOR", raising=False)
+    assert load_settings(tmp_path).executor == "in_process", "the default: each run one process, its steps in it"
+    (tmp_path / "spd_cluster.yaml").write_text(yaml.safe_dump({"executor": "multiprocess", "devices": ["cuda:0", "cuda:1"]}))
     monkeypatch.delenv("SPD_CLUSTER_EXECUTOR", raising=False)
     monkeypatch.delenv("SPD_CLUSTER_DEVICES", raising=False)
     settings = load_settings(tmp_path)
-    assert settings.executor == "in_process" and settings.device_names() == ["cuda:0", "cuda:1"]
+    assert settings.executor == "multiprocess" and settings.device_names() == ["cuda:0", "cuda:1"]
     monkeypatch.setenv("SPD_CLUSTER_DEVICES", "cpu:0,cpu:1,cpu:2")
     assert load_settings(tmp_path).device_names() == ["cpu:0", "cpu:1", "cpu:2"]
     monkeypatch.setenv("SPD_CLUSTER_DEVICES", "gpu0")
