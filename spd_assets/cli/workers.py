@@ -121,10 +121,19 @@ class Workers:
         while len(self._workers) < min(self._size, len(tasks)):
             self._workers.append(_Worker(self._context, self._log_path))
         while pending or any(worker.task for worker in self._workers):
-            for worker in self._workers:
+            for worker in list(self._workers):
                 if worker.task is None and pending:
-                    worker.assign(pending.popleft())
+                    task = pending.popleft()
+                    try:
+                        worker.assign(task)
+                    except OSError:  # it died while idle: another takes the task
+                        pending.appendleft(task)
+                        worker.task = None
+                        self._workers.remove(worker)
+                        self._workers.append(_Worker(self._context, self._log_path))
             busy = [worker for worker in self._workers if worker.task is not None]
+            if not busy:
+                continue  # a worker was replaced before it took its task
             ready = set(multiprocessing.connection.wait(
                 [w.connection for w in busy] + [w.process.sentinel for w in busy]))
             for worker in busy:

@@ -37,8 +37,10 @@ def test_an_interrupted_run_cancels_in_order_and_says_so_in_one_line(tmp_path, s
         assert process.poll() is None and time.monotonic() < deadline, "the run never leased a device"
         time.sleep(0.1)
     workers = children_of(process.pid)
+    signalled = time.monotonic()
     os.killpg(process.pid, signum)  # what the terminal does on Ctrl-C: the whole foreground group
     stdout, stderr = process.communicate(timeout=120)
+    print(f"\n{signal.Signals(signum).name}: exited {time.monotonic() - signalled:.1f} s after the signal")
 
     assert process.returncode == status, stdout + stderr
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr

@@ -4,6 +4,7 @@ results (files and Dagster's record) so they never mix with current ones, and an
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import yaml
 from dagster import AssetKey
 
@@ -19,10 +20,18 @@ def write(path, values: dict):
     return path
 
 
-def test_a_changed_config_is_refused_then_replaced_with_nothing_old_left(tmp_path):
-    home = make_home(tmp_path / "home")
-    first = write(tmp_path / "swept.yaml", {"name": "swept", "source": SMALL_SYNTHETIC, "merge_config": {"iters": 20}})
-    cli(home, "run", "--config", str(first))
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory) -> dict:
+    """An experiment run once; the tests below change it in order."""
+    root = tmp_path_factory.mktemp("swept")
+    home = make_home(root / "home")
+    config = write(root / "swept.yaml", {"name": "swept", "source": SMALL_SYNTHETIC, "merge_config": {"iters": 20}})
+    cli(home, "run", "--config", str(config))
+    return {"home": home, "config": config}
+
+
+def test_a_changed_config_is_refused_then_replaced_with_nothing_old_left(swept):
+    home, first = swept["home"], swept["config"]
     store = store_at(home)
     files_before = sorted(store.value_files("swept")) + sorted(store.table_files("swept"))
     registered_before = (store.experiments_dir / "swept.yaml").read_text()
@@ -52,24 +61,21 @@ def test_a_changed_config_is_refused_then_replaced_with_nothing_old_left(tmp_pat
     assert "no problems found" in cli(home, "doctor").stdout
 
 
-def test_an_interrupted_replacement_is_finished_by_doctor(tmp_path):
-    home = make_home(tmp_path / "home")
-    config = write(tmp_path / "cut.yaml", {"name": "cut", "source": {**SMALL_SYNTHETIC, "n_members": 2},
-                                           "merge_config": {"iters": 10}})
-    cli(home, "run", "--config", str(config))
+def test_an_interrupted_replacement_is_finished_by_doctor(swept):
+    home = swept["home"]
     store = store_at(home)
-    new_config = (store.experiments_dir / "cut.yaml").read_text().replace("alpha: 1.0", "alpha: 0.25")
+    new_config = (store.experiments_dir / "swept.yaml").read_text().replace("alpha: 0.5", "alpha: 0.25")
     # What a `run --replace` killed right after it began leaves: the journal, and some files already gone.
-    begin_replacement(store, Replacement("cut", new_config))
-    next(iter(store.table_files("cut"))).unlink()
+    begin_replacement(store, Replacement("swept", new_config))
+    next(iter(store.table_files("swept"))).unlink()
 
     report = cli(home, "doctor")
-    assert "the removal of all results of experiment 'cut' was cut short: finished it" in report.stdout
+    assert "the removal of all results of experiment 'swept' was cut short: finished it" in report.stdout
     assert pending_replacements(store) == []
-    assert store.value_files("cut") == {} and store.table_files("cut") == {}
-    assert "alpha: 0.25" in (store.experiments_dir / "cut.yaml").read_text()
+    assert store.value_files("swept") == {} and store.table_files("swept") == {}
+    assert "alpha: 0.25" in (store.experiments_dir / "swept.yaml").read_text()
     with instance_at(home) as instance:
-        assert instance.get_latest_materialization_event(AssetKey(["cut", "merge_history"])) is None
+        assert instance.get_latest_materialization_event(AssetKey(["swept", "merge_history"])) is None
 
 
 def test_members_that_left_a_files_experiment_are_removed_with_replace(tmp_path):

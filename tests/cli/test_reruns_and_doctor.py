@@ -3,15 +3,19 @@ finding and repairing what a killed step or a deleted file leaves behind; all ag
 
 from __future__ import annotations
 
+import os
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
 import yaml
 from dagster import AssetKey, AssetRecordsFilter
 
+from spd_assets.config import load_config
+from spd_assets.defs.dead_runs import RUN_TAG_HOST, RUN_TAG_PID
 from tests.cli.test_results_queries import cli, query, readme_queries
-from tests.pipeline_helpers import SMALL_SYNTHETIC, asset_path, instance_at, make_home, store_at
+from tests.pipeline_helpers import SMALL_SYNTHETIC, asset_path, definitions_for, instance_at, make_home, store_at
 
 NAME = "reruns"
 MEMBERS = ["member_000", "member_001", "member_002"]
@@ -67,56 +71,60 @@ def test_each_run_prints_a_check_summary_per_asset(reruns):
     assert "partition_sizes 1/1 passed" in rerun.split("checks:\n", 1)[1]
 
 
-def test_doctor_finds_nothing_wrong_after_normal_runs(reruns):
-    result = cli(reruns["home"], "doctor")
-    assert "doctor: no problems found" in result.stdout, result.stdout
-
-
-def test_a_file_written_but_never_recorded_is_found_and_removed(reruns):
-    """What a step killed between writing its value and Dagster recording it leaves: content that no
-    materialization has. The doctor removes it and says what to recompute."""
-    home = reruns["home"]
+def test_doctor_repairs_what_killed_steps_and_deleted_files_leave_and_says_what_to_recompute(reruns):
+    """Three kinds of damage at once: a value file overwritten by a step killed before Dagster recorded it
+    (content no materialization has), a deleted table file, and stale lineage tables."""
+    home, store = reruns["home"], store_at(reruns["home"])
     history = asset_path(NAME, "merge_history", "member_002", home)
     shutil.copy(asset_path(NAME, "merge_history", "member_000", home), history)  # another member's content
-    dry = cli(home, "doctor", "--dry-run", check=False)
-    assert dry.returncode == 1 and "would remove it" in dry.stdout and history.exists()
-    repaired = cli(home, "doctor", check=False)
-    assert repaired.returncode == 1, "the member still needs recomputing"
-    assert f"reruns/merge_history[member_002]: {history} holds data version" in repaired.stdout
-    assert "--members member_002" in repaired.stdout
-    assert not history.exists()
-    cli(home, "run", "--config", str(reruns["config"]), "--members", "member_002")
-    assert "no problems found" in cli(home, "doctor").stdout
-
-
-def test_a_deleted_table_file_is_reported_by_sql_and_doctor(reruns):
-    home = reruns["home"]
-    table_file = store_at(home).table_file("merge_events", NAME, "member_000")
+    table_file = store.table_file("merge_events", NAME, "member_000")
     table_file.unlink()
+    store.table_file("lineage_edges", NAME).unlink()
+
     answer = cli(home, "sql", f"SELECT count(DISTINCT member) AS n FROM merge_events WHERE experiment = '{NAME}'",
                  "--format", "csv")
     assert answer.stdout.splitlines()[1] == "2", "the rows of the deleted file are gone"
     assert "warning: 1 result file(s) that Dagster recorded are missing" in answer.stderr
     assert str(table_file) in answer.stderr and "spd-cluster doctor" in answer.stderr
+
+    dry = cli(home, "doctor", "--dry-run", check=False)
+    assert dry.returncode == 1 and "would remove it" in dry.stdout and "would rebuild them" in dry.stdout
+    assert history.exists()
     report = cli(home, "doctor", check=False)
-    assert report.returncode == 1
-    assert "reruns/merge_events[member_000]: materialized by run" in report.stdout
+    assert report.returncode == 1, "two members still need recomputing"
+    assert f"{NAME}/merge_history[member_002]: {history} holds data version" in report.stdout
+    assert f"{NAME}/merge_events[member_000]: materialized by run" in report.stdout
     assert f"but its file {table_file} is missing" in report.stdout
-    cli(home, "run", "--config", str(reruns["config"]), "--members", "member_000")
-    assert table_file.exists()
-    again = cli(home, "sql", "SELECT count(*) FROM merge_events", "--format", "csv")
-    assert "warning" not in again.stderr
-
-
-def test_stale_lineage_tables_are_rebuilt_from_the_event_log(reruns):
-    home = reruns["home"]
-    edges = store_at(home).table_file("lineage_edges", NAME)
-    edges.unlink()
-    before = query(home, f"SELECT count(*) AS n FROM lineage_edges WHERE experiment = '{NAME}'")["n"][0]
-    assert before == 0
-    report = cli(home, "doctor")
     assert "the lineage tables disagree with Dagster's event log" in report.stdout
     assert "rebuilt them from the event log" in report.stdout
+    assert not history.exists()
     answer = query(home, readme_queries()[1].replace("'default'", f"'{NAME}'"))
-    assert answer["member"].to_list() == MEMBERS
-    assert "no problems found" in cli(home, "doctor").stdout
+    assert answer["member"].to_list() == MEMBERS, "the rebuilt lineage answers the README's query"
+
+    (command,) = [line.removeprefix("recompute: ") for line in report.stdout.splitlines() if line.startswith("recompute:")]
+    assert command.endswith("--members member_000,member_002")
+    cli(home, *command.split()[1:])
+    assert table_file.exists() and history.exists()
+    assert "warning" not in cli(home, "sql", "SELECT count(*) FROM merge_events", "--format", "csv").stderr
+    assert "doctor: no problems found" in cli(home, "doctor").stdout
+
+
+def test_doctor_leaves_result_files_alone_while_runs_are_in_flight(reruns):
+    """A live step may have written a file that Dagster has not recorded yet; the doctor must not judge it."""
+    home = reruns["home"]
+    history = asset_path(NAME, "merge_history", "member_002", home)
+    recorded = history.read_bytes()
+    shutil.copy(asset_path(NAME, "merge_history", "member_000", home), history)  # as a live step would have it
+    config = load_config(reruns["config"])
+    job = definitions_for(config).resolve_job_def(f"{NAME}__members")
+    with instance_at(home) as instance:  # a run in flight, executed by this (live) process
+        live = instance.create_run_for_job(job_def=job, tags={RUN_TAG_HOST: socket.gethostname(),
+                                                               RUN_TAG_PID: str(os.getpid())})
+        try:
+            report = cli(home, "doctor", check=False)
+            assert "1 run(s) in flight" in report.stdout and "run doctor again then" in report.stdout
+            assert history.exists(), "a file a live run may have written was removed"
+        finally:
+            instance.delete_run(live.run_id)
+    assert "holds data version" in cli(home, "doctor", "--dry-run", check=False).stdout, "judged once none is in flight"
+    history.write_bytes(recorded)

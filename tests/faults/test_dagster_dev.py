@@ -83,9 +83,11 @@ def test_dagster_dev_clears_a_dead_cli_run_and_a_ui_launch_then_runs(tmp_path):
             return nodes[0] if nodes else None
 
         found = wait_for(repository, READY_TIMEOUT_S, "dagster dev to serve the code location")
+        serving = time.monotonic()
         with instance_at(home) as instance:
             wait_for(lambda: instance.get_run_by_id(dead.run_id).status == DagsterRunStatus.FAILURE, 180,
                      "the daemon's dead_runs sensor to mark the dead run failed")
+            cleared = time.monotonic()
             failure = instance.all_logs(dead.run_id, of_type=DagsterEventType.RUN_FAILURE)[0]
             assert "marked by the dead_runs sensor" in failure.message
 
@@ -96,10 +98,15 @@ def test_dagster_dev_clears_a_dead_cli_run_and_a_ui_launch_then_runs(tmp_path):
         launched = graphql(port_number, LAUNCH, {"params": params})["launchRun"]
         assert launched["__typename"] == "LaunchRunSuccess", launched
         run_id = launched["run"]["runId"]
+        launched_at = time.time()
         with instance_at(home) as instance:
             final = wait_for(lambda: (run := instance.get_run_by_id(run_id)).is_finished and run, 600,
                              "the run launched from the UI to finish")
             assert final.status == DagsterRunStatus.SUCCESS, (tmp_path / "dagster_dev.log").read_text()[-3000:]
+            merge_started = min(entry.timestamp for entry in instance.all_logs(run_id, of_type=DagsterEventType.STEP_START)
+                                if entry.step_key.endswith("merge_history"))
+        print(f"\ndead run cleared {cleared - serving:.1f} s after dagster dev served the code location; "
+              f"the UI-launched merge started {merge_started - launched_at:.1f} s after its launch")
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:
