@@ -21,7 +21,7 @@ from spd_assets.storage.atomic import atomic_path
 from spd_assets.storage.schemas import TABLE_SCHEMAS
 from spd_assets.storage.store import ResultsStore
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # Files of this name hold no rows, only the schema, so every view works before any results exist.
 SCHEMA_FILE = "_schema.parquet"
 LOCK_TIMEOUT_S = 30.0
@@ -45,6 +45,12 @@ DERIVED_VIEWS = {
     "memberships": """
         SELECT experiment, member, unnest(range(first_iteration, last_iteration + 1)) AS iteration, label, group_label
         FROM membership_spans""",
+    # One row per consensus cluster.
+    "consensus_clusters": """
+        SELECT experiment, iteration, threshold, cluster, count(*) AS size, any_value(cluster_stability) AS stability,
+               string_agg(DISTINCT module, ', ' ORDER BY module) AS modules
+        FROM consensus_components WHERE cluster IS NOT NULL
+        GROUP BY experiment, iteration, threshold, cluster""",
     "experiment_settings": """
         SELECT experiment, config_hash, source_kind, n_members,
                CAST(json_extract(config_json, '$.merge_config.alpha') AS DOUBLE) AS alpha,
