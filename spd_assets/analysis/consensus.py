@@ -86,8 +86,8 @@ def component_stability(partitions: np.ndarray, cluster_of: np.ndarray) -> np.nd
     c = cluster_of.size
     summed = (np.bincount(rows[inside], weights=together[inside], minlength=c)
               + np.bincount(cols[inside], weights=together[inside], minlength=c))
-    sizes = np.bincount(cluster_of[cluster_of >= 0], minlength=int(cluster_of.max()) + 1 if c else 0)
-    others = np.where(cluster_of >= 0, sizes[np.maximum(cluster_of, 0)] - 1, 0) if c else np.zeros(0)
+    sizes = np.bincount(cluster_of[cluster_of >= 0], minlength=int(cluster_of.max(initial=-1)) + 2)
+    others = np.where(cluster_of >= 0, sizes[np.maximum(cluster_of, 0)] - 1, 0)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(cluster_of >= 0, summed / (np.maximum(others, 1) * n_members), np.nan)
 
