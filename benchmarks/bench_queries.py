@@ -40,7 +40,8 @@ def environment(home: Path, code: Path) -> dict[str, str]:
 def call(arguments: list[str], env: dict[str, str]) -> tuple[float, float, int]:
     """Wall seconds, peak resident MiB and exit code of one command-line call."""
     started = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-m", "spd_assets.cli", *arguments], env=env,
+    # `python -m` puts the working directory first on the path: run in the checkout being measured.
+    process = subprocess.Popen([sys.executable, "-m", "spd_assets.cli", *arguments], env=env, cwd=env["PYTHONPATH"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _, status, usage = os.wait4(process.pid, 0)
     wall = time.perf_counter() - started
@@ -61,7 +62,7 @@ def main() -> None:
         home = Path(tempfile.mkdtemp(prefix="bench_queries_"))
         shutil.copy(ROOT / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
         print(f"materializing the default with {code} into {home} ...", flush=True)
-        run = subprocess.run([sys.executable, "-m", "spd_assets.cli", "run"], env=environment(home, code),
+        run = subprocess.run([sys.executable, "-m", "spd_assets.cli", "run"], env=environment(home, code), cwd=code,
                              capture_output=True, text=True)
         if run.returncode != 0:
             sys.exit(f"spd-cluster run failed:\n{run.stdout}\n{run.stderr}")

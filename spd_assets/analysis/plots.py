@@ -35,7 +35,7 @@ def _figure(height_in: float) -> Figure:
 def _png(figure: Figure) -> bytes:
     buffer = io.BytesIO()
     # No creation metadata, so equal figures are equal bytes.
-    figure.savefig(buffer, format="png", metadata={"Software": None}, pil_kwargs={"optimize": True})
+    figure.savefig(buffer, format="png", metadata={"Software": None})
     return buffer.getvalue()
 
 
@@ -128,7 +128,10 @@ def distance_curves(by_method: Mapping[str, np.ndarray]) -> bytes:
         scale = ", log scale" if ax.get_yscale() == "symlog" else ""
         ax.set_ylabel(f"{method}\n(count{scale})", fontsize=8)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="upper left")
+        if n_members > 1:
+            ax.legend(fontsize=7, loc="upper left")
+        else:
+            ax.text(0.5, 0.5, "one member: no pairs to compare", transform=ax.transAxes, ha="center", color="gray")
     axes[0].set_title("Distance between members' partitions", fontsize=10)
     axes[-1].set_xlabel("iteration (merges so far)")
     return _png(figure)

@@ -171,5 +171,17 @@ def _current_read_only(store: ResultsStore) -> bool:
 
 def connect_read_only(store: ResultsStore) -> duckdb.DuckDBPyConnection:
     """A read-only connection with the views ready; many may be open while pipelines run."""
-    path = ensure_database(store)
+    path = store.database_path
+    _ensure_schema_files(store)
+    if path.exists():
+        # Opening the database is most of a short query's time: open it once when the views are current.
+        try:
+            connection = duckdb.connect(str(path), read_only=True)
+        except duckdb.Error:
+            connection = None
+        if connection is not None:
+            if _is_current(connection, store):
+                return connection
+            connection.close()
+    ensure_database(store)
     return duckdb.connect(str(path), read_only=True)
