@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import polars as pl
 
+from spd_assets.analysis.consensus import ensemble_consensus
 from spd_assets.config import ConsensusConfig
 from spd_assets.sources import source_for
 from spd_assets.storage import tables
 from spd_assets.storage.values import MemberEnsemble
-from tests.pipeline_helpers import small_config
-from spd_assets.analysis.consensus import ensemble_consensus
 from spd_math import drop_dead, merge_iteration, normalize_ensemble, process_activations
+from tests.pipeline_helpers import small_config
 
 
 def small_ensemble(consensus: ConsensusConfig | None = None):
