@@ -100,10 +100,11 @@ def _view_sql(store: ResultsStore, table: str) -> str:
 
 def _is_current(connection: duckdb.DuckDBPyConnection, store: ResultsStore) -> bool:
     try:
-        row = connection.execute("SELECT schema_version, tables_root FROM spd_cluster_meta").fetchone()
+        # Every row fetched: the connection stays usable for the next query.
+        rows = connection.execute("SELECT schema_version, tables_root FROM spd_cluster_meta").fetchall()
     except duckdb.Error:
         return False
-    return row == (SCHEMA_VERSION, str(store.tables_dir))
+    return rows == [(SCHEMA_VERSION, str(store.tables_dir))]
 
 
 def ensure_database(store: ResultsStore) -> Path:
