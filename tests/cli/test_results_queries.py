@@ -214,7 +214,7 @@ def test_consensus_at_another_iteration_is_computed(home):
     assert ((stability >= 0.5) & (stability <= 1.0)).all()
 
 
-QUERY_IMPORTS = """
+QUERY_IMPORTS = r"""
 import sys
 from spd_assets.cli.main import main
 code = main(sys.argv[1:])

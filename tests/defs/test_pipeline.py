@@ -81,7 +81,7 @@ def test_plots_are_png_images_in_markdown_metadata(pipeline, asset):
 
 def test_consensus_and_explorer_are_materialized(pipeline):
     config, home, instance = pipeline["config"], pipeline["home"], pipeline["instance"]
-    consensus = load_consensus(store_at(home).value_path(config.name, "consensus_clusters", None, ".npz"))
+    consensus = load_consensus(asset_path(config.name, "consensus_clusters", None, home))
     ensemble = load_ensemble(asset_path(config.name, "normalized_ensemble", None, home))
     assert consensus.labels == ensemble.ensemble.labels and consensus.members == pipeline["members"]
     expected = consensus_clusters(ensemble.ensemble.merges[:, consensus.iteration, :].numpy(), threshold=0.5)
