@@ -53,6 +53,14 @@ def wait_for(url: str, timeout_s: float) -> None:
     sys.exit(f"{url} did not answer within {timeout_s:.0f} s")
 
 
+def skip_welcome(page) -> None:
+    """Close Dagster's first-visit dialogs (the tour, the community invitation) if one is open."""
+    skip = page.get_by_role("button", name="Skip")
+    if skip.count():
+        skip.first.click()
+        time.sleep(1)
+
+
 def shoot(home: Path, base: str, out: Path) -> None:
     from playwright.sync_api import sync_playwright
 
@@ -63,12 +71,11 @@ def shoot(home: Path, base: str, out: Path) -> None:
             page.goto(f"{base}/assets/default/{asset}", timeout=120_000)
             page.wait_for_load_state("networkidle", timeout=120_000)
             time.sleep(3)
-            skip = page.get_by_role("button", name="Skip")  # the first-visit tour
-            if skip.count():
-                skip.first.click()
+            skip_welcome(page)
             row = page.locator("tr", has=page.locator("td", has_text=entry)).first
             row.get_by_text("[Show Markdown]").click()
             time.sleep(2)
+            skip_welcome(page)  # the UI's welcome dialog can open late, over the plot
             page.screenshot(path=str(out / f"{name}.png"))
             print(f"  {out / f'{name}.png'}")
         page.set_viewport_size({"width": 1280, "height": 800})
