@@ -20,7 +20,7 @@ from spd_assets.analysis.consensus import (
 from spd_assets.config import ConsensusConfig
 from spd_math import adjusted_rand_index
 from spd_math.consensus import consensus_clusters
-from tests.analysis.helpers import small_ensemble
+from tests.analysis.small_ensemble import small_ensemble
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from spd_assets.analysis.explorer import TokenContext, explorer_data, explorer_html
-from tests.analysis.helpers import small_ensemble
+from tests.analysis.small_ensemble import small_ensemble
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
