@@ -1,9 +1,9 @@
-"""The greedy MDL merge (MATH.md §2-§7), doing work proportional to what each merge changes.
+"""The greedy MDL merge (docs/math.md §2-§7), doing work proportional to what each merge changes.
 
 State per group lives in *slots*: rows and columns of fixed-size matrices. A merge
 rewrites the surviving group's row and column, and the vanished group's slot is reused by
 moving the last slot into it, so no matrix is ever copied. The partition itself is kept
-in the numbering of MATH.md §6 (groups ordered by their smallest member).
+in the numbering of docs/math.md §6 (groups ordered by their smallest member).
 
 Boolean mode keeps each group's activation mask packed 64 samples a word. The new
 group's coactivation with a group l is `Q[a,l] + Q[b,l] - |a ∧ b ∧ l|`, which only looks
@@ -22,19 +22,21 @@ import scipy.sparse
 import torch
 
 from spd_math import backend
-from spd_math.activations import ActivationsError, ProcessedActivations
+from spd_math.activations import ProcessedActivations
 from spd_math.bitsets import BITS_PER_WORD, n_words, overlap_counts, pack_words
-from spd_math.config import MergeConfig
+from spd_math.config import ConfigError, MergeConfig
 from spd_math.costs import alpha_term, log_factors
+from spd_math.errors import ActivationsError, MergeError
 from spd_math.history import MergeHistory
-from spd_math.samplers import sample_mcmc, sample_range
+from spd_math.samplers import SAMPLERS
+from spd_math.validation import nonfinite_columns
 
 PairSampler = Callable[[torch.Tensor], tuple[int, int]]
 
 # Rows of activations processed at once when building masks and coactivations: bounds the
 # temporary float copy (4096 x 2000 float32 = 32 MB) and is a multiple of the word size.
 CHUNK_ROWS = 4096
-# Below this many groups the loop stops after a merge (MATH.md §7, as is).
+# Below this many groups the loop stops after a merge (docs/math.md §7, as is).
 MIN_GROUPS = 3
 STATE_DTYPE = torch.float64
 # Below this fraction of active entries, CPU coactivation counts go through a sparse product.
@@ -42,10 +44,7 @@ SPARSE_DENSITY = 0.1
 
 
 def _check_finite(chunk: torch.Tensor, first_row: int) -> None:
-    # NaN and inf propagate into column sums: one cheap reduction, and an exact look only on failure.
-    if bool(torch.isfinite(chunk.sum(dim=0)).all()):
-        return
-    bad = torch.nonzero(~torch.isfinite(chunk).all(dim=0)).squeeze(1)
+    bad = nonfinite_columns(chunk)
     if bad.numel():
         raise ActivationsError(
             f"activations: expected finite values, found NaN or inf in component column(s) {bad[:5].tolist()} "
@@ -164,9 +163,9 @@ def _validated_pair(pair: object, k: int) -> tuple[int, int]:
     try:
         i, j = (int(v) for v in pair)  # type: ignore[union-attr]
     except (TypeError, ValueError):
-        raise ValueError(f"pair_sampler: expected a pair (i, j) of group indices, got {pair!r}") from None
+        raise MergeError(f"pair_sampler: expected a pair (i, j) of group indices, got {pair!r}") from None
     if not (0 <= i < k and 0 <= j < k) or i == j:
-        raise ValueError(f"pair_sampler: expected two different group indices in 0..{k - 1}, got ({i}, {j})")
+        raise MergeError(f"pair_sampler: expected two different group indices in 0..{k - 1}, got ({i}, {j})")
     return i, j
 
 
@@ -178,12 +177,43 @@ def merge_iteration(
     seed: int | None = None,
     device: torch.device | str | None = None,
 ) -> MergeHistory:
-    """Run the greedy merge on one batch of processed activations.
+    """Run the greedy MDL merge on one batch of processed activations (docs/math.md §2-§7).
 
-    `pair_sampler(costs) -> (i, j)`, when given, chooses every pair from the full `[k, k]` cost
-    matrix of MATH.md §4; otherwise the configured sampler draws from a generator seeded with
-    `seed` (a fresh random seed when None; it is recorded in the history). `device` defaults to
-    the device of the activations; the history comes back on the CPU.
+    Parameters
+    ----------
+    activations : ProcessedActivations
+    config : MergeConfig
+    pair_sampler : callable, optional
+        `pair_sampler(costs) -> (i, j)` chooses every pair from the full `[k, k]` cost matrix of
+        docs/math.md §4 (groups in the numbering of §6); replaces the configured sampler.
+    seed : int, optional
+        Seed of the configured sampler's CPU generator; a fresh random seed when None (it is
+        recorded in the history). The same seed gives the same history on any device.
+    device : torch.device or str, optional
+        Where the merge state lives; defaults to the device of the activations.
+
+    Returns
+    -------
+    MergeHistory
+        On the CPU.
+
+    Raises
+    ------
+    ActivationsError
+        No samples, fewer than 2 components, or NaN/inf in the activations.
+    MergeError
+        A pair sampler that answers something other than two different group indices.
+    TypeError
+        Arguments of the wrong type.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from spd_math import MergeConfig, ProcessedActivations, merge_iteration
+    >>> values = torch.tensor([[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 0.0, 1.0], [0.0, 0.0, 1.0, 1.0]])
+    >>> history = merge_iteration(ProcessedActivations(values, ["m:0", "m:1", "m:2", "m:3"]), MergeConfig(iters=1), seed=0)
+    >>> history.group_idxs.tolist(), history.selected_pairs.tolist()
+    ([[0, 0, 1, 2]], [[0, 1]])
     """
     if not isinstance(activations, ProcessedActivations):
         raise TypeError(f"activations: expected ProcessedActivations, got {type(activations).__name__}")
@@ -207,6 +237,7 @@ def merge_iteration(
     mdl_losses = np.empty(max_iters, dtype=np.float64)
     partition = np.arange(c)  # group of each component, groups ordered by smallest member
     slot_of_group = np.arange(c)  # slot holding each group
+    sampler = SAMPLERS.lookup(config.merge_pair_sampling_method, ConfigError)
     sampler_kwargs = config.merge_pair_sampling_kwargs
 
     n_done = 0
@@ -221,10 +252,7 @@ def merge_iteration(
             pair = (i, j)
             pair_costs[iteration] = float(full[i, j])
         else:
-            if config.merge_pair_sampling_method == "range":
-                slot_pair = sample_range(costs, sampler_kwargs["threshold"], generator)
-            else:
-                slot_pair = sample_mcmc(costs, sampler_kwargs["temperature"] * n, generator)
+            slot_pair = sampler.choose(costs, sampler_kwargs, generator, n)
             group_of_slot = np.empty(k, dtype=np.int64)
             group_of_slot[slot_of_group] = np.arange(k)
             pair = (int(group_of_slot[slot_pair[0]]), int(group_of_slot[slot_pair[1]]))

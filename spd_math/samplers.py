@@ -1,4 +1,4 @@
-"""Choosing the pair to merge from a cost matrix (MATH.md §5).
+"""Choosing the pair to merge from a cost matrix (docs/math.md §5).
 
 The samplers take costs up to a positive scale and an additive constant (the engine
 hands them `n · cost - const` to skip a pass over the matrix); `range` is invariant to
@@ -8,10 +8,16 @@ the CPU generator passed in, so a seed gives the same choices on any device.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
 from spd_math import backend
+from spd_math.errors import ConfigError
+from spd_math.registry import Registry
+from spd_math.validation import finite_number
 
 
 def prepare_offdiagonal(costs: torch.Tensor) -> tuple[float, float]:
@@ -51,3 +57,45 @@ def sample_mcmc(costs: torch.Tensor, temperature: float, generator: torch.Genera
         flat = int(torch.nonzero(weights).max())
     k = costs.shape[0]
     return flat // k, flat % k
+
+
+def _range_kwargs(kwargs: Mapping[str, float]) -> dict[str, float]:
+    name = "merge_pair_sampling_kwargs.threshold"
+    return {"threshold": finite_number(name, kwargs["threshold"], ConfigError, minimum=0.0, maximum=1.0)}
+
+
+def _mcmc_kwargs(kwargs: Mapping[str, float]) -> dict[str, float]:
+    name = "merge_pair_sampling_kwargs.temperature"
+    return {"temperature": finite_number(name, kwargs["temperature"], ConfigError, strictly_positive=True)}
+
+
+def _choose_range(costs: torch.Tensor, kwargs: Mapping[str, float], generator: torch.Generator, n_samples: int):
+    return sample_range(costs, kwargs["threshold"], generator)
+
+
+def _choose_mcmc(costs: torch.Tensor, kwargs: Mapping[str, float], generator: torch.Generator, n_samples: int):
+    # The engine's costs are scaled by n (see the module docstring): so is the temperature.
+    return sample_mcmc(costs, kwargs["temperature"] * n_samples, generator)
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """One pair sampler: its keyword arguments with their defaults, their check, and the choice itself.
+
+    `choose(costs, kwargs, generator, n_samples) -> (slot_i, slot_j)` takes the engine's scaled
+    costs (`n · cost − const`), the validated kwargs, the seeded CPU generator and n.
+    """
+
+    kwarg_defaults: Mapping[str, float]
+    check_kwargs: Callable[[Mapping[str, float]], dict[str, float]]
+    choose: Callable[[torch.Tensor, Mapping[str, float], torch.Generator, int], tuple[int, int]]
+
+
+# merge_pair_sampling_method -> sampler (docs/math.md §5). A new sampler is one function and one line here.
+SAMPLERS: Registry[SamplerSpec] = Registry(
+    "merge_pair_sampling_method",
+    {
+        "range": SamplerSpec({"threshold": 0.05}, _range_kwargs, _choose_range),
+        "mcmc": SamplerSpec({"temperature": 1.0}, _mcmc_kwargs, _choose_mcmc),
+    },
+)
