@@ -4,6 +4,8 @@ The math is specified in `docs/math.md`; every public name below cites the secti
 """
 
 from spd_math.activations import (
+    ColumnStats,
+    CompactActivationsBuilder,
     ProcessedActivations,
     drop_dead,
     process_activations,
@@ -38,6 +40,8 @@ __all__ = [
     "SAMPLERS",
     "ActivationsError",
     "Clusters",
+    "ColumnStats",
+    "CompactActivationsBuilder",
     "ConfigError",
     "DistanceError",
     "EnsembleError",
