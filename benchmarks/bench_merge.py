@@ -73,17 +73,23 @@ def peak_rss_mb() -> float:
 
 
 def timed_state_class():
-    """The engine's state class, wrapped to record when its construction (the setup) ends."""
-    name = "GroupState" if hasattr(merge_module, "GroupState") else "_GroupState"
-    original = getattr(merge_module, name)
+    """The engine's state classes, wrapped to record when their construction (the setup) ends."""
     marks: list[float] = []
+    try:
+        import spd_math.state as module
 
-    class Timed(original):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            marks.append(time.perf_counter())
+        names = ["GroupState", "DenseGroupState"]
+    except ImportError:  # the engine before spd_math.state existed
+        module, names = merge_module, ["_GroupState"]
+    for name in names:
+        original = getattr(module, name)
 
-    setattr(merge_module, name, Timed)
+        class Timed(original):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                marks.append(time.perf_counter())
+
+        setattr(module, name, Timed)
     return marks
 
 

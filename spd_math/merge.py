@@ -28,7 +28,7 @@ from spd_math.config import ConfigError, MergeConfig
 from spd_math.errors import ActivationsError, MergeError
 from spd_math.history import MergeHistory
 from spd_math.samplers import SAMPLERS
-from spd_math.state import GroupState
+from spd_math.state import group_state
 
 PairSampler = Callable[[torch.Tensor], tuple[int, int]]
 
@@ -111,7 +111,7 @@ def merge_iteration(
     if seed is None:
         seed = secrets.randbits(63)
     generator = torch.Generator().manual_seed(seed)
-    state = GroupState(activations.activations, activations.labels, config.activation_threshold, config.alpha, device)
+    state = group_state(activations.activations, activations.labels, config.activation_threshold, config.alpha, device)
 
     max_iters = c - 1 if config.iters is None else min(config.iters, c - 1)
     group_idxs = np.empty((max_iters, c), dtype=np.int64)

@@ -53,6 +53,11 @@ class DenseCostView:
     def candidates_at_most(self, cutoff: float, slack: float) -> _FlatCandidates:
         return _FlatCandidates(self.costs, cutoff)
 
+    @staticmethod
+    def candidates_of(costs: torch.Tensor, cutoff: float) -> _FlatCandidates:
+        """Candidates of a matrix whose diagonal is already +inf."""
+        return _FlatCandidates(costs, cutoff)
+
     def row_blocks(self) -> list[tuple[int, int]]:
         return [(0, self.k)]
 

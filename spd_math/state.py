@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from spd_math import coactivation, kernels
+from spd_math import backend, coactivation, kernels
 from spd_math.bitsets import overlap_counts
 from spd_math.costs import log_factors
 
@@ -68,6 +68,13 @@ def _offdiagonal_extremes(values: torch.Tensor, rows: torch.Tensor, columns: tor
     if values.shape[1] < 2:
         empty = torch.full((values.shape[0],), float("inf"), dtype=values.dtype, device=values.device)
         return empty, -empty
+    if backend.numpy_fast_path(values):  # torch's row reductions of small blocks are far slower on the CPU
+        array, r, c = values.numpy(), rows.numpy(), columns.numpy()
+        saved = array[r, c].copy()
+        array[r, c] = array[r, np.where(c == 0, 1, c - 1)]
+        low, high = array.min(axis=1), array.max(axis=1)
+        array[r, c] = saved
+        return torch.from_numpy(low), torch.from_numpy(high)
     saved = values[rows, columns].clone()
     neighbour = torch.where(columns == 0, 1, columns - 1)
     values[rows, columns] = values[rows, neighbour]
@@ -103,7 +110,10 @@ class CoactivationStore:
 
     def rows(self, slots: torch.Tensor, k: int) -> torch.Tensor:
         """`[len(slots), k]` float64 coactivations of the given slots with slots 0..k-1 (diagonal as stored)."""
-        q = self.matrix.index_select(0, slots)[:, :k].to(FLOAT)
+        if backend.numpy_fast_path(self.matrix):
+            q = torch.from_numpy(self.matrix.numpy()[slots.numpy(), :k].astype(np.float64))
+        else:
+            q = self.matrix.index_select(0, slots)[:, :k].to(FLOAT)
         if self.limit is not None and self.wide.shape[0]:
             self._patch_wide(q, slots.cpu().numpy(), k)
         return q
@@ -733,3 +743,147 @@ class GroupState:
             pool = self.pool
             pool.i = torch.where(pool.i == source, target, pool.i)
             pool.j = torch.where(pool.j == source, target, pool.j)
+
+
+class DenseGroupState:
+    """The same state for small problems, kept as full k x k float64 matrices (coactivation, α-terms and
+    a scratch cost matrix, 24·c² bytes): below `DENSE_MAX_COMPONENTS` one pass over the whole cost
+    matrix costs less than the bookkeeping that avoids it. The operations are those of the original
+    engine, so the costs are the same floats as `GroupState`'s (and the tests compare both).
+    """
+
+    def __init__(self, values: torch.Tensor, labels: list[str], threshold: float | None, alpha: float,
+                 device: torch.device) -> None:
+        n, c = values.shape
+        self.n, self.k, self.alpha, self.device = n, c, alpha, device
+        self.boolean = threshold is not None
+        if self.boolean:
+            masks, diag, structure, dense_counts = coactivation.boolean_setup(values, threshold, labels, device)
+            self.masks, self.column_sums = masks, None
+            if structure is not None:
+                counts = np.zeros((c, c), dtype=np.int32)
+                coactivation.count_structure_into(structure, counts)
+                dense_counts = torch.from_numpy(counts)
+            self.coact = dense_counts.to(device=device, dtype=FLOAT)
+            self.coact.diagonal().copy_(torch.from_numpy(diag))
+        else:
+            self.coact, self.column_sums = coactivation.continuous_setup(values, labels, device)
+            self.masks = None
+        diag_t = self.coact.diagonal()
+        # All sizes are 1 at the start, so the α-term s_i·r_j + s_j·r_i - q_ij·(r_i + r_j) is s_i + s_j - 2·q_ij.
+        self.alpha_terms = torch.mul(self.coact, -2 * alpha)
+        self.alpha_terms += diag_t[:, None] * alpha
+        self.alpha_terms += diag_t[None, :] * alpha
+        self.sizes = torch.ones(c, dtype=FLOAT, device=device)
+        self.diag_host = diag_t.cpu().numpy().copy()
+        self.sizes_host = np.ones(c, dtype=np.float64)
+        self._scratch = torch.empty(c * c, dtype=FLOAT, device=device)
+        self._costs: torch.Tensor | None = None
+        self._extremes: tuple[float, float] | None = None
+
+    @property
+    def log_k_minus_1(self) -> float:
+        return log_factors(self.k)[1]
+
+    def cost_offset(self) -> float:
+        log_ratio, _ = log_factors(self.k)
+        return float(self.diag_host[: self.k].sum()) * log_ratio
+
+    def mdl_loss(self) -> float:
+        k = self.k
+        return float((self.diag_host[:k] * (math.log2(k) + self.alpha * self.sizes_host[:k])).sum())
+
+    def _scaled_costs(self) -> torch.Tensor:
+        """`n · cost - S · log2((k-1)/k)` for the live slots, with +inf on the diagonal (computed once per merge)."""
+        if self._costs is None:
+            k = self.k
+            out = self._scratch[: k * k].view(k, k)
+            torch.add(self.alpha_terms[:k, :k], self.coact[:k, :k], alpha=-self.log_k_minus_1, out=out)
+            diagonal = out.diagonal()
+            # An off-diagonal value copied onto the diagonal changes neither extreme: one pass finds both.
+            diagonal.copy_(out[0, 1].expand(k))
+            lo, hi = torch.aminmax(out)
+            diagonal.fill_(float("inf"))
+            self._costs, self._extremes = out, (float(lo), float(hi))
+        return self._costs
+
+    def full_costs(self, order: np.ndarray) -> torch.Tensor:
+        k = self.k
+        order_t = torch.from_numpy(order).to(self.device)
+        costs = torch.add(self.alpha_terms[:k, :k], self.coact[:k, :k], alpha=-self.log_k_minus_1)
+        return costs.index_select(0, order_t).index_select(1, order_t)
+
+    def offdiagonal_min(self) -> float:
+        self._scaled_costs()
+        return self._extremes[0]
+
+    def offdiagonal_max(self) -> float:
+        self._scaled_costs()
+        return self._extremes[1]
+
+    def candidates_at_most(self, cutoff: float, slack: float):
+        from spd_math.samplers import DenseCostView  # noqa: PLC0415 (samplers import this module's users)
+
+        return DenseCostView.candidates_of(self._scaled_costs(), cutoff)
+
+    def row_blocks(self) -> list[tuple[int, int]]:
+        return [(0, self.k)]
+
+    def block_costs(self, first: int, stop: int) -> torch.Tensor:
+        return self._scaled_costs()[first:stop]
+
+    def merge(self, keep: int, drop: int) -> int:
+        """Merge slot `drop` into slot `keep`, then move the last live slot into `drop`; returns the merged slot."""
+        k = self.k
+        coact = self.coact
+        if self.boolean:
+            both = self.masks[:, keep] & self.masks[:, drop]
+            overlap = overlap_counts(self.masks[:, :k], both).to(device=coact.device, dtype=FLOAT)
+            new_row = coact[keep, :k] + coact[drop, :k] - overlap
+            new_diag = self.diag_host[keep] + self.diag_host[drop] - float(overlap[keep])
+            self.masks[:, keep] |= self.masks[:, drop]
+        else:
+            new_row = coact[keep, :k] + coact[drop, :k]
+            self.column_sums[keep] += self.column_sums[drop]
+            new_diag = float(self.column_sums[keep])
+        new_row[keep] = new_diag
+        self.sizes[keep] += self.sizes[drop]
+        self.sizes_host[keep] += self.sizes_host[drop]
+        self.diag_host[keep] = new_diag
+        coact[keep, :k] = new_row
+        coact[:k, keep] = new_row
+        diag = coact.diagonal()[:k]
+        row = self._merged_row_terms(diag, keep, k, new_row)
+        self.alpha_terms[keep, :k] = row
+        self.alpha_terms[:k, keep] = row
+        self._move_slot(k - 1, drop)
+        self.k = k - 1
+        self._costs = None
+        return drop if keep == k - 1 else keep
+
+    def _merged_row_terms(self, diag: torch.Tensor, keep: int, k: int, new_row: torch.Tensor) -> torch.Tensor:
+        s_i, r_i, s_j, r_j = diag[keep], self.sizes[keep], diag, self.sizes[:k]
+        return (s_i * r_j + s_j * r_i - new_row * (r_i + r_j)) * self.alpha
+
+    def _move_slot(self, source: int, target: int) -> None:
+        if source == target:
+            return
+        k = self.k
+        for matrix in (self.coact, self.alpha_terms):
+            matrix[target, :k] = matrix[source, :k]
+            matrix[:k, target] = matrix[:k, source]
+        for vector in (self.sizes, self.column_sums, self.diag_host, self.sizes_host):
+            if vector is not None:
+                vector[target] = vector[source]
+        if self.masks is not None:
+            self.masks[:, target] = self.masks[:, source]
+
+
+# Up to this many components the dense state is used (24·c² bytes: 400 MB at 4,096).
+DENSE_MAX_COMPONENTS = 4096
+
+
+def group_state(values: torch.Tensor, labels: list[str], threshold: float | None, alpha: float, device: torch.device):
+    """The state for a merge run: dense matrices for small problems, the scalable one beyond."""
+    cls = DenseGroupState if values.shape[1] <= DENSE_MAX_COMPONENTS else GroupState
+    return cls(values, labels, threshold, alpha, device)

@@ -19,6 +19,13 @@ from spd_math import MergeConfig, ProcessedActivations, backend, merge_iteration
 from tests.math.reference_engine import reference_merge
 
 
+@pytest.fixture(autouse=True, params=["scalable", "dense"])
+def engine(request, monkeypatch):
+    """Every test runs on both states: the scalable one and the dense one used for small problems."""
+    monkeypatch.setattr(state, "DENSE_MAX_COMPONENTS", 0 if request.param == "scalable" else 1 << 20)
+    return request.param
+
+
 def random_problem(seed: int, n: int, c: int, density: float, threshold, alpha: float, iters, method: str, kwargs):
     rng = np.random.default_rng(seed)
     values = rng.random((n, c)) * (rng.random((n, c)) < density)
@@ -74,7 +81,7 @@ def problems(draw, max_n: int = 300, max_c: int = 40):
     ), draw(st.integers(0, 2**31))
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(problems())
 def test_identical_histories_to_the_reference_engine(problem):
     (activations, config), seed = problem
@@ -110,7 +117,7 @@ def test_identical_histories_with_wide_groups(monkeypatch, seed):
     assert_same_history(activations, config, seed)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(problems(max_n=200, max_c=25))
 def test_torch_primitives_give_identical_histories(problem):
     """What runs on a GPU (dense float32 counting, torch bit counts), here on the CPU."""
