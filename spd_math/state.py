@@ -100,6 +100,7 @@ class CoactivationStore:
         self.wide = wide if wide is not None else torch.zeros((0, 0), dtype=torch.int64, device=matrix.device)
         used = set(self.wide_of_slot[self.wide_of_slot >= 0].tolist())
         self.free = [w for w in range(self.wide.shape[0]) if w not in used]
+        self.on_cpu = matrix.device.type == "cpu"
 
     @property
     def device(self) -> torch.device:
@@ -133,7 +134,10 @@ class CoactivationStore:
     def exact_row(self, slot: int, k: int) -> torch.Tensor:
         """Row `slot` over slots 0..k-1 in the matrix's exact arithmetic (int64, or float64 for continuous)."""
         row = self.matrix[slot, :k]
-        row = row.to(FLOAT) if row.is_floating_point() else row.to(torch.int64)
+        if self.on_cpu:
+            row = torch.from_numpy(row.numpy().astype(np.float64 if row.is_floating_point() else np.int64))
+        else:
+            row = row.to(FLOAT) if row.is_floating_point() else row.to(torch.int64)
         if self.limit is not None and self.wide_of_slot[slot] >= 0:
             wide_cols = np.flatnonzero(self.wide_of_slot[:k] >= 0)
             if wide_cols.size:
@@ -145,9 +149,15 @@ class CoactivationStore:
     def write(self, slot: int, row: torch.Tensor, k: int, wide: bool) -> None:
         """Set row and column `slot` (over slots 0..k-1) to `row`; `wide` says whether the group is wide."""
         stored = row if self.limit is None else row.clamp(max=self.limit)
-        stored = stored.to(self.matrix.dtype)
-        self.matrix[slot, :k] = stored
-        self.matrix[:k, slot] = stored
+        if self.on_cpu:  # NumPy: torch's strided column writes are slow on a busy CPU
+            values = stored.numpy().astype(self.matrix.numpy().dtype)
+            matrix = self.matrix.numpy()
+            matrix[slot, :k] = values
+            matrix[:k, slot] = values
+        else:
+            stored = stored.to(self.matrix.dtype)
+            self.matrix[slot, :k] = stored
+            self.matrix[:k, slot] = stored
         if not wide:
             self.release(slot)
             return
@@ -177,8 +187,9 @@ class CoactivationStore:
             self.wide_of_slot[slot] = -1
 
     def move(self, source: int, target: int, k: int) -> None:
-        self.matrix[target, :k] = self.matrix[source, :k]
-        self.matrix[:k, target] = self.matrix[:k, source]
+        matrix = self.matrix.numpy() if self.on_cpu else self.matrix
+        matrix[target, :k] = matrix[source, :k]
+        matrix[:k, target] = matrix[:k, source]
         self.wide_of_slot[target] = self.wide_of_slot[source]
         self.wide_of_slot[source] = -1
 
