@@ -75,12 +75,12 @@ def peak_rss_mb() -> float:
 def timed_state_class():
     """The engine's state classes, wrapped to record when their construction (the setup) ends."""
     marks: list[float] = []
-    try:
+    if hasattr(merge_module, "_GroupState"):  # the engine before spd_math.state existed
+        module, names = merge_module, ["_GroupState"]
+    else:
         import spd_math.state as module
 
         names = ["GroupState", "DenseGroupState"]
-    except ImportError:  # the engine before spd_math.state existed
-        module, names = merge_module, ["_GroupState"]
     for name in names:
         original = getattr(module, name)
 
