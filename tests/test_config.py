@@ -156,3 +156,16 @@ def test_a_declared_files_layout_must_give_positive_sizes(tmp_path):
         parse_config({"source": {"kind": "files", "directory": str(tmp_path), "layout": {"mlp": 0}}})
     config = parse_config({"source": {"kind": "files", "directory": str(tmp_path), "layout": {"mlp": 4, "attn": 2}}})
     assert config.source.layout == {"mlp": 4, "attn": 2}
+
+
+def test_consensus_settings_are_validated():
+    assert parse_config({"consensus": {"k": 40, "threshold": 0.75}}).consensus.k == 40
+    with pytest.raises(ExperimentConfigError) as error:
+        parse_config({"consensus": {"iteration": 10, "k": 40, "threshold": 0}})
+    message = str(error.value)
+    assert "consensus: set at most one of iteration (10) and k (40)" in message or "consensus.threshold" in message
+    assert "consensus.threshold" in message
+    with pytest.raises(ExperimentConfigError, match="consensus.iteration"):
+        parse_config({"consensus": {"iteration": -1}})
+    with pytest.raises(ExperimentConfigError, match="consensus.rule"):
+        parse_config({"consensus": {"rule": "mdl"}})

@@ -3,7 +3,9 @@
     component_activations ─┬─ component_stats                 (per member)
       └─ merge_history ────┼─ merge_events, membership_spans  (per member, on a leased device)
            └─ normalized_ensemble ─ ensemble_members
-                └─ distance_matrices ─ distances
+                ├─ distance_matrices ─ distances
+                └─ consensus_clusters ─ consensus_components    (also reads the histories and distances)
+                     └─ cluster_explorer                     (an HTML page; also reads component_stats)
     experiments          the experiment's config
     materializations, lineage_edges   rebuilt from Dagster's event log
 
@@ -13,6 +15,7 @@ it feeds (Parquet through the table IO manager, with their column schema in the 
 """
 
 
+import base64
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -55,9 +58,16 @@ from spd_assets.sources import SOURCES
 from spd_assets.storage import tables
 from spd_assets.storage.lineage import Consumed, fingerprint, lineage_tables
 from spd_assets.storage.schemas import TABLE_SCHEMAS
-from spd_assets.storage.values import EnsembleDistances, MemberEnsemble
+from spd_assets.storage.values import (
+    ConsensusClusters,
+    EnsembleDistances,
+    ExplorerPage,
+    MemberEnsemble,
+    value_format,
+)
 from spd_math import MergeHistory, ProcessedActivations
 
+STORAGE_KEY = "storage"
 VALUE_IO_MANAGER_KEY = "spd_values"
 TABLE_IO_MANAGER_KEY = "spd_tables"
 DEVICE_POOL_KEY = "device_pool"
@@ -78,6 +88,8 @@ def _dagster_metadata(metadata: dict) -> dict:
     def convert(value):
         if isinstance(value, steps.Markdown):
             return MetadataValue.md(str(value))
+        if isinstance(value, steps.Image):
+            return MetadataValue.md(f"![{value.title}](data:image/png;base64,{base64.b64encode(value.png).decode()})")
         if isinstance(value, Path):
             return MetadataValue.path(str(value))
         if isinstance(value, (list, dict)):
@@ -263,6 +275,60 @@ def experiment_assets(
         yield from emit("distance_matrices", result, consumed)
         yield checks.symmetric_with_zero_diagonal(result.value.by_method)
 
+    @multi_asset(
+        name=op_name("consensus_clusters"),
+        outs={
+            "consensus_clusters": value_out(
+                "consensus_clusters", ConsensusClusters,
+                "Consensus clusters at the iteration the configured rule chooses (consensus.iteration, consensus.k, "
+                "else the median of the members' MDL-loss minima), with each cluster's and component's stability.",
+                {"numpy"}),
+            "consensus_components": table_out("consensus_components"),
+        },
+        ins={"ensemble": AssetIn(key=key("normalized_ensemble")), "histories": AssetIn(key=key("merge_history")),
+             "distances": AssetIn(key=key("distance_matrices"))},
+        internal_asset_deps={
+            "consensus_clusters": {key("normalized_ensemble"), key("merge_history"), key("distance_matrices")},
+            "consensus_components": {key("consensus_clusters")},
+        },
+        required_resource_keys={source_key},
+    )
+    def consensus_clusters(context: AssetExecutionContext, ensemble: MemberEnsemble, histories: dict[str, MergeHistory],
+                           distances: EnsembleDistances) -> Iterator:
+        source = getattr(context.resources, source_key).source
+        truth = source.planted_partition(ensemble.ensemble.labels) if has_planted_truth else None
+        result = steps.consensus_clusters(ensemble, histories, distances, config, truth)
+        context.log.info(f"{result.metadata['clusters']} consensus clusters at iteration {result.value.iteration} "
+                         f"({result.value.rule})")
+        consumed = [
+            *consumed_inputs(context.instance, key("normalized_ensemble"), {None: fingerprint(ensemble)}),
+            *consumed_inputs(context.instance, key("merge_history"),
+                             {member: fingerprint(histories[member]) for member in ensemble.members}),
+            *consumed_inputs(context.instance, key("distance_matrices"), {None: fingerprint(distances)}),
+        ]
+        yield from emit("consensus_clusters", result, consumed)
+
+    @multi_asset(
+        name=op_name("cluster_explorer"),
+        outs={"cluster_explorer": value_out(
+            "cluster_explorer", ExplorerPage,
+            "The cluster explorer: one self-contained HTML page (opens from disk) of the consensus clusters.", {"html"})},
+        ins={"consensus": AssetIn(key=key("consensus_clusters")), "ensemble": AssetIn(key=key("normalized_ensemble")),
+             "component_stats": AssetIn(key=key("component_stats"))},
+        required_resource_keys={STORAGE_KEY},
+    )
+    def cluster_explorer(context: AssetExecutionContext, consensus: ConsensusClusters, ensemble: MemberEnsemble,
+                         component_stats: pl.DataFrame) -> Iterator:
+        result = steps.cluster_explorer(consensus, ensemble, component_stats, config)
+        page = getattr(context.resources, STORAGE_KEY).store.value_path(
+            name, "cluster_explorer", None, value_format(ExplorerPage).suffix)
+        result.metadata["open"] = MetadataValue.url(page.as_uri())
+        consumed = [
+            *consumed_inputs(context.instance, key("consensus_clusters"), {None: fingerprint(consensus)}),
+            *consumed_inputs(context.instance, key("normalized_ensemble"), {None: fingerprint(ensemble)}),
+        ]
+        yield from emit("cluster_explorer", result, consumed)
+
     @asset(
         key=key("experiments"),
         dagster_type=pl.DataFrame,
@@ -278,7 +344,7 @@ def experiment_assets(
 
     # Every asset above is recorded: values with what they consumed, tables with their files.
     recorded_keys = [*component_activations.keys, *merge_history.keys, *normalized_ensemble.keys,
-                     *distance_matrices.keys, *experiments.keys]
+                     *distance_matrices.keys, *consensus_clusters.keys, *cluster_explorer.keys, *experiments.keys]
 
     @multi_asset(
         name=op_name("lineage"),
@@ -294,8 +360,10 @@ def experiment_assets(
         yield Output(edges, output_name="lineage_edges")
 
     return ExperimentAssets(
-        assets=[component_activations, merge_history, normalized_ensemble, distance_matrices, experiments, lineage],
+        assets=[component_activations, merge_history, normalized_ensemble, distance_matrices, consensus_clusters,
+                cluster_explorer, experiments, lineage],
         member_keys=[*component_activations.keys, *merge_history.keys],
-        ensemble_keys=[*normalized_ensemble.keys, *distance_matrices.keys, *experiments.keys, *lineage.keys],
+        ensemble_keys=[*normalized_ensemble.keys, *distance_matrices.keys, *consensus_clusters.keys,
+                       *cluster_explorer.keys, *experiments.keys, *lineage.keys],
     )
 
