@@ -15,6 +15,7 @@ from typing import Any
 
 from dagster import DagsterInstance
 
+from spd_assets.cli.registration import register
 from spd_assets.cli.runs import RUN_TAG_EXPERIMENT, first_failure_message
 from spd_assets.config import ExperimentConfig, load_config, parse_config
 from spd_assets.defs.definitions import build_definitions
@@ -25,7 +26,6 @@ from spd_assets.errors import SpdClusterError
 from spd_assets.results import ClusteringResults
 from spd_assets.sources import source_for
 from spd_assets.storage.database import ensure_database
-from spd_assets.storage.experiments import register_experiment
 
 RUN_TAG_ORIGIN = "spd_cluster/origin"
 
@@ -53,6 +53,7 @@ def cluster_analysis_pipeline(
     config: ExperimentConfig | Mapping[str, Any] | str | os.PathLike[str] | None = None,
     *,
     home: str | os.PathLike[str] | None = None,
+    replace: bool = False,
 ) -> ClusteringResults:
     """Cluster an experiment's components and return its results.
 
@@ -64,6 +65,9 @@ def cluster_analysis_pipeline(
     home
         The Dagster instance (DAGSTER_HOME) to materialize into; default: `$DAGSTER_HOME`, else the
         project's `dagster_home/`. `dagster dev` on the same folder shows the runs.
+    replace
+        The experiment's name has results of another config (or of members no longer in it):
+        remove them first, as `spd-cluster run --replace` does; otherwise that is an error.
 
     Returns
     -------
@@ -74,6 +78,9 @@ def cluster_analysis_pipeline(
     ------
     ExperimentConfigError
         The config is invalid (nothing is run).
+    ExperimentChangedError
+        The name has results of another config or of departed members and `replace` is False
+        (nothing is run; the message names what changed).
     PipelineError
         The ensemble could not be built (e.g. every member failed); the message gives the first failure.
     """
@@ -82,7 +89,7 @@ def cluster_analysis_pipeline(
     store = results_store(home)
     members = source_for(config.source).member_keys()
     with _instance_at(home) as instance:
-        register_experiment(store, config)
+        register(store, instance, config, members, replace=replace)
         ensure_database(store)
         defs = build_definitions([config], settings=load_settings(home))
         tags = {RUN_TAG_EXPERIMENT: config.name, RUN_TAG_ORIGIN: "cluster_analysis_pipeline"}

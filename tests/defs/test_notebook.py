@@ -80,3 +80,18 @@ def test_invalid_config_is_rejected_before_any_run(tmp_path):
     with pytest.raises(ExperimentConfigError, match="consensus.threshold"):
         cluster_analysis_pipeline({"consensus": {"threshold": 2}}, home=tmp_path / "home")
     assert not (tmp_path / "home").exists()
+
+
+def test_a_changed_config_under_the_same_name_is_refused_unless_replaced(tmp_path):
+    from spd_assets import cluster_analysis_pipeline
+    from spd_assets.cli.registration import ExperimentChangedError
+    from tests.pipeline_helpers import SMALL_SYNTHETIC
+
+    home = make_home(tmp_path / "home")
+    config = {"name": "renamed", "source": {**SMALL_SYNTHETIC, "n_members": 2}, "merge_config": {"iters": 10}}
+    cluster_analysis_pipeline(config, home=home)
+    changed = {**config, "merge_config": {"iters": 10, "alpha": 0.5}}
+    with pytest.raises(ExperimentChangedError, match=r"merge_config\.alpha: 1\.0 -> 0\.5"):
+        cluster_analysis_pipeline(changed, home=home)
+    replaced = cluster_analysis_pipeline(changed, home=home, replace=True)
+    assert replaced.tables["experiments"]["config_json"].str.contains('"alpha":0.5').all()
