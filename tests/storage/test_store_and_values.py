@@ -103,5 +103,6 @@ def test_missing_and_corrupt_value_files_name_the_file(tmp_path):
 def test_value_paths_use_each_types_suffix(tmp_path):
     store = ResultsStore(tmp_path)
     suffixes = {cls.__name__: value_format(cls).suffix for cls in VALUE_FORMATS}
-    assert suffixes == {"ProcessedActivations": ".npz", "MergeHistory": ".zip", "MemberEnsemble": ".npz", "EnsembleDistances": ".npz"}
+    assert suffixes == {"ProcessedActivations": ".npz", "MergeHistory": ".zip", "MemberEnsemble": ".npz", "EnsembleDistances": ".npz",
+                        "TokenBatch": ".npz"}
     assert np.all([store.value_path("e", "x", None, s).suffix == s for s in suffixes.values()])
