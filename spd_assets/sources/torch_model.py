@@ -201,9 +201,23 @@ def hooked_forward(
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Per chunk of `chunk_size` sequences, module name -> its output `[chunk, seq, units]` (on `device`).
 
-    Runs in inference mode. The forward pass stops once every matched module has run; each must
-    run exactly once per pass and give one value per token.
+    Each forward pass runs in inference mode and stops once every matched module has run; each
+    must run exactly once per pass and give one value per token. The hooks exist only during the
+    pass, so between chunks the model is untouched (other forward passes of it are not captured).
     """
+    for start in range(0, len(token_ids), chunk_size):
+        ids = torch.as_tensor(token_ids[start : start + chunk_size], dtype=torch.long, device=device)
+        captured = _captured_outputs(model, module_names, ids)
+        for name in module_names:
+            shape = tuple(captured[name].shape)
+            if len(shape) != 3 or shape[:2] != tuple(ids.shape):
+                raise SourceError(f"source.modules: module {name!r} gives shape {shape}; expected "
+                                  f"[batch, seq, units] with batch, seq = {tuple(ids.shape)}")
+        yield captured
+
+
+def _captured_outputs(model: nn.Module, module_names: Sequence[str], ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One forward pass with a hook on each module, stopped once the last of them has run."""
     captured: dict[str, torch.Tensor] = {}
 
     def hook_for(name: str):
@@ -217,30 +231,20 @@ def hooked_forward(
         return hook
 
     handles = [model.get_submodule(name).register_forward_hook(hook_for(name)) for name in module_names]
+    args, kwargs = model_inputs(model, ids)
     try:
         with torch.inference_mode():
-            for start in range(0, len(token_ids), chunk_size):
-                ids = torch.as_tensor(token_ids[start : start + chunk_size], dtype=torch.long, device=device)
-                args, kwargs = model_inputs(model, ids)
-                captured.clear()
-                try:
-                    model(*args, **kwargs)
-                except _AllCaptured:
-                    pass
-                missing = [name for name in module_names if name not in captured]
-                if missing:
-                    raise SourceError(f"source.modules: {missing[:NAMES_IN_ERRORS]} did not run in the forward pass; "
-                                      "expected modules the model's forward uses")
-                for name in module_names:
-                    shape = tuple(captured[name].shape)
-                    if len(shape) != 3 or shape[:2] != tuple(ids.shape):
-                        raise SourceError(f"source.modules: module {name!r} gives shape {shape}; expected "
-                                          f"[batch, seq, units] with batch, seq = {tuple(ids.shape)}")
-                yield {name: captured[name] for name in module_names}
-                captured.clear()
+            model(*args, **kwargs)
+    except _AllCaptured:
+        pass
     finally:
         for handle in handles:
             handle.remove()
+    missing = [name for name in module_names if name not in captured]
+    if missing:
+        raise SourceError(f"source.modules: {missing[:NAMES_IN_ERRORS]} did not run in the forward pass; "
+                          "expected modules the model's forward uses")
+    return {name: captured[name] for name in module_names}
 
 
 class TorchSource(ModelSource[TorchSourceConfig]):

@@ -77,6 +77,14 @@ def test_chunking_and_early_stop_do_not_change_the_values(minilm):
     together = next(one_chunk.activation_chunks(batch, torch.device("cpu")))
     for name, values in together.items():
         torch.testing.assert_close(whole[name], values, rtol=1e-5, atol=1e-5)
+    # Between chunks the model is untouched: no hooks, no inference mode; another forward pass is not captured.
+    chunks = minilm.activation_chunks(batch, torch.device("cpu"))
+    first = next(chunks)
+    assert not torch.is_inference_mode_enabled()
+    minilm.loaded.model(input_ids=torch.from_numpy(batch.inputs[:1]))
+    rest = list(chunks)
+    for name in first:
+        assert torch.equal(torch.cat([first[name], *(chunk[name] for chunk in rest)]), whole[name])
     # Without the early stop (the whole model runs, pooler included) the hooked values are the same.
     last = minilm.module_names[-1]
     with torch.inference_mode():
