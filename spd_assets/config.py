@@ -17,6 +17,7 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from spd_assets import original_configs
@@ -30,6 +31,25 @@ EXPERIMENT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,62}$")
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ConsensusConfig(_Strict):
+    """Where the ensemble's consensus clusters are taken, and how many members must agree.
+
+    The iteration is `iteration` when set, else the iteration at which the members have `k` groups
+    (the median over members), else the median over members of the iteration of each member's
+    MDL-loss minimum.
+    """
+
+    iteration: int | None = Field(None, ge=0, description="take the consensus after this merge (0-based)")
+    k: int | None = Field(None, ge=1, description="take it where the members have this many groups")
+    threshold: float = Field(0.5, gt=0, le=1, description="fraction of members two components must share a group in")
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> ConsensusConfig:
+        if self.iteration is not None and self.k is not None:
+            raise ValueError(f"set at most one of iteration ({self.iteration}) and k ({self.k})")
+        return self
 
 
 # The `source:` block: one of the registered sources' configs, chosen by its `kind`.
@@ -48,6 +68,7 @@ class ExperimentConfig(_Strict):
     )
     distance_methods: tuple[str, ...] = Field(tuple(DISTANCE_METHODS), description="distance methods of spd_math")
     base_seed: int = Field(0, ge=0, description="member seeds derive from it and the member's partition key")
+    consensus: ConsensusConfig = Field(default_factory=ConsensusConfig)
 
     @field_validator("name")
     @classmethod

@@ -35,6 +35,8 @@ VALUE_TYPES = {
     "merge_history": "MergeHistory",
     "normalized_ensemble": "MemberEnsemble",
     "distance_matrices": "EnsembleDistances",
+    "consensus_clusters": "ConsensusClusters",
+    "cluster_explorer": "ExplorerPage",
 }
 
 

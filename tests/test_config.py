@@ -143,3 +143,16 @@ def test_dead_components_are_listed_in_order():
     processed = process_activations({"m": values}, filter_dead_threshold=0.001)
     assert processed.labels == ["m:0", "m:2"]
     assert processed.dead_labels == ["m:1", "m:3"]
+
+
+def test_consensus_settings_are_validated():
+    assert parse_config({"consensus": {"k": 40, "threshold": 0.75}}).consensus.k == 40
+    with pytest.raises(ExperimentConfigError) as error:
+        parse_config({"consensus": {"iteration": 10, "k": 40, "threshold": 0}})
+    message = str(error.value)
+    assert "consensus: set at most one of iteration (10) and k (40)" in message or "consensus.threshold" in message
+    assert "consensus.threshold" in message
+    with pytest.raises(ExperimentConfigError, match="consensus.iteration"):
+        parse_config({"consensus": {"iteration": -1}})
+    with pytest.raises(ExperimentConfigError, match="consensus.rule"):
+        parse_config({"consensus": {"rule": "mdl"}})

@@ -21,6 +21,9 @@ def print_clusters(args) -> int:
     try:
         if args.consensus:
             report = ensemble_clusters(store, args.experiment, args.iteration, threshold=args.threshold)
+        elif args.iteration is None:
+            print("spd-cluster clusters: --member needs --iteration", file=sys.stderr)
+            return 2
         else:
             report = member_clusters(store, args.experiment, args.member, args.iteration)
     except (SpdClusterError, ValueError) as error:
@@ -50,11 +53,14 @@ def main(argv: list[str] | None = None) -> int:
     sql.add_argument("--output", type=Path, help="write to this file instead of standard output")
     sql.add_argument("--max-rows", type=int, default=40, help="rows shown in table format (0: all)")
     clusters = commands.add_parser("clusters", help="component label -> cluster at an iteration, as JSON")
-    clusters.add_argument("--iteration", type=int, required=True, help="after which merge (0-based, as in the tables)")
+    clusters.add_argument("--iteration", type=int,
+                          help="after which merge (0-based, as in the tables); --consensus without it: the stored "
+                               "consensus, at the iteration its rule chose")
     which = clusters.add_mutually_exclusive_group(required=True)
     which.add_argument("--member", help="one member's partition (its partition key)")
     which.add_argument("--consensus", action="store_true", help="components together in at least --threshold of the members")
-    clusters.add_argument("--threshold", type=float, default=0.5, help="consensus: fraction of members (default: half)")
+    clusters.add_argument("--threshold", type=float,
+                          help="consensus: fraction of members (default: the stored consensus's, else half)")
     clusters.add_argument("--experiment", default="default")
     clusters.add_argument("--output", type=Path, help="write the JSON to this file")
     args = parser.parse_args(argv)

@@ -4,7 +4,9 @@
       │                                                        from token_batches, the member's model inputs)
       └─ merge_history ────┼─ merge_events, membership_spans  (per member, on a leased device)
            └─ normalized_ensemble ─ ensemble_members
-                └─ distance_matrices ─ distances
+                ├─ distance_matrices ─ distances
+                └─ consensus_clusters ─ consensus_components    (also reads the histories and distances)
+                     └─ cluster_explorer                     (an HTML page; also reads component_stats)
     experiments          the experiment's config
     materializations, lineage_edges   rebuilt from Dagster's event log
 
@@ -14,6 +16,7 @@ it feeds (Parquet through the table IO manager, with their column schema in the 
 """
 
 
+import base64
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -57,9 +60,17 @@ from spd_assets.sources import SOURCES
 from spd_assets.storage import tables
 from spd_assets.storage.lineage import Consumed, fingerprint, lineage_tables
 from spd_assets.storage.schemas import TABLE_SCHEMAS
-from spd_assets.storage.values import EnsembleDistances, MemberEnsemble, TokenBatch
+from spd_assets.storage.values import (
+    ConsensusClusters,
+    EnsembleDistances,
+    ExplorerPage,
+    MemberEnsemble,
+    TokenBatch,
+    value_format,
+)
 from spd_math import MergeHistory, ProcessedActivations
 
+STORAGE_KEY = "storage"
 VALUE_IO_MANAGER_KEY = "spd_values"
 TABLE_IO_MANAGER_KEY = "spd_tables"
 DEVICE_POOL_KEY = "device_pool"
@@ -69,7 +80,8 @@ OUT_OF_MEMORY_RETRIES = 3
 OUT_OF_MEMORY_WAIT_S = 30
 
 # The assets whose values are stored and whose materializations the lineage tables record.
-VALUE_ASSETS = ("component_activations", "merge_history", "normalized_ensemble", "distance_matrices")
+VALUE_ASSETS = ("component_activations", "merge_history", "normalized_ensemble", "distance_matrices",
+                "consensus_clusters", "cluster_explorer")
 
 
 def dagster_table_schema(table: str) -> TableSchema:
@@ -95,6 +107,8 @@ def _dagster_metadata(metadata: dict) -> dict:
     def convert(value):
         if isinstance(value, steps.Markdown):
             return MetadataValue.md(str(value))
+        if isinstance(value, steps.Image):
+            return MetadataValue.md(f"![{value.title}](data:image/png;base64,{base64.b64encode(value.png).decode()})")
         if isinstance(value, Path):
             return MetadataValue.path(str(value))
         if isinstance(value, (list, dict)):
@@ -321,6 +335,60 @@ def experiment_assets(
         yield from emit("distance_matrices", result, consumed)
         yield checks.symmetric_with_zero_diagonal(result.value.by_method)
 
+    @multi_asset(
+        name=op_name("consensus_clusters"),
+        outs={
+            "consensus_clusters": value_out(
+                "consensus_clusters", ConsensusClusters,
+                "Consensus clusters at the iteration the configured rule chooses (consensus.iteration, consensus.k, "
+                "else the median of the members' MDL-loss minima), with each cluster's and component's stability.",
+                {"numpy"}),
+            "consensus_components": table_out("consensus_components"),
+        },
+        ins={"ensemble": AssetIn(key=key("normalized_ensemble")), "histories": AssetIn(key=key("merge_history")),
+             "distances": AssetIn(key=key("distance_matrices"))},
+        internal_asset_deps={
+            "consensus_clusters": {key("normalized_ensemble"), key("merge_history"), key("distance_matrices")},
+            "consensus_components": {key("consensus_clusters")},
+        },
+        required_resource_keys={source_key},
+    )
+    def consensus_clusters(context: AssetExecutionContext, ensemble: MemberEnsemble, histories: dict[str, MergeHistory],
+                           distances: EnsembleDistances) -> Iterator:
+        source = getattr(context.resources, source_key).source
+        truth = source.planted_partition(ensemble.ensemble.labels) if has_planted_truth else None
+        result = steps.consensus_clusters(ensemble, histories, distances, config, truth)
+        context.log.info(f"{result.metadata['clusters']} consensus clusters at iteration {result.value.iteration} "
+                         f"({result.value.rule})")
+        consumed = [
+            *consumed_inputs(context.instance, key("normalized_ensemble"), {None: fingerprint(ensemble)}),
+            *consumed_inputs(context.instance, key("merge_history"),
+                             {member: fingerprint(histories[member]) for member in ensemble.members}),
+            *consumed_inputs(context.instance, key("distance_matrices"), {None: fingerprint(distances)}),
+        ]
+        yield from emit("consensus_clusters", result, consumed)
+
+    @multi_asset(
+        name=op_name("cluster_explorer"),
+        outs={"cluster_explorer": value_out(
+            "cluster_explorer", ExplorerPage,
+            "The cluster explorer: one self-contained HTML page (opens from disk) of the consensus clusters.", {"html"})},
+        ins={"consensus": AssetIn(key=key("consensus_clusters")), "ensemble": AssetIn(key=key("normalized_ensemble")),
+             "component_stats": AssetIn(key=key("component_stats"))},
+        required_resource_keys={STORAGE_KEY},
+    )
+    def cluster_explorer(context: AssetExecutionContext, consensus: ConsensusClusters, ensemble: MemberEnsemble,
+                         component_stats: pl.DataFrame) -> Iterator:
+        result = steps.cluster_explorer(consensus, ensemble, component_stats, config)
+        page = getattr(context.resources, STORAGE_KEY).store.value_path(
+            name, "cluster_explorer", None, value_format(ExplorerPage).suffix)
+        result.metadata["open"] = MetadataValue.url(page.as_uri())
+        consumed = [
+            *consumed_inputs(context.instance, key("consensus_clusters"), {None: fingerprint(consensus)}),
+            *consumed_inputs(context.instance, key("normalized_ensemble"), {None: fingerprint(ensemble)}),
+        ]
+        yield from emit("cluster_explorer", result, consumed)
+
     @asset(
         key=key("experiments"),
         dagster_type=pl.DataFrame,
@@ -352,9 +420,11 @@ def experiment_assets(
 
     token_batch_assets = [token_batches] if has_token_batches else []
     return ExperimentAssets(
-        assets=[*token_batch_assets, component_activations, merge_history, normalized_ensemble, distance_matrices, experiments, lineage],
+        assets=[*token_batch_assets, component_activations, merge_history, normalized_ensemble, distance_matrices,
+                consensus_clusters, cluster_explorer, experiments, lineage],
         member_keys=[*(key for asset in token_batch_assets for key in asset.keys), *component_activations.keys,
                      *merge_history.keys],
-        ensemble_keys=[*normalized_ensemble.keys, *distance_matrices.keys, *experiments.keys, *lineage.keys],
+        ensemble_keys=[*normalized_ensemble.keys, *distance_matrices.keys, *consensus_clusters.keys,
+                       *cluster_explorer.keys, *experiments.keys, *lineage.keys],
     )
 

@@ -12,7 +12,13 @@ import logging
 from dagster import Definitions, JobDefinition
 
 from spd_assets.config import ExperimentConfig
-from spd_assets.defs.assets import DEVICE_POOL_KEY, TABLE_IO_MANAGER_KEY, VALUE_IO_MANAGER_KEY, experiment_assets
+from spd_assets.defs.assets import (
+    DEVICE_POOL_KEY,
+    STORAGE_KEY,
+    TABLE_IO_MANAGER_KEY,
+    VALUE_IO_MANAGER_KEY,
+    experiment_assets,
+)
 from spd_assets.defs.deployment import DeploymentSettings, load_settings
 from spd_assets.defs.executors import device_op_tags, executor_for
 from spd_assets.defs.home import dagster_home, results_store
@@ -28,7 +34,6 @@ from spd_assets.errors import SpdClusterError
 from spd_assets.sources import source_for
 from spd_assets.storage.experiments import registered_experiments
 
-STORAGE_KEY = "storage"
 logger = logging.getLogger("spd_cluster")
 
 

@@ -16,16 +16,19 @@ import numpy as np
 import polars as pl
 import torch
 
+from spd_assets.analysis import explorer, plots
+from spd_assets.analysis.consensus import co_association, ensemble_consensus
 from spd_assets.config import ExperimentConfig
 from spd_assets.errors import SpdClusterError
 from spd_assets.sources import ActivationSource, ModelSource
 from spd_assets.sources.streaming import activations_from_chunks
 from spd_assets.storage import tables
 from spd_assets.storage.lineage import Consumed, fingerprint
-from spd_assets.storage.values import EnsembleDistances, MemberEnsemble, TokenBatch
+from spd_assets.storage.values import ConsensusClusters, EnsembleDistances, ExplorerPage, MemberEnsemble, TokenBatch
 from spd_math import (
     MergeHistory,
     ProcessedActivations,
+    adjusted_rand_index,
     compute_distances,
     drop_dead,
     merge_iteration,
@@ -35,6 +38,10 @@ from spd_math import (
 
 # Components listed in the "most active" metadata table.
 MOST_ACTIVE_SHOWN = 10
+# Clusters listed in the consensus metadata table.
+LARGEST_CLUSTERS_SHOWN = 10
+# At most this many components in the co-association picture (the largest clusters first): readable at UI size.
+CO_ASSOCIATION_COMPONENTS_MAX = 300
 # Sequences of a token batch shown as text in its metadata, and how much of each.
 EXAMPLES_SHOWN = 3
 EXAMPLE_CHARACTERS = 300
@@ -42,6 +49,14 @@ EXAMPLE_CHARACTERS = 300
 
 class Markdown(str):
     """Metadata text to render as Markdown in the UI."""
+
+
+@dataclass(frozen=True)
+class Image:
+    """A PNG figure to show in the UI, with its title (its alt text)."""
+
+    png: bytes
+    title: str
 
 
 class NoMembersError(SpdClusterError, RuntimeError):
@@ -57,6 +72,10 @@ class StepResult:
     tables: dict[str, pl.DataFrame] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
     consumed: list[Consumed] = field(default_factory=list)
+
+
+def _numpy(values) -> np.ndarray | None:
+    return values.numpy() if values is not None else None
 
 
 def markdown_table(header: list[str], rows: list[list[object]]) -> Markdown:
@@ -172,6 +191,8 @@ def merge_history(activations: ProcessedActivations, config: ExperimentConfig, m
         "k_at_mdl_min": int(history.k_groups[best]) if mdl.size else -1,
         "seconds": round(seconds, 3),
         "seed": seed,
+        "mdl_curve": Image(plots.mdl_curve(mdl, _numpy(history.pair_costs), history.k_groups.numpy(),
+                                           f"{config.name} {member}: MDL loss per merge"), "MDL loss against iteration"),
     }
     member_tables = {
         "merge_events": tables.merge_events(config.name, member, history),
@@ -202,6 +223,8 @@ def normalized_ensemble(histories: Mapping[str, MergeHistory], members: list[str
             [[row["member"], row["n_components"], row["n_iters_completed"], f"{row['union_coverage']:.3f}"]
              for row in members_table.filter(pl.col("status") == "used").iter_rows(named=True)],
         ),
+        "member_overlap_heatmap": Image(plots.member_overlap(used, ensemble.present.numpy()),
+                                        "shared component labels between members"),
     }
     return StepResult(MemberEnsemble(ensemble, used, missing), {"ensemble_members": members_table}, metadata)
 
@@ -221,4 +244,79 @@ def distance_matrices(ensemble: MemberEnsemble, config: ExperimentConfig) -> Ste
             if n_iters and n_ens > 1:
                 summary[f"{method}_mean_{where}"] = round(float(distances[iteration].numpy()[off_diagonal].mean()), 3)
     metadata = {"members": len(ensemble.members), "iterations": ensemble.ensemble.n_iters, **summary}
+    if ensemble.ensemble.n_iters:
+        metadata["distances_plot"] = Image(plots.distance_curves({m: d.numpy() for m, d in by_method.items()}),
+                                           "distance between members against iteration")
     return StepResult(EnsembleDistances(by_method, ensemble.members), {"distances": pl.concat(frames)}, metadata)
+
+
+def consensus_clusters(ensemble: MemberEnsemble, histories: Mapping[str, MergeHistory], distances: EnsembleDistances,
+                       config: ExperimentConfig, truth: np.ndarray | None = None) -> StepResult:
+    """The ensemble's consensus clusters at the iteration the configured rule chooses, with their stability;
+    `truth` (a planted partition of the ensemble's labels), when known, is compared with them."""
+    consensus = ensemble_consensus(ensemble, [histories[member] for member in ensemble.members], config.consensus)
+    iteration = consensus.iteration
+    frame = tables.consensus_components(config.name, consensus)
+    clustered = consensus.cluster_of >= 0
+    metadata = {
+        "iteration": iteration,
+        "rule": consensus.rule,
+        "member_choices": dict(zip(consensus.members, consensus.member_iterations)),
+        "threshold": consensus.threshold,
+        "clusters": consensus.n_clusters,
+        "clustered_components": int(clustered.sum()),
+        "components": len(consensus.labels),
+        "mean_cluster_stability": round(float(consensus.stability.mean()), 4) if consensus.n_clusters else None,
+    }
+    if truth is not None:
+        singletons = consensus.n_clusters + np.arange(len(consensus.labels))
+        found = np.where(clustered, consensus.cluster_of, singletons)
+        metadata["planted_truth_adjusted_rand_index"] = round(float(adjusted_rand_index(found, truth)), 4)
+    for method, values in distances.by_method.items():
+        if len(distances.members) > 1:
+            off_diagonal = ~np.eye(len(distances.members), dtype=bool)
+            metadata[f"{method}_mean_at_iteration"] = round(float(values[iteration].numpy()[off_diagonal].mean()), 3)
+    sizes = np.bincount(consensus.cluster_of[clustered], minlength=consensus.n_clusters)
+    largest = np.argsort(-sizes, kind="stable")
+    metadata["largest_clusters"] = markdown_table(
+        ["cluster", "components", "stability", "modules"],
+        [[int(c), int(sizes[c]), f"{consensus.stability[c]:.3f}", _modules_of(consensus, c)]
+         for c in largest[:LARGEST_CLUSTERS_SHOWN]],
+    )
+    if consensus.n_clusters:
+        metadata["co_association"] = Image(_co_association_plot(consensus, ensemble, sizes, largest),
+                                           "co-association ordered by cluster")
+    metadata["distances_at_iteration"] = Image(
+        plots.distance_heatmaps({m: d.numpy() for m, d in distances.by_method.items()}, distances.members, iteration),
+        f"distances between members at iteration {iteration}")
+    return StepResult(consensus, {"consensus_components": frame}, metadata)
+
+
+def _modules_of(consensus: ConsensusClusters, cluster: int) -> str:
+    modules = sorted({tables.split_label(consensus.labels[x])[0] for x in np.flatnonzero(consensus.cluster_of == cluster)})
+    return ", ".join(modules)
+
+
+def _co_association_plot(consensus: ConsensusClusters, ensemble: MemberEnsemble, sizes: np.ndarray,
+                         largest: np.ndarray) -> bytes:
+    """The largest clusters whose components fit the picture, each ordered by component stability."""
+    shown, order = [], []
+    for cluster in largest:
+        if order and len(order) + sizes[cluster] > CO_ASSOCIATION_COMPONENTS_MAX:
+            break
+        members = np.flatnonzero(consensus.cluster_of == cluster)
+        order.extend(members[np.argsort(-consensus.component_stability[members], kind="stable")])
+        shown.append(int(sizes[cluster]))
+    partitions = ensemble.ensemble.merges[:, consensus.iteration, :].numpy()
+    matrix = co_association(partitions, np.array(order))
+    return plots.co_association_heatmap(matrix, shown, consensus.iteration, len(consensus.members), consensus.n_clusters)
+
+
+def cluster_explorer(consensus: ConsensusClusters, ensemble: MemberEnsemble, component_stats: pl.DataFrame,
+                     config: ExperimentConfig) -> StepResult:
+    """The self-contained HTML cluster explorer of the consensus clusters."""
+    partitions = ensemble.ensemble.merges[:, consensus.iteration, :].numpy()
+    data = explorer.explorer_data(config.name, consensus, partitions, component_stats)
+    page = ExplorerPage(explorer.explorer_html(data))
+    metadata = {"clusters": len(data["clusters"]), "page_bytes": len(page.encode())}
+    return StepResult(page, {}, metadata)

@@ -21,7 +21,7 @@ from spd_assets.storage.atomic import atomic_path
 from spd_assets.storage.schemas import TABLE_SCHEMAS
 from spd_assets.storage.store import ResultsStore
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # Files of this name hold no rows, only the schema, so every view works before any results exist.
 SCHEMA_FILE = "_schema.parquet"
 LOCK_TIMEOUT_S = 30.0
@@ -45,6 +45,12 @@ DERIVED_VIEWS = {
     "memberships": """
         SELECT experiment, member, unnest(range(first_iteration, last_iteration + 1)) AS iteration, label, group_label
         FROM membership_spans""",
+    # One row per consensus cluster.
+    "consensus_clusters": """
+        SELECT experiment, iteration, threshold, cluster, count(*) AS size, any_value(cluster_stability) AS stability,
+               string_agg(DISTINCT module, ', ' ORDER BY module) AS modules
+        FROM consensus_components WHERE cluster IS NOT NULL
+        GROUP BY experiment, iteration, threshold, cluster""",
     "experiment_settings": """
         SELECT experiment, config_hash, source_kind, n_members,
                CAST(json_extract(config_json, '$.merge_config.alpha') AS DOUBLE) AS alpha,
@@ -94,10 +100,11 @@ def _view_sql(store: ResultsStore, table: str) -> str:
 
 def _is_current(connection: duckdb.DuckDBPyConnection, store: ResultsStore) -> bool:
     try:
-        row = connection.execute("SELECT schema_version, tables_root FROM spd_cluster_meta").fetchone()
+        # Every row fetched: the connection stays usable for the next query.
+        rows = connection.execute("SELECT schema_version, tables_root FROM spd_cluster_meta").fetchall()
     except duckdb.Error:
         return False
-    return row == (SCHEMA_VERSION, str(store.tables_dir))
+    return rows == [(SCHEMA_VERSION, str(store.tables_dir))]
 
 
 def ensure_database(store: ResultsStore) -> Path:
@@ -165,5 +172,17 @@ def _current_read_only(store: ResultsStore) -> bool:
 
 def connect_read_only(store: ResultsStore) -> duckdb.DuckDBPyConnection:
     """A read-only connection with the views ready; many may be open while pipelines run."""
-    path = ensure_database(store)
+    path = store.database_path
+    _ensure_schema_files(store)
+    if path.exists():
+        # Opening the database is most of a short query's time: open it once when the views are current.
+        try:
+            connection = duckdb.connect(str(path), read_only=True)
+        except duckdb.Error:
+            connection = None
+        if connection is not None:
+            if _is_current(connection, store):
+                return connection
+            connection.close()
+    ensure_database(store)
     return duckdb.connect(str(path), read_only=True)

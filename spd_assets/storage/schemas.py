@@ -120,6 +120,18 @@ _TABLES = [
         "member_b": _MEMBER,
         "distance": ("BIGINT", "the distance (an integer count)"),
     }),
+    TableSchema("consensus_components", "one row per component of an ensemble: its consensus cluster", {
+        "experiment": _EXPERIMENT,
+        "iteration": ("INTEGER", "iteration of the consensus (chosen by the rule)"),
+        "threshold": ("DOUBLE", "fraction of members two components must share a group in"),
+        "rule": ("VARCHAR", "how the iteration was chosen"),
+        "label": ("VARCHAR", "component label"),
+        "module": ("VARCHAR", "module name"),
+        "cluster": ("INTEGER", "consensus cluster (null: in none)"),
+        "cluster_size": ("INTEGER", "components in the cluster (null: in none)"),
+        "cluster_stability": ("DOUBLE", "mean co-association of the cluster's pairs"),
+        "component_stability": ("DOUBLE", "mean co-association with the rest of its cluster"),
+    }),
     TableSchema("materializations", "one row per materialization of an experiment's value assets", {
         "experiment": _EXPERIMENT,
         "asset": ("VARCHAR", "asset name"),

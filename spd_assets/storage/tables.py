@@ -16,6 +16,7 @@ import torch
 
 from spd_assets.config import ExperimentConfig
 from spd_assets.storage.schemas import TABLE_SCHEMAS
+from spd_assets.storage.values import ConsensusClusters
 from spd_math import MergeHistory, NormalizedEnsemble, ProcessedActivations
 
 # Columns of activations summarised at once: bounds temporaries for large batches.
@@ -185,6 +186,27 @@ def distances_long(experiment: str, method: str, distances: torch.Tensor, member
             "member_a": names[a].tolist(),
             "member_b": names[b].tolist(),
             "distance": values[iteration, a, b].astype(np.int64),
+    })
+
+
+def consensus_components(experiment: str, consensus: ConsensusClusters) -> pl.DataFrame:
+    """One row per component: its consensus cluster (null when in none) and the stabilities."""
+    cluster_of = consensus.cluster_of
+    clustered = cluster_of >= 0
+    sizes = np.bincount(cluster_of[clustered], minlength=consensus.n_clusters)
+    index = np.maximum(cluster_of, 0)
+    n = len(consensus.labels)
+    return _conformed("consensus_components", {
+        "experiment": [experiment] * n,
+        "iteration": [consensus.iteration] * n,
+        "threshold": [consensus.threshold] * n,
+        "rule": [consensus.rule] * n,
+        "label": consensus.labels,
+        "module": [split_label(label)[0] for label in consensus.labels],
+        "cluster": [int(c) if c >= 0 else None for c in cluster_of],
+        "cluster_size": [int(sizes[c]) if c >= 0 else None for c in cluster_of],
+        "cluster_stability": [float(consensus.stability[i]) if ok else None for i, ok in zip(index, clustered)],
+        "component_stability": [float(v) if ok else None for v, ok in zip(consensus.component_stability, clustered)],
     })
 
 

@@ -84,6 +84,40 @@ class EnsembleDistances:
     members: list[str]
 
 
+@dataclass(frozen=True)
+class ConsensusClusters:
+    """The ensemble's consensus at one iteration (`spd_assets.analysis.consensus`).
+
+    `cluster_of[x]`: cluster of `labels[x]`, or -1 when it is in none; `stability[i]`: mean
+    co-association of cluster i's pairs; `component_stability[x]`: mean co-association of x with
+    the rest of its cluster (NaN when in none). `rule` says in words how `iteration` was chosen,
+    `member_iterations` what each member (in `members` order) chose by it (empty for a fixed one).
+    """
+
+    iteration: int
+    rule: str
+    threshold: float
+    members: list[str]
+    member_iterations: list[int]
+    labels: list[str]
+    cluster_of: np.ndarray
+    stability: np.ndarray
+    component_stability: np.ndarray
+
+    @property
+    def n_clusters(self) -> int:
+        return int(self.stability.size)
+
+    def __repr__(self) -> str:
+        clustered = int((self.cluster_of >= 0).sum())
+        return (f"ConsensusClusters(iteration={self.iteration}, {self.n_clusters} clusters of {clustered} of "
+                f"{len(self.labels)} components, threshold={self.threshold}, members={len(self.members)})")
+
+
+class ExplorerPage(str):
+    """A self-contained HTML page (the cluster explorer), stored as an `.html` file that opens from disk."""
+
+
 def _save_npz(path: Path, **arrays: np.ndarray) -> None:
     with atomic_path(path) as temporary, open(temporary, "wb") as handle:
         np.savez(handle, **arrays)
@@ -162,6 +196,48 @@ def load_distances(path: Path) -> EnsembleDistances:
     return EnsembleDistances(by_method=by_method, members=data["members"].tolist())
 
 
+def save_consensus(path: Path, value: ConsensusClusters) -> None:
+    _save_npz(
+        path,
+        iteration=np.array(value.iteration, dtype=np.int64),
+        rule=np.array(value.rule, dtype=str),
+        threshold=np.array(value.threshold, dtype=np.float64),
+        members=np.array(value.members, dtype=str),
+        member_iterations=np.array(value.member_iterations, dtype=np.int64),
+        labels=np.array(value.labels, dtype=str),
+        cluster_of=value.cluster_of,
+        stability=value.stability,
+        component_stability=value.component_stability,
+    )
+
+
+def load_consensus(path: Path) -> ConsensusClusters:
+    data = load_npz(path)
+    return ConsensusClusters(
+        iteration=int(data["iteration"]),
+        rule=str(data["rule"]),
+        threshold=float(data["threshold"]),
+        members=data["members"].tolist(),
+        member_iterations=data["member_iterations"].tolist(),
+        labels=data["labels"].tolist(),
+        cluster_of=data["cluster_of"],
+        stability=data["stability"],
+        component_stability=data["component_stability"],
+    )
+
+
+def save_page(path: Path, page: ExplorerPage) -> None:
+    with atomic_path(path) as temporary:
+        temporary.write_text(page, encoding="utf-8")
+
+
+def load_page(path: Path) -> ExplorerPage:
+    try:
+        return ExplorerPage(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise StorageError(f"{path} does not exist (was the upstream asset materialized?)") from None
+
+
 def save_token_batch(path: Path, batch: TokenBatch) -> None:
     _save_npz(path, inputs=batch.inputs, vocab_ids=batch.vocab_ids.astype(np.int64),
               vocab_strings=np.array(batch.vocab_strings, dtype=str))
@@ -191,6 +267,8 @@ VALUE_FORMATS: dict[type, ValueFormat] = {
     MergeHistory: ValueFormat(".zip", lambda path, history: write_history_zip(history, path), load_history),
     MemberEnsemble: ValueFormat(".npz", save_ensemble, load_ensemble),
     EnsembleDistances: ValueFormat(".npz", save_distances, load_distances),
+    ConsensusClusters: ValueFormat(".npz", save_consensus, load_consensus),
+    ExplorerPage: ValueFormat(".html", save_page, load_page),
     TokenBatch: ValueFormat(".npz", save_token_batch, load_token_batch),
 }
 

@@ -19,8 +19,9 @@ from dagster import AssetKey, AssetRecordsFilter
 from spd_assets.config import load_config
 from spd_assets.sources import source_for
 from spd_assets.storage.database import connect_read_only
-from spd_assets.storage.values import load_ensemble
-from spd_math.consensus import consensus_clusters
+from spd_assets.storage.history_format import read_history_zip
+from spd_assets.storage.values import load_consensus, load_ensemble
+from spd_math.consensus import consensus_clusters, partition_clusters
 from tests.pipeline_helpers import asset_path, instance_at, make_home, store_at
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -99,13 +100,17 @@ def test_every_partition_has_a_materialization_and_edges_connect_the_graph(home)
     latest = query(home, "SELECT asset, partition, data_version, run_id FROM latest_materializations WHERE experiment = 'default'")
     version = {(row["asset"], row["partition"]): row["data_version"] for row in latest.iter_rows(named=True)}
     assert set(version) == {(asset, m) for asset in ("component_activations", "merge_history") for m in members} | {
-        ("normalized_ensemble", None), ("distance_matrices", None)}
+        ("normalized_ensemble", None), ("distance_matrices", None), ("consensus_clusters", None),
+        ("cluster_explorer", None)}
     edges = query(home, "SELECT * FROM lineage_edges WHERE experiment = 'default'")
     consumed = {(r["asset"], r["partition"], r["upstream_asset"], r["upstream_partition"]): r["upstream_data_version"]
                 for r in edges.iter_rows(named=True)}
     assert consumed[("distance_matrices", None, "normalized_ensemble", None)] == version[("normalized_ensemble", None)]
+    assert consumed[("consensus_clusters", None, "distance_matrices", None)] == version[("distance_matrices", None)]
+    assert consumed[("cluster_explorer", None, "consensus_clusters", None)] == version[("consensus_clusters", None)]
     for member in members:
         assert consumed[("normalized_ensemble", None, "merge_history", member)] == version[("merge_history", member)]
+        assert consumed[("consensus_clusters", None, "merge_history", member)] == version[("merge_history", member)]
         assert consumed[("merge_history", member, "component_activations", member)] == version[("component_activations", member)]
         assert ("component_activations", member, "source:synthetic", member) in consumed
 
@@ -116,11 +121,11 @@ def test_rerunning_a_partition_and_the_ensemble_keeps_history(home):
     latest = query(home, "SELECT asset, partition, run_id FROM latest_materializations WHERE experiment = 'alpha_half'")
     old_runs = set(before["run_id"])
     rerun = latest.filter((pl.col("partition") == "member_002") | pl.col("partition").is_null())
-    assert rerun.height == 4 and not (set(rerun["run_id"]) & old_runs), "latest rows must be the new runs"
+    assert rerun.height == 6 and not (set(rerun["run_id"]) & old_runs), "latest rows must be the new runs"
     untouched = latest.filter(pl.col("partition").is_not_null() & (pl.col("partition") != "member_002"))
     assert set(untouched["run_id"]) <= old_runs
     after = query(home, "SELECT count(*) AS n FROM materializations WHERE experiment = 'alpha_half'")["n"][0]
-    assert after == before.height + 4
+    assert after == before.height + 6
     # Result tables replace the partition's rows: no duplicates.
     counts = query(home, "SELECT member, count(*) AS n FROM merge_events WHERE experiment = 'alpha_half' GROUP BY member")
     assert counts["n"].n_unique() == 1
@@ -161,21 +166,85 @@ def test_sql_command_while_a_pipeline_runs(home):
     assert int(final.splitlines()[1]) > 0
 
 
-def test_clusters_of_a_member_and_of_the_consensus(home):
+def test_clusters_of_a_member_come_from_the_tables_and_equal_the_history(home):
     member = json.loads(cli(home, "clusters", "--iteration", "300", "--member", "member_001").stdout)
     assert member["experiment"] == "default" and member["iteration"] == 300 and member["member"] == "member_001"
-    ids = [v for v in member["clusters"].values() if v is not None]
-    assert sorted(set(ids)) == list(range(member["n_clusters"]))
-    assert all(ids.count(i) >= 2 for i in set(ids)), "singletons must be null, not clusters"
+    history = read_history_zip(asset_path("default", "merge_history", "member_001", home))
+    expected = partition_clusters(history.group_idxs[300])
+    assert member["clusters"] == {label: int(c) if c >= 0 else None for label, c in zip(history.labels, expected.cluster_of)}
+    assert member["k_groups"] == int(history.k_groups[300]) and member["n_clusters"] == expected.stability.size
 
+    missing = cli(home, "clusters", "--iteration", "300", "--member", "member_999", check=False)
+    assert missing.returncode == 1 and "member_000" in missing.stderr
+    beyond = cli(home, "clusters", "--iteration", "100000", "--member", "member_000", check=False)
+    assert beyond.returncode == 1 and "--iteration: expected 0.." in beyond.stderr and "Traceback" not in beyond.stderr
+
+
+def test_consensus_is_read_from_the_stored_result(home):
+    stored = load_consensus(asset_path("default", "consensus_clusters", None, home))
+    consensus = json.loads(cli(home, "clusters", "--consensus").stdout)
+    assert consensus["stored"] and consensus["iteration"] == stored.iteration and consensus["rule"] == stored.rule
+    assert consensus["members"] == stored.members and consensus["member"] is None
+    assert consensus["clusters"] == {label: int(c) if c >= 0 else None for label, c in zip(stored.labels, stored.cluster_of)}
+    assert [consensus["stability"][str(i)] for i in range(stored.n_clusters)] == pytest.approx(stored.stability.tolist())
+    clustered = [label for label, c in zip(stored.labels, stored.cluster_of) if c >= 0]
+    assert sorted(consensus["component_stability"]) == sorted(clustered)
+
+    # The rule: the median over members of each member's MDL-loss minimum, which on the default recovers the
+    # planted groups almost exactly.
+    minima = query(home, "SELECT member, arg_min(iteration, mdl_loss) AS best FROM merge_events "
+                         "WHERE experiment = 'default' GROUP BY member ORDER BY member")["best"].to_list()
+    assert stored.iteration == sorted(minima)[(len(minima) - 1) // 2]
+    with instance_at(home) as instance:
+        metadata = instance.get_latest_materialization_event(
+            AssetKey(["default", "consensus_clusters"])).asset_materialization.metadata
+    assert metadata["planted_truth_adjusted_rand_index"].value > 0.95
+    clusters = query(home, "SELECT * FROM consensus_clusters WHERE experiment = 'default' ORDER BY cluster")
+    assert clusters.height == stored.n_clusters and clusters["stability"].to_list() == pytest.approx(stored.stability.tolist())
+
+
+def test_consensus_at_another_iteration_is_computed(home):
     consensus = json.loads(cli(home, "clusters", "--iteration", "300", "--consensus").stdout)
     stored = load_ensemble(asset_path("default", "normalized_ensemble", None, home))
     expected = consensus_clusters(stored.ensemble.merges[:, 300, :])
-    assert consensus["members"] == stored.members and consensus["member"] is None
+    assert not consensus["stored"] and consensus["members"] == stored.members
     assert [consensus["clusters"][label] for label in stored.ensemble.labels] == [
         int(c) if c >= 0 else None for c in expected.cluster_of]
     stability = np.array([consensus["stability"][str(i)] for i in range(consensus["n_clusters"])])
     assert ((stability >= 0.5) & (stability <= 1.0)).all()
 
-    missing = cli(home, "clusters", "--iteration", "300", "--member", "member_999", check=False)
-    assert missing.returncode == 1 and "member_000" in missing.stderr
+
+QUERY_IMPORTS = r"""
+import sys
+from spd_assets.cli.main import main
+code = main(sys.argv[1:])
+heavy = sorted({name.split(".")[0] for name in sys.modules} & {"torch", "dagster", "polars", "spd_math"})
+sys.stderr.write("heavy:" + ",".join(heavy) + "\n")
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize("arguments", [
+    ["sql", "SELECT count(*) FROM consensus_clusters"],
+    ["clusters", "--consensus"],
+    ["clusters", "--member", "member_000", "--iteration", "10"],
+], ids=["sql", "consensus", "member"])
+def test_queries_import_neither_torch_nor_dagster(home, arguments):
+    result = subprocess.run([sys.executable, "-c", QUERY_IMPORTS, *arguments], env={**os.environ, "DAGSTER_HOME": str(home)},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "heavy:\n" in result.stderr, result.stderr
+
+
+def test_results_of_a_cli_run_load_in_a_notebook(home):
+    from spd_assets import ClusteringResults
+
+    results = ClusteringResults.load("alpha_half", home=home)
+    assert results.config.merge.alpha == 0.5 and list(results.histories) == results.ensemble.members
+    assert set(results.distances) == set(results.config.distance_methods)
+    assert results.tables["merge_events"]["experiment"].unique().to_list() == ["alpha_half"]
+    assert results.tables["consensus_clusters"].height == results.consensus.n_clusters
+    assert results.explorer_path.exists()
+    assert len(repr(results)) < 1000
+    with pytest.raises(Exception, match="no experiment 'nothing'"):
+        ClusteringResults.load("nothing", home=home)

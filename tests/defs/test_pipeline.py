@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import base64
+import re
+from pathlib import Path
+
 import duckdb
 import numpy as np
 import pytest
@@ -11,7 +15,7 @@ from dagster import AssetCheckKey, AssetKey, DagsterInstance
 from spd_assets.sources import source_for
 from spd_assets.storage.database import connect_read_only
 from spd_assets.storage.history_format import read_history_zip
-from spd_assets.storage.values import load_activations, load_distances, load_ensemble
+from spd_assets.storage.values import load_activations, load_consensus, load_distances, load_ensemble
 from spd_math import (
     compute_distances,
     drop_dead,
@@ -19,6 +23,7 @@ from spd_math import (
     normalize_ensemble,
     process_activations,
 )
+from spd_math.consensus import consensus_clusters
 from tests.pipeline_helpers import (
     asset_path,
     definitions_for,
@@ -57,6 +62,39 @@ def test_every_asset_materializes_with_metadata(pipeline):
     assert metadata["final_k"].value == 3
     distances_metadata = instance.get_latest_materialization_event(AssetKey([name, "distance_matrices"])).asset_materialization.metadata
     assert {"perm_invariant_hamming_mean_first", "matching_dist_mean_last"} <= set(distances_metadata)
+
+
+PLOTS = {"merge_history": ["mdl_curve"], "normalized_ensemble": ["member_overlap_heatmap"],
+         "distance_matrices": ["distances_plot"], "consensus_clusters": ["co_association", "distances_at_iteration"]}
+
+
+@pytest.mark.parametrize("asset", list(PLOTS))
+def test_plots_are_png_images_in_markdown_metadata(pipeline, asset):
+    metadata = pipeline["instance"].get_latest_materialization_event(
+        AssetKey([pipeline["config"].name, asset])).asset_materialization.metadata
+    for name in PLOTS[asset]:
+        found = re.fullmatch(r"!\[[^\]]+\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", metadata[name].value)
+        assert found, f"{asset}.{name} is not an embedded PNG"
+        png = base64.b64decode(found.group(1))
+        assert png.startswith(b"\x89PNG") and 5_000 < len(png) < 100_000
+
+
+def test_consensus_and_explorer_are_materialized(pipeline):
+    config, home, instance = pipeline["config"], pipeline["home"], pipeline["instance"]
+    consensus = load_consensus(asset_path(config.name, "consensus_clusters", None, home))
+    ensemble = load_ensemble(asset_path(config.name, "normalized_ensemble", None, home))
+    assert consensus.labels == ensemble.ensemble.labels and consensus.members == pipeline["members"]
+    expected = consensus_clusters(ensemble.ensemble.merges[:, consensus.iteration, :].numpy(), threshold=0.5)
+    assert np.array_equal(consensus.cluster_of, expected.cluster_of)
+    with connect_read_only(store_at(home)) as connection:
+        rows = connection.execute("SELECT count(*), count(cluster), max(iteration) FROM consensus_components "
+                                  "WHERE experiment = ?", [config.name]).fetchone()
+    assert rows == (len(consensus.labels), int((consensus.cluster_of >= 0).sum()), consensus.iteration)
+    event = instance.get_latest_materialization_event(AssetKey([config.name, "cluster_explorer"]))
+    page = Path(event.asset_materialization.metadata["path"].value)
+    assert event.asset_materialization.metadata["open"].value == page.as_uri()
+    html = page.read_text()
+    assert html.startswith("<!DOCTYPE html>") and '"experiment":"small"' in html
 
 
 def test_stored_results_equal_direct_spd_math(pipeline):

@@ -50,7 +50,7 @@ def test_every_result_table_is_an_asset_with_its_schema_downstream_of_its_produc
     producers = {"component_stats": "component_activations", "merge_events": "merge_history",
                  "membership_spans": "merge_history", "ensemble_members": "normalized_ensemble",
                  "distances": "distance_matrices", "materializations": "distance_matrices",
-                 "lineage_edges": "distance_matrices", "experiments": None}
+                 "lineage_edges": "distance_matrices", "consensus_components": "consensus_clusters", "experiments": None}
     assert set(producers) == set(TABLE_SCHEMAS)
     for table, producer in producers.items():
         node = graph.get(AssetKey([config.name, table]))

@@ -13,14 +13,20 @@ from spd_assets.errors import StorageError
 from spd_assets.storage.store import ResultsStore
 from spd_assets.storage.values import (
     VALUE_FORMATS,
+    ConsensusClusters,
     EnsembleDistances,
+    ExplorerPage,
     MemberEnsemble,
     load_activations,
+    load_consensus,
     load_distances,
     load_ensemble,
+    load_page,
     save_activations,
+    save_consensus,
     save_distances,
     save_ensemble,
+    save_page,
     value_format,
 )
 from spd_math import MergeHistory, NormalizedEnsemble, ProcessedActivations
@@ -104,5 +110,26 @@ def test_value_paths_use_each_types_suffix(tmp_path):
     store = ResultsStore(tmp_path)
     suffixes = {cls.__name__: value_format(cls).suffix for cls in VALUE_FORMATS}
     assert suffixes == {"ProcessedActivations": ".npz", "MergeHistory": ".zip", "MemberEnsemble": ".npz", "EnsembleDistances": ".npz",
+                        "ConsensusClusters": ".npz", "ExplorerPage": ".html",
                         "TokenBatch": ".npz"}
     assert np.all([store.value_path("e", "x", None, s).suffix == s for s in suffixes.values()])
+
+
+def test_consensus_and_explorer_page_round_trip(tmp_path):
+    consensus = ConsensusClusters(
+        iteration=7, rule="median over members of each member's MDL-loss minimum", threshold=0.5,
+        members=["member_000", "member_001"], member_iterations=[6, 7], labels=["a:0", "a:1", "b:0"],
+        cluster_of=np.array([0, 0, -1]), stability=np.array([0.75]), component_stability=np.array([0.75, 0.75, np.nan]))
+    save_consensus(tmp_path / "c.npz", consensus)
+    loaded = load_consensus(tmp_path / "c.npz")
+    assert (loaded.iteration, loaded.rule, loaded.threshold, loaded.members, loaded.member_iterations, loaded.labels) == (
+        consensus.iteration, consensus.rule, consensus.threshold, consensus.members, consensus.member_iterations,
+        consensus.labels)
+    np.testing.assert_array_equal(loaded.cluster_of, consensus.cluster_of)
+    np.testing.assert_array_equal(loaded.component_stability, consensus.component_stability)
+    assert repr(loaded) == "ConsensusClusters(iteration=7, 1 clusters of 2 of 3 components, threshold=0.5, members=2)"
+    page = ExplorerPage("<!DOCTYPE html><title>é</title>")
+    save_page(tmp_path / "p.html", page)
+    assert load_page(tmp_path / "p.html") == page and isinstance(load_page(tmp_path / "p.html"), ExplorerPage)
+    with pytest.raises(StorageError, match="missing.html"):
+        load_page(tmp_path / "missing.html")
