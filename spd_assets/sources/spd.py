@@ -218,10 +218,10 @@ class SpdSource(ModelSource[SpdSourceConfig]):
         needs = [RunTimeNeed("the spd package", available, "" if available else INSTALL_SPD)]
         # Registry presets name wandb runs too.
         if self.config.experiment_key is not None or self.config.model_path.startswith(WANDB_PREFIX):
+            run = self.config.model_path or f"the canonical run of experiment_key {self.config.experiment_key}"
             needs.append(RunTimeNeed(
                 "network access to wandb", None,
-                f"spd downloads {self.config.model_path or self.config.experiment_key} unless "
-                "$SPD_OUT_DIR/runs/<project>-<run id> holds a copy"))
+                f"spd downloads {run} unless $SPD_OUT_DIR/runs/<project>-<run id> holds a copy"))
         task = self.config.task_name or local_task_name(self.config.model_path)
         if self.config.token_ids is None and task != "resid_mlp":
             needs.append(RunTimeNeed(
