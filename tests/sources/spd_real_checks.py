@@ -108,6 +108,16 @@ def lm(run: str, token_ids: str) -> dict:
     }
 
 
+def registry() -> dict:
+    """experiment_key -> the canonical run in spd's registry (not loaded: canonical runs live on wandb)."""
+    return {
+        "resid_mlp1": SpdSource(SpdSourceConfig(experiment_key="resid_mlp1")).model_path,
+        "unknown_error": error_of(lambda: SpdSource(SpdSourceConfig(experiment_key="no_such_preset")).model_path),
+        "disagreeing_error": error_of(lambda: SpdSource(SpdSourceConfig(
+            experiment_key="resid_mlp1", model_path="wandb:goodfire/spd/runs/other")).model_path),
+    }
+
+
 def _with_ids(source: SpdSource, ids: np.ndarray) -> None:
     path = source.config.token_ids.with_name("too_long.npy")
     np.save(path, ids)
@@ -116,4 +126,4 @@ def _with_ids(source: SpdSource, ids: np.ndarray) -> None:
 
 if __name__ == "__main__":
     resid_run, lm_run, lm_ids = sys.argv[1:4]
-    print(json.dumps({"resid_mlp": resid_mlp(resid_run), "lm": lm(lm_run, lm_ids)}))
+    print(json.dumps({"resid_mlp": resid_mlp(resid_run), "lm": lm(lm_run, lm_ids), "registry": registry()}))

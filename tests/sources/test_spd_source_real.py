@@ -116,6 +116,11 @@ def test_causal_importances_are_spds_own(spd_python, real_runs, tmp_path):
     assert "expected token ids of shape [sequences, 8]" in lm["too_long_error"]
     assert "does not exist; expected an SPD run directory" in lm["missing_run_error"]
 
+    presets = found["registry"]
+    assert presets["resid_mlp1"] == "wandb:goodfire/spd/runs/0d2lld8j"  # the original's experiment_key rule
+    assert "'no_such_preset' names no preset with a canonical run" in presets["unknown_error"]
+    assert "expected one of them, or both equal" in presets["disagreeing_error"]
+
 
 def test_an_original_pipeline_config_runs_through_the_graph(spd_python, real_runs, tmp_path):
     """The original's command line and config shapes, unchanged, on a real SPD run: every member merged."""
