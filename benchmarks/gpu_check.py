@@ -1,74 +1,132 @@
 """On a machine with CUDA: the merge on the GPU and on the CPU, same input and seed, must give identical
-partitions; prints the seconds of each and the peak GPU memory.
+partitions; prints the seconds of each (setup and per iteration), peak GPU memory and peak RSS.
 
-    python benchmarks/gpu_check.py --samples 100000 --components 2000 --iters 1000 --density 0.03
+    python benchmarks/gpu_check.py                                   # the default ladder of sizes
+    python benchmarks/gpu_check.py --sizes 262144x16000x1000 --compact
+    python benchmarks/gpu_check.py --sizes 100000x2000x1000 --continuous
 
-Exits 0 when the partitions are identical, 1 when they differ, 2 when there is no CUDA device.
+`--sizes` takes SAMPLESxCOMPONENTSxITERS triples (comma-separated). `--compact` streams the
+rows into compact (sparse) activations, as the model sources do; otherwise the input is a
+dense float32 matrix (skipped, with a note, when it would not fit in host memory). Every
+size runs in its own try block: an out-of-memory error is reported and the next size runs.
+`--cpu-limit` skips the CPU comparison above that many components (the GPU figures are
+still printed).
+
+Exits 0 when every compared run gave identical partitions, 1 when one differed, 2 when there
+is no CUDA device.
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import sys
 import time
 
 import numpy as np
 import torch
-from bench_merge import synthetic_activations
+from bench_merge import compact_activations, synthetic_activations, timed_state_class
 
 from spd_math import MergeConfig, ProcessedActivations, merge_iteration
 
+DEFAULT_SIZES = "100000x2000x1000,100000x16000x1000,262144x16000x1000,100000x65536x1000"
 
-def timed_merge(activations: ProcessedActivations, config: MergeConfig, seed: int, device: str):
+
+def timed_merge(activations: ProcessedActivations, config: MergeConfig, seed: int, device: str, marks: list[float]):
     if device.startswith("cuda"):
         torch.cuda.synchronize(device)
     started = time.perf_counter()
     history = merge_iteration(activations, config, seed=seed, device=device)
     if device.startswith("cuda"):
         torch.cuda.synchronize(device)
-    return history, time.perf_counter() - started
+    ended = time.perf_counter()
+    setup = marks[-1] - started
+    return history, setup, (ended - marks[-1]) / max(history.n_iters, 1)
+
+
+def host_memory_gb() -> float:
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return float("inf")
+
+
+def check_size(n: int, c: int, iters: int, args, marks: list[float]) -> bool | None:
+    """Runs one size; True/False: identical partitions or not; None: not compared."""
+    threshold = None if args.continuous else 0.01
+    print(f"\n{n:,} samples x {c:,} components x {iters} iterations, density {args.density}, "
+          f"{'continuous' if args.continuous else 'threshold 0.01'}, {'compact' if args.compact else 'dense'} input",
+          flush=True)
+    started = time.perf_counter()
+    if args.compact and not args.continuous:
+        activations = compact_activations(n, c, args.density, args.group_size, args.seed, threshold)
+    else:
+        needed_gb = n * c * 4 / 2**30
+        if needed_gb > 0.6 * host_memory_gb():
+            print(f"  skipped: a dense input of {needed_gb:.0f} GB does not fit in host memory (use --compact)")
+            return None
+        data = synthetic_activations(n, c, args.density, args.group_size, args.seed)
+        activations = ProcessedActivations(activations=data, labels=[f"m:{i}" for i in range(c)])
+    print(f"  input made in {time.perf_counter() - started:.1f} s", flush=True)
+    config = MergeConfig(activation_threshold=threshold, iters=iters)
+    torch.cuda.reset_peak_memory_stats(args.device)
+    on_gpu, gpu_setup, gpu_iteration = timed_merge(activations, config, args.seed, args.device, marks)
+    peak_gpu_mb = torch.cuda.max_memory_allocated(args.device) / 2**20
+    print(f"  gpu   setup {gpu_setup:8.2f} s   {gpu_iteration:.4f} s/iteration   peak GPU memory {peak_gpu_mb:,.0f} MB",
+          flush=True)
+    if c > args.cpu_limit:
+        print(f"  cpu   skipped (more than --cpu-limit {args.cpu_limit} components)")
+        return None
+    on_cpu, cpu_setup, cpu_iteration = timed_merge(activations, config, args.seed, "cpu", marks)
+    same_partitions = torch.equal(on_gpu.group_idxs, on_cpu.group_idxs)
+    same_pairs = torch.equal(on_gpu.selected_pairs, on_cpu.selected_pairs)
+    gap = np.abs(on_gpu.mdl_losses.numpy() - on_cpu.mdl_losses.numpy()) / np.maximum(np.abs(on_cpu.mdl_losses.numpy()), 1e-300)
+    print(f"  cpu   setup {cpu_setup:8.2f} s   {cpu_iteration:.4f} s/iteration   "
+          f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GB")
+    print(f"  identical partitions: {same_partitions}, identical pairs: {same_pairs}, "
+          f"max relative MDL difference {float(gap.max()):.2e}")
+    if not same_partitions:
+        first = int(torch.nonzero((on_gpu.group_idxs != on_cpu.group_idxs).any(dim=1))[0])
+        print(f"  first differing iteration: {first}", file=sys.stderr)
+    return same_partitions
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--samples", type=int, default=100_000)
-    parser.add_argument("--components", type=int, default=2_000)
-    parser.add_argument("--iters", type=int, default=1_000)
+    parser.add_argument("--sizes", default=DEFAULT_SIZES, help="SAMPLESxCOMPONENTSxITERS, comma-separated")
     parser.add_argument("--density", type=float, default=0.03)
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--continuous", action="store_true", help="continuous mode (activation_threshold: null)")
+    parser.add_argument("--compact", action="store_true", help="compact (sparse) input built by streaming rows")
+    parser.add_argument("--cpu-limit", type=int, default=70_000, help="compare with the CPU up to this many components")
     parser.add_argument("--device", default="cuda:0")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA device visible (torch.cuda.is_available() is False); nothing to compare", file=sys.stderr)
         return 2
-
-    data = synthetic_activations(args.samples, args.components, args.density, args.group_size, args.seed)
-    activations = ProcessedActivations(activations=data, labels=[f"m:{i}" for i in range(args.components)])
-    config = MergeConfig(activation_threshold=None if args.continuous else 0.01, iters=args.iters)
-    print(f"gpu_check: {args.samples:,} samples x {args.components:,} components, {args.iters} iterations, "
-          f"{'continuous' if args.continuous else 'threshold 0.01'}, {torch.cuda.get_device_name(args.device)}")
-
+    print(f"gpu_check on {torch.cuda.get_device_name(args.device)}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} CPU threads")
+    marks = timed_state_class()
     # Warm-up: CUDA context and kernels load once, outside the timing.
-    merge_iteration(ProcessedActivations(activations=data[:4096, :64], labels=activations.labels[:64]),
-                    MergeConfig(iters=5), seed=0, device=args.device)
-    torch.cuda.reset_peak_memory_stats(args.device)
-    on_gpu, gpu_seconds = timed_merge(activations, config, args.seed, args.device)
-    peak_gpu_mb = torch.cuda.max_memory_allocated(args.device) / 2**20
-    on_cpu, cpu_seconds = timed_merge(activations, config, args.seed, "cpu")
-
-    same_partitions = torch.equal(on_gpu.group_idxs, on_cpu.group_idxs)
-    same_pairs = torch.equal(on_gpu.selected_pairs, on_cpu.selected_pairs)
-    mdl_gap = float(np.max(np.abs(on_gpu.mdl_losses.numpy() - on_cpu.mdl_losses.numpy()) / np.abs(on_cpu.mdl_losses.numpy())))
-    print(f"  cpu   {cpu_seconds:8.2f} s")
-    print(f"  gpu   {gpu_seconds:8.2f} s   peak GPU memory {peak_gpu_mb:,.0f} MB   speed-up {cpu_seconds / gpu_seconds:.1f}x")
-    print(f"  identical partitions: {same_partitions}, identical pairs: {same_pairs}, max relative MDL difference {mdl_gap:.2e}")
-    if not same_partitions:
-        first = int(torch.nonzero((on_gpu.group_idxs != on_cpu.group_idxs).any(dim=1))[0])
-        print(f"  first differing iteration: {first}", file=sys.stderr)
-        return 1
-    return 0
+    warm = synthetic_activations(4096, 64, 0.1, 8, 0)
+    merge_iteration(ProcessedActivations(warm, [f"m:{i}" for i in range(64)]), MergeConfig(iters=5), seed=0, device=args.device)
+    results = []
+    for size in args.sizes.split(","):
+        n, c, iters = (int(part) for part in size.lower().split("x"))
+        try:
+            results.append(check_size(n, c, iters, args, marks))
+        except torch.cuda.OutOfMemoryError as error:
+            print(f"  out of GPU memory: {error}")
+            results.append(None)
+        torch.cuda.empty_cache()
+    compared = [r for r in results if r is not None]
+    print(f"\n{len(compared)} size(s) compared, {sum(compared)} identical")
+    return 0 if all(compared) else 1
 
 
 if __name__ == "__main__":

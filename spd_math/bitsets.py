@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from spd_math import backend
+from spd_math.errors import MergeError
 
 BITS_PER_WORD = 64
 
@@ -33,7 +34,7 @@ def pack_words(mask: torch.Tensor) -> torch.Tensor:
     """`[m, c]` boolean (m a multiple of 64) -> `[m // 64, c]` int64; sample s is bit s % 64 of word s // 64."""
     m, c = mask.shape
     if m % BITS_PER_WORD:
-        raise ValueError(f"pack_words: expected a multiple of {BITS_PER_WORD} rows, got {m}")
+        raise MergeError(f"pack_words: expected a multiple of {BITS_PER_WORD} rows, got {m}")
     if not backend.numpy_fast_path(mask):
         return pack_words_torch(mask)
     packed = np.packbits(mask.numpy(), axis=0, bitorder="little")  # [m // 8, c]: 8 samples a byte

@@ -2,41 +2,59 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-# Sampler name -> the keyword arguments it accepts and their defaults (MATH.md §5).
-SAMPLER_KWARG_DEFAULTS: dict[str, dict[str, float]] = {
-    "range": {"threshold": 0.05},
-    "mcmc": {"temperature": 1.0},
-}
+from spd_math.errors import ConfigError
+from spd_math.samplers import SAMPLERS
+from spd_math.validation import finite_number
+
+# Sampler name -> the keyword arguments it accepts and their defaults (docs/math.md §5).
+SAMPLER_KWARG_DEFAULTS: dict[str, dict[str, float]] = {name: dict(spec.kwarg_defaults) for name, spec in SAMPLERS.items()}
+
+__all__ = ["SAMPLER_KWARG_DEFAULTS", "ConfigError", "MergeConfig"]
 
 
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field, the value and what was expected."""
-
-
-def _finite_number(name: str, value: Any, *, minimum: float | None = None, strictly_positive: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{name}: expected a number, got {value!r}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ConfigError(f"{name}: expected a finite number, got {value!r}")
-    if strictly_positive and value <= 0:
-        raise ConfigError(f"{name}: expected a number > 0, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise ConfigError(f"{name}: expected a number >= {minimum}, got {value!r}")
-    return value
+def _finite_number(name: str, value: Any, **bounds: Any) -> float:
+    return finite_number(name, value, ConfigError, **bounds)
 
 
 @dataclass(frozen=True)
 class MergeConfig:
-    """How one merge run works (MATH.md §2-§7).
+    """How one merge run works (docs/math.md §2-§7), with the keys and defaults of the original research configs.
 
-    `activation_threshold=None` means continuous mode (group activations are sums, not ORs).
-    `iters=None` merges until three groups remain.
+    Parameters
+    ----------
+    activation_threshold : float or None, default 0.01
+        Boolean mode: a component is active where its activation is `> activation_threshold`.
+        None: continuous mode (group activations are sums, not ORs).
+    alpha : float, default 1.0
+        Weight of the group-size term of the MDL cost (>= 0).
+    iters : int or None, default 100
+        Number of merges; None merges until three groups remain.
+    merge_pair_sampling_method : str, default "range"
+        A name in `spd_math.SAMPLERS` (docs/math.md §5).
+    merge_pair_sampling_kwargs : mapping, default {"threshold": 0.05}
+        The sampler's keyword arguments; missing ones take the sampler's defaults.
+    filter_dead_threshold : float, default 0.001
+        Components whose maximum activation is below this are dropped as dead (docs/math.md §1).
+    module_name_filter : str or None
+        Keep only modules whose name starts with this prefix.
+
+    Raises
+    ------
+    ConfigError
+        A value of the wrong type or out of range, or an unknown sampler or sampler kwarg.
+
+    Examples
+    --------
+    >>> from spd_math import MergeConfig
+    >>> config = MergeConfig(iters=10, merge_pair_sampling_method="mcmc", merge_pair_sampling_kwargs={})
+    >>> config.merge_pair_sampling_kwargs
+    {'temperature': 1.0}
+    >>> MergeConfig.from_dict(config.to_dict()) == config
+    True
     """
 
     activation_threshold: float | None = 0.01
@@ -56,11 +74,7 @@ class MergeConfig:
         if self.iters is not None:
             if isinstance(self.iters, bool) or not isinstance(self.iters, int) or self.iters < 1:
                 raise ConfigError(f"iters: expected a positive integer or None, got {self.iters!r}")
-        method = self.merge_pair_sampling_method
-        if method not in SAMPLER_KWARG_DEFAULTS:
-            raise ConfigError(
-                f"merge_pair_sampling_method: expected one of {sorted(SAMPLER_KWARG_DEFAULTS)}, got {method!r}"
-            )
+        SAMPLERS.lookup(self.merge_pair_sampling_method, ConfigError)
         object.__setattr__(self, "merge_pair_sampling_kwargs", self._validated_sampler_kwargs())
         object.__setattr__(
             self, "filter_dead_threshold", _finite_number("filter_dead_threshold", self.filter_dead_threshold, minimum=0.0)
@@ -76,21 +90,14 @@ class MergeConfig:
             kwargs = {}
         if not isinstance(kwargs, Mapping):
             raise ConfigError(f"merge_pair_sampling_kwargs: expected a mapping, got {kwargs!r}")
-        allowed = SAMPLER_KWARG_DEFAULTS[self.merge_pair_sampling_method]
-        unknown = sorted(set(kwargs) - set(allowed))
+        sampler = SAMPLERS.lookup(self.merge_pair_sampling_method, ConfigError)
+        unknown = sorted(set(kwargs) - set(sampler.kwarg_defaults))
         if unknown:
             raise ConfigError(
                 f"merge_pair_sampling_kwargs: unknown key(s) {unknown} for sampler "
-                f"{self.merge_pair_sampling_method!r}; expected only {sorted(allowed)}"
+                f"{self.merge_pair_sampling_method!r}; expected only {sorted(sampler.kwarg_defaults)}"
             )
-        merged = {**allowed, **kwargs}
-        name = f"merge_pair_sampling_kwargs.{next(iter(allowed))}"
-        if self.merge_pair_sampling_method == "range":
-            value = _finite_number(name, merged["threshold"], minimum=0.0)
-            if value > 1:
-                raise ConfigError(f"{name}: expected a fraction in [0, 1], got {value!r}")
-            return {"threshold": value}
-        return {"temperature": _finite_number(name, merged["temperature"], strictly_positive=True)}
+        return sampler.check_kwargs({**sampler.kwarg_defaults, **kwargs})
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> MergeConfig:

@@ -15,11 +15,29 @@ import scipy.sparse
 import torch
 from scipy.sparse.csgraph import connected_components
 
+from spd_math.errors import PartitionError
+from spd_math.validation import finite_number, integer_labels
+
 
 @dataclass(frozen=True)
 class Clusters:
-    """`cluster_of[x]`: cluster id of item x, or -1 when x is alone. Ids count up from 0 in order of each
-    cluster's first item. `stability[i]`: mean co-association of cluster i's pairs (1.0 for one partition)."""
+    """Clusters as researchers read them.
+
+    Attributes
+    ----------
+    cluster_of : numpy.ndarray
+        `cluster_of[x]`: cluster id of item x, or -1 when x is alone. Ids count up from 0 in order
+        of each cluster's first item.
+    stability : numpy.ndarray
+        `stability[i]`: mean co-association of cluster i's pairs (1.0 for one partition).
+
+    Examples
+    --------
+    >>> from spd_math import partition_clusters
+    >>> clusters = partition_clusters([4, 4, 7, 1, 7])
+    >>> clusters.cluster_of.tolist(), clusters.stability.tolist()
+    ([0, 0, 1, -1, 1], [1.0, 1.0])
+    """
 
     cluster_of: np.ndarray
     stability: np.ndarray
@@ -40,8 +58,29 @@ def _numbered(groups: np.ndarray) -> Clusters:
 
 
 def partition_clusters(groups: np.ndarray | torch.Tensor) -> Clusters:
-    """One member's partition at one iteration, as clusters (singleton groups are not clusters)."""
-    return _numbered(np.asarray(groups).reshape(-1))
+    """One member's partition at one iteration, as clusters (singleton groups are not clusters).
+
+    Parameters
+    ----------
+    groups : array-like of int
+        `[c]` group ids (a NumPy array, torch tensor or sequence).
+
+    Returns
+    -------
+    Clusters
+
+    Raises
+    ------
+    PartitionError
+        Not a 1-D array of integer group ids.
+
+    Examples
+    --------
+    >>> from spd_math import partition_clusters
+    >>> partition_clusters([2, 0, 2]).cluster_of.tolist()
+    [0, -1, 0]
+    """
+    return _numbered(integer_labels(groups, "groups", PartitionError, ndim=1, layout="[c]"))
 
 
 def _co_association_counts(partitions: np.ndarray) -> scipy.sparse.csr_matrix:
@@ -56,12 +95,41 @@ def _co_association_counts(partitions: np.ndarray) -> scipy.sparse.csr_matrix:
 
 
 def consensus_clusters(partitions: np.ndarray | torch.Tensor, threshold: float = 0.5) -> Clusters:
-    """Consensus of `[n_members, c]` partitions (one iteration of a normalized ensemble)."""
-    partitions = np.asarray(partitions)
-    if partitions.ndim != 2 or partitions.shape[0] == 0:
-        raise ValueError(f"partitions: expected [n_members >= 1, c], got shape {partitions.shape}")
+    """Consensus of `[n_members, c]` partitions (one iteration of a normalized ensemble).
+
+    Two items are linked when they share a group in at least `threshold` of the members;
+    clusters are the connected components of the links, and a cluster's stability is the mean
+    co-association of its pairs.
+
+    Parameters
+    ----------
+    partitions : array-like of int
+        `[n_members, c]` group ids.
+    threshold : float, default 0.5
+        Fraction of members in (0, 1].
+
+    Returns
+    -------
+    Clusters
+
+    Raises
+    ------
+    PartitionError
+        Bad shape, non-integer ids or a threshold outside (0, 1].
+
+    Examples
+    --------
+    >>> from spd_math import consensus_clusters
+    >>> clusters = consensus_clusters([[0, 0, 1, 2], [0, 0, 0, 1], [5, 5, 6, 6]])
+    >>> clusters.cluster_of.tolist(), clusters.stability.tolist()
+    ([0, 0, -1, -1], [1.0])
+    """
+    partitions = integer_labels(partitions, "partitions", PartitionError, ndim=2, layout="[n_members, c]")
+    if partitions.shape[0] == 0:
+        raise PartitionError(f"partitions: expected [n_members >= 1, c], got shape {partitions.shape}")
+    threshold = finite_number("threshold", threshold, PartitionError)
     if not 0 < threshold <= 1:
-        raise ValueError(f"threshold: expected a fraction in (0, 1], got {threshold}")
+        raise PartitionError(f"threshold: expected a fraction in (0, 1], got {threshold}")
     n_members = partitions.shape[0]
     counts = _co_association_counts(partitions)
     # In whole members: "at least half" of 4 members is 2, of 5 members is 3.

@@ -1,4 +1,4 @@
-"""Distances between the partitions of ensemble members (MATH.md §9), exact and incremental.
+"""Distances between the partitions of ensemble members (docs/math.md §9), exact and incremental.
 
 For two labellings a, b of the same n items, both distances are sums over *blocks*: sets of
 items closed under "same group in a" and "same group in b".
@@ -33,8 +33,9 @@ from scipy.sparse.csgraph import (
 )
 
 from spd_math.ensemble import NormalizedEnsemble
-
-DISTANCE_METHODS = ("perm_invariant_hamming", "matching_dist")
+from spd_math.errors import DistanceError
+from spd_math.registry import Registry
+from spd_math.validation import integer_labels
 
 # Bound on (member pairs tracked at once) x (items): the per-pair state is two int64 arrays
 # of this size, so pairs are processed in chunks that keep it near 32 MB.
@@ -49,30 +50,90 @@ DENSE_ENTRIES_PER_CELL = 16
 BlocksFn = Callable[[np.ndarray, np.ndarray, np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 
 
-class DistanceError(ValueError):
-    """Bad input to a distance computation; the message names the argument and what was expected."""
-
-
 def perm_invariant_hamming_matrix(labels_2d) -> torch.Tensor:
-    """`[n_ens, n_ens]` int64: perm-invariant Hamming distance between every two rows of `labels_2d`."""
+    """Perm-invariant Hamming distance between every two labellings (docs/math.md §9).
+
+    Parameters
+    ----------
+    labels_2d : array-like of int
+        `[n_ens, n]` group ids, one labelling of the same n items per row.
+
+    Returns
+    -------
+    torch.Tensor
+        `[n_ens, n_ens]` int64, symmetric, zero diagonal.
+
+    Raises
+    ------
+    DistanceError
+        Not a 2-D integer array with at least one row.
+
+    Examples
+    --------
+    >>> from spd_math import perm_invariant_hamming_matrix
+    >>> perm_invariant_hamming_matrix([[0, 0, 1, 1], [5, 5, 5, 9], [1, 1, 0, 0]]).tolist()
+    [[0, 1, 0], [1, 0, 1], [0, 1, 0]]
+    """
     labels = _validated_labels(labels_2d, "labels_2d", ndim=2)
     return _distance_matrices(labels[:, None, :], "perm_invariant_hamming")[0]
 
 
 def matching_dist_matrix(labels_2d) -> torch.Tensor:
-    """`[n_ens, n_ens]` int64: matching distance between every two rows of `labels_2d`."""
+    """Matching distance (item pairs whose "same group" differs) between every two labellings (docs/math.md §9).
+
+    Parameters
+    ----------
+    labels_2d : array-like of int
+        `[n_ens, n]` group ids.
+
+    Returns
+    -------
+    torch.Tensor
+        `[n_ens, n_ens]` int64, symmetric, zero diagonal.
+
+    Raises
+    ------
+    DistanceError
+        Not a 2-D integer array with at least one row.
+
+    Examples
+    --------
+    >>> from spd_math import matching_dist_matrix
+    >>> matching_dist_matrix([[0, 0, 1, 1], [5, 5, 5, 9]]).tolist()
+    [[0, 3], [3, 0]]
+    """
     labels = _validated_labels(labels_2d, "labels_2d", ndim=2)
     return _distance_matrices(labels[:, None, :], "matching_dist")[0]
 
 
 def compute_distances(ensemble_or_merges_array, method: str) -> torch.Tensor:
-    """`[n_iters, n_ens, n_ens]` int64: one full symmetric distance matrix per iteration.
+    """One full symmetric distance matrix per iteration of an ensemble (docs/math.md §9).
 
-    Takes a `NormalizedEnsemble` or its `merges` array (`[n_ens, n_iters, c]` integer group
-    ids); `method` is one of `DISTANCE_METHODS`.
+    Parameters
+    ----------
+    ensemble_or_merges_array : NormalizedEnsemble or array-like of int
+        A normalized ensemble, or its `merges` array `[n_ens, n_iters, c]` of group ids.
+    method : str
+        A name in `DISTANCE_METHODS` ("perm_invariant_hamming" or "matching_dist").
+
+    Returns
+    -------
+    torch.Tensor
+        `[n_iters, n_ens, n_ens]` int64.
+
+    Raises
+    ------
+    DistanceError
+        An unknown method, or merges that are not a 3-D integer array with at least one member.
+
+    Examples
+    --------
+    >>> from spd_math import compute_distances
+    >>> merges = [[[0, 1, 2], [0, 0, 1]], [[0, 1, 2], [0, 1, 1]]]
+    >>> compute_distances(merges, "perm_invariant_hamming")[:, 0, 1].tolist()
+    [0, 1]
     """
-    if method not in DISTANCE_METHODS:
-        raise DistanceError(f"method: expected one of {DISTANCE_METHODS}, got {method!r}")
+    DISTANCE_METHODS.lookup(method, DistanceError, "method")
     if isinstance(ensemble_or_merges_array, NormalizedEnsemble):
         merges = _validated_labels(ensemble_or_merges_array.merges, "ensemble.merges", ndim=3)
     else:
@@ -83,42 +144,33 @@ def compute_distances(ensemble_or_merges_array, method: str) -> torch.Tensor:
 def _validated_labels(value, name: str, ndim: int) -> np.ndarray:
     """Group ids as an int64 array of `ndim` dimensions with at least one member, or a DistanceError."""
     layout = "[n_ens, n]" if ndim == 2 else "[n_ens, n_iters, c]"
-    if isinstance(value, torch.Tensor):
-        value = value.detach().cpu().numpy()
-    try:
-        array = np.asarray(value)
-    except (TypeError, ValueError) as error:
-        raise DistanceError(f"{name}: expected a {layout} integer array, got {type(value).__name__} ({error})") from None
-    if array.ndim != ndim:
-        raise DistanceError(f"{name}: expected a {ndim}-D {layout} integer array, got shape {array.shape}")
+    array = integer_labels(value, name, DistanceError, ndim=ndim, layout=layout)
     if array.shape[0] == 0:
         raise DistanceError(f"{name}: expected at least one ensemble member, got shape {array.shape}")
-    if array.dtype.kind in "iub":
-        # uint64 ids above 2**63 wrap around: still one distinct int64 per distinct id.
-        return array.astype(np.int64, copy=False)
-    if array.dtype.kind != "f":
-        raise DistanceError(f"{name}: expected integer group ids, got dtype {array.dtype}")
-    if not np.isfinite(array).all():
-        raise DistanceError(f"{name}: expected integer group ids, found NaN or inf (dtype {array.dtype})")
-    if (array != np.round(array)).any() or (np.abs(array) >= 2.0**63).any():
-        raise DistanceError(f"{name}: expected integer group ids, found non-integer or out-of-int64 values (dtype {array.dtype})")
-    return array.astype(np.int64)
+    return array
 
 
 def _distance_matrices(merges: np.ndarray, method: str) -> torch.Tensor:
     n_ens, n_iters, n = merges.shape
     merges, n_ids = _compact_ids(merges)
     first, second = np.triu_indices(n_ens, 1)
-    if method == "perm_invariant_hamming":
-        per_pair = n - _pair_block_totals(merges, n_ids, first, second, _component_blocks)
-    else:
-        together = _pairs_together(merges, n_ids)  # [n_ens, n_iters]
-        together_in_both = _pair_block_totals(merges, n_ids, first, second, _cell_blocks)
-        per_pair = together[first].T + together[second].T - 2 * together_in_both
+    per_pair = DISTANCE_METHODS.lookup(method, DistanceError, "method")(merges, n_ids, first, second)
     matrices = np.zeros((n_iters, n_ens, n_ens), dtype=np.int64)
     matrices[:, first, second] = per_pair
     matrices[:, second, first] = per_pair
     return torch.from_numpy(matrices)
+
+
+def _perm_invariant_hamming(merges: np.ndarray, n_ids: int, first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """`[n_iters, n_pairs]`: n minus the best group matching of members first[p] and second[p]."""
+    return merges.shape[2] - _pair_block_totals(merges, n_ids, first, second, _component_blocks)
+
+
+def _matching_dist(merges: np.ndarray, n_ids: int, first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """`[n_iters, n_pairs]`: item pairs together in exactly one of members first[p] and second[p]."""
+    together = _pairs_together(merges, n_ids)  # [n_ens, n_iters]
+    together_in_both = _pair_block_totals(merges, n_ids, first, second, _cell_blocks)
+    return together[first].T + together[second].T - 2 * together_in_both
 
 
 def _compact_ids(merges: np.ndarray) -> tuple[np.ndarray, int]:
@@ -310,3 +362,15 @@ def _max_weight_matching(a_node: np.ndarray, b_node: np.ndarray, weight: np.ndar
     edge_key = a_row * n_b + b_col
     by_key = np.argsort(edge_key)
     return by_key[np.searchsorted(edge_key[by_key], matched_rows[real] * n_b + matched_cols[real])]
+
+
+# method name -> `(merges, n_ids, first, second) -> [n_iters, n_pairs]` distances of member pairs
+# (first[p], second[p]) on compacted ids. A tuple of the names, as configs use it; a new method is
+# one function and one line here.
+DISTANCE_METHODS: Registry[Callable[[np.ndarray, int, np.ndarray, np.ndarray], np.ndarray]] = Registry(
+    "method",
+    {
+        "perm_invariant_hamming": _perm_invariant_hamming,
+        "matching_dist": _matching_dist,
+    },
+)

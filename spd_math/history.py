@@ -1,16 +1,17 @@
-"""The record of one merge run (MATH.md §7)."""
+"""The record of one merge run (docs/math.md §7)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from spd_math.config import MergeConfig
+from spd_math.errors import HistoryError
+from spd_math.validation import as_tensor
 
-
-class HistoryError(ValueError):
-    """A merge history is inconsistent; the message names the field and what was expected."""
+__all__ = ["HistoryError", "MergeHistory"]
 
 
 def _check_rows(name: str, value: torch.Tensor | None, n_iters: int, trailing: tuple[int, ...] = ()) -> None:
@@ -23,11 +24,40 @@ def _check_rows(name: str, value: torch.Tensor | None, n_iters: int, trailing: t
 
 @dataclass(frozen=True)
 class MergeHistory:
-    """Partitions after every merge of one run, plus the per-iteration diagnostics when known.
+    """Partitions after every merge of one run, plus the per-iteration diagnostics when known (docs/math.md §7).
 
     `group_idxs[i, x]` is the group of component `labels[x]` after iteration `i`; groups are
     numbered by their smallest member, so `k_groups[i] == c - i - 1`. Histories read from
-    older files may lack the diagnostics (`selected_pairs`, `pair_costs`, `mdl_losses`, `config`).
+    older files may lack the diagnostics. Arrays and nested sequences are converted to tensors.
+
+    Parameters
+    ----------
+    labels : list of str
+        `[c]` component labels.
+    group_idxs : torch.Tensor or numpy.ndarray
+        `[n_iters, c]` integer group ids.
+    selected_pairs : tensor or array, optional
+        `[n_iters, 2]` the pairs as sampled (pre-merge group ids).
+    k_groups : tensor or array, optional
+        `[n_iters]` groups after each merge; derived from `group_idxs` when omitted.
+    pair_costs, mdl_losses : tensor or array, optional
+        `[n_iters]` cost of the chosen pair and the MDL loss after each merge.
+    config : MergeConfig, optional
+    seed : int, optional
+        The seed the run's sampler used.
+
+    Raises
+    ------
+    HistoryError
+        Shapes that do not agree, or non-integer group ids.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from spd_math import MergeHistory
+    >>> history = MergeHistory(labels=["a:0", "a:1", "a:2"], group_idxs=np.array([[0, 0, 1], [0, 0, 0]]))
+    >>> history.n_iters, history.k_groups.tolist()
+    (2, [2, 1])
     """
 
     labels: list[str]
@@ -40,6 +70,17 @@ class MergeHistory:
     seed: int | None = None
 
     def __post_init__(self) -> None:
+        # Arrays and sequences become tensors here, at the edge.
+        for name in ("group_idxs", "selected_pairs", "k_groups", "pair_costs", "mdl_losses"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, as_tensor(name, value, HistoryError, allow_sequence=True))
+        if self.group_idxs.is_floating_point() or self.group_idxs.dtype == torch.bool:
+            raise HistoryError(f"group_idxs: expected integer group ids, got dtype {self.group_idxs.dtype}")
+        if not isinstance(self.labels, list):
+            object.__setattr__(self, "labels", [str(label) for label in np.asarray(self.labels).reshape(-1)])
+        if self.config is not None and not isinstance(self.config, MergeConfig):
+            raise HistoryError(f"config: expected a MergeConfig or None, got {type(self.config).__name__}")
         if self.group_idxs.ndim != 2:
             raise HistoryError(f"group_idxs: expected a 2-D [n_iters, c] tensor, got shape {tuple(self.group_idxs.shape)}")
         n_iters, c = self.group_idxs.shape

@@ -1,4 +1,9 @@
-"""Shared test fixtures: where the golden vectors live."""
+"""Shared test helpers: where the golden vectors live, and the one way a test skips without them.
+
+Golden vectors are read from ../shared/golden relative to the project root (CI always has
+them); where that folder is absent (a user's clone of the project alone), every golden test
+skips with the reason below and all other tests still run.
+"""
 
 from __future__ import annotations
 
@@ -7,17 +12,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-# ../shared/golden relative to the project root; present in CI, absent in a user's clone.
-GOLDEN_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "golden"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+GOLDEN_DIR = PROJECT_ROOT.parent / "shared" / "golden"
 
 
 def golden_files(pattern: str) -> list[Path]:
-    """The golden files matching `pattern`, or one placeholder that makes the test skip."""
+    """The golden files matching `pattern`, or one placeholder that makes `load_golden` skip the test."""
     files = sorted(GOLDEN_DIR.glob(pattern)) if GOLDEN_DIR.is_dir() else []
     return files or [GOLDEN_DIR / pattern]
 
 
 def load_golden(path: Path) -> dict[str, np.ndarray]:
+    """All arrays of one golden file; skips the calling test when the file is not there."""
     if not path.exists():
         pytest.skip(f"golden vectors not found at {GOLDEN_DIR} (they live in ../shared/golden next to the project)")
     with np.load(path) as data:

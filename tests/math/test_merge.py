@@ -1,4 +1,4 @@
-"""The merge engine against a textbook implementation of MATH.md, its sampler, edge cases and errors."""
+"""The merge engine against a textbook implementation of docs/math.md, its sampler, edge cases and errors."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from spd_math import (
 
 
 def textbook_merge(activations: torch.Tensor, config: MergeConfig, choose) -> dict[str, list]:
-    """MATH.md §2-§7 written plainly: dense group columns, recomputed in float64 every iteration."""
+    """docs/math.md §2-§7 written plainly: dense group columns, recomputed in float64 every iteration."""
     boolean = config.activation_threshold is not None
     columns = (activations > config.activation_threshold).double() if boolean else activations.double()
     n, c = columns.shape

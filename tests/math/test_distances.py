@@ -1,4 +1,4 @@
-"""Distances between ensemble members (MATH.md §9): golden vectors, textbook equality, metric laws, errors."""
+"""Distances between ensemble members (docs/math.md §9): golden vectors, textbook equality, metric laws, errors."""
 
 from __future__ import annotations
 
@@ -22,10 +22,7 @@ from spd_math.distances import (
     perm_invariant_hamming_matrix,
 )
 from spd_math.ensemble import normalize_ensemble
-
-GOLDEN = Path(__file__).resolve().parent.parent.parent / "shared" / "golden"
-needs_golden = pytest.mark.skipif(not GOLDEN.is_dir(), reason=f"golden vectors not found at {GOLDEN} (only the project is checked out)")
-
+from tests.conftest import golden_files, load_golden
 
 # --- textbook definitions -------------------------------------------------------------------
 
@@ -67,10 +64,9 @@ def assert_metric(matrix: np.ndarray) -> None:
 # --- golden vectors ---------------------------------------------------------------------------
 
 
-@needs_golden
-@pytest.mark.parametrize("path", sorted(GOLDEN.glob("hamming_*.npz")) if GOLDEN.is_dir() else [], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", golden_files("hamming_*.npz"), ids=lambda p: p.name)
 def test_golden_hamming(path: Path) -> None:
-    golden = np.load(path)
+    golden = load_golden(path)
     result = perm_invariant_hamming_matrix(golden["labels"])
     assert result.dtype == torch.int64
     expected = golden["expected"]
@@ -79,10 +75,9 @@ def test_golden_hamming(path: Path) -> None:
     assert_metric(result.numpy())
 
 
-@needs_golden
-@pytest.mark.parametrize("path", sorted(GOLDEN.glob("ensemble_*.npz")) if GOLDEN.is_dir() else [], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", golden_files("ensemble_*.npz"), ids=lambda p: p.name)
 def test_golden_ensemble(path: Path) -> None:
-    golden = np.load(path)
+    golden = load_golden(path)
     members = [
         spd_math.MergeHistory(
             labels=[str(x) for x in golden[f"member{m}::labels"]],

@@ -1,0 +1,145 @@
+"""Compiled CPU kernels (Numba) for the exact integer work of the merge setup.
+
+Optional: where Numba is not installed, `AVAILABLE` is False and callers take their torch
+paths (the ones every non-CPU device uses), which give the same exact integers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+try:  # pragma: no cover - exercised wherever numba is installed
+    import numba
+
+    AVAILABLE = True
+except ImportError:  # pragma: no cover
+    numba = None
+    AVAILABLE = False
+
+
+def _njit(**options):
+    def wrap(function):
+        if not AVAILABLE:
+            return function
+        return numba.njit(cache=True, nogil=True, **options)(function)
+
+    return wrap
+
+
+@_njit()
+def transpose_structure(indptr, indices, n_columns):  # pragma: no cover - compiled
+    """CSR rows -> CSC: for every column its rows (ascending) and each entry's position in its row."""
+    counts = np.zeros(n_columns + 1, np.int64)
+    for t in range(indices.size):
+        counts[indices[t] + 1] += 1
+    for j in range(n_columns):
+        counts[j + 1] += counts[j]
+    col_ptr = counts.copy()
+    fill = counts[:-1].copy()
+    col_rows = np.empty(indices.size, np.int32)
+    col_pos = np.empty(indices.size, np.int32)
+    for row in range(indptr.size - 1):
+        for t in range(indptr[row], indptr[row + 1]):
+            j = indices[t]
+            col_rows[fill[j]] = row
+            col_pos[fill[j]] = t - indptr[row]
+            fill[j] += 1
+    return col_ptr, col_rows, col_pos
+
+
+@_njit(parallel=True)
+def upper_counts(indptr, indices, col_ptr, col_rows, col_pos, out, block):  # pragma: no cover - compiled
+    """`out[i, j] = #rows holding both i and j` for j > i (and the column count on the diagonal,
+    clipped to out's range); out's strict lower triangle is left untouched.
+
+    Rows of `out` are filled a block at a time from a private int32 accumulator; blocks are
+    dealt from both ends of the range so that the two halves of the work (row i has about
+    c - i partners) are even across threads.
+    """
+    c = out.shape[0]
+    limit = np.iinfo(out.dtype).max
+    n_blocks = (c + block - 1) // block
+    for b in numba.prange(n_blocks):
+        chosen = b // 2 if b % 2 == 0 else n_blocks - 1 - b // 2
+        acc = np.zeros(c, np.int32)
+        for i in range(chosen * block, min(c, (chosen + 1) * block)):
+            acc[i:] = 0
+            for e in range(col_ptr[i], col_ptr[i + 1]):
+                s = col_rows[e]
+                for t in range(indptr[s] + col_pos[e] + 1, indptr[s + 1]):
+                    acc[indices[t]] += 1
+            for j in range(i + 1, c):
+                value = acc[j]
+                out[i, j] = value if value <= limit else limit
+            diag = col_ptr[i + 1] - col_ptr[i]
+            out[i, i] = diag if diag <= limit else limit
+    return out
+
+
+@_njit()
+def counts_between(indptr, indices, col_ptr, col_rows, rows_of, columns_of):  # pragma: no cover - compiled
+    """Exact int64 `[len(rows_of), len(columns_of)]` co-occurrence counts of the given columns."""
+    n_columns = col_ptr.size - 1
+    position = np.full(n_columns, -1, np.int64)
+    for q in range(columns_of.size):
+        position[columns_of[q]] = q
+    out = np.zeros((rows_of.size, columns_of.size), np.int64)
+    for p in range(rows_of.size):
+        i = rows_of[p]
+        for e in range(col_ptr[i], col_ptr[i + 1]):
+            s = col_rows[e]
+            for t in range(indptr[s], indptr[s + 1]):
+                q = position[indices[t]]
+                if q >= 0:
+                    out[p, q] += 1
+    return out
+
+
+@_njit(parallel=True)
+def mirror_upper(out, tile):  # pragma: no cover - compiled
+    """Copy the strict upper triangle onto the lower one, tile by tile (cache-friendly transpose)."""
+    c = out.shape[0]
+    n_tiles = (c + tile - 1) // tile
+    for bi in numba.prange(n_tiles):
+        for bj in range(bi, n_tiles):
+            for i in range(bi * tile, min(c, (bi + 1) * tile)):
+                for j in range(max(i + 1, bj * tile), min(c, (bj + 1) * tile)):
+                    out[j, i] = out[i, j]
+    return out
+
+
+@_njit()
+def pack_csr(indptr, indices, n_words, n_columns):  # pragma: no cover - compiled
+    """Word-major packed masks `[n_words, n_columns]` int64: row s is bit s % 64 of word s // 64."""
+    words = np.zeros((n_words, n_columns), np.int64)
+    for row in range(indptr.size - 1):
+        word = row >> 6
+        bit = np.int64(1) << np.int64(row & 63)
+        for t in range(indptr[row], indptr[row + 1]):
+            words[word, indices[t]] |= bit
+    return words
+
+
+@_njit(parallel=True)
+def pair_score_extremes(matrix, diag, alpha, slope):  # pragma: no cover - compiled
+    """Per row i, min and max over j != i of `alpha·(s_i + s_j) − slope·q_ij` in float64.
+
+    With slope = 2α + log2(k−1) this is the cost of a pair of unmerged groups up to the
+    rounding of a few operations: callers widen it by a margin and use it as bounds.
+    """
+    c = matrix.shape[0]
+    lows = np.empty(c, np.float64)
+    highs = np.empty(c, np.float64)
+    for i in numba.prange(c):
+        low, high = np.inf, -np.inf
+        base = alpha * diag[i]
+        for j in range(c):
+            if j != i:
+                value = base + alpha * diag[j] - slope * matrix[i, j]
+                if value < low:
+                    low = value
+                if value > high:
+                    high = value
+        lows[i] = low
+        highs[i] = high
+    return lows, highs

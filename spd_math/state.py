@@ -1,0 +1,900 @@
+"""The state of a merge run by slot, with merge costs computed per row block when needed (docs/math.md §3-§6).
+
+Memory grows with what the math needs: exact group coactivation counts in the narrowest
+integer type that holds them, a few vectors per group, and (boolean mode) the packed masks.
+No cost matrix and no α-term matrix are stored.
+
+Costs, bit for bit. The cost of a pair is evaluated exactly as the original dense engine
+did, in float64 and in the same order of operations, so that every comparison (the range
+sampler's window, its ties) comes out the same:
+
+    A_ij = ((q·(−2α) + s_i·α) + s_j·α)                           both groups unmerged (r = 1)
+    A_ij = ((s_i·r_j + s_j·r_i) − q_ij·(r_i + r_j))·α             otherwise
+    cost_ij = fma(q_ij, −log2(k−1), A_ij)                         (torch.add with alpha: one rounding)
+
+(the original kept A as a matrix, built by the first formula and rewritten by the second for
+the merged group's row and column; the second is symmetric in i and j bit for bit). The
+scaled cost handed to the samplers is `n · cost − S·log2((k−1)/k)`, as before.
+
+Bounds instead of rescans. Between merges a pair's cost changes only through L = log2(k−1)
+(the merged group's row is recomputed exactly). L falls as k falls, so with `q_ij ≥ 0`
+(boolean mode) every unchanged cost can only rise, and it rises by at most (L_then − L)·q_ij.
+Each row therefore keeps a lower bound of its minimum and an upper bound of its maximum that
+stay valid as L drifts and entries are removed; the global extremes are found by scanning
+only rows whose bound could hold them. The range sampler's candidates come from a *pool* of
+pairs whose cost was at most a level when last evaluated: while the window's cutoff stays
+at or below that level, the pool holds every candidate; otherwise it is rebuilt from the
+rows whose lower bound is at most the new level. Continuous mode allows negative
+coactivations; there the bounds include the drift of negative entries and a safety margin.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from spd_math import backend, coactivation, kernels
+from spd_math.bitsets import overlap_counts
+from spd_math.costs import log_factors
+
+FLOAT = torch.float64
+# Rows of the cost matrix evaluated at once: about this many entries per block (32 MB of float64).
+BLOCK_ENTRIES = 1 << 22
+# Stale rows scanned per round while looking for the global min or max: at most this many costs,
+# torch's grain size, so that per-iteration work never pays for waking threads (which costs
+# milliseconds on a loaded machine).
+LAZY_BATCH_ENTRIES = 1 << 15
+# Relative safety margin on bounds that drift (rounding of a few float64 operations is ~1e-16).
+BOUND_MARGIN = 1e-10
+# Share of the cost range above the minimum that a freshly built pool covers.
+POOL_SHARE = 0.06
+# Pool entries beyond which the range sampler counts candidates row by row instead.
+POOL_LIMIT = 1 << 23
+# Group counts of 16-bit storage; groups above it are "wide" and their mutual counts kept apart.
+NARROW_MAX = torch.iinfo(torch.int16).max
+# Above this share of wide components at the start, 32-bit storage is smaller than 16-bit plus a side table.
+WIDE_SHARE = 1 / 64
+
+
+def _offdiagonal_extremes(values: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor):
+    """Row-wise (min, max) of `values` leaving out the entries (rows[b], columns[b]); `values` is unchanged.
+
+    The left-out entry is replaced by another entry of its row (which changes neither extreme)
+    for one pass of aminmax, then restored. Rows of one entry give (+inf, -inf).
+    """
+    if values.shape[1] < 2:
+        empty = torch.full((values.shape[0],), float("inf"), dtype=values.dtype, device=values.device)
+        return empty, -empty
+    if backend.numpy_fast_path(values):  # torch's row reductions of small blocks are far slower on the CPU
+        array, r, c = values.numpy(), rows.numpy(), columns.numpy()
+        saved = array[r, c].copy()
+        array[r, c] = array[r, np.where(c == 0, 1, c - 1)]
+        low, high = array.min(axis=1), array.max(axis=1)
+        array[r, c] = saved
+        return torch.from_numpy(low), torch.from_numpy(high)
+    saved = values[rows, columns].clone()
+    neighbour = torch.where(columns == 0, 1, columns - 1)
+    values[rows, columns] = values[rows, neighbour]
+    low, high = torch.aminmax(values, dim=1)
+    values[rows, columns] = saved
+    return low, high
+
+
+class CoactivationStore:
+    """Exact symmetric coactivations by slot.
+
+    `matrix[i, j]` holds `Q[i, j]` wherever it fits the matrix's dtype. With 16-bit storage,
+    `Q[i, j] ≤ min(Q[i, i], Q[j, j])`, so only pairs of two *wide* groups (diagonal above
+    `NARROW_MAX`) can overflow; those pairs live in `wide` (int64), indexed by wide id.
+    """
+
+    def __init__(self, matrix: torch.Tensor, limit: int | None, wide_ids: np.ndarray | None = None,
+                 wide: torch.Tensor | None = None) -> None:
+        self.matrix = matrix
+        self.limit = limit
+        c = matrix.shape[0]
+        self.wide_of_slot = np.full(c, -1, dtype=np.int64) if wide_ids is None else wide_ids
+        self.wide = wide if wide is not None else torch.zeros((0, 0), dtype=torch.int64, device=matrix.device)
+        used = set(self.wide_of_slot[self.wide_of_slot >= 0].tolist())
+        self.free = [w for w in range(self.wide.shape[0]) if w not in used]
+        self.on_cpu = matrix.device.type == "cpu"
+
+    @property
+    def device(self) -> torch.device:
+        return self.matrix.device
+
+    def is_wide(self, diagonal: float) -> bool:
+        return self.limit is not None and diagonal > self.limit
+
+    def rows(self, slots: torch.Tensor, k: int) -> torch.Tensor:
+        """`[len(slots), k]` float64 coactivations of the given slots with slots 0..k-1 (diagonal as stored)."""
+        if backend.numpy_fast_path(self.matrix):
+            q = torch.from_numpy(self.matrix.numpy()[slots.numpy(), :k].astype(np.float64))
+        else:
+            q = self.matrix.index_select(0, slots)[:, :k].to(FLOAT)
+        if self.limit is not None and self.wide.shape[0]:
+            self._patch_wide(q, slots.cpu().numpy(), k)
+        return q
+
+    def _patch_wide(self, q: torch.Tensor, slots: np.ndarray, k: int) -> None:
+        wide_cols = np.flatnonzero(self.wide_of_slot[:k] >= 0)
+        wide_rows = np.flatnonzero(self.wide_of_slot[slots] >= 0)
+        if wide_cols.size == 0 or wide_rows.size == 0:
+            return
+        w_rows = torch.from_numpy(self.wide_of_slot[slots[wide_rows]]).to(self.device)
+        w_cols = torch.from_numpy(self.wide_of_slot[wide_cols]).to(self.device)
+        values = self.wide.index_select(0, w_rows).index_select(1, w_cols).to(FLOAT)
+        rows_t = torch.from_numpy(wide_rows).to(self.device)
+        cols_t = torch.from_numpy(wide_cols).to(self.device)
+        q[rows_t[:, None], cols_t[None, :]] = values
+
+    def exact_row(self, slot: int, k: int) -> torch.Tensor:
+        """Row `slot` over slots 0..k-1 in the matrix's exact arithmetic (int64, or float64 for continuous)."""
+        row = self.matrix[slot, :k]
+        if self.on_cpu:
+            row = torch.from_numpy(row.numpy().astype(np.float64 if row.is_floating_point() else np.int64))
+        else:
+            row = row.to(FLOAT) if row.is_floating_point() else row.to(torch.int64)
+        if self.limit is not None and self.wide_of_slot[slot] >= 0:
+            wide_cols = np.flatnonzero(self.wide_of_slot[:k] >= 0)
+            if wide_cols.size:
+                cols_t = torch.from_numpy(wide_cols).to(self.device)
+                w_cols = torch.from_numpy(self.wide_of_slot[wide_cols]).to(self.device)
+                row[cols_t] = self.wide[int(self.wide_of_slot[slot])].index_select(0, w_cols)
+        return row
+
+    def write(self, slot: int, row: torch.Tensor, k: int, wide: bool) -> None:
+        """Set row and column `slot` (over slots 0..k-1) to `row`; `wide` says whether the group is wide."""
+        stored = row if self.limit is None else row.clamp(max=self.limit)
+        if self.on_cpu:  # NumPy: torch's strided column writes are slow on a busy CPU
+            values = stored.numpy().astype(self.matrix.numpy().dtype)
+            matrix = self.matrix.numpy()
+            matrix[slot, :k] = values
+            matrix[:k, slot] = values
+        else:
+            stored = stored.to(self.matrix.dtype)
+            self.matrix[slot, :k] = stored
+            self.matrix[:k, slot] = stored
+        if not wide:
+            self.release(slot)
+            return
+        if self.wide_of_slot[slot] < 0:
+            self.wide_of_slot[slot] = self._new_wide_id()
+        w = int(self.wide_of_slot[slot])
+        wide_cols = np.flatnonzero(self.wide_of_slot[:k] >= 0)
+        cols_t = torch.from_numpy(wide_cols).to(self.device)
+        w_cols = torch.from_numpy(self.wide_of_slot[wide_cols]).to(self.device)
+        values = row.to(torch.int64).index_select(0, cols_t)
+        self.wide[w, w_cols] = values
+        self.wide[w_cols, w] = values
+
+    def _new_wide_id(self) -> int:
+        if not self.free:
+            size = self.wide.shape[0]
+            grown = max(16, 2 * size)
+            bigger = torch.zeros((grown, grown), dtype=torch.int64, device=self.device)
+            bigger[:size, :size] = self.wide
+            self.wide = bigger
+            self.free = list(range(size, grown))
+        return self.free.pop()
+
+    def release(self, slot: int) -> None:
+        if self.wide_of_slot[slot] >= 0:
+            self.free.append(int(self.wide_of_slot[slot]))
+            self.wide_of_slot[slot] = -1
+
+    def move(self, source: int, target: int, k: int) -> None:
+        matrix = self.matrix.numpy() if self.on_cpu else self.matrix
+        matrix[target, :k] = matrix[source, :k]
+        matrix[:k, target] = matrix[:k, source]
+        self.wide_of_slot[target] = self.wide_of_slot[source]
+        self.wide_of_slot[source] = -1
+
+
+def _narrow_store(structure, dense_counts: torch.Tensor | None, diag: np.ndarray, n: int, device: torch.device) -> CoactivationStore:
+    """The boolean-mode store in the narrowest exact layout for this data."""
+    c = diag.size
+    wide = np.flatnonzero(diag > NARROW_MAX)
+    if n <= NARROW_MAX:
+        dtype, limit = torch.int16, None
+    elif wide.size <= WIDE_SHARE * c:
+        dtype, limit = torch.int16, NARROW_MAX
+    elif n <= torch.iinfo(torch.int32).max:
+        dtype, limit = torch.int32, None
+    else:
+        dtype, limit = torch.int64, None
+    if structure is not None:
+        out = np.zeros((c, c), dtype=torch.empty(0, dtype=dtype).numpy().dtype)
+        col_ptr, col_rows, _ = coactivation.count_structure_into(structure, out)
+        matrix = torch.from_numpy(out).to(device)
+        wide_block = None
+        if limit is not None and wide.size:
+            wide_block = torch.from_numpy(
+                kernels.counts_between(structure.indptr, structure.indices, col_ptr, col_rows, wide, wide)
+            )
+    else:
+        matrix = dense_counts.clamp(max=torch.iinfo(dtype).max).to(dtype)
+        wide_t = torch.from_numpy(wide).to(device)
+        wide_block = dense_counts.index_select(0, wide_t).index_select(1, wide_t).cpu() if (limit is not None and wide.size) else None
+        del dense_counts
+    if limit is None or wide.size == 0:
+        return CoactivationStore(matrix, limit)
+    wide_ids = np.full(c, -1, dtype=np.int64)
+    wide_ids[wide] = np.arange(wide.size)
+    return CoactivationStore(matrix, limit, wide_ids, wide_block.to(device))
+
+
+@dataclass
+class _Pool:
+    """Ordered pairs (i, j) whose cost was at most `level` when evaluated, with their α-terms and q."""
+
+    i: torch.Tensor
+    j: torch.Tensor
+    alpha_term: torch.Tensor
+    q: torch.Tensor
+    level: float
+    built_at: float  # L when the level was set
+
+    def select(self, keep: torch.Tensor) -> None:
+        index = torch.nonzero(keep).squeeze(1)  # (boolean-mask indexing is far slower on the CPU)
+        self.i, self.j = self.i.index_select(0, index), self.j.index_select(0, index)
+        self.alpha_term, self.q = self.alpha_term.index_select(0, index), self.q.index_select(0, index)
+
+    def append(self, i: torch.Tensor, j: torch.Tensor, alpha_term: torch.Tensor, q: torch.Tensor) -> None:
+        self.i = torch.cat([self.i, i])
+        self.j = torch.cat([self.j, j])
+        self.alpha_term = torch.cat([self.alpha_term, alpha_term])
+        self.q = torch.cat([self.q, q])
+
+
+class SortedCandidates:
+    """Candidates as flat row-major slot keys `i·k + j`, ascending, with their scaled costs."""
+
+    def __init__(self, keys: torch.Tensor, costs: torch.Tensor, k: int) -> None:
+        order = torch.argsort(keys)
+        self.keys, self.costs, self.k = keys[order], costs[order], k
+        self.count = int(keys.numel())
+
+    def nth(self, index: int) -> tuple[int, int, float]:
+        i, j = divmod(int(self.keys[index]), self.k)
+        return i, j, float(self.costs[index])
+
+
+class RowCountedCandidates:
+    """Candidates counted row by row (rows ascending = row-major order) without storing them."""
+
+    def __init__(self, state: GroupState, rows: torch.Tensor, counts: torch.Tensor, cutoff: float) -> None:
+        self.state, self.rows, self.cutoff = state, rows, cutoff
+        self.cumulative = torch.cumsum(counts, 0).cpu().numpy()
+        self.count = int(self.cumulative[-1]) if self.cumulative.size else 0
+
+    def nth(self, index: int) -> tuple[int, int, float]:
+        position = int(np.searchsorted(self.cumulative, index, side="right"))
+        before = int(self.cumulative[position - 1]) if position else 0
+        row = self.rows[position : position + 1]
+        costs = self.state.offdiagonal_cost_rows(row)[0]
+        columns = torch.nonzero(costs <= self.cutoff).squeeze(1)
+        j = int(columns[index - before])
+        return int(row[0]), j, float(costs[j])
+
+
+class GroupState:
+    """Sizes, coactivations, masks (boolean) or column sums (continuous) of the live groups, by slot,
+    and the cost view the samplers read (see the module docstring)."""
+
+    def __init__(self, values: torch.Tensor, labels: list[str], threshold: float | None, alpha: float,
+                 device: torch.device) -> None:
+        n, c = values.shape
+        self.n, self.k, self.alpha, self.device = n, c, alpha, device
+        self.boolean = threshold is not None
+        if self.boolean:
+            masks, diag, structure, dense_counts = coactivation.boolean_setup(values, threshold, labels, device)
+            self.masks = masks
+            self.column_sums = None
+            self.store = _narrow_store(structure, dense_counts, diag, n, device)
+            del dense_counts
+            # CPU: the samples -> components structure answers a merge's overlaps by sample (see _overlap).
+            self.structure = structure
+            self.component_slot = np.arange(c) if structure is not None else None
+        else:
+            coact, self.column_sums = coactivation.continuous_setup(values, labels, device)
+            self.masks = None
+            self.structure = self.component_slot = None
+            diag = coact.diagonal().cpu().numpy().copy()
+            self.store = CoactivationStore(coact, None)
+        # Host mirrors of the diagonal and sizes for the MDL loss and the cost offset, without device syncs.
+        self.diag_host = diag.astype(np.float64)
+        self.sizes_host = np.ones(c, dtype=np.float64)
+        self.diag = torch.from_numpy(self.diag_host.copy()).to(device)
+        self.sizes = torch.ones(c, dtype=FLOAT, device=device)
+        self.top_log = math.log2(c - 1) if c > 1 else 0.0
+        # Per-row bounds (see module docstring), valid at the L they were recorded with.
+        self.row_min = torch.empty(c, dtype=FLOAT, device=device)
+        self.row_min_at = torch.empty(c, dtype=FLOAT, device=device)
+        self.row_max = torch.empty(c, dtype=FLOAT, device=device)
+        self.row_max_at = torch.empty(c, dtype=FLOAT, device=device)
+        self.row_q_max = torch.empty(c, dtype=FLOAT, device=device)
+        self.row_q_min = torch.empty(c, dtype=FLOAT, device=device)
+        self.exact = torch.zeros(c, dtype=torch.bool, device=device)  # bounds exact at the current L
+        self.exact_host = np.zeros(c, dtype=bool)
+        self.lowest_q = 0.0  # min(0, every coactivation seen): the drift of costs that can fall
+        self.pool: _Pool | None = None
+        self._pool_costs_cache: torch.Tensor | None = None
+        self._max_cache: float | None = None
+        if c >= 2 and self.boolean:
+            self._initial_bounds()
+        elif c >= 2:
+            self._scan(torch.arange(c, device=device))
+            self.lowest_q = min(0.0, float(self.row_q_min[:c].min()))
+
+    def _initial_bounds(self) -> None:
+        """Row bounds from the counts alone, before any cost is evaluated (boolean mode, all groups unmerged).
+
+        With every r = 1, `cost_ij ≈ α(s_i + s_j) − (2α + L)·q_ij` and `0 ≤ q_ij ≤ min(q_max_i, s_j)`:
+        the row's minimum is at least `α·s_i − (α + L)·q_max_i` (the worst case is q_ij = s_j or
+        q_ij = q_max_i ≤ s_j) and its maximum at most `α·(s_i + max_j s_j)`.
+        """
+        c, alpha, L = self.k, self.alpha, self.log_k_minus_1
+        matrix = self.store.matrix
+        matrix.diagonal().zero_()  # never read (costs take the diagonal from `diag`): off-diagonal maxima below
+        q_max = torch.cat([matrix[first : first + 4096].amax(dim=1) for first in range(0, c, 4096)]).to(FLOAT)
+        wide = torch.from_numpy(self.store.wide_of_slot[:c] >= 0).to(self.device)
+        q_max = torch.where(wide, self.diag, q_max)  # wide rows: their 16-bit entries may be clipped; s_i bounds them
+        self.row_q_max[:c] = q_max
+        self.row_q_min[:c] = 0.0
+        if kernels.AVAILABLE and self.device.type == "cpu":
+            # Nearly exact row extremes in one compiled pass: the lazy searches then scan few rows.
+            lows, highs = kernels.pair_score_extremes(matrix.numpy(), self.diag_host, alpha, 2 * alpha + L)
+            lows_t, highs_t = torch.from_numpy(lows), torch.from_numpy(highs)
+            s_top = float(self.diag.max())
+            loose_min = alpha * self.diag - (alpha + L) * q_max
+            self.row_min[:c] = torch.where(wide, loose_min, lows_t)
+            self.row_max[:c] = torch.where(wide, alpha * (self.diag + s_top), highs_t)
+        else:
+            s_top = float(self.diag.max())
+            self.row_min[:c] = alpha * self.diag - (alpha + L) * q_max
+            self.row_max[:c] = alpha * (self.diag + s_top)
+        self.row_min[:c] -= self._margin(self.row_min[:c], q_max)
+        self.row_max[:c] += self._margin(self.row_max[:c], q_max)
+        self.row_min_at[:c] = L
+        self.row_max_at[:c] = L
+
+    # --- costs -------------------------------------------------------------------------------
+
+    @property
+    def log_k_minus_1(self) -> float:
+        return log_factors(self.k)[1]
+
+    def cost_offset(self) -> float:
+        """The term shared by all pairs, `S · log2((k-1)/k)`, in units of n."""
+        log_ratio, _ = log_factors(self.k)
+        return float(self.diag_host[: self.k].sum()) * log_ratio
+
+    def cost_rows(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`(scaled costs, q, α-terms)`, each `[len(slots), k]` float64, bit-identical to the original engine."""
+        k = self.k
+        q = self.store.rows(slots, k)
+        rows = torch.arange(slots.numel(), device=self.device)
+        s_rows, r_rows = self.diag[slots], self.sizes[slots]
+        q[rows, slots] = s_rows
+        unmerged_rows = self.sizes_host[slots.cpu().numpy()] == 1
+        merged_cols = np.flatnonzero(self.sizes_host[:k] != 1)
+        if unmerged_rows.all():
+            terms = self._initial_terms(q, s_rows, self.diag[:k])
+            if merged_cols.size:
+                cols = torch.from_numpy(merged_cols).to(self.device)
+                terms[:, cols] = self._merged_terms(q[:, cols], s_rows, r_rows, self.diag[cols], self.sizes[cols])
+        else:
+            terms = self._merged_terms(q, s_rows, r_rows, self.diag[:k], self.sizes[:k])
+            if unmerged_rows.any() and merged_cols.size < k:
+                initial = self._initial_terms(q, s_rows, self.diag[:k])
+                unmerged = torch.from_numpy(unmerged_rows).to(self.device)[:, None] & (self.sizes[:k] == 1)[None, :]
+                terms = torch.where(unmerged, initial, terms)
+        costs = torch.add(terms, q, alpha=-self.log_k_minus_1)
+        return costs, q, terms
+
+    def _initial_terms(self, q: torch.Tensor, s_rows: torch.Tensor, s_cols: torch.Tensor) -> torch.Tensor:
+        """α-terms of pairs of unmerged groups, as the original engine built its matrix: `(q·(−2α) + s_i·α) + s_j·α`."""
+        alpha = self.alpha
+        terms = q * (-2 * alpha)
+        terms += (s_rows * alpha)[:, None]
+        terms += (s_cols * alpha)[None, :]
+        return terms
+
+    def _merged_terms(self, q, s_rows, r_rows, s_cols, r_cols) -> torch.Tensor:
+        """α-terms once a group of the pair was merged: `((s_i·r_j + s_j·r_i) − q·(r_i + r_j))·α`."""
+        terms = s_rows[:, None] * r_cols[None, :]
+        terms += s_cols[None, :] * r_rows[:, None]
+        terms -= q * (r_rows[:, None] + r_cols[None, :])
+        terms *= self.alpha
+        return terms
+
+    def offdiagonal_cost_rows(self, slots: torch.Tensor) -> torch.Tensor:
+        costs, _, _ = self.cost_rows(slots)
+        costs[torch.arange(slots.numel(), device=self.device), slots] = float("inf")
+        return costs
+
+    def row_blocks(self) -> list[tuple[int, int]]:
+        """`(first, stop)` slot ranges of about `BLOCK_ENTRIES` costs each, covering all rows in order."""
+        step = max(1, BLOCK_ENTRIES // self.k)
+        return [(first, min(self.k, first + step)) for first in range(0, self.k, step)]
+
+    def block_costs(self, first: int, stop: int) -> torch.Tensor:
+        """Scaled costs of rows first..stop-1 with +inf on the diagonal."""
+        return self.offdiagonal_cost_rows(torch.arange(first, stop, device=self.device))
+
+    def full_costs(self, order: np.ndarray) -> torch.Tensor:
+        """The scaled `[k, k]` cost matrix with rows and columns in the given slot order (small k only)."""
+        order_t = torch.from_numpy(order).to(self.device)
+        step = max(1, BLOCK_ENTRIES // self.k)
+        rows = [self.cost_rows(order_t[first : first + step])[0] for first in range(0, self.k, step)]
+        return torch.cat(rows).index_select(1, order_t)
+
+    # --- row bounds --------------------------------------------------------------------------
+
+    def _scan(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Exact costs of some rows (in blocks); records their exact bounds. Returns the last block only
+        when `slots` fits one block (callers that need values pass at most one block)."""
+        k = self.k
+        step = max(1, BLOCK_ENTRIES // k)
+        result = None
+        L = self.log_k_minus_1
+        for first in range(0, slots.numel(), step):
+            block = slots[first : first + step]
+            costs, q, terms = self.cost_rows(block)
+            rows = torch.arange(block.numel(), device=self.device)
+            self.row_min[block], self.row_max[block] = _offdiagonal_extremes(costs, rows, block)
+            self.row_q_min[block], self.row_q_max[block] = _offdiagonal_extremes(q, rows, block)
+            self.row_min_at[block] = L
+            self.row_max_at[block] = L
+            self.exact[block] = True
+            self.exact_host[block.cpu().numpy()] = True
+            result = (costs, q, terms)
+        return result
+
+    def _margin(self, values: torch.Tensor, q_extreme: torch.Tensor) -> torch.Tensor:
+        return BOUND_MARGIN * (values.abs() + self.top_log * q_extreme.abs() + 1.0)
+
+    def _min_bounds(self) -> torch.Tensor:
+        """Lower bounds of every live row's minimum cost at the current L (exact rows: their minimum)."""
+        k = self.k
+        falling = self.row_q_min[:k].clamp(max=0.0)
+        drift = (self.row_min_at[:k] - self.log_k_minus_1) * falling
+        bound = self.row_min[:k] + drift - torch.where(falling < 0, self._margin(self.row_min[:k], falling), 0.0)
+        return torch.where(self.exact[:k], self.row_min[:k], bound)
+
+    def _max_bounds(self) -> torch.Tensor:
+        """Upper bounds of every live row's maximum cost at the current L (exact rows: their maximum)."""
+        k = self.k
+        rising = self.row_q_max[:k].clamp(min=0.0)
+        drift = (self.row_max_at[:k] - self.log_k_minus_1) * rising
+        bound = self.row_max[:k] + drift + self._margin(self.row_max[:k], rising)
+        return torch.where(self.exact[:k], self.row_max[:k], bound)
+
+    def _extreme(self, lowest: bool) -> float:
+        """The exact global off-diagonal min (or max), scanning only rows whose bound could hold it.
+
+        Rows are scanned in rounds, most promising first; rounds grow while the answer is not found.
+        """
+        batch = max(1, LAZY_BATCH_ENTRIES // self.k)
+        while True:
+            bounds = self._min_bounds() if lowest else self._max_bounds()
+            best = int(torch.argmin(bounds) if lowest else torch.argmax(bounds))
+            if self.exact_host[best]:
+                return float(bounds[best])
+            stale = torch.where(self.exact[: self.k], float("inf") if lowest else float("-inf"), bounds)
+            count = min(batch, int((~self.exact[: self.k]).sum()))
+            rows = torch.topk(stale, count, largest=not lowest).indices
+            self._scan(rows)
+            batch = min(2 * batch, max(1, BLOCK_ENTRIES // self.k))
+
+    # --- what the samplers read --------------------------------------------------------------
+
+    def offdiagonal_min(self) -> float:
+        costs = self._pool_costs()
+        if costs is not None and costs.numel():
+            lowest = float(costs.min())
+            if lowest <= self._pool_level():
+                return lowest
+        # No pool holds the minimum: the best row's exact minimum bounds it from above, and a pool up
+        # to a little above that bound holds it (and, usually, this iteration's candidates too).
+        bounds = self._min_bounds()
+        best = torch.argmin(bounds).reshape(1)
+        self._scan(best)
+        upper = float(self.row_min[best])
+        highest = self.offdiagonal_max()
+        self._rebuild_pool(upper + POOL_SHARE * (highest - upper), upper)
+        costs = self._pool_costs()
+        if costs is None or costs.numel() == 0:
+            return self._extreme(lowest=True)
+        return float(costs.min())
+
+    def offdiagonal_max(self) -> float:
+        if self._max_cache is None:
+            self._max_cache = self._extreme(lowest=False)
+        return self._max_cache
+
+    def candidates_at_most(self, cutoff: float, slack: float):
+        """Every off-diagonal pair with scaled cost `<= cutoff`, enumerable in row-major slot order."""
+        if self.pool is None or cutoff > self._pool_level():
+            self._rebuild_pool(cutoff + max(slack, 0.0), cutoff)
+        if self.pool is None:
+            return self._counted_candidates(cutoff)
+        costs = self._pool_costs()
+        chosen = costs <= cutoff
+        index = torch.nonzero(chosen).squeeze(1)
+        keys = self.pool.i.index_select(0, index) * self.k + self.pool.j.index_select(0, index)
+        return SortedCandidates(keys, costs.index_select(0, index), self.k)
+
+    def _counted_candidates(self, cutoff: float) -> RowCountedCandidates:
+        rows = torch.nonzero(self._min_bounds() <= cutoff).squeeze(1)
+        step = max(1, BLOCK_ENTRIES // self.k)
+        counts = []
+        for first in range(0, rows.numel(), step):
+            block = rows[first : first + step]
+            counts.append((self.offdiagonal_cost_rows(block) <= cutoff).sum(dim=1))
+        counts_t = torch.cat(counts) if counts else torch.zeros(0, dtype=torch.int64, device=self.device)
+        return RowCountedCandidates(self, rows, counts_t, cutoff)
+
+    # --- the candidate pool ------------------------------------------------------------------
+
+    def _pool_level(self) -> float:
+        """The cost at or below which every pair is in the pool, at the current L."""
+        pool = self.pool
+        if self.lowest_q >= 0:
+            return pool.level
+        drift = (pool.built_at - self.log_k_minus_1) * self.lowest_q
+        return pool.level + drift - BOUND_MARGIN * (abs(pool.level) + self.top_log * abs(self.lowest_q) + 1.0)
+
+    def _pool_costs(self) -> torch.Tensor | None:
+        if self.pool is None:
+            return None
+        if self._pool_costs_cache is None:
+            costs = torch.add(self.pool.alpha_term, self.pool.q, alpha=-self.log_k_minus_1)
+            # Entries above the level cannot become candidates while this pool stands: drop them.
+            keep = costs <= self._pool_level()
+            if not bool(keep.all()):
+                self.pool.select(keep)
+                costs = torch.masked_select(costs, keep)
+            self._pool_costs_cache = costs
+        return self._pool_costs_cache
+
+    def _rebuild_pool(self, level: float, cutoff: float) -> None:
+        """Collect every pair with cost `<= level`: rows whose lower bound says they may hold one are
+        read; for unmerged rows a bound on the cost through q alone first discards most entries."""
+        self.pool = None
+        self._pool_costs_cache = None
+        rows = torch.nonzero(self._min_bounds() <= level).squeeze(1)
+        rows_host = rows.cpu().numpy()
+        L = self.log_k_minus_1
+        filterable = self.boolean and 2 * self.alpha + L > 0
+        plain = np.zeros(rows_host.size, dtype=bool)
+        if filterable:
+            plain = (self.sizes_host[rows_host] == 1) & (self.store.wide_of_slot[rows_host] < 0)
+        parts: list[tuple[torch.Tensor, ...]] = []
+        step = max(1, BLOCK_ENTRIES // self.k)
+        exact_rows = torch.from_numpy(rows_host[~plain]).to(self.device)
+        for first in range(0, exact_rows.numel(), step):
+            block = exact_rows[first : first + step]
+            costs, q, terms = self._scan(block)
+            costs[torch.arange(block.numel(), device=self.device), block] = float("inf")
+            chosen = costs <= level
+            local, j = torch.nonzero(chosen, as_tuple=True)
+            parts.append((block[local], j, torch.masked_select(terms, chosen), torch.masked_select(q, chosen)))
+            if sum(part[0].numel() for part in parts) > POOL_LIMIT:
+                return self._pool_overflow(level, cutoff)
+        if plain.any():
+            plain_rows = torch.from_numpy(rows_host[plain]).to(self.device)
+            for first in range(0, plain_rows.numel(), step):
+                parts.extend(self._filtered_entries(plain_rows[first : first + step], level))
+                if sum(part[0].numel() for part in parts) > POOL_LIMIT:
+                    return self._pool_overflow(level, cutoff)
+        if parts:
+            i, j, terms, q = (torch.cat(items) for items in zip(*parts))
+        else:
+            empty = torch.zeros(0, dtype=torch.int64, device=self.device)
+            i, j, terms, q = empty, empty, empty.to(FLOAT), empty.to(FLOAT)
+        self.pool = _Pool(i, j, terms, q, level, L)
+
+    def _pool_overflow(self, level: float, cutoff: float) -> None:
+        if level > cutoff:
+            self._rebuild_pool(cutoff, cutoff)
+        else:
+            self.pool = None
+
+    def _filtered_entries(self, block: torch.Tensor, level: float) -> list[tuple[torch.Tensor, ...]]:
+        """Pairs with cost `<= level` in rows of unmerged, narrow groups (boolean mode).
+
+        For unmerged i and j, `cost_ij ≥ α·s_i + α·min s − (2α + L)·q_ij`, so only entries with
+        `q_ij ≥ (α·s_i + α·min s − level)/(2α + L)` (less a margin) can qualify: one integer
+        comparison per entry, and exact costs for the few that pass. Columns of merged groups
+        are evaluated exactly.
+        """
+        k, alpha, L = self.k, self.alpha, self.log_k_minus_1
+        unmerged_cols = self.sizes_host[:k] == 1
+        merged_cols = np.flatnonzero(~unmerged_cols)
+        s_min = float(self.diag_host[:k][unmerged_cols].min()) if unmerged_cols.any() else 0.0
+        s_top = float(self.diag_host[:k].max())
+        margin = BOUND_MARGIN * (abs(level) + alpha * 2 * s_top + L * s_top + 1.0)
+        s_rows = self.diag[block]
+        needed = torch.floor((alpha * s_rows + alpha * s_min - level - margin) / (2 * alpha + L))
+        counts = self.store.matrix.index_select(0, block)[:, :k]
+        top = torch.iinfo(counts.dtype).max
+        passes = counts >= needed.clamp(0, top).to(counts.dtype)[:, None]
+        rows = torch.arange(block.numel(), device=self.device)
+        passes[rows, block] = False
+        parts = []
+        if merged_cols.size:
+            cols = torch.from_numpy(merged_cols).to(self.device)
+            passes[:, cols] = False
+            q = counts.index_select(1, cols).to(FLOAT)
+            terms = self._merged_terms(q, s_rows, self.sizes[block], self.diag[cols], self.sizes[cols])
+            costs = torch.add(terms, q, alpha=-L)
+            chosen = costs <= level
+            local, j = torch.nonzero(chosen, as_tuple=True)
+            parts.append((block[local], cols[j], torch.masked_select(terms, chosen), torch.masked_select(q, chosen)))
+        local, j = torch.nonzero(passes, as_tuple=True)
+        i = block[local]
+        q = counts[local, j].to(FLOAT)
+        terms = q * (-2 * alpha)
+        terms += self.diag[i] * alpha
+        terms += self.diag[j] * alpha
+        costs = torch.add(terms, q, alpha=-L)
+        chosen = torch.nonzero(costs <= level).squeeze(1)
+        parts.append((i[chosen], j[chosen], terms[chosen], q[chosen]))
+        return parts
+
+    # --- merging -----------------------------------------------------------------------------
+
+    def mdl_loss(self) -> float:
+        k = self.k
+        diag, sizes = self.diag_host[:k], self.sizes_host[:k]
+        return float((diag * (math.log2(k) + self.alpha * sizes)).sum())
+
+    def merge(self, keep: int, drop: int) -> int:
+        """Merge slot `drop` into slot `keep`, move the last live slot into `drop`; returns the merged group's slot."""
+        k = self.k
+        if self.boolean:
+            overlap = self._overlap(keep, drop, k)
+            new_row = self.store.exact_row(keep, k) + self.store.exact_row(drop, k) - overlap
+            new_diag = self.diag_host[keep] + self.diag_host[drop] - float(overlap[keep])
+            self.masks[:, keep] |= self.masks[:, drop]
+        else:
+            new_row = self.store.exact_row(keep, k) + self.store.exact_row(drop, k)
+            self.column_sums[keep] += self.column_sums[drop]
+            new_diag = float(self.column_sums[keep])
+        new_row[keep] = new_diag
+        self.sizes[keep] += self.sizes[drop]
+        self.sizes_host[keep] += self.sizes_host[drop]
+        self.diag_host[keep] = new_diag
+        self.diag[keep] = new_diag
+        self.store.write(keep, new_row, k, self.store.is_wide(new_diag))
+        self.store.release(drop)
+        if self.pool is not None:
+            pool = self.pool
+            touched = (pool.i == keep) | (pool.j == keep) | (pool.i == drop) | (pool.j == drop)
+            pool.select(~touched)
+        self._move_slot(k - 1, drop)
+        self.k = k - 1
+        merged = drop if keep == k - 1 else keep
+        self.exact.fill_(False)
+        self.exact_host[:] = False
+        self._pool_costs_cache = None
+        self._max_cache = None
+        if self.component_slot is not None:
+            self.component_slot[self.component_slot == drop] = keep
+            self.component_slot[self.component_slot == k - 1] = drop
+        if self.k >= 2:
+            self._add_merged_row(merged)
+        return merged
+
+    def _overlap(self, keep: int, drop: int, k: int) -> torch.Tensor:
+        """For every live group l, the samples where keep, drop and l are all active (int64 `[k]`)."""
+        both = self.masks[:, keep] & self.masks[:, drop]
+        if self.structure is None:
+            return overlap_counts(self.masks[:, :k], both).to(self.device)
+        # CPU: through the samples where both are active. A singleton group is active on a sample
+        # exactly when its component is, so counting component activations is exact for it; merged
+        # groups (few) are counted on the packed masks.
+        words_np = both.numpy()
+        words = np.flatnonzero(words_np)
+        bits = np.unpackbits(words_np[words].view(np.uint8).reshape(-1, 8), axis=1, bitorder="little")
+        word_index, bit = np.nonzero(bits)
+        samples = words[word_index] * 64 + bit
+        indptr, indices = self.structure.indptr, self.structure.indices
+        starts, lengths = indptr[samples], indptr[samples + 1] - indptr[samples]
+        first_of_sample = np.cumsum(lengths) - lengths
+        positions = np.repeat(starts - first_of_sample, lengths) + np.arange(int(lengths.sum()))
+        counts = np.bincount(self.component_slot[indices[positions]], minlength=k)[:k]
+        merged = np.flatnonzero(self.sizes_host[:k] != 1)
+        if merged.size:
+            rows = self.masks.numpy()[np.ix_(words, merged)] & words_np[words][:, None]
+            counts[merged] = np.bitwise_count(rows.view(np.uint64)).sum(axis=0, dtype=np.int64)
+        return torch.from_numpy(counts.astype(np.int64))
+
+    def _add_merged_row(self, merged: int) -> None:
+        """Exact costs of the merged group's row (= its column: the merged formula is symmetric); fold
+        them into every other row's bounds and into the pool."""
+        k = self.k
+        slot = torch.tensor([merged], device=self.device)
+        min_bounds, max_bounds = self._min_bounds(), self._max_bounds()
+        costs, q, terms = self._scan(slot)
+        costs, q, terms = costs[0], q[0], terms[0]
+        L = self.log_k_minus_1
+        others = torch.ones(k, dtype=torch.bool, device=self.device)
+        others[merged] = False
+        self.row_min[:k] = torch.where(others, torch.minimum(min_bounds, costs), self.row_min[:k])
+        self.row_max[:k] = torch.where(others, torch.maximum(max_bounds, costs), self.row_max[:k])
+        self.row_q_max[:k] = torch.where(others, torch.maximum(self.row_q_max[:k], q), self.row_q_max[:k])
+        self.row_q_min[:k] = torch.where(others, torch.minimum(self.row_q_min[:k], q), self.row_q_min[:k])
+        self.row_min_at[:k] = L
+        self.row_max_at[:k] = L
+        self.lowest_q = min(self.lowest_q, float(self.row_q_min[merged]))
+        if self.pool is not None:
+            chosen = others & (costs <= self._pool_level())
+            j = torch.nonzero(chosen).squeeze(1)
+            i = torch.full_like(j, merged)
+            self.pool.append(torch.cat([i, j]), torch.cat([j, i]), terms.index_select(0, j).repeat(2),
+                             q.index_select(0, j).repeat(2))
+
+    def _move_slot(self, source: int, target: int) -> None:
+        if source == target:
+            return
+        self.store.move(source, target, self.k)
+        for vector in (self.sizes, self.diag, self.column_sums, self.diag_host, self.sizes_host, self.row_min,
+                       self.row_min_at, self.row_max, self.row_max_at, self.row_q_max, self.row_q_min):
+            if vector is not None:
+                vector[target] = vector[source]
+        if self.masks is not None:
+            self.masks[:, target] = self.masks[:, source]
+        if self.pool is not None:
+            pool = self.pool
+            pool.i = torch.where(pool.i == source, target, pool.i)
+            pool.j = torch.where(pool.j == source, target, pool.j)
+
+
+class DenseGroupState:
+    """The same state for small problems, kept as full k x k float64 matrices (coactivation, α-terms and
+    a scratch cost matrix, 24·c² bytes): below `DENSE_MAX_COMPONENTS` one pass over the whole cost
+    matrix costs less than the bookkeeping that avoids it. The operations are those of the original
+    engine, so the costs are the same floats as `GroupState`'s (and the tests compare both).
+    """
+
+    def __init__(self, values: torch.Tensor, labels: list[str], threshold: float | None, alpha: float,
+                 device: torch.device) -> None:
+        n, c = values.shape
+        self.n, self.k, self.alpha, self.device = n, c, alpha, device
+        self.boolean = threshold is not None
+        if self.boolean:
+            masks, diag, structure, dense_counts = coactivation.boolean_setup(values, threshold, labels, device)
+            self.masks, self.column_sums = masks, None
+            if structure is not None:
+                counts = np.zeros((c, c), dtype=np.int32)
+                coactivation.count_structure_into(structure, counts)
+                dense_counts = torch.from_numpy(counts)
+            self.coact = dense_counts.to(device=device, dtype=FLOAT)
+            self.coact.diagonal().copy_(torch.from_numpy(diag))
+        else:
+            self.coact, self.column_sums = coactivation.continuous_setup(values, labels, device)
+            self.masks = None
+        diag_t = self.coact.diagonal()
+        # All sizes are 1 at the start, so the α-term s_i·r_j + s_j·r_i - q_ij·(r_i + r_j) is s_i + s_j - 2·q_ij.
+        self.alpha_terms = torch.mul(self.coact, -2 * alpha)
+        self.alpha_terms += diag_t[:, None] * alpha
+        self.alpha_terms += diag_t[None, :] * alpha
+        self.sizes = torch.ones(c, dtype=FLOAT, device=device)
+        self.diag_host = diag_t.cpu().numpy().copy()
+        self.sizes_host = np.ones(c, dtype=np.float64)
+        self._scratch = torch.empty(c * c, dtype=FLOAT, device=device)
+        self._costs: torch.Tensor | None = None
+        self._extremes: tuple[float, float] | None = None
+
+    @property
+    def log_k_minus_1(self) -> float:
+        return log_factors(self.k)[1]
+
+    def cost_offset(self) -> float:
+        log_ratio, _ = log_factors(self.k)
+        return float(self.diag_host[: self.k].sum()) * log_ratio
+
+    def mdl_loss(self) -> float:
+        k = self.k
+        return float((self.diag_host[:k] * (math.log2(k) + self.alpha * self.sizes_host[:k])).sum())
+
+    def _scaled_costs(self) -> torch.Tensor:
+        """`n · cost - S · log2((k-1)/k)` for the live slots, with +inf on the diagonal (computed once per merge)."""
+        if self._costs is None:
+            k = self.k
+            out = self._scratch[: k * k].view(k, k)
+            torch.add(self.alpha_terms[:k, :k], self.coact[:k, :k], alpha=-self.log_k_minus_1, out=out)
+            diagonal = out.diagonal()
+            # An off-diagonal value copied onto the diagonal changes neither extreme: one pass finds both.
+            diagonal.copy_(out[0, 1].expand(k))
+            lo, hi = torch.aminmax(out)
+            diagonal.fill_(float("inf"))
+            self._costs, self._extremes = out, (float(lo), float(hi))
+        return self._costs
+
+    def full_costs(self, order: np.ndarray) -> torch.Tensor:
+        k = self.k
+        order_t = torch.from_numpy(order).to(self.device)
+        costs = torch.add(self.alpha_terms[:k, :k], self.coact[:k, :k], alpha=-self.log_k_minus_1)
+        return costs.index_select(0, order_t).index_select(1, order_t)
+
+    def offdiagonal_min(self) -> float:
+        self._scaled_costs()
+        return self._extremes[0]
+
+    def offdiagonal_max(self) -> float:
+        self._scaled_costs()
+        return self._extremes[1]
+
+    def candidates_at_most(self, cutoff: float, slack: float):
+        from spd_math.samplers import DenseCostView  # noqa: PLC0415 (samplers import this module's users)
+
+        return DenseCostView.candidates_of(self._scaled_costs(), cutoff)
+
+    def row_blocks(self) -> list[tuple[int, int]]:
+        return [(0, self.k)]
+
+    def block_costs(self, first: int, stop: int) -> torch.Tensor:
+        return self._scaled_costs()[first:stop]
+
+    def merge(self, keep: int, drop: int) -> int:
+        """Merge slot `drop` into slot `keep`, then move the last live slot into `drop`; returns the merged slot."""
+        k = self.k
+        coact = self.coact
+        if self.boolean:
+            both = self.masks[:, keep] & self.masks[:, drop]
+            overlap = overlap_counts(self.masks[:, :k], both).to(device=coact.device, dtype=FLOAT)
+            new_row = coact[keep, :k] + coact[drop, :k] - overlap
+            new_diag = self.diag_host[keep] + self.diag_host[drop] - float(overlap[keep])
+            self.masks[:, keep] |= self.masks[:, drop]
+        else:
+            new_row = coact[keep, :k] + coact[drop, :k]
+            self.column_sums[keep] += self.column_sums[drop]
+            new_diag = float(self.column_sums[keep])
+        new_row[keep] = new_diag
+        self.sizes[keep] += self.sizes[drop]
+        self.sizes_host[keep] += self.sizes_host[drop]
+        self.diag_host[keep] = new_diag
+        coact[keep, :k] = new_row
+        coact[:k, keep] = new_row
+        diag = coact.diagonal()[:k]
+        row = self._merged_row_terms(diag, keep, k, new_row)
+        self.alpha_terms[keep, :k] = row
+        self.alpha_terms[:k, keep] = row
+        self._move_slot(k - 1, drop)
+        self.k = k - 1
+        self._costs = None
+        return drop if keep == k - 1 else keep
+
+    def _merged_row_terms(self, diag: torch.Tensor, keep: int, k: int, new_row: torch.Tensor) -> torch.Tensor:
+        s_i, r_i, s_j, r_j = diag[keep], self.sizes[keep], diag, self.sizes[:k]
+        return (s_i * r_j + s_j * r_i - new_row * (r_i + r_j)) * self.alpha
+
+    def _move_slot(self, source: int, target: int) -> None:
+        if source == target:
+            return
+        k = self.k
+        for matrix in (self.coact, self.alpha_terms):
+            matrix[target, :k] = matrix[source, :k]
+            matrix[:k, target] = matrix[:k, source]
+        for vector in (self.sizes, self.column_sums, self.diag_host, self.sizes_host):
+            if vector is not None:
+                vector[target] = vector[source]
+        if self.masks is not None:
+            self.masks[:, target] = self.masks[:, source]
+
+
+# Up to this many components the dense state is used (24·c² bytes: 400 MB at 4,096).
+DENSE_MAX_COMPONENTS = 4096
+
+
+def group_state(values: torch.Tensor, labels: list[str], threshold: float | None, alpha: float, device: torch.device):
+    """The state for a merge run: dense matrices for small problems, the scalable one beyond."""
+    cls = DenseGroupState if values.shape[1] <= DENSE_MAX_COMPONENTS else GroupState
+    return cls(values, labels, threshold, alpha, device)

@@ -1,0 +1,115 @@
+"""Compact activations (boolean masks, sparse CSR, the streaming builder) give the dense results exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse
+import torch
+
+from spd_math import (
+    ActivationsError,
+    CompactActivationsBuilder,
+    MergeConfig,
+    ProcessedActivations,
+    backend,
+    drop_dead,
+    merge_iteration,
+    process_activations,
+)
+
+
+def sparse_values(seed: int, n: int = 700, c: int = 45, density: float = 0.08) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    values = (rng.random((n, c)) * (rng.random((n, c)) < density)).astype(np.float32)
+    values[:, rng.random(c) < 0.1] = 0.0
+    values[:, 3] = np.where(values[:, 3] > 0, 0.004, 0.0)  # dead at 0.005, alive at 0
+    return values
+
+
+def histories_equal(first, second) -> None:
+    assert first.labels == second.labels
+    np.testing.assert_array_equal(first.selected_pairs.numpy(), second.selected_pairs.numpy())
+    np.testing.assert_array_equal(first.group_idxs.numpy(), second.group_idxs.numpy())
+    np.testing.assert_array_equal(first.pair_costs.numpy(), second.pair_costs.numpy())
+    np.testing.assert_array_equal(first.mdl_losses.numpy(), second.mdl_losses.numpy())
+
+
+CONFIGS = [
+    MergeConfig(iters=None, activation_threshold=0.01),
+    MergeConfig(iters=30, activation_threshold=0.3, alpha=0.5, merge_pair_sampling_kwargs={"threshold": 0.0}),
+    MergeConfig(iters=30, activation_threshold=0.01, merge_pair_sampling_method="mcmc", merge_pair_sampling_kwargs={}),
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=["range", "range-ties", "mcmc"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_every_form_gives_the_dense_history(config, seed):
+    values = sparse_values(seed)
+    labels = [f"m:{x}" for x in range(values.shape[1])]
+    dense = merge_iteration(ProcessedActivations(values, labels), config, seed=seed)
+    forms = {
+        "scipy csr": scipy.sparse.csr_array(values),
+        "torch csr": torch.from_numpy(values).to_sparse_csr(),
+        "mask": torch.from_numpy(values > config.activation_threshold),
+        "bool csr": scipy.sparse.csr_array(values > config.activation_threshold),
+    }
+    for name, form in forms.items():
+        histories_equal(merge_iteration(ProcessedActivations(form, labels), config, seed=seed), dense)
+    with pytest.MonkeyPatch.context() as patch:  # the device path
+        patch.setattr(backend, "numpy_fast_path", lambda tensor: False)
+        histories_equal(merge_iteration(ProcessedActivations(forms["scipy csr"], labels), config, seed=seed), dense)
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 64, 333, 10_000])
+def test_builder_equals_process_activations_and_drop_dead(chunk_rows):
+    values = sparse_values(5)
+    labels = [f"m:{x}" for x in range(values.shape[1])]
+    config = MergeConfig(iters=None, activation_threshold=0.01, filter_dead_threshold=0.005)
+    dense = process_activations({"m": values}, filter_dead_threshold=config.filter_dead_threshold)
+    builder = CompactActivationsBuilder(labels, config.activation_threshold, config.filter_dead_threshold)
+    for start in range(0, values.shape[0], chunk_rows):
+        builder.add(values[start : start + chunk_rows])
+    compact = builder.build()
+    assert compact.is_compact and compact.labels == dense.labels and compact.dead_labels == dense.dead_labels
+    assert "m:3" in compact.dead_labels
+    histories_equal(merge_iteration(compact, config, seed=3), merge_iteration(dense, config, seed=3))
+    expected = dense.column_stats(config.activation_threshold)
+    stats = compact.column_stats(config.activation_threshold)
+    np.testing.assert_array_equal(stats.active_counts, expected.active_counts)
+    np.testing.assert_allclose(stats.sums, expected.sums, rtol=1e-12)
+    np.testing.assert_array_equal(stats.maxima, expected.maxima)
+    mask = compact.active_mask(config.activation_threshold).toarray()
+    np.testing.assert_array_equal(mask, dense.activations.numpy() > config.activation_threshold)
+
+
+def test_compact_drop_dead_and_sparse_continuous_mode():
+    values = sparse_values(2)
+    labels = [f"m:{x}" for x in range(values.shape[1])]
+    sparse = ProcessedActivations(scipy.sparse.csr_array(values), labels)
+    dense = ProcessedActivations(values, labels)
+    kept_sparse, kept_dense = drop_dead(sparse, 0.005), drop_dead(dense, 0.005)
+    assert kept_sparse.labels == kept_dense.labels and kept_sparse.dead_labels == kept_dense.dead_labels
+    continuous = MergeConfig(iters=20, activation_threshold=None)
+    histories_equal(merge_iteration(kept_sparse, continuous, seed=1), merge_iteration(kept_dense, continuous, seed=1))
+
+
+def test_builder_output_refuses_lower_thresholds_and_continuous_mode():
+    builder = CompactActivationsBuilder(["m:0", "m:1"], activation_threshold=0.2)
+    builder.add(np.array([[0.5, 0.1], [0.3, 0.6]], dtype=np.float32))
+    compact = builder.build()
+    for config in (MergeConfig(activation_threshold=None), MergeConfig(activation_threshold=0.1)):
+        with pytest.raises(ActivationsError, match="activation_threshold >= 0.2"):
+            merge_iteration(compact, config, seed=0)
+    merge_iteration(compact, MergeConfig(activation_threshold=0.25), seed=0)
+
+
+def test_builder_reports_nan_with_the_component_label():
+    builder = CompactActivationsBuilder(["a:0", "a:1", "b:0"], activation_threshold=0.01)
+    builder.add(np.zeros((4, 3), dtype=np.float32))
+    with pytest.raises(ActivationsError, match=r"row 4.*NaN or inf.*b:0"):
+        builder.add(np.array([[0.0, 0.0, np.nan]], dtype=np.float32))
+    with pytest.raises(ActivationsError, match=r"expected shape \[rows, 3\]"):
+        builder.add(np.zeros((2, 4), dtype=np.float32))
+    with pytest.raises(ActivationsError, match="activation_threshold"):
+        CompactActivationsBuilder(["a:0"], activation_threshold=-0.1)

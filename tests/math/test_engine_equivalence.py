@@ -1,0 +1,171 @@
+"""The scaled engine against the pre-scale engine (`reference_engine`): identical histories, bit for bit.
+
+Same seed, same sampler: the same pairs, partitions, pair costs and MDL losses, on random
+problems covering boolean and continuous mode, both samplers, ties (threshold 0), the whole
+range (threshold 1), never-active components, and the engine's internal regimes (several
+row blocks, the candidate pool overflowing into row counting, 16-bit counts with wide
+groups, the torch primitives other devices use).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from spd_math import MergeConfig, ProcessedActivations, backend, merge_iteration, state
+from tests.math.reference_engine import reference_merge
+
+
+@pytest.fixture(autouse=True, params=["scalable", "dense"])
+def engine(request, monkeypatch):
+    """Every test runs on both states: the scalable one and the dense one used for small problems."""
+    monkeypatch.setattr(state, "DENSE_MAX_COMPONENTS", 0 if request.param == "scalable" else 1 << 20)
+    return request.param
+
+
+def random_problem(seed: int, n: int, c: int, density: float, threshold, alpha: float, iters, method: str, kwargs):
+    rng = np.random.default_rng(seed)
+    values = rng.random((n, c)) * (rng.random((n, c)) < density)
+    values[:, rng.random(c) < 0.15] = 0.0  # never-active components
+    if c >= 4 and rng.random() < 0.5:  # duplicated columns: exact cost ties
+        values[:, 1] = values[:, 0]
+    config = MergeConfig(
+        activation_threshold=threshold,
+        alpha=alpha,
+        iters=iters,
+        merge_pair_sampling_method=method,
+        merge_pair_sampling_kwargs=kwargs,
+        filter_dead_threshold=0.0,
+    )
+    labels = [f"m:{x}" for x in range(c)]
+    return ProcessedActivations(activations=torch.from_numpy(values.astype(np.float32)), labels=labels), config
+
+
+def assert_same_history(activations, config, seed: int) -> None:
+    expected = reference_merge(activations, config, seed)
+    history = merge_iteration(activations, config, seed=seed)
+    np.testing.assert_array_equal(history.selected_pairs.numpy(), expected["pairs"])
+    np.testing.assert_array_equal(history.group_idxs.numpy(), expected["group_idxs"])
+    np.testing.assert_array_equal(history.pair_costs.numpy(), expected["pair_costs"])
+    np.testing.assert_array_equal(history.mdl_losses.numpy(), expected["mdl_losses"])
+
+
+SAMPLERS = st.sampled_from(
+    [
+        ("range", {"threshold": 0.05}),
+        ("range", {"threshold": 0.0}),
+        ("range", {"threshold": 0.3}),
+        ("range", {"threshold": 1.0}),
+        ("mcmc", {"temperature": 1.0}),
+        ("mcmc", {"temperature": 0.001}),
+    ]
+)
+
+
+@st.composite
+def problems(draw, max_n: int = 300, max_c: int = 40):
+    method, kwargs = draw(SAMPLERS)
+    return random_problem(
+        seed=draw(st.integers(0, 2**32 - 1)),
+        n=draw(st.integers(1, max_n)),
+        c=draw(st.integers(2, max_c)),
+        density=draw(st.sampled_from([0.02, 0.1, 0.4])),
+        threshold=draw(st.sampled_from([None, 0.0, 0.1, 0.5])),
+        alpha=draw(st.sampled_from([0.0, 0.3, 1.0, 5.0])),
+        iters=draw(st.sampled_from([None, 1, 5, 60])),
+        method=method,
+        kwargs=kwargs,
+    ), draw(st.integers(0, 2**31))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(problems())
+def test_identical_histories_to_the_reference_engine(problem):
+    (activations, config), seed = problem
+    assert_same_history(activations, config, seed)
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Row blocks of a few rows, a tiny pool and a lazy batch of 2: every regime on small problems."""
+    monkeypatch.setattr(state, "BLOCK_ENTRIES", 64)
+    monkeypatch.setattr(state, "POOL_LIMIT", 6)
+    monkeypatch.setattr(state, "LAZY_BATCH_ENTRIES", 2)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_identical_histories_with_small_blocks_and_pool(small_blocks, seed):
+    rng = np.random.default_rng(seed)
+    method, kwargs = [("range", {"threshold": 0.05}), ("range", {"threshold": 0.0}), ("range", {"threshold": 0.5}),
+                      ("mcmc", {"temperature": 0.5})][seed % 4]
+    activations, config = random_problem(seed, n=int(rng.integers(50, 400)), c=int(rng.integers(20, 60)), density=0.1,
+                                         threshold=[0.1, None][seed % 2 if method == "range" else 0], alpha=1.0,
+                                         iters=None, method=method, kwargs=kwargs)
+    assert_same_history(activations, config, seed)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_identical_histories_with_wide_groups(monkeypatch, seed):
+    """16-bit counts with a tiny limit: groups active on more samples keep their mutual counts apart."""
+    monkeypatch.setattr(state, "NARROW_MAX", 40)
+    monkeypatch.setattr(state, "WIDE_SHARE", 1.0)
+    activations, config = random_problem(seed, n=300, c=30, density=0.3, threshold=0.2, alpha=1.0, iters=None,
+                                         method="range", kwargs={"threshold": 0.1})
+    assert_same_history(activations, config, seed)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(problems(max_n=200, max_c=25))
+def test_torch_primitives_give_identical_histories(problem):
+    """What runs on a GPU (dense float32 counting, torch bit counts), here on the CPU."""
+    (activations, config), seed = problem
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(backend, "numpy_fast_path", lambda tensor: False)
+        assert_same_history(activations, config, seed)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_identical_under_a_pair_sampler(seed):
+    activations, config = random_problem(seed, n=200, c=25, density=0.1, threshold=0.1, alpha=1.0, iters=None,
+                                         method="range", kwargs={"threshold": 0.05})
+    rng = np.random.default_rng(seed)
+    pairs = []
+
+    def choose(costs):
+        k = costs.shape[0]
+        i, j = rng.choice(k, 2, replace=False)
+        pairs.append((int(i), int(j)))
+        return int(i), int(j)
+
+    history = merge_iteration(activations, config, pair_sampler=choose)
+    replay = iter(pairs)
+    expected = reference_merge(activations, config, 0, pair_sampler=lambda costs: next(replay))
+    np.testing.assert_array_equal(history.group_idxs.numpy(), expected["group_idxs"])
+    np.testing.assert_array_equal(history.pair_costs.numpy(), expected["pair_costs"])
+
+
+@pytest.mark.parametrize("threshold, alpha", [(None, 0.3), (None, 1.7), (0.1, 0.3), (0.0, 1.0)])
+def test_cost_matrices_are_bit_identical(threshold, alpha):
+    """Every cost the engine evaluates is the float the original engine computed (same operations, same order)."""
+    activations, config = random_problem(7, n=150, c=30, density=0.3, threshold=threshold, alpha=alpha, iters=None,
+                                         method="range", kwargs={"threshold": 0.05})
+    seen = {"new": [], "old": []}
+
+    def chooser(name):
+        rng = np.random.default_rng(0)
+
+        def choose(costs):
+            seen[name].append(costs.clone())
+            i, j = rng.choice(costs.shape[0], 2, replace=False)
+            return int(i), int(j)
+
+        return choose
+
+    merge_iteration(activations, config, pair_sampler=chooser("new"))
+    reference_merge(activations, config, 0, pair_sampler=chooser("old"))
+    assert len(seen["new"]) == len(seen["old"]) == 27
+    for new, old in zip(seen["new"], seen["old"]):
+        np.testing.assert_array_equal(new.numpy(), old.numpy())
