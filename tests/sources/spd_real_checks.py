@@ -5,7 +5,8 @@
 Prints one JSON object of findings, which `test_spd_source_real.py` asserts on. Each comparison
 runs spd's own code (`spd.clustering.dataset.load_dataset`,
 `spd.clustering.activations.component_activations` / `process_activations`) on the same batch
-as the source and records whether the results are identical.
+as the source and records whether the results are identical. spd is imported only when this runs
+(the test collection imports every module of the test folder, where spd is not installed).
 """
 
 from __future__ import annotations
@@ -15,9 +16,6 @@ import sys
 
 import numpy as np
 import torch
-from spd.clustering.activations import component_activations, process_activations
-from spd.clustering.dataset import load_dataset
-from spd.models.component_model import ComponentModel
 
 from spd_assets.errors import SourceError
 from spd_assets.sources import SpdSource, SpdSourceConfig
@@ -34,6 +32,8 @@ def same_importances(ours: dict, theirs: dict) -> bool:
 
 def streamed_vs_spd(source: SpdSource, batch, seq_mode, importances) -> dict:
     """The source's processed activations (streamed in chunks) against spd's process_activations."""
+    from spd.clustering.activations import process_activations
+
     streamed = activations_from_chunks(
         source.activation_chunks(batch, CPU), module_widths=source.module_widths(), activation_dims=batch.sample_dims,
         merge_config=MergeConfig(filter_dead_threshold=DEAD_THRESHOLD), seq_mode=seq_mode, memory_budget_bytes=2**30)
@@ -56,6 +56,10 @@ def error_of(action) -> str | None:
 
 
 def resid_mlp(run: str) -> dict:
+    from spd.clustering.activations import component_activations
+    from spd.clustering.dataset import load_dataset
+    from spd.models.component_model import ComponentModel
+
     source = SpdSource(SpdSourceConfig(model_path=run, batch_size=32, n_members=3, dataset_seed=5))
     source.check()
     seeds = [source.batch_seed(member, member_seed=123) for member in source.member_keys()]
@@ -90,6 +94,9 @@ def resid_mlp(run: str) -> dict:
 
 
 def lm(run: str, token_ids: str) -> dict:
+    from spd.clustering.activations import component_activations
+    from spd.models.component_model import ComponentModel
+
     source = SpdSource(SpdSourceConfig(model_path=run, batch_size=16, n_members=2, token_ids=token_ids, chunk_size=6))
     source.check()
     batch = source.token_batch("member_000", source.batch_seed("member_000", 0))
