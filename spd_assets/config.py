@@ -6,6 +6,7 @@ import hashlib
 import json
 import re
 import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -19,6 +20,7 @@ from pydantic import (
     model_validator,
 )
 
+from spd_assets import original_configs
 from spd_assets.errors import ExperimentConfigError
 from spd_assets.sources import SOURCES, SyntheticSourceConfig
 from spd_assets.storage.store import RESERVED_NAMES
@@ -157,25 +159,43 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
     return values
 
 
+@dataclass(frozen=True)
+class LoadedConfig:
+    """A config file read into an experiment config: which shape it had, the files read, and what was not used."""
+
+    config: ExperimentConfig
+    shape: str
+    files: list[Path]
+    not_used: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> ExperimentConfig:
-    """Read a YAML experiment config (None: the embedded default) and apply `--set` overrides."""
+    """Read a YAML experiment config, or an original research config (None: the embedded default), and apply
+    `--set` overrides."""
+    return load_config_file(path, overrides).config
+
+
+def load_config_file(path: str | Path | None, overrides: list[str] = ()) -> LoadedConfig:
+    """`load_config`, with what the file was (see `spd_assets.original_configs`) and its keys without meaning here."""
     if path is None:
         embedded_default = json.loads(ExperimentConfig().canonical_json())
-        return parse_config(apply_overrides(embedded_default, list(overrides)), origin="--set")
+        config = parse_config(apply_overrides(embedded_default, list(overrides)), origin="--set")
+        return LoadedConfig(config, "embedded default", [])
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as error:
-        raise ExperimentConfigError(f"cannot read config file {path}: {error.strerror}") from None
-    try:
-        values = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        raise ExperimentConfigError(f"{path} is not valid YAML: {error}") from None
+    values = original_configs.read_values(path)
+    translation = original_configs.translate(values, path) if original_configs.is_original(values) else None
+    if translation is not None:
+        values = translation.values
     if overrides and isinstance(values, dict):
         values = apply_overrides(values, list(overrides))
     config = parse_config(values, origin=str(path))
     # Relative paths are relative to the config file, not to wherever the command runs.
-    return config.model_copy(update={"source": config.source.resolved(path.parent.resolve())})
+    base = translation.base if translation is not None else path.parent
+    config = config.model_copy(update={"source": config.source.resolved(base.resolve())})
+    if translation is None:
+        return LoadedConfig(config, original_configs.SHAPE_EXPERIMENT, [path])
+    return LoadedConfig(config, translation.shape, translation.files, translation.not_used, translation.notes)
 
 
 def dump_config(config: ExperimentConfig) -> str:

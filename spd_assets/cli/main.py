@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="spd-cluster", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="materialize every asset of an experiment (the embedded default without --config)")
-    run.add_argument("--config", type=Path, help="experiment config (YAML); default: the embedded synthetic default")
+    run.add_argument("--config", type=Path, help="experiment config (YAML), or an original clustering run, pipeline or "
+                                                 "flat config (YAML or JSON); default: the embedded synthetic default")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config value, e.g. --set name=alpha_half --set merge_config.alpha=0.5")
     run.add_argument("--parallel", type=int, default=None, help="member runs at once (default: the number of devices)")
@@ -48,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
                                  "the processes alive (dead runs, partial or unrecorded files, stale lineage tables)")
     doctor.add_argument("--dry-run", action="store_true", help="only report; change nothing")
     doctor.add_argument("--experiment", action="append", help="only this experiment's results (repeatable)")
+    validate = commands.add_parser("validate", help="parse and check a config without running it (exit 0 valid, 2 invalid)")
+    validate.add_argument("--config", type=Path, required=True, help="experiment config, or an original research config")
+    validate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     sql = commands.add_parser("sql", help="query the results (read-only; works while pipelines run)")
     sql.add_argument("query", nargs="?", help="SQL; omit to read it from --file or standard input")
     sql.add_argument("--file", type=Path, help="read the query from this file")
@@ -112,24 +116,18 @@ def _dispatch(args) -> int:
             print("spd-cluster sql: expected a query (argument, --file or standard input), got nothing", file=sys.stderr)
             return 2
         return run_sql(store, query, output_format=args.format, output=args.output, max_rows=args.max_rows)
-    if args.command == "run":
-        from spd_assets.cli.run import run_experiment
-        from spd_assets.config import load_config
+    if args.command == "validate":
+        from spd_assets.cli.validate import validate
 
-        try:
-            config = load_config(args.config, args.set)
-        except SpdClusterError as error:
-            print(f"spd-cluster: {error}", file=sys.stderr)
-            return 2
+        return validate(args.config, args.set)
+    if args.command == "run":
+        from spd_assets.cli.run import run_config_file
+
         if args.parallel is not None and args.parallel < 1:
             print(f"spd-cluster: --parallel: expected a positive number, got {args.parallel}", file=sys.stderr)
             return 2
         only = [m.strip() for m in args.members.split(",") if m.strip()] if args.members else None
-        try:
-            return run_experiment(config, parallel=args.parallel, only_members=only, replace=args.replace)
-        except SpdClusterError as error:
-            print(f"spd-cluster: {error}", file=sys.stderr)
-            return 2
+        return run_config_file(args.config, args.set, parallel=args.parallel, only_members=only, replace=args.replace)
     return 2
 
 

@@ -7,6 +7,7 @@ from collections import defaultdict
 
 from dagster import DagsterInstance
 
+from spd_assets.cli.preflight import preflight
 from spd_assets.cli.registration import register
 from spd_assets.cli.runs import (
     RUN_TAG_EXPERIMENT,
@@ -17,15 +18,16 @@ from spd_assets.cli.runs import (
     prepare_instance,
     run_config_for,
 )
+from spd_assets.cli.validate import describe_loaded
 from spd_assets.cli.workers import RunTask, Workers
-from spd_assets.config import ExperimentConfig
+from spd_assets.config import ExperimentConfig, load_config_file
 from spd_assets.defs.dead_runs import reap_dead_runs
 from spd_assets.defs.deployment import DEVICE_POOL, load_settings
 from spd_assets.defs.devices import leases_at_once
 from spd_assets.defs.home import PROJECT_ROOT, results_store
 from spd_assets.defs.jobs import ensemble_job_name, members_job_name
 from spd_assets.defs.resources import pool_limit
-from spd_assets.sources import source_for
+from spd_assets.errors import SpdClusterError
 from spd_assets.storage.database import ensure_database
 
 # Exit status after an interruption: 128 + the signal's number, as shells report it.
@@ -74,13 +76,34 @@ def check_summary(checks: list[CheckOutcome]) -> list[str]:
     return lines
 
 
+def run_config_file(path, overrides: list[str], *, parallel: int | None = None, only_members: list[str] | None = None,
+                    program: str = "spd-cluster", not_used_flags: list[str] = (), replace: bool = False) -> int:
+    """Load a config file (an experiment config or an original one) and run it; 2 when it is invalid."""
+    try:
+        loaded = load_config_file(path, overrides)
+    except SpdClusterError as error:
+        print(f"{program}: {error}", file=sys.stderr)
+        return 2
+    for line in describe_loaded(loaded):
+        print(line)
+    if not_used_flags:
+        print(f"  flags not used here: {' '.join(not_used_flags)}")
+    try:
+        return run_experiment(loaded.config, parallel=parallel, only_members=only_members, replace=replace)
+    except SpdClusterError as error:
+        print(f"{program}: {error}", file=sys.stderr)
+        return 2
+
+
 def run_experiment(config: ExperimentConfig, *, parallel: int | None, only_members: list[str] | None,
                    replace: bool = False) -> int:
+    # Anything that would fail every member fails here, before any member starts.
+    checked = preflight(config, check_all=True)
+    members = checked.members
     home = prepare_instance()
     store = results_store(home)
     settings = load_settings(home)
     devices = settings.device_names()
-    members = source_for(config.source).member_keys()
     if only_members is not None:
         unknown = sorted(set(only_members) - set(members))
         if unknown:
@@ -104,6 +127,10 @@ def run_experiment(config: ExperimentConfig, *, parallel: int | None, only_membe
     log_path.parent.mkdir(parents=True, exist_ok=True)
     print(f"spd-cluster: experiment {config.name!r} (config {config.config_hash}), {len(members)} members, "
           f"DAGSTER_HOME={home}")
+    if checked.activation_shape is not None:
+        samples, components = checked.activation_shape
+        print(f"activations: {samples:,} samples x {components:,} components per member "
+              f"({checked.activation_bytes / 2**20:,.1f} MiB)")
     print(f"devices: {', '.join(devices)} (executor {settings.executor}); at most {at_once} merges at once "
           f"(pool {DEVICE_POOL!r} limit {limit if limit is not None else 'none'}, across runs)")
     print(f"members ({parallel} at a time): activations and merge history per member", flush=True)

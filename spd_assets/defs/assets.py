@@ -1,6 +1,7 @@
 """The asset graph of one experiment, as thin Dagster wrappers around `steps`.
 
-    component_activations ─┬─ component_stats                 (per member)
+    component_activations ─┬─ component_stats                 (per member; model sources: on a leased device,
+      │                                                        from token_batches, the member's model inputs)
       └─ merge_history ────┼─ merge_events, membership_spans  (per member, on a leased device)
            └─ normalized_ensemble ─ ensemble_members
                 ├─ distance_matrices ─ distances
@@ -18,6 +19,7 @@ it feeds (Parquet through the table IO manager, with their column schema in the 
 import base64
 import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -63,6 +65,7 @@ from spd_assets.storage.values import (
     EnsembleDistances,
     ExplorerPage,
     MemberEnsemble,
+    TokenBatch,
     value_format,
 )
 from spd_math import MergeHistory, ProcessedActivations
@@ -81,6 +84,18 @@ def dagster_table_schema(table: str) -> TableSchema:
     """The Dagster column schema of a result table, from its one definition in `storage.schemas`."""
     return TableSchema(columns=[TableColumn(name, sql_type, description=description)
                                 for name, (sql_type, description) in TABLE_SCHEMAS[table].columns.items()])
+
+
+@contextmanager
+def _retry_on_out_of_memory(device: str, doing: str) -> Iterator[None]:
+    """CUDA running out of memory is transient (another process may hold it): ask Dagster to retry the step,
+    whose next lease prefers the GPU with the most free memory."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as error:
+        raise RetryRequested(max_retries=OUT_OF_MEMORY_RETRIES, seconds_to_wait=OUT_OF_MEMORY_WAIT_S) from RuntimeError(
+            f"CUDA out of memory on {device} {doing}: {error}"
+        )
 
 
 def _dagster_metadata(metadata: dict) -> dict:
@@ -119,7 +134,10 @@ def experiment_assets(
     name = config.name
     partitions = StaticPartitionsDefinition(members)
     source_key = source_resource_key(name)
-    has_planted_truth = SOURCES[config.source.kind].has_planted_truth
+    source_class = SOURCES[config.source.kind]
+    has_planted_truth = source_class.has_planted_truth
+    has_token_batches = source_class.has_token_batches
+    needs_device = source_class.needs_device
 
     def key(asset_name: str) -> AssetKey:
         return AssetKey([name, asset_name])
@@ -157,6 +175,32 @@ def experiment_assets(
         for table, frame in result.tables.items():
             yield Output(frame, output_name=table)
 
+    @contextmanager
+    def _device(context: AssetExecutionContext, step_key: str) -> Iterator[tuple[str, torch.device]]:
+        """A device leased from the pool when the source computes on one, else the CPU."""
+        if not needs_device:
+            yield "cpu", torch.device("cpu")
+            return
+        pool: DevicePoolResource = getattr(context.resources, DEVICE_POOL_KEY)
+        with pool.lease(context, step_key=step_key) as lease:
+            context.log.info(f"leased {lease.device} after waiting {lease.waited_s:.1f} s")
+            yield lease.device, lease.torch_device
+
+    if has_token_batches:
+        @multi_asset(
+            name=op_name("token_batches"),
+            outs={"token_batches": value_out(
+                "token_batches", TokenBatch,
+                "One member's model inputs (token ids, or feature rows), drawn with its batch seed, and the text of "
+                "each token id that occurs.", {"numpy"})},
+            partitions_def=partitions,
+            required_resource_keys={source_key},
+        )
+        def token_batches(context: AssetExecutionContext) -> Iterator:
+            resource: ActivationSourceResource = getattr(context.resources, source_key)
+            result = steps.token_batches(resource.source, config, context.partition_key)
+            yield from emit("token_batches", result, [])
+
     @multi_asset(
         name=op_name("component_activations"),
         outs={
@@ -165,14 +209,31 @@ def experiment_assets(
                 "One member's causal importances, processed (seq mode, module filter, dead filter).", {"torch"}),
             "component_stats": table_out("component_stats"),
         },
-        internal_asset_deps={"component_activations": set(), "component_stats": {key("component_activations")}},
+        ins={"batch": AssetIn(key=key("token_batches"))} if has_token_batches else None,
+        internal_asset_deps={"component_activations": {key("token_batches")} if has_token_batches else set(),
+                             "component_stats": {key("component_activations")}},
         partitions_def=partitions,
-        required_resource_keys={source_key},
+        required_resource_keys={source_key, *([DEVICE_POOL_KEY] if needs_device else [])},
+        pool=DEVICE_POOL if needs_device else None,
+        op_tags=device_op_tags if needs_device else None,
     )
-    def component_activations(context: AssetExecutionContext) -> Iterator:
+    def component_activations(context: AssetExecutionContext, **batch: TokenBatch) -> Iterator:
         resource: ActivationSourceResource = getattr(context.resources, source_key)
-        result = steps.component_activations(resource.source, config, context.partition_key)
-        yield from emit("component_activations", result, [])
+        member = context.partition_key
+        if not has_token_batches:
+            result = steps.component_activations(resource.source, config, member)
+            yield from emit("component_activations", result, [])
+            return
+        token_batch = batch["batch"]
+        with _device(context, op_name("component_activations")) as (device, torch_device):
+            with _retry_on_out_of_memory(device, f"running the model on {token_batch.n_sequences} sequences"):
+                result = steps.model_activations(resource.source, token_batch, config, member, torch_device)
+        result.metadata["device"] = device
+        context.log.info(f"{member}: activations of {result.metadata['samples']} samples x "
+                         f"{result.metadata['components']} components in {result.metadata['forward_seconds']:.2f} s "
+                         f"on {device}")
+        consumed = consumed_inputs(context.instance, key("token_batches"), {member: fingerprint(token_batch)})
+        yield from emit("component_activations", result, consumed)
 
     history_checks = [
         member_check("partition_sizes", "the partition after iteration i has c - i - 1 groups"),
@@ -207,14 +268,9 @@ def experiment_assets(
         pool: DevicePoolResource = getattr(context.resources, DEVICE_POOL_KEY)
         with pool.lease(context, step_key=op_name("merge_history")) as lease:
             context.log.info(f"leased {lease.device} after waiting {lease.waited_s:.1f} s")
-            try:
+            merging = f"merging {activations.n_samples} samples x {activations.n_components} components"
+            with _retry_on_out_of_memory(lease.device, merging):
                 result = steps.merge_history(activations, config, member, lease.torch_device)
-            except torch.cuda.OutOfMemoryError as error:
-                # Transient: another process may hold the memory. Retry; the next lease prefers the freest GPU.
-                raise RetryRequested(max_retries=OUT_OF_MEMORY_RETRIES, seconds_to_wait=OUT_OF_MEMORY_WAIT_S) from RuntimeError(
-                    f"CUDA out of memory on {lease.device} merging {activations.n_samples} samples x "
-                    f"{activations.n_components} components: {error}"
-                )
         history = result.value
         context.log.info(f"merged {history.c_components} components over {history.n_iters} iterations "
                          f"in {result.metadata['seconds']:.2f} s on {lease.device}")
@@ -343,7 +399,9 @@ def experiment_assets(
         return tables.experiment_row(config, datetime.now(timezone.utc))
 
     # Every asset above is recorded: values with what they consumed, tables with their files.
-    recorded_keys = [*component_activations.keys, *merge_history.keys, *normalized_ensemble.keys,
+    token_batch_assets = [token_batches] if has_token_batches else []
+    recorded_keys = [*(asset_key for asset in token_batch_assets for asset_key in asset.keys), *component_activations.keys,
+                     *merge_history.keys, *normalized_ensemble.keys,
                      *distance_matrices.keys, *consensus_clusters.keys, *cluster_explorer.keys, *experiments.keys]
 
     @multi_asset(
@@ -360,9 +418,10 @@ def experiment_assets(
         yield Output(edges, output_name="lineage_edges")
 
     return ExperimentAssets(
-        assets=[component_activations, merge_history, normalized_ensemble, distance_matrices, consensus_clusters,
-                cluster_explorer, experiments, lineage],
-        member_keys=[*component_activations.keys, *merge_history.keys],
+        assets=[*token_batch_assets, component_activations, merge_history, normalized_ensemble, distance_matrices,
+                consensus_clusters, cluster_explorer, experiments, lineage],
+        member_keys=[*(asset_key for asset in token_batch_assets for asset_key in asset.keys), *component_activations.keys,
+                     *merge_history.keys],
         ensemble_keys=[*normalized_ensemble.keys, *distance_matrices.keys, *consensus_clusters.keys,
                        *cluster_explorer.keys, *experiments.keys, *lineage.keys],
     )

@@ -81,13 +81,18 @@ def cluster_analysis_pipeline(
     ExperimentChangedError
         The name has results of another config or of departed members and `replace` is False
         (nothing is run; the message names what changed).
+    SourceError
+        The source cannot give any member's batch: a missing model or text, a pattern matching no module
+        (nothing is run).
     PipelineError
         The ensemble could not be built (e.g. every member failed); the message gives the first failure.
     """
     config = _as_config(config)
     home = Path(home).resolve() if home is not None else dagster_home()
     store = results_store(home)
-    members = source_for(config.source).member_keys()
+    source = source_for(config.source)
+    source.check()  # what would fail every member fails here, before any member runs
+    members = source.member_keys()
     with _instance_at(home) as instance:
         register(store, instance, config, members, replace=replace)
         ensure_database(store)

@@ -14,15 +14,17 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+import torch
 
 from spd_assets.analysis import explorer, plots
 from spd_assets.analysis.consensus import co_association, ensemble_consensus
 from spd_assets.config import ExperimentConfig
 from spd_assets.errors import SpdClusterError
-from spd_assets.sources import ActivationSource
+from spd_assets.sources import ActivationSource, ModelSource
+from spd_assets.sources.streaming import activations_from_chunks
 from spd_assets.storage import tables
 from spd_assets.storage.lineage import Consumed, fingerprint
-from spd_assets.storage.values import ConsensusClusters, EnsembleDistances, ExplorerPage, MemberEnsemble
+from spd_assets.storage.values import ConsensusClusters, EnsembleDistances, ExplorerPage, MemberEnsemble, TokenBatch
 from spd_math import (
     MergeHistory,
     ProcessedActivations,
@@ -40,6 +42,9 @@ MOST_ACTIVE_SHOWN = 10
 LARGEST_CLUSTERS_SHOWN = 10
 # At most this many components in the co-association picture (the largest clusters first): readable at UI size.
 CO_ASSOCIATION_COMPONENTS_MAX = 300
+# Sequences of a token batch shown as text in its metadata, and how much of each.
+EXAMPLES_SHOWN = 3
+EXAMPLE_CHARACTERS = 300
 
 
 class Markdown(str):
@@ -93,22 +98,79 @@ def component_activations(source: ActivationSource, config: ExperimentConfig, me
         config.name, member, every_component, dead_labels=processed.dead_labels,
         activation_threshold=merge_config.activation_threshold,
     )
+    metadata = {**_activation_metadata(processed, stats, n_modules=len(batch)), "seed": seed}
+    consumed = [Consumed(f"source:{source.kind}", member, fingerprint(dict(batch)))]
+    return StepResult(processed, {"component_stats": stats}, metadata, consumed)
+
+
+def _activation_metadata(processed: ProcessedActivations, stats: pl.DataFrame, *, n_modules: int) -> dict[str, Any]:
     live = stats.filter(~stats["dead"])
     top = live.sort("activation_frequency", descending=True).head(MOST_ACTIVE_SHOWN)
-    metadata = {
+    return {
         "samples": processed.n_samples,
         "components": processed.n_components,
         "dead_components": len(processed.dead_labels),
-        "modules": len(batch),
+        "modules": n_modules,
         "mean_activation_frequency": float(live["activation_frequency"].mean() or 0.0),
-        "seed": seed,
         "most_active": markdown_table(
             ["label", "frequency", "max"],
             [[r["label"], f"{r['activation_frequency']:.4f}", f"{r['max_activation']:.3f}"] for r in top.iter_rows(named=True)],
         ),
     }
-    consumed = [Consumed(f"source:{source.kind}", member, fingerprint(dict(batch)))]
-    return StepResult(processed, {"component_stats": stats}, metadata, consumed)
+
+
+def token_batches(source: ModelSource, config: ExperimentConfig, member: str) -> StepResult:
+    """One member's model inputs, drawn by the source with the member's batch seed (after checking the source)."""
+    source.check()
+    seed = source.batch_seed(member, config.member_seed(member))
+    batch = source.token_batch(member, seed)
+    metadata: dict[str, Any] = {"sequences": batch.n_sequences, "tokens": batch.n_tokens, "seed": seed}
+    if batch.is_tokens:
+        metadata["distinct_tokens"] = len(np.unique(batch.inputs))
+        metadata["examples"] = markdown_table(
+            ["sequence", "text"],
+            [[index, _table_cell(source.decode(batch.inputs[index]))] for index in range(min(EXAMPLES_SHOWN, batch.n_sequences))],
+        )
+    else:
+        metadata["features"] = batch.inputs.shape[1]
+    consumed = [Consumed(f"source:{source.kind}", member, fingerprint(batch))]
+    return StepResult(batch, {}, metadata, consumed)
+
+
+def _table_cell(text: str) -> str:
+    text = " ".join(text.split())  # one line
+    text = text if len(text) <= EXAMPLE_CHARACTERS else text[:EXAMPLE_CHARACTERS] + "..."
+    return text.replace("|", "\\|")
+
+
+def model_activations(
+    source: ModelSource, batch: TokenBatch, config: ExperimentConfig, member: str, device: torch.device
+) -> StepResult:
+    """One member's activations from the model's forward pass on its token batch (on `device`, in chunks),
+    processed and summarised as they stream; refused before the forward pass when over the memory budget."""
+    merge_config = config.merge
+    started = time.perf_counter()
+    streamed = activations_from_chunks(
+        source.activation_chunks(batch, device),
+        module_widths=source.module_widths(),
+        activation_dims=batch.sample_dims,
+        merge_config=merge_config,
+        seq_mode=config.seq_mode,
+        memory_budget_bytes=source.memory_budget_bytes,
+    )
+    seconds = time.perf_counter() - started
+    processed, statistics = streamed.processed, streamed.statistics
+    stats = tables.component_stats_table(
+        config.name, member, statistics.labels, activation_frequency=statistics.activation_frequency,
+        mean_activation=statistics.mean_activation, max_activation=statistics.maxima, dead_labels=processed.dead_labels,
+    )
+    rows = batch.n_tokens or batch.n_sequences
+    metadata = {
+        **_activation_metadata(processed, stats, n_modules=len(streamed.modules)),
+        "forward_seconds": round(seconds, 3),
+        ("tokens_per_second" if batch.is_tokens else "rows_per_second"): round(rows / max(seconds, 1e-9)),
+    }
+    return StepResult(processed, {"component_stats": stats}, metadata)
 
 
 def merge_history(activations: ProcessedActivations, config: ExperimentConfig, member: str, device) -> StepResult:

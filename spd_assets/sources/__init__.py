@@ -7,12 +7,15 @@ experiment config accepts its `source:` block from then on.
 
 from __future__ import annotations
 
-from spd_assets.sources.base import ActivationSource, SourceConfig, numbered_members
+from spd_assets.sources.base import ActivationSource, RunTimeNeed, SourceConfig, numbered_members
 from spd_assets.sources.files import FilesSource, FilesSourceConfig
+from spd_assets.sources.model_source import ModelSource
+from spd_assets.sources.spd import SpdSource, SpdSourceConfig
 from spd_assets.sources.synthetic import SyntheticSource, SyntheticSourceConfig
+from spd_assets.sources.torch_model import TorchSource, TorchSourceConfig
 
 SOURCES: dict[str, type[ActivationSource]] = {
-    source.kind: source for source in (SyntheticSource, FilesSource)
+    source.kind: source for source in (SyntheticSource, FilesSource, TorchSource, SpdSource)
 }
 
 
@@ -26,9 +29,15 @@ __all__ = [
     "ActivationSource",
     "FilesSource",
     "FilesSourceConfig",
+    "ModelSource",
+    "RunTimeNeed",
     "SourceConfig",
+    "SpdSource",
+    "SpdSourceConfig",
     "SyntheticSource",
     "SyntheticSourceConfig",
+    "TorchSource",
+    "TorchSourceConfig",
     "numbered_members",
     "source_for",
 ]

@@ -2,14 +2,16 @@
 
 A source turns an experiment's `source:` block into causal importances: `member_keys()` are the
 ensemble members (Dagster partition keys), `load_batch(member, seed)` the mapping module name ->
-tensor of one member (docs/math.md §1). What a source can do beyond that is said by its
-capabilities (`has_planted_truth`, ...), never by testing its kind.
+tensor of one member (docs/math.md §1), and `check()` fails early on what would fail every member.
+What a source can do beyond that is said by its capabilities (`has_planted_truth`,
+`has_token_batches`, `needs_device`), never by testing its kind.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -31,12 +33,29 @@ class SourceConfig(BaseModel):
 
     def resolved(self, base: Path) -> SourceConfig:
         """This config with every relative path field made relative to `base` (the config file's folder)."""
-        update = {
+        update = self.relative_paths_resolved(base)
+        return self.model_copy(update=update) if update else self
+
+    def relative_paths_resolved(self, base: Path) -> dict[str, Any]:
+        """Field name -> value made absolute against `base`, for each relative path field.
+
+        `Path` fields are found by type; a source whose field may hold a path or something else
+        (a model given as a directory or as `package.module:factory`) adds that field here.
+        """
+        return {
             name: (base / value).resolve()
             for name, value in self
             if isinstance(value, Path) and not value.is_absolute()
         }
-        return self.model_copy(update=update) if update else self
+
+
+@dataclass(frozen=True)
+class RunTimeNeed:
+    """Something a source needs when it runs (a package, network access), and whether this environment has it."""
+
+    what: str
+    available: bool | None  # None: cannot be told without trying (network access)
+    detail: str = ""
 
 
 ConfigT = TypeVar("ConfigT", bound=SourceConfig)
@@ -52,11 +71,33 @@ class ActivationSource(ABC, Generic[ConfigT]):
     config_type: ClassVar[type[SourceConfig]]
     #: `planted_partition(labels)` gives the true grouping (synthetic data), checked after each merge.
     has_planted_truth: ClassVar[bool] = False
+    #: Each member's model inputs are an asset of their own (`token_batches`), and its activations come from
+    #: a forward pass in chunks (see `spd_assets.sources.model_source.ModelSource`).
+    has_token_batches: ClassVar[bool] = False
+    #: The activations are computed on a device leased from the device pool (a GPU when there is one).
+    needs_device: ClassVar[bool] = False
 
     def __init__(self, config: ConfigT) -> None:
         if not isinstance(config, self.config_type):
             raise TypeError(f"{type(self).__name__}: expected a {self.config_type.__name__}, got {type(config).__name__}")
         self.config = config
+
+    def check(self) -> None:
+        """Raise a `SourceError` naming the value at fault and what was expected, for anything that would fail
+        every member (a missing directory, a model that does not load, a pattern matching no module).
+
+        Called before any member runs (`spd-cluster run`, `spd-cluster validate`) and at the start of each
+        member's first step. The default lists the members.
+        """
+        self.member_keys()
+
+    def run_time_needs(self) -> list[RunTimeNeed]:
+        """What running this source needs beyond spd-cluster's own dependencies (none by default)."""
+        return []
+
+    def batch_seed(self, member: str, member_seed: int) -> int:
+        """The seed a member's batch is drawn with: the experiment's member seed unless the source says otherwise."""
+        return member_seed
 
     @abstractmethod
     def member_keys(self) -> list[str]:

@@ -2,6 +2,7 @@
 
     <root>/                                      $DAGSTER_HOME/spd_cluster by default
       experiments/<experiment>.yaml              registered experiment configs
+      <experiment>/token_batches/<member>.npz          (model sources: the member's model inputs)
       <experiment>/component_activations/<member>.npz
       <experiment>/merge_history/<member>.zip          (the original research format)
       <experiment>/normalized_ensemble.npz

@@ -52,18 +52,35 @@ def component_stats(
         active += (rows > cutoff).sum(dim=0)
         sums += rows.sum(dim=0, dtype=torch.float64)
         maxima = torch.maximum(maxima, rows.amax(dim=0).double())
-    modules, indices = zip(*(split_label(label) for label in activations.labels)) if c else ((), ())
+    return component_stats_table(
+        experiment, member, activations.labels, activation_frequency=(active.double() / max(n, 1)).numpy(),
+        mean_activation=(sums / max(n, 1)).numpy(), max_activation=maxima.numpy(), dead_labels=dead_labels,
+    )
+
+
+def component_stats_table(
+    experiment: str,
+    member: str,
+    labels: Sequence[str],
+    *,
+    activation_frequency: np.ndarray,
+    mean_activation: np.ndarray,
+    max_activation: np.ndarray,
+    dead_labels: Sequence[str],
+) -> pl.DataFrame:
+    """The `component_stats` rows of statistics already computed (e.g. while streaming a model's activations)."""
+    modules, indices = zip(*(split_label(label) for label in labels)) if len(labels) else ((), ())
     dead = set(dead_labels)
     return _conformed("component_stats", {
             "experiment": experiment,
             "member": member,
-            "label": activations.labels,
+            "label": list(labels),
             "module": list(modules),
             "component_index": list(indices),
-            "activation_frequency": (active.double() / max(n, 1)).numpy(),
-            "mean_activation": (sums / max(n, 1)).numpy(),
-            "max_activation": maxima.numpy(),
-            "dead": [label in dead for label in activations.labels],
+            "activation_frequency": np.asarray(activation_frequency, dtype=np.float64),
+            "mean_activation": np.asarray(mean_activation, dtype=np.float64),
+            "max_activation": np.asarray(max_activation, dtype=np.float64),
+            "dead": [label in dead for label in labels],
     })
 
 

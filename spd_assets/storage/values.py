@@ -8,7 +8,7 @@ here, and a new type is one class plus one `VALUE_FORMATS` entry.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,52 @@ class MemberEnsemble:
     ensemble: NormalizedEnsemble
     members: list[str]
     missing: list[str]
+
+
+@dataclass(frozen=True, eq=False)
+class TokenBatch:
+    """The model inputs of one ensemble member, kept so the member can be recomputed and its contexts shown.
+
+    `inputs` is exactly what the model was given: token ids `[sequences, seq_len]` (int64) for
+    language models, or feature rows `[samples, features]` (float32) for toy models. With a
+    tokenizer, `vocab_ids` are the distinct ids that occur (sorted) and `vocab_strings` the text
+    of each (`tokenizer.decode([id])`), so contexts are shown without the tokenizer. Under
+    seq_mode `concat`, activation sample `s` is token `inputs[s // seq_len, s % seq_len]`.
+    """
+
+    inputs: np.ndarray
+    vocab_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    vocab_strings: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.inputs.ndim != 2:
+            raise StorageError(f"TokenBatch.inputs: expected a 2-D array, got shape {self.inputs.shape}")
+        if len(self.vocab_ids) != len(self.vocab_strings):
+            raise StorageError(f"TokenBatch: {len(self.vocab_ids)} vocab ids but {len(self.vocab_strings)} strings")
+
+    @property
+    def is_tokens(self) -> bool:
+        """Token ids (sequences x positions), rather than feature rows."""
+        return bool(np.issubdtype(self.inputs.dtype, np.integer))
+
+    @property
+    def n_sequences(self) -> int:
+        return self.inputs.shape[0]
+
+    @property
+    def n_tokens(self) -> int:
+        """Tokens in the batch (0 for feature rows)."""
+        return self.inputs.size if self.is_tokens else 0
+
+    @property
+    def sample_dims(self) -> tuple[int, ...]:
+        """Leading dimensions of the activations it gives: `(sequences, seq_len)` for token ids, `(rows,)` else."""
+        return tuple(self.inputs.shape) if self.is_tokens else (self.inputs.shape[0],)
+
+    def tokens(self, sequence: int) -> list[str]:
+        """The text of each token of one sequence (empty strings for ids without a stored string)."""
+        text = dict(zip(self.vocab_ids.tolist(), self.vocab_strings))
+        return [text.get(token_id, "") for token_id in self.inputs[sequence].tolist()]
 
 
 @dataclass(frozen=True)
@@ -192,6 +238,16 @@ def load_page(path: Path) -> ExplorerPage:
         raise StorageError(f"{path} does not exist (was the upstream asset materialized?)") from None
 
 
+def save_token_batch(path: Path, batch: TokenBatch) -> None:
+    _save_npz(path, inputs=batch.inputs, vocab_ids=batch.vocab_ids.astype(np.int64),
+              vocab_strings=np.array(batch.vocab_strings, dtype=str))
+
+
+def load_token_batch(path: Path) -> TokenBatch:
+    data = load_npz(path)
+    return TokenBatch(inputs=data["inputs"], vocab_ids=data["vocab_ids"], vocab_strings=tuple(data["vocab_strings"].tolist()))
+
+
 def load_history(path: Path) -> MergeHistory:
     try:
         return read_history_zip(path)
@@ -213,6 +269,7 @@ VALUE_FORMATS: dict[type, ValueFormat] = {
     EnsembleDistances: ValueFormat(".npz", save_distances, load_distances),
     ConsensusClusters: ValueFormat(".npz", save_consensus, load_consensus),
     ExplorerPage: ValueFormat(".html", save_page, load_page),
+    TokenBatch: ValueFormat(".npz", save_token_batch, load_token_batch),
 }
 
 

@@ -110,7 +110,8 @@ def test_value_paths_use_each_types_suffix(tmp_path):
     store = ResultsStore(tmp_path)
     suffixes = {cls.__name__: value_format(cls).suffix for cls in VALUE_FORMATS}
     assert suffixes == {"ProcessedActivations": ".npz", "MergeHistory": ".zip", "MemberEnsemble": ".npz", "EnsembleDistances": ".npz",
-                        "ConsensusClusters": ".npz", "ExplorerPage": ".html"}
+                        "ConsensusClusters": ".npz", "ExplorerPage": ".html",
+                        "TokenBatch": ".npz"}
     assert np.all([store.value_path("e", "x", None, s).suffix == s for s in suffixes.values()])
 
 
