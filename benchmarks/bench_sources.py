@@ -11,9 +11,10 @@ hooked on even chunks, after on odd ones), so a machine loaded by others slows b
 average is printed. Target: overhead <= 1.5x.
 
 memory: peak resident memory for `--tokens` tokens x all six MLP layers (9,216 components) at
-activation threshold 0.1, streamed into the packed mask (`streaming.PackedMask`, the compact
-form the merge takes with a threshold). Target: model + packed output + 1 GiB at most. Also
-prints what the dense float32 matrix would take, which the memory budget refuses up front.
+activation threshold 0.1, through `activations_from_chunks` as the `component_activations` asset
+runs it: each chunk straight into the compact form (only the entries above the threshold, as a
+sparse CSR). Target: model + compact output + 1 GiB at most. Also prints what the dense float32
+matrix would take (never allocated with a threshold).
 
 The corpus is the docstrings of the Python standard library (about 220k MiniLM tokens), written
 to a temporary folder.
@@ -38,7 +39,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from spd_assets.sources import TorchSource, TorchSourceConfig  # noqa: E402
-from spd_assets.sources.streaming import PackedMask, activations_from_chunks  # noqa: E402
+from spd_assets.sources.streaming import activations_from_chunks  # noqa: E402
 from spd_assets.sources.torch_model import model_inputs  # noqa: E402
 from spd_math import MergeConfig  # noqa: E402
 from tests.model_helpers import MINILM_MODULES, docstrings, minilm_directory  # noqa: E402
@@ -131,18 +132,19 @@ def measure_memory(source: TorchSource) -> dict:
     bare_forward(model, batch.inputs[:2])  # warm-up, so the baseline includes the model's working set
     before = status_mib("VmRSS")
     started = time.perf_counter()
-    mask = PackedMask(THRESHOLD, batch.n_tokens, components)
-    for chunk in source.activation_chunks(batch, torch.device("cpu")):
-        mask.add(torch.cat([values.reshape(-1, values.shape[-1]) for values in chunk.values()], dim=1))
-    words = mask.finish()
+    streamed = activations_from_chunks(  # the path the component_activations asset takes
+        source.activation_chunks(batch, torch.device("cpu")), module_widths=widths, activation_dims=batch.sample_dims,
+        merge_config=MergeConfig(activation_threshold=THRESHOLD, filter_dead_threshold=0.0), seq_mode="concat",
+        memory_budget_bytes=64 * 2**30)
     seconds = time.perf_counter() - started
     peak = status_mib("VmHWM")
-    output = words.nbytes / MIB
-    density = float(np.bitwise_count(words.view(np.uint64)).sum()) / (batch.n_tokens * components)
+    csr = streamed.processed.activations
+    output = sum(part.numel() * part.element_size() for part in (csr.crow_indices(), csr.col_indices(), csr.values())) / MIB
+    density = csr.values().numel() / (batch.n_tokens * components)
     return {
         "mode": "memory", "tokens": batch.n_tokens, "components": components, "threshold": THRESHOLD,
         "seconds": round(seconds, 1), "tokens_per_s": round(batch.n_tokens / seconds),
-        "density_above_threshold": round(density, 4), "packed_output_mib": round(output, 1),
+        "density_above_threshold": round(density, 4), "compact_output_mib": round(output, 1),
         "dense_float32_would_be_mib": round(batch.n_tokens * components * 4 / MIB),
         "model_parameters_mib": round(model_mib), "rss_before_mib": round(before), "peak_rss_mib": round(peak),
         "peak_above_model_and_output_mib": round(peak - before - output),

@@ -22,6 +22,8 @@ SEQ_MODES = ("concat", "seq_mean", None)
 
 # Rows per chunk when reducing over dense activations (bounds temporaries to ~64 M entries).
 STATS_CHUNK_ENTRIES = 1 << 26
+REMAP_BLOCK = 1 << 24  # column indices remapped at a time when dead components are dropped
+MIN_CAPACITY = 1 << 16  # kept entries a compact builder makes room for at first
 
 
 @dataclass(frozen=True)
@@ -233,8 +235,8 @@ def csr_tensor(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, shap
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
         return torch.sparse_csr_tensor(
-            torch.from_numpy(indptr.astype(index_dtype)),
-            torch.from_numpy(indices.astype(index_dtype)),
+            torch.from_numpy(indptr.astype(index_dtype, copy=False)),
+            torch.from_numpy(indices.astype(index_dtype, copy=False)),
             torch.from_numpy(values),
             size=shape,
             check_invariants=False,
@@ -293,13 +295,27 @@ class CompactActivationsBuilder:
         self._sums = np.zeros(c, dtype=np.float64)
         self._maxima = np.full(c, -np.inf)
         self._row_counts: list[np.ndarray] = []
-        self._indices: list[np.ndarray] = []
-        self._values: list[np.ndarray] = []
+        # The kept entries, in buffers grown in place (realloc: no copy of what is already there), so
+        # neither adding nor building ever holds two copies of them.
+        self._indices = np.empty(0, dtype=np.int32)
+        self._values = np.empty(0, dtype=np.float32)
+        self._stored = 0
         self._rows = 0
+        self._built = False
 
     @property
     def n_samples(self) -> int:
         return self._rows
+
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes the kept entries take so far (a column index and a value each)."""
+        return self._stored * (self._indices.itemsize + self._values.itemsize)
+
+    @property
+    def stats(self) -> ColumnStats:
+        """Statistics of every component over the rows added so far, dead ones included."""
+        return ColumnStats(self._rows, self._counts.copy(), self._sums.copy(), self._maxima.copy(), self.threshold)
 
     def add(self, chunk) -> None:
         """Append `[rows, c]` dense values (tensor or array, any float dtype)."""
@@ -323,24 +339,45 @@ class CompactActivationsBuilder:
             self._maxima = np.maximum(self._maxima, array.max(axis=0).astype(np.float64))
         rows, columns = np.nonzero(active)
         self._row_counts.append(np.bincount(rows, minlength=array.shape[0]))
-        self._indices.append(columns.astype(np.int32))
-        self._values.append(array[rows, columns].astype(np.float32))
+        self._append(columns, array[rows, columns])
         self._rows += array.shape[0]
+
+    def _append(self, columns: np.ndarray, values: np.ndarray) -> None:
+        end = self._stored + len(columns)
+        if end > len(self._indices):  # grow by half: few reallocations; untouched capacity takes no memory
+            capacity = max(end, len(self._indices) * 3 // 2, MIN_CAPACITY)
+            self._indices.resize(capacity, refcheck=False)
+            self._values.resize(capacity, refcheck=False)
+        self._indices[self._stored : end] = columns
+        self._values[self._stored : end] = values
+        self._stored = end
 
     def build(self) -> ProcessedActivations:
         """The compact `ProcessedActivations` of all rows added, with dead components removed."""
         if self._rows == 0:
             raise ActivationsError("activations: expected at least one sample, got 0")
+        if self._built:
+            raise ActivationsError("build: already called; a builder gives its activations once")
+        self._built = True
         c = len(self.labels)
         indptr = np.zeros(self._rows + 1, dtype=np.int64)
         np.cumsum(np.concatenate(self._row_counts), out=indptr[1:])
-        indices = np.concatenate(self._indices)
-        values = np.concatenate(self._values)
-        stats = ColumnStats(self._rows, self._counts.copy(), self._sums.copy(), self._maxima.copy(), self.threshold)
+        self._indices.resize(self._stored, refcheck=False)  # shrink in place to what is used
+        self._values.resize(self._stored, refcheck=False)
+        indices, values = self._indices, self._values
+        stats = self.stats
         alive = np.ones(c, dtype=bool) if self.dead_threshold <= 0 else stats.maxima >= self.dead_threshold
         labels = [label for label, keep in zip(self.labels, alive) if keep]
         dead = [label for label, keep in zip(self.labels, alive) if not keep]
-        if not alive.all():
+        if not alive.all() and not self._counts[~alive].any():
+            # The usual case (dead threshold <= activation threshold): dead components kept no entries, so
+            # only the column indices shift; in place, a block at a time.
+            new_index = (np.cumsum(alive) - 1).astype(np.int32)
+            for start in range(0, len(indices), REMAP_BLOCK):
+                block = indices[start : start + REMAP_BLOCK]
+                block[:] = new_index[block]
+            stats = stats.select(np.flatnonzero(alive))
+        elif not alive.all():
             new_index = np.cumsum(alive) - 1
             kept = alive[indices]
             row_of_entry = np.repeat(np.arange(self._rows), np.diff(indptr))

@@ -23,7 +23,7 @@ class Preflight:
     needs: list[RunTimeNeed]
     checked: bool  # False when a need is missing or cannot be told here, so the source was not loaded
     activation_shape: tuple[int, int] | None  # (samples, components) of one member, where known before running
-    activation_bytes: int | None
+    activation_bytes: int | None  # of the dense matrix, in continuous mode (None with a threshold: compact)
 
 
 def preflight(config: ExperimentConfig, *, check_all: bool) -> Preflight:
@@ -42,6 +42,7 @@ def preflight(config: ExperimentConfig, *, check_all: bool) -> Preflight:
             merge = config.merge
             samples = n_samples(source.activation_dims(), config.seq_mode)
             components = sum(kept_widths(source.module_widths(), merge.module_name_filter).values())
-            size = check_memory_budget(samples, components, source.memory_budget_bytes, what="each member")
+            if merge.activation_threshold is None:  # with a threshold only the entries above it are kept
+                size = check_memory_budget(samples, components, source.memory_budget_bytes, what="each member")
             shape = (samples, components)
     return Preflight(source, source.member_keys(), needs, check_all or ready, shape, size)

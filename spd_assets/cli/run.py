@@ -18,7 +18,7 @@ from spd_assets.cli.runs import (
     prepare_instance,
     run_config_for,
 )
-from spd_assets.cli.validate import describe_loaded
+from spd_assets.cli.validate import describe_loaded, storage_of
 from spd_assets.cli.workers import RunTask, Workers
 from spd_assets.config import ExperimentConfig, load_config_file
 from spd_assets.defs.dead_runs import reap_dead_runs
@@ -129,8 +129,7 @@ def run_experiment(config: ExperimentConfig, *, parallel: int | None, only_membe
           f"DAGSTER_HOME={home}")
     if checked.activation_shape is not None:
         samples, components = checked.activation_shape
-        print(f"activations: {samples:,} samples x {components:,} components per member "
-              f"({checked.activation_bytes / 2**20:,.1f} MiB)")
+        print(f"activations: {samples:,} samples x {components:,} components per member ({storage_of(checked)})")
     print(f"devices: {', '.join(devices)} (executor {settings.executor}); at most {at_once} merges at once "
           f"(pool {DEVICE_POOL!r} limit {limit if limit is not None else 'none'}, across runs)")
     print(f"members ({parallel} at a time): activations and merge history per member", flush=True)

@@ -54,8 +54,7 @@ def report(loaded: LoadedConfig, checked: Preflight) -> list[str]:
     ]
     if checked.activation_shape is not None:
         samples, components = checked.activation_shape
-        lines.append(f"activations  {samples:,} samples x {components:,} components per member "
-                     f"({checked.activation_bytes / 2**20:,.1f} MiB, within the memory budget)")
+        lines.append(f"activations  {samples:,} samples x {components:,} components per member ({storage_of(checked)})")
     for index, need in enumerate(checked.needs):
         status = {True: "available", False: "MISSING", None: "needed at run time"}[need.available]
         detail = f" ({need.detail})" if need.detail else ""
@@ -67,3 +66,10 @@ def report(loaded: LoadedConfig, checked: Preflight) -> list[str]:
         lines.append(f"not checked  the source was not loaded here: it needs {', '.join(missing)}")
     lines.append("valid")
     return lines
+
+
+def storage_of(checked) -> str:
+    """How one member's activations are held: dense (its size, within the budget) or compact."""
+    if checked.activation_bytes is None:
+        return "compact: only the entries above activation_threshold are kept"
+    return f"{checked.activation_bytes / 2**20:,.1f} MiB dense, within the memory budget"

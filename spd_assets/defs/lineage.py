@@ -23,6 +23,9 @@ DATA_VERSION_TAG = "dagster/data_version"
 CODE_VERSION_TAG = "dagster/code_version"
 PAGE_SIZE = 1000
 
+EMBEDDED_IMAGE = "](data:image/"  # Markdown metadata that carries a picture inline
+EMBEDDED_IMAGE_PLACEHOLDER = "(plot: see the asset in the Dagster UI)"
+
 
 def recorded_materializations(instance: DagsterInstance, records_filter: AssetRecordsFilter) -> Iterator[EventLogRecord]:
     """Every materialization record matching the filter, newest first."""
@@ -56,7 +59,12 @@ def consumed_inputs(
 
 
 def _plain(value):
-    return getattr(value, "value", value)  # a Dagster MetadataValue -> its plain value
+    """A Dagster MetadataValue -> its plain value; an embedded plot -> a placeholder (the picture stays in
+    Dagster's event log; the lineage tables stay small enough to query)."""
+    plain = getattr(value, "value", value)
+    if isinstance(plain, str) and EMBEDDED_IMAGE in plain:
+        return EMBEDDED_IMAGE_PLACEHOLDER
+    return plain
 
 
 def materialization_records(

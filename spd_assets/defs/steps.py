@@ -161,8 +161,8 @@ def model_activations(
     seconds = time.perf_counter() - started
     processed, statistics = streamed.processed, streamed.statistics
     stats = tables.component_stats_table(
-        config.name, member, statistics.labels, activation_frequency=statistics.activation_frequency,
-        mean_activation=statistics.mean_activation, max_activation=statistics.maxima, dead_labels=processed.dead_labels,
+        config.name, member, streamed.labels, activation_frequency=statistics.activation_frequency,
+        mean_activation=statistics.mean, max_activation=statistics.maxima, dead_labels=processed.dead_labels,
     )
     rows = batch.n_tokens or batch.n_sequences
     metadata = {

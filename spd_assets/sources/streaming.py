@@ -3,15 +3,16 @@
 A model source yields its activations chunk by chunk (module name -> `[rows, seq, C]` or
 `[rows, C]`). `activations_from_chunks` treats each chunk as `spd_math.process_activations`
 would treat the whole batch (seq mode, module filter, float32, finite values), accumulates the
-statistics of the `component_stats` table, and writes the chunk into the `[samples, components]`
-matrix the merge takes; dead components are dropped at the end exactly as `spd_math.drop_dead`
-drops them. The result equals `drop_dead(process_activations(whole batch))`.
+statistics of the `component_stats` table, and drops dead components at the end exactly as
+`spd_math.drop_dead` drops them. The result equals `drop_dead(process_activations(whole batch))`.
 
-Memory: the matrix is allocated once and filled in place, after checking that it fits the
-source's memory budget, so a member too large is refused before its forward pass, with the size
-it would take. For now the matrix is dense float32 in both merge modes; with an activation
-threshold the merge needs only the packed mask (`PackedMask`, the layout of
-`spd_math.bitsets.pack_words`), which is where a compact `ProcessedActivations` plugs in.
+Memory: with an activation threshold (the usual case) each chunk goes straight into
+spd_math's compact form (`CompactActivationsBuilder`: only entries above the threshold, as a
+sparse CSR), so the dense `[samples, components]` matrix never exists; a member whose kept
+entries outgrow the source's memory budget is stopped as soon as they do. Continuous mode (no
+threshold) needs every value: the dense float32 matrix is allocated once, after checking that it
+fits the budget (so a member too large is refused before its forward pass, with the size it
+would take), and filled in place.
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ import numpy as np
 import torch
 
 from spd_assets.errors import SourceError
-from spd_math import MergeConfig, ProcessedActivations
+from spd_math import CompactActivationsBuilder, MergeConfig, ProcessedActivations
+from spd_math.activations import ColumnStats
+from spd_math.errors import ActivationsError
 
 BYTES_PER_VALUE = 4  # float32
-BITS_PER_WORD = 64
+BYTES_PER_ENTRY = 8  # compact form: an int32 column index and a float32 value per kept entry
 LABELS_NAMED_IN_ERRORS = 5
 
 
@@ -71,30 +74,13 @@ def check_memory_budget(samples: int, components: int, budget_bytes: int, *, wha
 
 
 @dataclass(frozen=True)
-class ComponentStatistics:
-    """Per component over one member's samples: how often it is above the cutoff, its mean and its maximum."""
-
-    labels: list[str]
-    n_samples: int
-    active_counts: np.ndarray  # int64
-    sums: np.ndarray  # float64
-    maxima: np.ndarray  # float32, as the activations
-
-    @property
-    def activation_frequency(self) -> np.ndarray:
-        return self.active_counts / max(self.n_samples, 1)
-
-    @property
-    def mean_activation(self) -> np.ndarray:
-        return self.sums / max(self.n_samples, 1)
-
-
-@dataclass(frozen=True)
 class StreamedActivations:
-    """What `activations_from_chunks` gives: the merge's input and every component's statistics."""
+    """What `activations_from_chunks` gives: the merge's input, and statistics of every component
+    (`labels`, dead ones included) over the member's samples."""
 
     processed: ProcessedActivations
-    statistics: ComponentStatistics
+    labels: list[str]
+    statistics: ColumnStats
     modules: list[str]
 
 
@@ -170,14 +156,11 @@ def activations_from_chunks(
     widths = kept_widths(module_widths, merge_config.module_name_filter)
     total_samples = n_samples(activation_dims, seq_mode)
     total_components = sum(widths.values())
-    check_memory_budget(total_samples, total_components, memory_budget_bytes)
-    # One matrix for the whole member, filled in place: nothing is concatenated.
-    matrix = torch.empty((total_samples, total_components), dtype=torch.float32)
-    cutoff = 0.0 if merge_config.activation_threshold is None else merge_config.activation_threshold
-    active = torch.zeros(total_components, dtype=torch.int64)
-    sums = torch.zeros(total_components, dtype=torch.float64)
-    maxima = torch.full((total_components,), -math.inf, dtype=torch.float32)
+    threshold = merge_config.activation_threshold
+    if threshold is None:  # continuous mode needs the dense values
+        check_memory_budget(total_samples, total_components, memory_budget_bytes)
     layout: dict[str, int] | None = None
+    sink: _DenseSink | _CompactSink | None = None
     filled = 0
     for chunk in chunks:
         kept = {name: values for name, values in chunk.items() if name in widths}
@@ -186,34 +169,89 @@ def activations_from_chunks(
             if chunk_layout != widths:  # same modules and widths; the chunks' order is the labels' order
                 raise SourceError(f"the model's activations have modules {chunk_layout}; expected {widths}")
             layout = chunk_layout
+            labels = [f"{name}:{index}" for name, width in layout.items() for index in range(width)]
+            sink = (_DenseSink(labels, total_samples) if threshold is None
+                    else _CompactSink(labels, threshold, merge_config.filter_dead_threshold, memory_budget_bytes,
+                                      total_samples))
         elif list(chunk_layout.items()) != list(layout.items()):
             raise SourceError(f"a chunk has modules {chunk_layout}; expected {layout} like the first chunk")
-        column = 0
-        rows_in_chunk = None
-        for name, values in kept.items():
-            rows = _rows(name, values, seq_mode)
-            if rows_in_chunk is None:
-                rows_in_chunk = rows.shape[0]
-                if filled + rows_in_chunk > total_samples:
-                    raise SourceError(f"the chunks give more than the {total_samples:,} samples expected")
-            elif rows.shape[0] != rows_in_chunk:
-                raise SourceError(f"module {name!r}: has {rows.shape[0]} samples in a chunk, expected {rows_in_chunk} "
-                                  "like the modules before it")
-            columns = slice(column, column + rows.shape[1])
-            chunk_active, chunk_sums, chunk_maxima = _column_statistics(rows, cutoff)
-            active[columns] += chunk_active
-            sums[columns] += chunk_sums
-            maxima[columns] = torch.maximum(maxima[columns], chunk_maxima)
-            matrix[filled : filled + rows.shape[0], columns] = rows.cpu()
-            column = columns.stop
-        filled += rows_in_chunk or 0
+        parts = [_rows(name, values, seq_mode) for name, values in kept.items()]
+        for (name, _), rows in zip(kept.items(), parts):
+            if rows.shape[0] != parts[0].shape[0]:
+                raise SourceError(f"module {name!r}: has {rows.shape[0]} samples in a chunk, expected "
+                                  f"{parts[0].shape[0]} like the modules before it")
+        if parts and filled + parts[0].shape[0] > total_samples:
+            raise SourceError(f"the chunks give more than the {total_samples:,} samples expected")
+        if parts:
+            sink.add(parts, filled)
+            filled += parts[0].shape[0]
     if filled != total_samples:
         raise SourceError(f"the chunks gave {filled:,} samples; expected {total_samples:,}")
-    labels = [f"{name}:{index}" for name, width in layout.items() for index in range(width)]
-    _check_finite(sums, labels)
-    statistics = ComponentStatistics(labels, total_samples, active.numpy(), sums.numpy(), maxima.numpy())
-    return StreamedActivations(_drop_dead(matrix, labels, maxima, merge_config.filter_dead_threshold),
-                               statistics, list(layout))
+    processed, statistics = sink.finish(merge_config.filter_dead_threshold)
+    return StreamedActivations(processed, sink.labels, statistics, list(layout))
+
+
+class _DenseSink:
+    """Continuous mode: the `[samples, components]` float32 matrix, allocated once and filled in place."""
+
+    def __init__(self, labels: list[str], samples: int) -> None:
+        self.labels = labels
+        self.matrix = torch.empty((samples, len(labels)), dtype=torch.float32)
+        self.active = torch.zeros(len(labels), dtype=torch.int64)
+        self.sums = torch.zeros(len(labels), dtype=torch.float64)
+        self.maxima = torch.full((len(labels),), -math.inf, dtype=torch.float32)
+
+    def add(self, parts: list[torch.Tensor], first_row: int) -> None:
+        column = 0
+        for rows in parts:
+            columns = slice(column, column + rows.shape[1])
+            chunk_active, chunk_sums, chunk_maxima = _column_statistics(rows, 0.0)
+            self.active[columns] += chunk_active
+            self.sums[columns] += chunk_sums
+            self.maxima[columns] = torch.maximum(self.maxima[columns], chunk_maxima)
+            self.matrix[first_row : first_row + rows.shape[0], columns] = rows.cpu()
+            column = columns.stop
+
+    def finish(self, dead_threshold: float) -> tuple[ProcessedActivations, ColumnStats]:
+        _check_finite(self.sums, self.labels)
+        statistics = ColumnStats(self.matrix.shape[0], self.active.numpy(), self.sums.numpy(),
+                                 self.maxima.double().numpy(), 0.0)
+        return _drop_dead(self.matrix, self.labels, self.maxima, dead_threshold), statistics
+
+
+class _CompactSink:
+    """Threshold mode: only the entries above the activation threshold are kept (spd_math's compact form),
+    so the dense matrix never exists; refused as soon as the kept entries outgrow the memory budget."""
+
+    def __init__(self, labels: list[str], threshold: float, dead_threshold: float, budget_bytes: int,
+                 samples: int) -> None:
+        self.labels = labels
+        self.builder = CompactActivationsBuilder(labels, activation_threshold=threshold,
+                                                 filter_dead_threshold=dead_threshold)
+        self.budget_bytes = budget_bytes
+        self.samples = samples
+
+    def add(self, parts: list[torch.Tensor], first_row: int) -> None:
+        rows = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        try:
+            self.builder.add(rows)
+        except ActivationsError:  # NaN or inf: name the module and the components, as the dense path does
+            _check_finite(rows.double().sum(dim=0).cpu(), self.labels)
+            raise
+        stored = self.builder.stored_bytes
+        if stored > self.budget_bytes:
+            seen = self.builder.n_samples
+            raise SourceError(
+                f"one member: the entries above activation_threshold {self.builder.threshold:g} already take "
+                f"{stored / 2**30:.2f} GiB after {seen:,} of {self.samples:,} samples "
+                f"({stored / BYTES_PER_ENTRY / (seen * len(self.labels)):.1%} of entries), over "
+                f"source.memory_budget_gb = {self.budget_bytes / 2**30:g}; expected a higher activation_threshold, "
+                "a smaller source.batch_size, fewer modules, or a larger budget"
+            )
+
+    def finish(self, dead_threshold: float) -> tuple[ProcessedActivations, ColumnStats]:
+        statistics = self.builder.stats
+        return self.builder.build(), statistics
 
 
 def _drop_dead(matrix: torch.Tensor, labels: list[str], maxima: torch.Tensor, threshold: float) -> ProcessedActivations:
@@ -229,56 +267,3 @@ def _drop_dead(matrix: torch.Tensor, labels: list[str], maxima: torch.Tensor, th
         labels=[label for label, live in zip(labels, keep) if live],
         dead_labels=[label for label, live in zip(labels, keep) if not live],
     )
-
-
-class PackedMask:
-    """`activations > threshold` of a stream of `[rows, C]` chunks, packed 64 samples to an int64 word.
-
-    The result is `[ceil(samples / 64), C]` int64 in the layout of `spd_math.bitsets.pack_words`
-    (sample s is bit s % 64 of word s // 64; the last word zero-padded): 1/32 of the float32
-    matrix. Chunks need not be multiples of 64 rows: up to 63 rows wait for the next chunk. The
-    output is allocated once, when the number of samples is known up front.
-    """
-
-    def __init__(self, threshold: float, n_samples: int, n_components: int) -> None:
-        self.threshold = threshold
-        self.n_samples = n_samples
-        self.words = np.zeros((-(-n_samples // BITS_PER_WORD), n_components), dtype=np.int64)
-        self._written_words = 0
-        self._waiting: np.ndarray | None = None  # fewer than 64 rows not yet packed
-        self._seen = 0
-
-    def add(self, rows: torch.Tensor) -> None:
-        """Threshold one `[rows, C]` chunk where it is (e.g. on the GPU) and pack it."""
-        mask = (rows > self.threshold).cpu().numpy()
-        self._seen += len(mask)
-        if self._seen > self.n_samples:
-            raise SourceError(f"PackedMask: more than the {self.n_samples:,} samples announced")
-        if self._waiting is not None:
-            mask = np.concatenate([self._waiting, mask])
-        whole = len(mask) // BITS_PER_WORD * BITS_PER_WORD
-        if whole:
-            self._store(pack_rows(mask[:whole]))
-        self._waiting = mask[whole:] if whole < len(mask) else None
-
-    def _store(self, words: np.ndarray) -> None:
-        self.words[self._written_words : self._written_words + len(words)] = words
-        self._written_words += len(words)
-
-    def finish(self) -> np.ndarray:
-        """The packed words, once every announced sample was added."""
-        if self._seen != self.n_samples:
-            raise SourceError(f"PackedMask: {self._seen:,} samples added, {self.n_samples:,} announced")
-        if self._waiting is not None:
-            padding = np.zeros((BITS_PER_WORD - len(self._waiting), self._waiting.shape[1]), dtype=bool)
-            self._store(pack_rows(np.concatenate([self._waiting, padding])))
-            self._waiting = None
-        return self.words
-
-
-def pack_rows(mask: np.ndarray) -> np.ndarray:
-    """`[m, C]` bool (m a multiple of 64) -> `[m // 64, C]` int64, as `spd_math.bitsets.pack_words`."""
-    m, c = mask.shape
-    packed = np.packbits(mask, axis=0, bitorder="little")  # [m // 8, C]: 8 samples a byte
-    words = packed.reshape(m // BITS_PER_WORD, 8, c).transpose(0, 2, 1)  # a word's 8 bytes together
-    return np.ascontiguousarray(words).view(np.int64).reshape(-1, c)

@@ -27,6 +27,11 @@ FINGERPRINT_LENGTH = 16
 
 def _parts(value) -> Iterator[bytes]:
     """Length-prefixable byte parts that identify `value`'s content (type names included)."""
+    if isinstance(value, torch.Tensor) and value.layout == torch.sparse_csr:
+        yield f"sparse_csr{tuple(value.shape)}".encode()
+        for part in (value.crow_indices(), value.col_indices(), value.values()):
+            yield from _parts(part)
+        return
     if isinstance(value, torch.Tensor):
         value = value.detach().cpu().contiguous().numpy()
     if isinstance(value, np.ndarray):

@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import scipy.sparse
 import torch
 
 from spd_assets.errors import StorageError
 from spd_assets.storage.atomic import atomic_path
 from spd_assets.storage.history_format import read_history_zip, write_history_zip
-from spd_math import MergeHistory, NormalizedEnsemble, ProcessedActivations
+from spd_math import ColumnStats, MergeHistory, NormalizedEnsemble, ProcessedActivations
 
 
 @dataclass(frozen=True)
@@ -135,33 +136,55 @@ def load_npz(path: Path) -> dict[str, np.ndarray]:
 
 
 def save_activations(path: Path, activations: ProcessedActivations) -> None:
-    """Sparse (CSR) float32: causal importances are mostly exactly zero."""
-    dense = activations.activations.detach().cpu().numpy()
-    rows, columns = np.nonzero(dense)
-    indptr = np.zeros(dense.shape[0] + 1, dtype=np.int64)
-    np.cumsum(np.bincount(rows, minlength=dense.shape[0]), out=indptr[1:])
+    """Sparse (CSR): causal importances are mostly exactly zero. Compact activations (only the entries
+    above a threshold) stay compact, with the threshold and the statistics taken before anything was dropped."""
+    if activations.is_compact:
+        csr = activations.to_scipy_csr()
+        indptr, indices, values = csr.indptr.astype(np.int64, copy=False), csr.indices, csr.data
+    else:
+        dense = activations.activations.detach().cpu().numpy()
+        rows, indices = np.nonzero(dense)
+        indptr = np.zeros(dense.shape[0] + 1, dtype=np.int64)
+        np.cumsum(np.bincount(rows, minlength=dense.shape[0]), out=indptr[1:])
+        values = dense[rows, indices].astype(np.float32)
+    extra = {}
+    if activations.is_compact:
+        extra["compact"] = np.array(True)
+        if activations.dropped_at_or_below is not None:
+            extra["dropped_at_or_below"] = np.array(activations.dropped_at_or_below, dtype=np.float64)
+    stats = activations.stats
+    if stats is not None:
+        extra.update(stats_n_samples=np.array(stats.n_samples), stats_active_counts=stats.active_counts,
+                     stats_sums=stats.sums, stats_maxima=stats.maxima, stats_threshold=np.array(stats.threshold))
     _save_npz(
         path,
-        shape=np.array(dense.shape, dtype=np.int64),
+        shape=np.array(activations.activations.shape, dtype=np.int64),
         indptr=indptr,
-        indices=columns.astype(np.int32),
-        values=dense[rows, columns].astype(np.float32),
+        indices=indices.astype(np.int32, copy=False),
+        values=values,
         labels=np.array(activations.labels, dtype=str),
         dead_labels=np.array(activations.dead_labels, dtype=str),
+        **extra,
     )
 
 
 def load_activations(path: Path) -> ProcessedActivations:
     data = load_npz(path)
     n, c = (int(v) for v in data["shape"])
-    dense = np.zeros((n, c), dtype=np.float32)
-    rows = np.repeat(np.arange(n), np.diff(data["indptr"]))
-    dense[rows, data["indices"]] = data["values"]
-    return ProcessedActivations(
-        activations=torch.from_numpy(dense),
-        labels=data["labels"].tolist(),
-        dead_labels=data["dead_labels"].tolist(),
-    )
+    stats = None
+    if "stats_maxima" in data:
+        stats = ColumnStats(int(data["stats_n_samples"]), data["stats_active_counts"], data["stats_sums"],
+                            data["stats_maxima"], float(data["stats_threshold"]))
+    if "compact" in data:
+        activations = scipy.sparse.csr_array((data["values"], data["indices"], data["indptr"]), shape=(n, c))
+        dropped = float(data["dropped_at_or_below"]) if "dropped_at_or_below" in data else None
+    else:
+        activations = np.zeros((n, c), dtype=np.float32)
+        rows = np.repeat(np.arange(n), np.diff(data["indptr"]))
+        activations[rows, data["indices"]] = data["values"]
+        activations, dropped = torch.from_numpy(activations), None
+    return ProcessedActivations(activations=activations, labels=data["labels"].tolist(),
+                                dead_labels=data["dead_labels"].tolist(), dropped_at_or_below=dropped, stats=stats)
 
 
 def save_ensemble(path: Path, value: MemberEnsemble) -> None:

@@ -109,12 +109,17 @@ def test_validate_a_torch_source_checks_the_model_and_the_memory_budget(tmp_path
     (tmp_path / "ok.yaml").write_text(yaml.safe_dump({"name": "ok", "source": source}))
     assert main(["validate", "--config", str(tmp_path / "ok.yaml")]) == 0
     output = capsys.readouterr().out
-    assert "activations  512 samples x 9,216 components per member (18.0 MiB" in output
+    assert "activations  512 samples x 9,216 components per member (compact: only the entries above" in output
     assert "the transformers package: available" in output and "checked      the source loads" in output
-    (tmp_path / "big.yaml").write_text(yaml.safe_dump(
-        {"name": "big", "source": {**source, "memory_budget_gb": 0.01}}))
+    # Continuous mode needs the dense matrix: 18 MiB, so a 10 MiB budget refuses it up front.
+    continuous = {"name": "big", "source": {**source, "memory_budget_gb": 0.01},
+                  "merge_config": {"activation_threshold": None}}
+    (tmp_path / "big.yaml").write_text(yaml.safe_dump(continuous))
     assert main(["validate", "--config", str(tmp_path / "big.yaml")]) == 2
     assert "each member: the activations would take 0.02 GiB (512 samples x 9,216 components" in capsys.readouterr().err
+    (tmp_path / "fits.yaml").write_text(yaml.safe_dump({**continuous, "source": source}))
+    assert main(["validate", "--config", str(tmp_path / "fits.yaml")]) == 0
+    assert "(18.0 MiB dense, within the memory budget)" in capsys.readouterr().out
 
 
 def test_spd_clustering_runs_what_spd_cluster_runs(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import re
 from pathlib import Path
 
@@ -77,6 +78,22 @@ def test_plots_are_png_images_in_markdown_metadata(pipeline, asset):
         assert found, f"{asset}.{name} is not an embedded PNG"
         png = base64.b64decode(found.group(1))
         assert png.startswith(b"\x89PNG") and 5_000 < len(png) < 100_000
+
+
+def test_lineage_rows_name_plots_instead_of_carrying_them(pipeline):
+    connection = connect_read_only(store_at(pipeline["home"]))
+    try:
+        rows = connection.execute(
+            "SELECT metadata_json FROM materializations WHERE experiment = ? AND asset = 'merge_history'",
+            [pipeline["config"].name],
+        ).fetchall()
+    finally:
+        connection.close()
+    assert len(rows) == len(pipeline["members"])
+    for (metadata_json,) in rows:
+        metadata = json.loads(metadata_json)
+        assert "data:image" not in metadata_json and len(metadata_json) < 5_000
+        assert metadata["mdl_curve"] == "(plot: see the asset in the Dagster UI)" and metadata["final_k"] == 3
 
 
 def test_consensus_and_explorer_are_materialized(pipeline):

@@ -61,16 +61,21 @@ def test_every_form_gives_the_dense_history(config, seed):
         histories_equal(merge_iteration(ProcessedActivations(forms["scipy csr"], labels), config, seed=seed), dense)
 
 
+# m:3 is dead in both; in the second it kept entries above the activation threshold, which must go too.
+@pytest.mark.parametrize("thresholds", [(0.01, 0.005), (0.001, 0.0045)], ids=["dead-kept-nothing", "dead-kept-entries"])
 @pytest.mark.parametrize("chunk_rows", [1, 64, 333, 10_000])
-def test_builder_equals_process_activations_and_drop_dead(chunk_rows):
+def test_builder_equals_process_activations_and_drop_dead(chunk_rows, thresholds):
     values = sparse_values(5)
     labels = [f"m:{x}" for x in range(values.shape[1])]
-    config = MergeConfig(iters=None, activation_threshold=0.01, filter_dead_threshold=0.005)
+    config = MergeConfig(iters=None, activation_threshold=thresholds[0], filter_dead_threshold=thresholds[1])
     dense = process_activations({"m": values}, filter_dead_threshold=config.filter_dead_threshold)
     builder = CompactActivationsBuilder(labels, config.activation_threshold, config.filter_dead_threshold)
     for start in range(0, values.shape[0], chunk_rows):
         builder.add(values[start : start + chunk_rows])
+    assert (builder.stats.active_counts[3] > 0) == (thresholds[0] < 0.004)
     compact = builder.build()
+    with pytest.raises(ActivationsError, match="already called"):
+        builder.build()
     assert compact.is_compact and compact.labels == dense.labels and compact.dead_labels == dense.dead_labels
     assert "m:3" in compact.dead_labels
     histories_equal(merge_iteration(compact, config, seed=3), merge_iteration(dense, config, seed=3))

@@ -34,16 +34,23 @@ def streamed_vs_spd(source: SpdSource, batch, seq_mode, importances) -> dict:
     """The source's processed activations (streamed in chunks) against spd's process_activations."""
     from spd.clustering.activations import process_activations
 
-    streamed = activations_from_chunks(
-        source.activation_chunks(batch, CPU), module_widths=source.module_widths(), activation_dims=batch.sample_dims,
-        merge_config=MergeConfig(filter_dead_threshold=DEAD_THRESHOLD), seq_mode=seq_mode, memory_budget_bytes=2**30)
+    def streamed(threshold):
+        return activations_from_chunks(
+            source.activation_chunks(batch, CPU), module_widths=source.module_widths(),
+            activation_dims=batch.sample_dims, seq_mode=seq_mode, memory_budget_bytes=2**30,
+            merge_config=MergeConfig(activation_threshold=threshold, filter_dead_threshold=DEAD_THRESHOLD))
+
     theirs = process_activations(importances, filter_dead_threshold=DEAD_THRESHOLD, seq_mode=seq_mode)
+    dense, compact = streamed(None).processed, streamed(MergeConfig().activation_threshold).processed
+    theirs_matrix = theirs.activations.numpy()
+    above = theirs_matrix * (theirs_matrix > MergeConfig().activation_threshold)
     return {
-        "labels_equal": streamed.processed.labels == list(theirs.labels),
-        "dead_equal": streamed.processed.dead_labels == list(theirs.dead_components_lst or []),
-        "matrix_equal": bool(torch.equal(streamed.processed.activations, theirs.activations)),
-        "shape": list(streamed.processed.activations.shape),
-        "dead": len(streamed.processed.dead_labels),
+        "labels_equal": dense.labels == compact.labels == list(theirs.labels),
+        "dead_equal": dense.dead_labels == compact.dead_labels == list(theirs.dead_components_lst or []),
+        "matrix_equal": bool(torch.equal(dense.activations, theirs.activations)),  # continuous mode: every value
+        "compact_equal": compact.is_compact and bool(np.array_equal(compact.to_scipy_csr().toarray(), above)),
+        "shape": list(dense.activations.shape),
+        "dead": len(dense.dead_labels),
     }
 
 

@@ -102,7 +102,7 @@ def test_causal_importances_are_spds_own(spd_python, real_runs, tmp_path):
     low, high = resid["value_range"]
     assert low >= 0.0 and 1.0 < high < 1.1  # upper-leaky: [0, 1] plus a small leak
     processed = resid["processed"]
-    assert processed["labels_equal"] and processed["dead_equal"] and processed["matrix_equal"], processed
+    assert processed["labels_equal"] and processed["dead_equal"] and processed["matrix_equal"] and processed["compact_equal"], processed
     assert processed["shape"][0] == 32 and processed["shape"][1] + processed["dead"] == 128
     assert "the SPD run's task is 'resid_mlp'" in resid["wrong_task_error"]
 
@@ -111,7 +111,7 @@ def test_causal_importances_are_spds_own(spd_python, real_runs, tmp_path):
     assert lm["modules"] == ["transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj",
                              "transformer.h.1.mlp.c_fc", "transformer.h.1.mlp.c_proj"]
     for mode, samples in (("processed_concat", 128), ("processed_seq_mean", 16)):
-        assert lm[mode]["labels_equal"] and lm[mode]["dead_equal"] and lm[mode]["matrix_equal"], (mode, lm[mode])
+        assert all(lm[mode][check] for check in ("labels_equal", "dead_equal", "matrix_equal", "compact_equal")), (mode, lm[mode])
         assert lm[mode]["shape"][0] == samples
     assert "expected token ids of shape [sequences, 8]" in lm["too_long_error"]
     assert "does not exist; expected an SPD run directory" in lm["missing_run_error"]

@@ -7,11 +7,10 @@ import pytest
 import torch
 
 from spd_assets.errors import SourceError
-from spd_assets.sources.streaming import PackedMask, activations_from_chunks, pack_rows
+from spd_assets.sources.streaming import activations_from_chunks
 from spd_assets.sources.synthetic import SyntheticParams, build_model, generate_batch
 from spd_assets.storage import tables
-from spd_math import MergeConfig, drop_dead, process_activations
-from spd_math.bitsets import pack_words
+from spd_math import MergeConfig, drop_dead, merge_iteration, process_activations
 
 PARAMS = SyntheticParams(n_layers=2, modules=("attn.q", "mlp.up"), components_per_module=(6, 9), n_planted_groups=3,
                          group_size=(2, 3), seq_len=12)
@@ -51,11 +50,18 @@ def test_chunks_give_what_the_whole_batch_gives(seq_mode, threshold, module_filt
     )
     assert streamed.processed.labels == expected.labels
     assert streamed.processed.dead_labels == expected.dead_labels and expected.dead_labels
-    assert torch.equal(streamed.processed.activations, expected.activations)
+    if threshold is None:  # continuous mode: the dense values
+        assert torch.equal(streamed.processed.activations, expected.activations)
+    else:  # compact: exactly the entries above the threshold, and the same merge
+        assert streamed.processed.is_compact
+        kept = expected.activations.numpy() * (expected.activations.numpy() > threshold)
+        assert np.array_equal(streamed.processed.to_scipy_csr().toarray(), kept)
+        first, second = (merge_iteration(p, merge, seed=1) for p in (streamed.processed, expected))
+        assert torch.equal(first.group_idxs, second.group_idxs) and torch.equal(first.pair_costs, second.pair_costs)
     statistics = streamed.statistics
     stats = tables.component_stats_table(
-        "e", "m", statistics.labels, activation_frequency=statistics.activation_frequency,
-        mean_activation=statistics.mean_activation, max_activation=statistics.maxima,
+        "e", "m", streamed.labels, activation_frequency=statistics.activation_frequency,
+        mean_activation=statistics.mean, max_activation=statistics.maxima,
         dead_labels=streamed.processed.dead_labels)
     assert stats.select("label", "module", "component_index", "dead").equals(
         expected_stats.select("label", "module", "component_index", "dead"))
@@ -64,7 +70,7 @@ def test_chunks_give_what_the_whole_batch_gives(seq_mode, threshold, module_filt
     np.testing.assert_allclose(stats["mean_activation"], expected_stats["mean_activation"], rtol=1e-12)
 
 
-def test_a_member_over_the_memory_budget_is_refused_before_any_chunk_is_computed():
+def test_continuous_mode_over_the_memory_budget_is_refused_before_any_chunk_is_computed():
     def forward_pass():
         raise AssertionError("the forward pass started")
         yield  # a generator, like a model source's chunks
@@ -72,7 +78,7 @@ def test_a_member_over_the_memory_budget_is_refused_before_any_chunk_is_computed
     with pytest.raises(SourceError) as refused:
         activations_from_chunks(
             forward_pass(), module_widths={f"encoder.layer.{i}.intermediate.dense": 1536 for i in range(6)},
-            activation_dims=(3125, 64), merge_config=MergeConfig(activation_threshold=0.1), seq_mode="concat",
+            activation_dims=(3125, 64), merge_config=MergeConfig(activation_threshold=None), seq_mode="concat",
             memory_budget_bytes=4 * GIB,
         )
     message = str(refused.value)
@@ -102,13 +108,31 @@ def test_bad_chunks_are_named():
                                 memory_budget_bytes=GIB)
 
 
-@pytest.mark.parametrize(("samples", "chunk_rows"), [(640, 64), (800, 150), (37, 5)])
-def test_packed_mask_matches_spd_math_pack_words(samples, chunk_rows):
-    values = torch.rand(samples, 70)
-    mask = PackedMask(0.8, samples, 70)
-    for start in range(0, samples, chunk_rows):
-        mask.add(values[start : start + chunk_rows])
-    padded = torch.zeros(-(-samples // 64) * 64, 70, dtype=torch.bool)
-    padded[:samples] = values > 0.8
-    assert np.array_equal(mask.finish(), pack_words(padded).numpy())
-    assert np.array_equal(pack_rows(padded.numpy()), pack_words(padded).numpy())
+def test_with_a_threshold_the_dense_matrix_never_exists():
+    """A member whose dense matrix is 8x the budget streams, as long as the entries above the threshold fit."""
+    rng = np.random.default_rng(0)
+    samples, width, budget = 20_000, 400, 4 * 2**20  # dense: 30.5 MiB
+    values = torch.from_numpy((rng.random((samples, width)) < 0.01) * rng.random((samples, width))).float()
+    chunks = ({"m": values[start : start + 1000]} for start in range(0, samples, 1000))
+    streamed = activations_from_chunks(chunks, module_widths={"m": width}, activation_dims=(samples,),
+                                       merge_config=MergeConfig(activation_threshold=0.0), seq_mode=None,
+                                       memory_budget_bytes=budget)
+    assert streamed.processed.is_compact and streamed.processed.n_samples == samples
+    assert streamed.processed.to_scipy_csr().nnz == int((values > 0).sum())
+
+
+def test_with_a_threshold_the_member_stops_once_its_kept_entries_outgrow_the_budget():
+    computed = []
+
+    def forward_pass():
+        for index in range(100):
+            computed.append(index)
+            yield {"m": torch.ones(1000, 300)}  # every entry above the threshold: 2.3 MiB kept per chunk
+
+    with pytest.raises(SourceError) as stopped:
+        activations_from_chunks(forward_pass(), module_widths={"m": 300}, activation_dims=(100_000,),
+                                merge_config=MergeConfig(activation_threshold=0.5), seq_mode=None,
+                                memory_budget_bytes=2**23)
+    message = str(stopped.value)
+    assert "after 4,000 of 100,000 samples" in message and "memory_budget_gb = 0.0078125" in message
+    assert len(computed) == 4  # stopped there, not at the end
