@@ -11,7 +11,7 @@ from spd_math.activations import (
     process_activations,
 )
 from spd_math.config import MergeConfig
-from spd_math.consensus import Clusters, consensus_clusters, partition_clusters
+from spd_math.consensus import Clusters, co_association_counts, consensus_clusters, partition_clusters
 from spd_math.costs import compute_merge_costs
 from spd_math.distances import (
     DISTANCE_METHODS,
@@ -57,6 +57,7 @@ __all__ = [
     "canonical_labels",
     "compute_distances",
     "compute_merge_costs",
+    "co_association_counts",
     "consensus_clusters",
     "drop_dead",
     "matching_dist_matrix",

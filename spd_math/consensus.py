@@ -83,13 +83,23 @@ def partition_clusters(groups: np.ndarray | torch.Tensor) -> Clusters:
     return _numbered(integer_labels(groups, "groups", PartitionError, ndim=1, layout="[c]"))
 
 
-def _co_association_counts(partitions: np.ndarray) -> scipy.sparse.csr_matrix:
-    """`[c, c]` sparse: in how many members items x and y share a group (diagonal included)."""
+def co_association_counts(partitions: np.ndarray) -> scipy.sparse.csr_matrix:
+    """`[c, c]` sparse: in how many members (rows of `[n_members, c]` partitions) items x and y share a group.
+
+    The diagonal holds `n_members`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> co_association_counts(np.array([[0, 0, 1], [0, 1, 1]])).toarray().tolist()
+    [[2, 1, 0], [1, 2, 1], [0, 1, 2]]
+    """
     n_members, c = partitions.shape
     counts = scipy.sparse.csr_matrix((c, c), dtype=np.int64)
     for groups in partitions:
         _, dense = np.unique(groups, return_inverse=True)
-        one_hot = scipy.sparse.csr_matrix((np.ones(c, dtype=np.int64), (np.arange(c), dense)), shape=(c, dense.max() + 1))
+        one_hot = scipy.sparse.csr_matrix((np.ones(c, dtype=np.int64), (np.arange(c), dense.reshape(-1))),
+                                          shape=(c, int(dense.max()) + 1))
         counts = counts + one_hot @ one_hot.T
     return counts.tocsr()
 
@@ -131,7 +141,7 @@ def consensus_clusters(partitions: np.ndarray | torch.Tensor, threshold: float =
     if not 0 < threshold <= 1:
         raise PartitionError(f"threshold: expected a fraction in (0, 1], got {threshold}")
     n_members = partitions.shape[0]
-    counts = _co_association_counts(partitions)
+    counts = co_association_counts(partitions)
     # In whole members: "at least half" of 4 members is 2, of 5 members is 3.
     needed = math.ceil(threshold * n_members - 1e-9)
     upper = scipy.sparse.triu(counts, k=1).tocoo()

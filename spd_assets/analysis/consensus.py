@@ -22,7 +22,7 @@ import scipy.sparse
 from spd_assets.config import ConsensusConfig
 from spd_assets.errors import SpdClusterError
 from spd_assets.storage.values import ConsensusClusters, MemberEnsemble
-from spd_math import MergeHistory, consensus_clusters
+from spd_math import MergeHistory, co_association_counts, consensus_clusters
 
 
 class ConsensusError(SpdClusterError, ValueError):
@@ -63,18 +63,6 @@ def choose_iteration(config: ConsensusConfig, histories: Sequence[MergeHistory],
         raise ConsensusError(f"consensus: the {rule} is iteration {wanted}, but the ensemble has iterations 0.."
                              f"{n_iters - 1}; set consensus.iteration or consensus.k within that range")
     return wanted, rule, choices
-
-
-def co_association_counts(partitions: np.ndarray) -> scipy.sparse.csr_matrix:
-    """`[c, c]` sparse: in how many members (rows of `partitions`) items x and y share a group."""
-    n_members, c = partitions.shape
-    counts = scipy.sparse.csr_matrix((c, c), dtype=np.int64)
-    for groups in partitions:
-        _, dense = np.unique(groups, return_inverse=True)
-        one_hot = scipy.sparse.csr_matrix((np.ones(c, dtype=np.int64), (np.arange(c), dense.reshape(-1))),
-                                          shape=(c, int(dense.max()) + 1))
-        counts = counts + one_hot @ one_hot.T
-    return counts.tocsr()
 
 
 def component_stability(partitions: np.ndarray, cluster_of: np.ndarray) -> np.ndarray:
