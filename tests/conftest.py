@@ -1,4 +1,5 @@
-"""Shared test helpers: where the golden vectors live, and the one way a test skips without them.
+"""Shared test helpers: where the golden vectors live, and the one way a test skips without them; the
+`browser` fixture.
 
 Golden vectors are read from ../shared/golden relative to the project root (CI always has
 them); where that folder is absent (a user's clone of the project alone), every golden test
@@ -11,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.browser import browser  # noqa: F401 (a fixture: a real Chromium for the pages' tests)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 GOLDEN_DIR = PROJECT_ROOT.parent / "shared" / "golden"

@@ -5,7 +5,8 @@ them into the page (`explorer.html`, plain HTML, CSS and JavaScript, no external
 the file opens from disk in any browser. The page lists the consensus clusters (sorted by size,
 stability or activation frequency), filters them by component label, and opens one to show its
 components grouped by module, how much each member agrees with it, and, when the experiment's
-source has token batches, the top-activating token contexts with the tokens highlighted.
+source has token batches, the top-activating token contexts with the tokens highlighted
+(`analysis.contexts`).
 
 Data model (`explorer_data`'s return value)::
 
@@ -38,7 +39,7 @@ DIGITS = 4
 @dataclass(frozen=True)
 class TokenContext:
     """A stretch of tokens around where a cluster is active: the tokens as text and the cluster's activation
-    (e.g. its components' maximum causal importance) at each, from one member's batch."""
+    (the sum of its components' activations, `analysis.contexts`) at each, from one member's batch."""
 
     member: str
     tokens: Sequence[str]

@@ -6,7 +6,8 @@
            └─ normalized_ensemble ─ ensemble_members
                 ├─ distance_matrices ─ distances
                 └─ consensus_clusters ─ consensus_components    (also reads the histories and distances)
-                     └─ cluster_explorer                     (an HTML page; also reads component_stats)
+                     └─ cluster_explorer                     (an HTML page; also reads component_stats, and with
+                                                              token batches every member's activations and tokens)
     experiments          the experiment's config
     materializations, lineage_edges   rebuilt from Dagster's event log
 
@@ -370,12 +371,17 @@ def experiment_assets(
             "cluster_explorer", ExplorerPage,
             "The cluster explorer: one self-contained HTML page (opens from disk) of the consensus clusters.", {"html"})},
         ins={"consensus": AssetIn(key=key("consensus_clusters")), "ensemble": AssetIn(key=key("normalized_ensemble")),
-             "component_stats": AssetIn(key=key("component_stats"))},
+             "component_stats": AssetIn(key=key("component_stats")),
+             # Every member's activations and tokens, for the clusters' top-activating contexts (tokens are samples).
+             **({"activations": AssetIn(key=key("component_activations")), "batches": AssetIn(key=key("token_batches"))}
+                if has_token_batches and config.seq_mode == "concat" else {})},
         required_resource_keys={STORAGE_KEY},
     )
     def cluster_explorer(context: AssetExecutionContext, consensus: ConsensusClusters, ensemble: MemberEnsemble,
-                         component_stats: pl.DataFrame) -> Iterator:
-        result = steps.cluster_explorer(consensus, ensemble, component_stats, config)
+                         component_stats: pl.DataFrame, **members_inputs: dict) -> Iterator:
+        activations: dict[str, ProcessedActivations] | None = members_inputs.get("activations")
+        batches: dict[str, TokenBatch] | None = members_inputs.get("batches")
+        result = steps.cluster_explorer(consensus, ensemble, component_stats, config, activations, batches)
         page = getattr(context.resources, STORAGE_KEY).store.value_path(
             name, "cluster_explorer", None, value_format(ExplorerPage).suffix)
         result.metadata["open"] = MetadataValue.url(page.as_uri())
@@ -383,6 +389,10 @@ def experiment_assets(
             *consumed_inputs(context.instance, key("consensus_clusters"), {None: fingerprint(consensus)}),
             *consumed_inputs(context.instance, key("normalized_ensemble"), {None: fingerprint(ensemble)}),
         ]
+        for upstream, loaded in (("component_activations", activations), ("token_batches", batches)):
+            if loaded:
+                used = {member: fingerprint(loaded[member]) for member in consensus.members if member in loaded}
+                consumed += consumed_inputs(context.instance, key(upstream), used)
         yield from emit("cluster_explorer", result, consumed)
 
     @asset(

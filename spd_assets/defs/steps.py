@@ -18,6 +18,7 @@ import torch
 
 from spd_assets.analysis import explorer, plots
 from spd_assets.analysis.consensus import co_association, ensemble_consensus
+from spd_assets.analysis.contexts import cluster_contexts
 from spd_assets.config import ExperimentConfig
 from spd_assets.errors import SpdClusterError
 from spd_assets.sources import ActivationSource, ModelSource
@@ -313,10 +314,16 @@ def _co_association_plot(consensus: ConsensusClusters, ensemble: MemberEnsemble,
 
 
 def cluster_explorer(consensus: ConsensusClusters, ensemble: MemberEnsemble, component_stats: pl.DataFrame,
-                     config: ExperimentConfig) -> StepResult:
-    """The self-contained HTML cluster explorer of the consensus clusters."""
+                     config: ExperimentConfig, activations: Mapping[str, ProcessedActivations] | None = None,
+                     batches: Mapping[str, TokenBatch] | None = None) -> StepResult:
+    """The self-contained HTML cluster explorer of the consensus clusters; with the members' activations and token
+    batches (a source with token batches), each cluster's top-activating token contexts too (seq_mode concat)."""
     partitions = ensemble.ensemble.merges[:, consensus.iteration, :].numpy()
-    data = explorer.explorer_data(config.name, consensus, partitions, component_stats)
+    found = (cluster_contexts(consensus, activations, batches, config.seq_mode)
+             if activations is not None and batches is not None else None)
+    data = explorer.explorer_data(config.name, consensus, partitions, component_stats, contexts=found)
     page = ExplorerPage(explorer.explorer_html(data))
     metadata = {"clusters": len(data["clusters"]), "page_bytes": len(page.encode())}
+    if found is not None:
+        metadata["contexts"] = sum(len(shown) for shown in found.values())
     return StepResult(page, {}, metadata)

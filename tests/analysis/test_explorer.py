@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -13,10 +12,7 @@ import pytest
 
 from spd_assets.analysis.explorer import TokenContext, explorer_data, explorer_html
 from tests.analysis.small_ensemble import small_ensemble
-
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--no-first-run"]
+from tests.browser import open_page
 
 
 @pytest.fixture(scope="module")
@@ -42,34 +38,6 @@ def test_data_describes_every_cluster(data):
     live = stats.filter((stats["label"] == some["label"]) & ~stats["dead"])
     assert some["activation_frequency"] == pytest.approx(live["activation_frequency"].mean(), abs=1e-4)
     assert explored["has_contexts"] is False
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not CHROMIUM.exists():
-        if os.environ.get("CI"):
-            pytest.fail(f"{CHROMIUM} is missing; .ci/run installs Debian's chromium package")
-        pytest.skip(f"no {CHROMIUM} (apt-get install -y chromium)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
-
-
-def open_page(browser, path: Path):
-    """The page from disk, with every console error, page error and request to anywhere else recorded."""
-    page = browser.new_page(viewport={"width": 1280, "height": 800})
-    problems = []
-    page.on("console", lambda message: problems.append(f"console {message.type}: {message.text}")
-            if message.type in ("error", "warning") else None)
-    page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
-    page.on("request", lambda request: problems.append(f"request: {request.url}")
-            if not request.url.startswith("file://") else None)
-    page.goto(path.as_uri())
-    page.wait_for_load_state("load")
-    return page, problems
 
 
 def write_page(tmp_path: Path, data: dict) -> Path:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import re
+
 import numpy as np
 import pytest
 import yaml
@@ -14,6 +17,7 @@ from spd_assets.sources import source_for
 from spd_assets.storage.database import connect_read_only
 from spd_assets.storage.lineage import fingerprint
 from spd_assets.storage.values import TokenBatch, value_format
+from tests.browser import open_page
 from tests.model_helpers import GPT2_VOCAB, minilm_directory, save_random_gpt2, write_corpus, write_token_ids
 from tests.pipeline_helpers import asset_path, definitions_for, instance_at, make_home, materialize_experiment, store_at
 
@@ -50,8 +54,15 @@ def minilm_run(tmp_path_factory):
         failures = {m: first_failure_message(r) for m, r in member_results.items() if not r.success}
         assert not failures and ensemble_result.success, (failures, first_failure_message(ensemble_result))
         events = {name: instance.get_latest_materialization_event(AssetKey(["minilm", name]))
-                  for name in ("token_batches", "component_activations")}
+                  for name in ("token_batches", "component_activations", "cluster_explorer")}
     return config, home, members, events
+
+
+def explorer_data_at(home, experiment) -> dict:
+    """The data inlined in the experiment's cluster explorer page."""
+    html = asset_path(experiment, "cluster_explorer", None, home).read_text(encoding="utf-8")
+    inlined = re.search(r'<script type="application/json" id="explorer-data">(.*?)</script>', html, re.S).group(1)
+    return json.loads(inlined)
 
 
 def test_minilm_mlp_units_cluster_through_the_graph_and_duckdb(minilm_run):
@@ -89,6 +100,51 @@ def test_minilm_mlp_units_cluster_through_the_graph_and_duckdb(minilm_run):
             "AND asset = 'component_activations' AND upstream_asset = 'token_batches' ORDER BY partition").fetchall()
     assert [partition for partition, _ in edges] == members
     assert edges[1][1] == fingerprint(batch)
+
+
+def test_explorer_shows_each_clusters_top_contexts_from_the_corpus(minilm_run, browser):
+    config, home, members, events = minilm_run
+    data = explorer_data_at(home, "minilm")
+    assert data["has_contexts"] is True
+    with_contexts = [cluster for cluster in data["clusters"] if cluster["contexts"]]
+    assert with_contexts and all(len(cluster["contexts"]) <= 5 for cluster in data["clusters"])
+    corpus = " ".join(path.read_text(encoding="utf-8") for path in sorted(config.source.text.glob("*.txt"))).lower()
+    batches = {member: token_batch_at(home, "minilm", member) for member in members}
+    for cluster in with_contexts:
+        tops = [max(context["activations"]) for context in cluster["contexts"]]
+        assert tops == sorted(tops, reverse=True) and tops[-1] > 0
+        for context in cluster["contexts"]:
+            # The window is a stretch of one of the member's sequences, at most 8 + 1 + 4 tokens long ...
+            tokens = context["tokens"]
+            assert 1 <= len(tokens) == len(context["activations"]) <= 13
+            sequences = [batches[context["member"]].tokens(s) for s in range(BATCH)]
+            assert any(sequence[i:i + len(tokens)] == tokens for sequence in sequences for i in range(SEQ_LEN))
+            # ... of the corpus's text (MiniLM lowercases; "##" marks a word's continuation).
+            words = [t.removeprefix("##") for t in tokens if t.removeprefix("##").isalpha()]
+            assert words and all(word in corpus for word in words)
+    explorer_metadata = events["cluster_explorer"].asset_materialization.metadata
+    assert sum(len(c["contexts"]) for c in with_contexts) == explorer_metadata["contexts"].value
+
+    # The explorer consumed every member's activations and token batch, as recorded lineage.
+    with connect_read_only(store_at(home)) as connection:
+        edges = connection.execute(
+            "SELECT upstream_asset, upstream_partition FROM lineage_edges WHERE experiment = 'minilm' "
+            "AND asset = 'cluster_explorer' AND upstream_asset IN ('component_activations', 'token_batches') "
+            "ORDER BY 1, 2").fetchall()
+    assert edges == [(upstream, m) for upstream in ("component_activations", "token_batches") for m in members]
+
+    # In a real browser: an opened cluster shows its contexts with the top tokens highlighted.
+    cluster = max(with_contexts, key=lambda c: len(c["contexts"]))
+    page, problems = open_page(browser, asset_path("minilm", "cluster_explorer", None, home))
+    page.locator(f'#cluster-list li[data-cluster="{cluster["id"]}"]').click()
+    shown = page.locator("#contexts .context")
+    assert shown.count() == len(cluster["contexts"])
+    first = shown.first
+    assert first.locator(".member").inner_text() == cluster["contexts"][0]["member"]
+    assert first.locator(".tok").all_inner_texts() == cluster["contexts"][0]["tokens"]
+    highlighted = first.locator(".tok").evaluate_all("spans => spans.map(s => s.style.background !== '')")
+    assert highlighted == [a is not None and a > 0 for a in cluster["contexts"][0]["activations"]] and any(highlighted)
+    assert problems == []
 
 
 def test_same_seed_same_batches_and_histories_other_member_other_batch(minilm_run, tmp_path):
@@ -132,3 +188,4 @@ def test_random_causal_lm_with_token_ids_and_sequence_means(tmp_path, monkeypatc
         ).fetchone() == (2 * 256, 256)
     activations = value_format("ProcessedActivations").load(asset_path("gpt2", "component_activations", "member_000", home))
     assert activations.n_samples == 10  # sequences are the samples under seq_mean
+    assert explorer_data_at(home, "gpt2")["has_contexts"] is False  # so no token contexts
