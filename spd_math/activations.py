@@ -128,6 +128,11 @@ class ProcessedActivations:
     dropped_at_or_below: float | None = None
     stats: ColumnStats | None = None
 
+    def __repr__(self) -> str:  # short: no values or label lists
+        form = "compact" if self.is_compact else "dense"
+        return (f"ProcessedActivations({self.n_samples:,} samples x {self.n_components:,} components, {form}, "
+                f"{len(self.dead_labels):,} dead)")
+
     def __post_init__(self) -> None:
         acts = _as_activation_tensor(self.activations)
         object.__setattr__(self, "activations", acts)

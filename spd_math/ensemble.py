@@ -50,6 +50,9 @@ class NormalizedEnsemble:
     labels: list[str]
     present: torch.Tensor
 
+    def __repr__(self) -> str:  # short: no tensors or label lists
+        return f"NormalizedEnsemble({self.n_members} members, {self.n_iters:,} iterations, {len(self.labels):,} labels)"
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "merges", as_tensor("merges", self.merges, EnsembleError, allow_sequence=True))
         object.__setattr__(self, "present", as_tensor("present", self.present, EnsembleError, allow_sequence=True))

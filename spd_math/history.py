@@ -69,6 +69,11 @@ class MergeHistory:
     config: MergeConfig | None = None
     seed: int | None = None
 
+    def __repr__(self) -> str:  # short: a history of real size has tens of thousands of labels
+        k = f", k {int(self.k_groups[0]):,} -> {int(self.k_groups[-1]):,}" if self.n_iters else ""
+        seed = f", seed {self.seed}" if self.seed is not None else ""
+        return f"MergeHistory({len(self.labels):,} components, {self.n_iters:,} merges{k}{seed})"
+
     def __post_init__(self) -> None:
         # Arrays and sequences become tensors here, at the edge.
         for name in ("group_idxs", "selected_pairs", "k_groups", "pair_costs", "mdl_losses"):

@@ -277,3 +277,17 @@ def test_bad_pair_sampler_result_is_rejected(returned, message):
     activations = sparse_activations(50, 5, seed=0)
     with pytest.raises(ValueError, match=message):
         merge_iteration(activations, MergeConfig(), pair_sampler=lambda costs: returned)
+
+
+def test_reprs_are_short_at_any_size():
+    import numpy as np
+
+    from spd_math import MergeConfig, ProcessedActivations, merge_iteration, normalize_ensemble
+
+    labels = [f"layers.{i // 500}.mlp.up:{i % 500}" for i in range(2000)]
+    processed = ProcessedActivations(np.random.default_rng(0).random((40, 2000), dtype=np.float32) > 0.7, labels)
+    history = merge_iteration(processed, MergeConfig(iters=3), seed=4)
+    ensemble = normalize_ensemble([history, history])
+    assert repr(processed) == "ProcessedActivations(40 samples x 2,000 components, compact, 0 dead)"
+    assert repr(history) == "MergeHistory(2,000 components, 3 merges, k 1,999 -> 1,997, seed 4)"
+    assert repr(ensemble) == "NormalizedEnsemble(2 members, 3 iterations, 2,000 labels)"
