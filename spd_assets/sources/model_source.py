@@ -33,8 +33,8 @@ class ModelSourceConfig(SourceConfig):
     chunk_size: int | None = Field(32, ge=1, description="sequences per forward pass; null: the whole batch at once")
     memory_budget_gb: float = Field(
         DEFAULT_MEMORY_BUDGET_GB, gt=0,
-        description="the most one member's activation matrix (samples x components x 4 bytes) may take; "
-                    "a member over it is refused before its forward pass",
+        description="the most one member's activations may take: the entries above activation_threshold "
+                    "(stopped once over), or in continuous mode the dense matrix (refused before the forward pass)",
     )
 
 
