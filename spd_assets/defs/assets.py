@@ -132,43 +132,67 @@ def experiment_assets(
     Steps that compute on a device (the merge) lease one from the device pool and belong to the
     Dagster concurrency pool `DEVICE_POOL`; `device_op_tags` go on those steps (e.g. Kubernetes GPU limits).
     """
-    name = config.name
-    partitions = StaticPartitionsDefinition(members)
-    source_key = source_resource_key(name)
-    source_class = SOURCES[config.source.kind]
-    has_planted_truth = source_class.has_planted_truth
-    has_token_batches = source_class.has_token_batches
-    needs_device = source_class.needs_device
+    build = _ExperimentAssetBuilder(config, members, device_op_tags)
+    member_assets = [*([build.token_batches()] if build.has_token_batches else []),
+                     build.component_activations(), build.merge_history()]
+    ensemble_assets = [build.normalized_ensemble(), build.distance_matrices(), build.consensus_clusters(),
+                       build.cluster_explorer(), build.experiments()]
+    # Every asset above is recorded: values with what they consumed, tables with their files.
+    recorded = [key for asset in [*member_assets, *ensemble_assets] for key in asset.keys]
+    ensemble_assets.append(build.lineage(recorded))
+    return ExperimentAssets(
+        assets=[*member_assets, *ensemble_assets],
+        member_keys=[key for asset in member_assets for key in asset.keys],
+        ensemble_keys=[key for asset in ensemble_assets for key in asset.keys],
+    )
 
-    def key(asset_name: str) -> AssetKey:
-        return AssetKey([name, asset_name])
 
-    def op_name(asset_name: str) -> str:
-        return f"{name}__{asset_name}"  # also the step key of the asset's step
+class _ExperimentAssetBuilder:
+    """Builds each asset of one experiment: what they share (keys, partitions, outputs, lineage) and one method
+    per step."""
 
-    def value_out(asset_name: str, value_type: type, description: str, kinds: set[str]) -> AssetOut:
-        return AssetOut(key=key(asset_name), dagster_type=value_type, io_manager_key=VALUE_IO_MANAGER_KEY,
-                        description=description, code_version=CODE_VERSION, group_name=name, kinds=kinds,
+    def __init__(self, config: ExperimentConfig, members: list[str], device_op_tags: dict | None) -> None:
+        self.config = config
+        self.name = config.name
+        self.members = members
+        self.partitions = StaticPartitionsDefinition(members)
+        self.source_key = source_resource_key(config.name)
+        source_class = SOURCES[config.source.kind]
+        self.has_planted_truth = source_class.has_planted_truth
+        self.has_token_batches = source_class.has_token_batches
+        self.needs_device = source_class.needs_device
+        self.device_op_tags = device_op_tags
+
+    def key(self, asset_name: str) -> AssetKey:
+        return AssetKey([self.name, asset_name])
+
+    def op_name(self, asset_name: str) -> str:
+        return f"{self.name}__{asset_name}"  # also the step key of the asset's step
+
+    def value_out(self, asset_name: str, value_type: type, description: str, kinds: set[str]) -> AssetOut:
+        return AssetOut(key=self.key(asset_name), dagster_type=value_type, io_manager_key=VALUE_IO_MANAGER_KEY,
+                        description=description, code_version=CODE_VERSION, group_name=self.name, kinds=kinds,
                         metadata={VALUE_TYPE_METADATA_KEY: value_type.__name__})
 
-    def table_out(table: str) -> AssetOut:
-        return AssetOut(key=key(table), dagster_type=pl.DataFrame, io_manager_key=TABLE_IO_MANAGER_KEY,
+    def table_out(self, table: str) -> AssetOut:
+        return AssetOut(key=self.key(table), dagster_type=pl.DataFrame, io_manager_key=TABLE_IO_MANAGER_KEY,
                         description=f"Result table: {TABLE_SCHEMAS[table].description}.", code_version=CODE_VERSION,
-                        group_name=name, kinds={"parquet", "duckdb"},
+                        group_name=self.name, kinds={"parquet", "duckdb"},
                         metadata={"dagster/column_schema": dagster_table_schema(table)})
 
-    def member_check(check: str, description: str) -> AssetCheckSpec:
+    def member_check(self, check: str, description: str) -> AssetCheckSpec:
         """A check of one member's history whose results carry the member (Dagster's partitioned checks)."""
         with warnings.catch_warnings():
             # Partitioned checks are a Dagster preview feature; they are what tells which member a result is of.
             warnings.simplefilter("ignore", PreviewWarning)
-            return AssetCheckSpec(check, asset=key("merge_history"), partitions_def=partitions, description=description)
+            return AssetCheckSpec(check, asset=self.key("merge_history"), partitions_def=self.partitions,
+                                  description=description)
 
-    def emit(value_name: str, result: steps.StepResult, consumed: list[Consumed]) -> Iterator[Output]:
+    def emit(self, value_name: str, result: steps.StepResult, consumed: list[Consumed]) -> Iterator[Output]:
         """The value with its content fingerprint as data version and its lineage, then its tables."""
         metadata = {
             **_dagster_metadata(result.metadata),
-            CONFIG_HASH_METADATA_KEY: config.config_hash,
+            CONFIG_HASH_METADATA_KEY: self.config.config_hash,
             CONSUMED_METADATA_KEY: MetadataValue.json([item.to_json() for item in [*result.consumed, *consumed]]),
         }
         yield Output(result.value, output_name=value_name, metadata=metadata,
@@ -176,10 +200,15 @@ def experiment_assets(
         for table, frame in result.tables.items():
             yield Output(frame, output_name=table)
 
+    def consumed(self, context: AssetExecutionContext, upstream: str, loaded: dict) -> list[Consumed]:
+        """The materializations of `upstream` whose values were loaded (partition -> value)."""
+        fingerprints = {partition: fingerprint(value) for partition, value in loaded.items()}
+        return consumed_inputs(context.instance, self.key(upstream), fingerprints)
+
     @contextmanager
-    def _device(context: AssetExecutionContext, step_key: str) -> Iterator[tuple[str, torch.device]]:
+    def device(self, context: AssetExecutionContext, step_key: str) -> Iterator[tuple[str, torch.device]]:
         """A device leased from the pool when the source computes on one, else the CPU."""
-        if not needs_device:
+        if not self.needs_device:
             yield "cpu", torch.device("cpu")
             return
         pool: DevicePoolResource = getattr(context.resources, DEVICE_POOL_KEY)
@@ -187,252 +216,278 @@ def experiment_assets(
             context.log.info(f"leased {lease.device} after waiting {lease.waited_s:.1f} s")
             yield lease.device, lease.torch_device
 
-    if has_token_batches:
+    def token_batches(self) -> AssetsDefinition:
         @multi_asset(
-            name=op_name("token_batches"),
-            outs={"token_batches": value_out(
+            name=self.op_name("token_batches"),
+            outs={"token_batches": self.value_out(
                 "token_batches", TokenBatch,
                 "One member's model inputs (token ids, or feature rows), drawn with its batch seed, and the text of "
                 "each token id that occurs.", {"numpy"})},
-            partitions_def=partitions,
-            required_resource_keys={source_key},
+            partitions_def=self.partitions,
+            required_resource_keys={self.source_key},
         )
         def token_batches(context: AssetExecutionContext) -> Iterator:
-            resource: ActivationSourceResource = getattr(context.resources, source_key)
-            result = steps.token_batches(resource.source, config, context.partition_key)
-            yield from emit("token_batches", result, [])
+            resource: ActivationSourceResource = getattr(context.resources, self.source_key)
+            result = steps.token_batches(resource.source, self.config, context.partition_key)
+            yield from self.emit("token_batches", result, [])
 
-    @multi_asset(
-        name=op_name("component_activations"),
-        outs={
-            "component_activations": value_out(
-                "component_activations", ProcessedActivations,
-                "One member's causal importances, processed (seq mode, module filter, dead filter).", {"torch"}),
-            "component_stats": table_out("component_stats"),
-        },
-        ins={"batch": AssetIn(key=key("token_batches"))} if has_token_batches else None,
-        internal_asset_deps={"component_activations": {key("token_batches")} if has_token_batches else set(),
-                             "component_stats": {key("component_activations")}},
-        partitions_def=partitions,
-        required_resource_keys={source_key, *([DEVICE_POOL_KEY] if needs_device else [])},
-        pool=DEVICE_POOL if needs_device else None,
-        op_tags=device_op_tags if needs_device else None,
-    )
-    def component_activations(context: AssetExecutionContext, **batch: TokenBatch) -> Iterator:
-        resource: ActivationSourceResource = getattr(context.resources, source_key)
-        member = context.partition_key
-        if not has_token_batches:
-            result = steps.component_activations(resource.source, config, member)
-            yield from emit("component_activations", result, [])
-            return
-        token_batch = batch["batch"]
-        with _device(context, op_name("component_activations")) as (device, torch_device):
-            with _retry_on_out_of_memory(device, f"running the model on {token_batch.n_sequences} sequences"):
-                result = steps.model_activations(resource.source, token_batch, config, member, torch_device)
-        result.metadata["device"] = device
-        context.log.info(f"{member}: activations of {result.metadata['samples']} samples x "
-                         f"{result.metadata['components']} components in {result.metadata['forward_seconds']:.2f} s "
-                         f"on {device}")
-        consumed = consumed_inputs(context.instance, key("token_batches"), {member: fingerprint(token_batch)})
-        yield from emit("component_activations", result, consumed)
+        return token_batches
 
-    history_checks = [
-        member_check("partition_sizes", "the partition after iteration i has c - i - 1 groups"),
-        *([member_check("planted_truth_recovered", "the planted groups are recovered at the planted k")]
-          if has_planted_truth else []),
-    ]
+    def component_activations(self) -> AssetsDefinition:
+        has_token_batches, needs_device = self.has_token_batches, self.needs_device
 
-    @multi_asset(
-        name=op_name("merge_history"),
-        outs={
-            "merge_history": value_out(
-                "merge_history", MergeHistory,
-                "The greedy MDL merge of one member (spd_math.merge_iteration), stored in the original zip format.",
-                {"torch"}),
-            "merge_events": table_out("merge_events"),
-            "membership_spans": table_out("membership_spans"),
-        },
-        ins={"activations": AssetIn(key=key("component_activations"))},
-        internal_asset_deps={
-            "merge_history": {key("component_activations")},
-            "merge_events": {key("merge_history")},
-            "membership_spans": {key("merge_history")},
-        },
-        partitions_def=partitions,
-        required_resource_keys={source_key, DEVICE_POOL_KEY},
-        check_specs=history_checks,
-        pool=DEVICE_POOL,
-        op_tags=device_op_tags,
-    )
-    def merge_history(context: AssetExecutionContext, activations: ProcessedActivations) -> Iterator:
-        member = context.partition_key
-        pool: DevicePoolResource = getattr(context.resources, DEVICE_POOL_KEY)
-        with pool.lease(context, step_key=op_name("merge_history")) as lease:
-            context.log.info(f"leased {lease.device} after waiting {lease.waited_s:.1f} s")
-            merging = f"merging {activations.n_samples} samples x {activations.n_components} components"
-            with _retry_on_out_of_memory(lease.device, merging):
-                result = steps.merge_history(activations, config, member, lease.torch_device)
-        history = result.value
-        context.log.info(f"merged {history.c_components} components over {history.n_iters} iterations "
-                         f"in {result.metadata['seconds']:.2f} s on {lease.device}")
-        result.metadata.update(device=lease.device, device_wait_seconds=round(lease.waited_s, 3))
-        consumed = consumed_inputs(context.instance, key("component_activations"), {member: fingerprint(activations)})
-        yield from emit("merge_history", result, consumed)
-        yield checks.partition_sizes(history)
-        if has_planted_truth:
-            source = getattr(context.resources, source_key).source
-            yield checks.planted_truth_recovered(history, source.planted_partition(history.labels))
+        @multi_asset(
+            name=self.op_name("component_activations"),
+            outs={
+                "component_activations": self.value_out(
+                    "component_activations", ProcessedActivations,
+                    "One member's causal importances, processed (seq mode, module filter, dead filter).", {"torch"}),
+                "component_stats": self.table_out("component_stats"),
+            },
+            ins={"batch": AssetIn(key=self.key("token_batches"))} if has_token_batches else None,
+            internal_asset_deps={"component_activations": {self.key("token_batches")} if has_token_batches else set(),
+                                 "component_stats": {self.key("component_activations")}},
+            partitions_def=self.partitions,
+            required_resource_keys={self.source_key, *([DEVICE_POOL_KEY] if needs_device else [])},
+            pool=DEVICE_POOL if needs_device else None,
+            op_tags=self.device_op_tags if needs_device else None,
+        )
+        def component_activations(context: AssetExecutionContext, **batch: TokenBatch) -> Iterator:
+            resource: ActivationSourceResource = getattr(context.resources, self.source_key)
+            member = context.partition_key
+            if not has_token_batches:
+                result = steps.component_activations(resource.source, self.config, member)
+                yield from self.emit("component_activations", result, [])
+                return
+            token_batch = batch["batch"]
+            with self.device(context, self.op_name("component_activations")) as (device, torch_device):
+                with _retry_on_out_of_memory(device, f"running the model on {token_batch.n_sequences} sequences"):
+                    result = steps.model_activations(resource.source, token_batch, self.config, member, torch_device)
+            result.metadata["device"] = device
+            context.log.info(f"{member}: activations of {result.metadata['samples']} samples x "
+                             f"{result.metadata['components']} components in {result.metadata['forward_seconds']:.2f} s "
+                             f"on {device}")
+            yield from self.emit("component_activations", result,
+                                 self.consumed(context, "token_batches", {member: token_batch}))
 
-    @multi_asset(
-        name=op_name("normalized_ensemble"),
-        outs={
-            "normalized_ensemble": value_out(
-                "normalized_ensemble", MemberEnsemble,
-                "All member histories aligned on the union of labels (docs/math.md §8); missing members are listed, "
-                "not fatal.", {"torch"}),
-            "ensemble_members": table_out("ensemble_members"),
-        },
-        ins={"histories": AssetIn(key=key("merge_history"))},
-        internal_asset_deps={"normalized_ensemble": {key("merge_history")}, "ensemble_members": {key("normalized_ensemble")}},
-        check_specs=[
-            AssetCheckSpec("every_component_assigned", asset=key("normalized_ensemble"),
-                           description="no -1 left in any member's partitions"),
-            AssetCheckSpec("all_members_present", asset=key("normalized_ensemble"),
-                           description="every configured member contributed a history"),
-        ],
-    )
-    def normalized_ensemble(context: AssetExecutionContext, histories: dict[str, MergeHistory]) -> Iterator:
-        result = steps.normalized_ensemble(histories, members, config)
-        ensemble: MemberEnsemble = result.value
-        if ensemble.missing:
-            context.log.warning(f"{len(ensemble.missing)} of {len(members)} members have no merge history "
-                                f"and are left out: {ensemble.missing}")
-        loaded = {member: fingerprint(histories[member]) for member in ensemble.members}
-        yield from emit("normalized_ensemble", result, consumed_inputs(context.instance, key("merge_history"), loaded))
-        yield checks.every_component_assigned(ensemble)
-        yield checks.all_members_present(ensemble)
+        return component_activations
 
-    @multi_asset(
-        name=op_name("distance_matrices"),
-        outs={
-            "distance_matrices": value_out(
-                "distance_matrices", EnsembleDistances,
-                "Distances between every pair of members' partitions at every iteration, one matrix per method.",
-                {"torch"}),
-            "distances": table_out("distances"),
-        },
-        ins={"ensemble": AssetIn(key=key("normalized_ensemble"))},
-        internal_asset_deps={"distance_matrices": {key("normalized_ensemble")}, "distances": {key("distance_matrices")}},
-        check_specs=[AssetCheckSpec("symmetric_with_zero_diagonal", asset=key("distance_matrices"),
-                                    description="every distance matrix is symmetric with a zero diagonal")],
-    )
-    def distance_matrices(context: AssetExecutionContext, ensemble: MemberEnsemble) -> Iterator:
-        result = steps.distance_matrices(ensemble, config)
-        consumed = consumed_inputs(context.instance, key("normalized_ensemble"), {None: fingerprint(ensemble)})
-        yield from emit("distance_matrices", result, consumed)
-        yield checks.symmetric_with_zero_diagonal(result.value.by_method)
-
-    @multi_asset(
-        name=op_name("consensus_clusters"),
-        outs={
-            "consensus_clusters": value_out(
-                "consensus_clusters", ConsensusClusters,
-                "Consensus clusters at the iteration the configured rule chooses (consensus.iteration, consensus.k, "
-                "else the median of the members' MDL-loss minima), with each cluster's and component's stability.",
-                {"numpy"}),
-            "consensus_components": table_out("consensus_components"),
-        },
-        ins={"ensemble": AssetIn(key=key("normalized_ensemble")), "histories": AssetIn(key=key("merge_history")),
-             "distances": AssetIn(key=key("distance_matrices"))},
-        internal_asset_deps={
-            "consensus_clusters": {key("normalized_ensemble"), key("merge_history"), key("distance_matrices")},
-            "consensus_components": {key("consensus_clusters")},
-        },
-        required_resource_keys={source_key},
-    )
-    def consensus_clusters(context: AssetExecutionContext, ensemble: MemberEnsemble, histories: dict[str, MergeHistory],
-                           distances: EnsembleDistances) -> Iterator:
-        source = getattr(context.resources, source_key).source
-        truth = source.planted_partition(ensemble.ensemble.labels) if has_planted_truth else None
-        result = steps.consensus_clusters(ensemble, histories, distances, config, truth)
-        context.log.info(f"{result.metadata['clusters']} consensus clusters at iteration {result.value.iteration} "
-                         f"({result.value.rule})")
-        consumed = [
-            *consumed_inputs(context.instance, key("normalized_ensemble"), {None: fingerprint(ensemble)}),
-            *consumed_inputs(context.instance, key("merge_history"),
-                             {member: fingerprint(histories[member]) for member in ensemble.members}),
-            *consumed_inputs(context.instance, key("distance_matrices"), {None: fingerprint(distances)}),
+    def merge_history(self) -> AssetsDefinition:
+        history_checks = [
+            self.member_check("partition_sizes", "the partition after iteration i has c - i - 1 groups"),
+            *([self.member_check("planted_truth_recovered", "the planted groups are recovered at the planted k")]
+              if self.has_planted_truth else []),
         ]
-        yield from emit("consensus_clusters", result, consumed)
 
-    @multi_asset(
-        name=op_name("cluster_explorer"),
-        outs={"cluster_explorer": value_out(
-            "cluster_explorer", ExplorerPage,
-            "The cluster explorer: one self-contained HTML page (opens from disk) of the consensus clusters.", {"html"})},
-        ins={"consensus": AssetIn(key=key("consensus_clusters")), "ensemble": AssetIn(key=key("normalized_ensemble")),
-             "component_stats": AssetIn(key=key("component_stats")),
-             # Every member's activations and tokens, for the clusters' top-activating contexts (tokens are samples).
-             **({"activations": AssetIn(key=key("component_activations")), "batches": AssetIn(key=key("token_batches"))}
-                if has_token_batches and config.seq_mode == "concat" else {})},
-        required_resource_keys={STORAGE_KEY},
-    )
-    def cluster_explorer(context: AssetExecutionContext, consensus: ConsensusClusters, ensemble: MemberEnsemble,
-                         component_stats: pl.DataFrame, **members_inputs: dict) -> Iterator:
-        activations: dict[str, ProcessedActivations] | None = members_inputs.get("activations")
-        batches: dict[str, TokenBatch] | None = members_inputs.get("batches")
-        result = steps.cluster_explorer(consensus, ensemble, component_stats, config, activations, batches)
-        page = getattr(context.resources, STORAGE_KEY).store.value_path(
-            name, "cluster_explorer", None, value_format(ExplorerPage).suffix)
-        result.metadata["open"] = MetadataValue.url(page.as_uri())
-        consumed = [
-            *consumed_inputs(context.instance, key("consensus_clusters"), {None: fingerprint(consensus)}),
-            *consumed_inputs(context.instance, key("normalized_ensemble"), {None: fingerprint(ensemble)}),
-        ]
-        for upstream, loaded in (("component_activations", activations), ("token_batches", batches)):
-            if loaded:
-                used = {member: fingerprint(loaded[member]) for member in consensus.members if member in loaded}
-                consumed += consumed_inputs(context.instance, key(upstream), used)
-        yield from emit("cluster_explorer", result, consumed)
+        @multi_asset(
+            name=self.op_name("merge_history"),
+            outs={
+                "merge_history": self.value_out(
+                    "merge_history", MergeHistory,
+                    "The greedy MDL merge of one member (spd_math.merge_iteration), stored in the original zip format.",
+                    {"torch"}),
+                "merge_events": self.table_out("merge_events"),
+                "membership_spans": self.table_out("membership_spans"),
+            },
+            ins={"activations": AssetIn(key=self.key("component_activations"))},
+            internal_asset_deps={
+                "merge_history": {self.key("component_activations")},
+                "merge_events": {self.key("merge_history")},
+                "membership_spans": {self.key("merge_history")},
+            },
+            partitions_def=self.partitions,
+            required_resource_keys={self.source_key, DEVICE_POOL_KEY},
+            check_specs=history_checks,
+            pool=DEVICE_POOL,
+            op_tags=self.device_op_tags,
+        )
+        def merge_history(context: AssetExecutionContext, activations: ProcessedActivations) -> Iterator:
+            member = context.partition_key
+            pool: DevicePoolResource = getattr(context.resources, DEVICE_POOL_KEY)
+            with pool.lease(context, step_key=self.op_name("merge_history")) as lease:
+                context.log.info(f"leased {lease.device} after waiting {lease.waited_s:.1f} s")
+                merging = f"merging {activations.n_samples} samples x {activations.n_components} components"
+                with _retry_on_out_of_memory(lease.device, merging):
+                    result = steps.merge_history(activations, self.config, member, lease.torch_device)
+            history = result.value
+            context.log.info(f"merged {history.c_components} components over {history.n_iters} iterations "
+                             f"in {result.metadata['seconds']:.2f} s on {lease.device}")
+            result.metadata.update(device=lease.device, device_wait_seconds=round(lease.waited_s, 3))
+            yield from self.emit("merge_history", result,
+                                 self.consumed(context, "component_activations", {member: activations}))
+            yield checks.partition_sizes(history)
+            if self.has_planted_truth:
+                source = getattr(context.resources, self.source_key).source
+                yield checks.planted_truth_recovered(history, source.planted_partition(history.labels))
 
-    @asset(
-        key=key("experiments"),
-        dagster_type=pl.DataFrame,
-        io_manager_key=TABLE_IO_MANAGER_KEY,
-        group_name=name,
-        kinds={"parquet", "duckdb"},
-        code_version=CODE_VERSION,
-        description=f"Result table: {TABLE_SCHEMAS['experiments'].description}.",
-        metadata={"dagster/column_schema": dagster_table_schema("experiments"), "config_hash": config.config_hash},
-    )
-    def experiments() -> pl.DataFrame:
-        return tables.experiment_row(config, datetime.now(timezone.utc))
+        return merge_history
 
-    # Every asset above is recorded: values with what they consumed, tables with their files.
-    token_batch_assets = [token_batches] if has_token_batches else []
-    recorded_keys = [*(asset_key for asset in token_batch_assets for asset_key in asset.keys), *component_activations.keys,
-                     *merge_history.keys, *normalized_ensemble.keys,
-                     *distance_matrices.keys, *consensus_clusters.keys, *cluster_explorer.keys, *experiments.keys]
+    def normalized_ensemble(self) -> AssetsDefinition:
+        key = self.key
 
-    @multi_asset(
-        name=op_name("lineage"),
-        outs={"materializations": table_out("materializations"), "lineage_edges": table_out("lineage_edges")},
-        deps=recorded_keys,
-        internal_asset_deps={"materializations": set(recorded_keys), "lineage_edges": set(recorded_keys)},
-    )
-    def lineage(context: AssetExecutionContext) -> Iterator:
-        """Rebuilt from Dagster's event log, which stays the source of truth."""
-        records = materialization_records(context.instance, name, recorded_keys, members)
-        materializations, edges = lineage_tables(records)
-        yield Output(materializations, output_name="materializations")
-        yield Output(edges, output_name="lineage_edges")
+        @multi_asset(
+            name=self.op_name("normalized_ensemble"),
+            outs={
+                "normalized_ensemble": self.value_out(
+                    "normalized_ensemble", MemberEnsemble,
+                    "All member histories aligned on the union of labels (docs/math.md §8); missing members are "
+                    "listed, not fatal.", {"torch"}),
+                "ensemble_members": self.table_out("ensemble_members"),
+            },
+            ins={"histories": AssetIn(key=key("merge_history"))},
+            internal_asset_deps={"normalized_ensemble": {key("merge_history")},
+                                 "ensemble_members": {key("normalized_ensemble")}},
+            check_specs=[
+                AssetCheckSpec("every_component_assigned", asset=key("normalized_ensemble"),
+                               description="no -1 left in any member's partitions"),
+                AssetCheckSpec("all_members_present", asset=key("normalized_ensemble"),
+                               description="every configured member contributed a history"),
+            ],
+        )
+        def normalized_ensemble(context: AssetExecutionContext, histories: dict[str, MergeHistory]) -> Iterator:
+            result = steps.normalized_ensemble(histories, self.members, self.config)
+            ensemble: MemberEnsemble = result.value
+            if ensemble.missing:
+                context.log.warning(f"{len(ensemble.missing)} of {len(self.members)} members have no merge history "
+                                    f"and are left out: {ensemble.missing}")
+            loaded = {member: histories[member] for member in ensemble.members}
+            yield from self.emit("normalized_ensemble", result, self.consumed(context, "merge_history", loaded))
+            yield checks.every_component_assigned(ensemble)
+            yield checks.all_members_present(ensemble)
 
-    return ExperimentAssets(
-        assets=[*token_batch_assets, component_activations, merge_history, normalized_ensemble, distance_matrices,
-                consensus_clusters, cluster_explorer, experiments, lineage],
-        member_keys=[*(asset_key for asset in token_batch_assets for asset_key in asset.keys), *component_activations.keys,
-                     *merge_history.keys],
-        ensemble_keys=[*normalized_ensemble.keys, *distance_matrices.keys, *consensus_clusters.keys,
-                       *cluster_explorer.keys, *experiments.keys, *lineage.keys],
-    )
+        return normalized_ensemble
 
+    def distance_matrices(self) -> AssetsDefinition:
+        key = self.key
+
+        @multi_asset(
+            name=self.op_name("distance_matrices"),
+            outs={
+                "distance_matrices": self.value_out(
+                    "distance_matrices", EnsembleDistances,
+                    "Distances between every pair of members' partitions at every iteration, one matrix per method.",
+                    {"torch"}),
+                "distances": self.table_out("distances"),
+            },
+            ins={"ensemble": AssetIn(key=key("normalized_ensemble"))},
+            internal_asset_deps={"distance_matrices": {key("normalized_ensemble")},
+                                 "distances": {key("distance_matrices")}},
+            check_specs=[AssetCheckSpec("symmetric_with_zero_diagonal", asset=key("distance_matrices"),
+                                        description="every distance matrix is symmetric with a zero diagonal")],
+        )
+        def distance_matrices(context: AssetExecutionContext, ensemble: MemberEnsemble) -> Iterator:
+            result = steps.distance_matrices(ensemble, self.config)
+            yield from self.emit("distance_matrices", result,
+                                 self.consumed(context, "normalized_ensemble", {None: ensemble}))
+            yield checks.symmetric_with_zero_diagonal(result.value.by_method)
+
+        return distance_matrices
+
+    def consensus_clusters(self) -> AssetsDefinition:
+        key = self.key
+
+        @multi_asset(
+            name=self.op_name("consensus_clusters"),
+            outs={
+                "consensus_clusters": self.value_out(
+                    "consensus_clusters", ConsensusClusters,
+                    "Consensus clusters at the iteration the configured rule chooses (consensus.iteration, "
+                    "consensus.k, else the median of the members' MDL-loss minima), with each cluster's and "
+                    "component's stability.", {"numpy"}),
+                "consensus_components": self.table_out("consensus_components"),
+            },
+            ins={"ensemble": AssetIn(key=key("normalized_ensemble")), "histories": AssetIn(key=key("merge_history")),
+                 "distances": AssetIn(key=key("distance_matrices"))},
+            internal_asset_deps={
+                "consensus_clusters": {key("normalized_ensemble"), key("merge_history"), key("distance_matrices")},
+                "consensus_components": {key("consensus_clusters")},
+            },
+            required_resource_keys={self.source_key},
+        )
+        def consensus_clusters(context: AssetExecutionContext, ensemble: MemberEnsemble,
+                               histories: dict[str, MergeHistory], distances: EnsembleDistances) -> Iterator:
+            source = getattr(context.resources, self.source_key).source
+            truth = source.planted_partition(ensemble.ensemble.labels) if self.has_planted_truth else None
+            result = steps.consensus_clusters(ensemble, histories, distances, self.config, truth)
+            context.log.info(f"{result.metadata['clusters']} consensus clusters at iteration "
+                             f"{result.value.iteration} ({result.value.rule})")
+            consumed = [
+                *self.consumed(context, "normalized_ensemble", {None: ensemble}),
+                *self.consumed(context, "merge_history", {member: histories[member] for member in ensemble.members}),
+                *self.consumed(context, "distance_matrices", {None: distances}),
+            ]
+            yield from self.emit("consensus_clusters", result, consumed)
+
+        return consensus_clusters
+
+    def cluster_explorer(self) -> AssetsDefinition:
+        key = self.key
+        # Every member's activations and tokens, for the clusters' top-activating contexts (tokens are samples).
+        context_inputs = ({"activations": AssetIn(key=key("component_activations")),
+                           "batches": AssetIn(key=key("token_batches"))}
+                          if self.has_token_batches and self.config.seq_mode == "concat" else {})
+
+        @multi_asset(
+            name=self.op_name("cluster_explorer"),
+            outs={"cluster_explorer": self.value_out(
+                "cluster_explorer", ExplorerPage,
+                "The cluster explorer: one self-contained HTML page (opens from disk) of the consensus clusters.",
+                {"html"})},
+            ins={"consensus": AssetIn(key=key("consensus_clusters")), "ensemble": AssetIn(key=key("normalized_ensemble")),
+                 "component_stats": AssetIn(key=key("component_stats")), **context_inputs},
+            required_resource_keys={STORAGE_KEY},
+        )
+        def cluster_explorer(context: AssetExecutionContext, consensus: ConsensusClusters, ensemble: MemberEnsemble,
+                             component_stats: pl.DataFrame, **members_inputs: dict) -> Iterator:
+            activations: dict[str, ProcessedActivations] | None = members_inputs.get("activations")
+            batches: dict[str, TokenBatch] | None = members_inputs.get("batches")
+            result = steps.cluster_explorer(consensus, ensemble, component_stats, self.config, activations, batches)
+            page = getattr(context.resources, STORAGE_KEY).store.value_path(
+                self.name, "cluster_explorer", None, value_format(ExplorerPage).suffix)
+            result.metadata["open"] = MetadataValue.url(page.as_uri())
+            consumed = [
+                *self.consumed(context, "consensus_clusters", {None: consensus}),
+                *self.consumed(context, "normalized_ensemble", {None: ensemble}),
+            ]
+            for upstream, loaded in (("component_activations", activations), ("token_batches", batches)):
+                if loaded:
+                    used = {member: loaded[member] for member in consensus.members if member in loaded}
+                    consumed += self.consumed(context, upstream, used)
+            yield from self.emit("cluster_explorer", result, consumed)
+
+        return cluster_explorer
+
+    def experiments(self) -> AssetsDefinition:
+        config = self.config
+
+        @asset(
+            key=self.key("experiments"),
+            dagster_type=pl.DataFrame,
+            io_manager_key=TABLE_IO_MANAGER_KEY,
+            group_name=self.name,
+            kinds={"parquet", "duckdb"},
+            code_version=CODE_VERSION,
+            description=f"Result table: {TABLE_SCHEMAS['experiments'].description}.",
+            metadata={"dagster/column_schema": dagster_table_schema("experiments"), "config_hash": config.config_hash},
+        )
+        def experiments() -> pl.DataFrame:
+            return tables.experiment_row(config, datetime.now(timezone.utc))
+
+        return experiments
+
+    def lineage(self, recorded: list[AssetKey]) -> AssetsDefinition:
+        @multi_asset(
+            name=self.op_name("lineage"),
+            outs={"materializations": self.table_out("materializations"),
+                  "lineage_edges": self.table_out("lineage_edges")},
+            deps=recorded,
+            internal_asset_deps={"materializations": set(recorded), "lineage_edges": set(recorded)},
+        )
+        def lineage(context: AssetExecutionContext) -> Iterator:
+            """Rebuilt from Dagster's event log, which stays the source of truth."""
+            records = materialization_records(context.instance, self.name, recorded, self.members)
+            materializations, edges = lineage_tables(records)
+            yield Output(materializations, output_name="materializations")
+            yield Output(edges, output_name="lineage_edges")
+
+        return lineage
