@@ -8,6 +8,10 @@ planted cluster (so members partly agree, as real ensemble members do), otherwis
 a uniformly random pair of groups; `--merge-bias 0` is the worst case for the size of
 the blocks the distances must solve. Groups are numbered by their smallest member, as in
 a merge history.
+
+To compare two checkouts of spd_math on the same input, run one with `--save FILE` and the
+other with `--compare FILE` (each with its checkout first on PYTHONPATH): the second run
+reports whether every distance is identical.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import time
 
 import numpy as np
 
+import spd_math
 from spd_math.distances import DISTANCE_METHODS, compute_distances
 
 
@@ -62,6 +67,8 @@ def main() -> None:
     parser.add_argument("--methods", choices=["both", *DISTANCE_METHODS], default="both")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--save", metavar="FILE", help="write the distances to FILE (.npz) for a later --compare")
+    parser.add_argument("--compare", metavar="FILE", help="check the distances equal those saved in FILE by --save")
     args = parser.parse_args()
 
     rss_imports = peak_rss_mb()
@@ -70,20 +77,29 @@ def main() -> None:
     print(
         f"{args.members} members x {args.iters} iterations x {args.components} components, merge bias {args.merge_bias}, "
         f"cluster size {args.cluster_size}, seed {args.seed}: generated in {time.perf_counter() - started:.1f} s, "
-        f"peak RSS {peak_rss_mb():.0f} MB ({rss_imports:.0f} MB after imports)"
+        f"peak RSS {peak_rss_mb():.0f} MB ({rss_imports:.0f} MB after imports); spd_math from {spd_math.__file__}"
     )
     methods = DISTANCE_METHODS if args.methods == "both" else (args.methods,)
     print(f"{'method':<24}{'median s':>10}{'min s':>9}{'max s':>9}{'peak RSS MB':>13}")
     total = 0.0
+    results = {}
     for method in methods:
         seconds = []
         for _ in range(args.repeats):
             started = time.perf_counter()
-            compute_distances(merges, method)
+            results[method] = compute_distances(merges, method).numpy()
             seconds.append(time.perf_counter() - started)
         total += statistics.median(seconds)
         print(f"{method:<24}{statistics.median(seconds):>10.2f}{min(seconds):>9.2f}{max(seconds):>9.2f}{peak_rss_mb():>13.0f}")
     print(f"{'total (medians)':<24}{total:>10.2f}")
+    if args.save:
+        np.savez_compressed(args.save, **results)
+        print(f"distances saved to {args.save}")
+    if args.compare:
+        with np.load(args.compare) as saved:
+            for method, result in results.items():
+                same = method in saved.files and np.array_equal(saved[method], result)
+                print(f"{method}: {'identical to' if same else 'DIFFERENT FROM'} {args.compare}")
 
 
 if __name__ == "__main__":

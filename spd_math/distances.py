@@ -1,22 +1,15 @@
 """Distances between the partitions of ensemble members (docs/math.md §9), exact and incremental.
 
-For two labellings a, b of the same n items, both distances are sums over *blocks*: sets of
-items closed under "same group in a" and "same group in b".
-
 - `matching_dist = Σ_p C(n_p,2) + Σ_q C(m_q,2) − 2·Σ_cells C(C_pq,2)`: the margins give
   the pairs that are together in a or in b, the cells (blocks of items sharing both
   groups) the pairs together in both.
-- `perm_invariant_hamming = n − max Σ C[p,σ(p)]`: the best matching never pairs groups
-  from different connected components of the bipartite graph "a-group — b-group, an edge
-  per nonempty cell", so it is a sum over those components (the blocks). A component
-  with one a-group or one b-group contributes its largest cell; the others go to an
-  assignment solver, many small components per call.
+- `perm_invariant_hamming = n − max Σ C[p,σ(p)]`: a maximum-weight matching of the two
+  labellings' groups, kept optimal from one iteration to the next (`spd_math.assignment`).
 
-A merge history changes little from one iteration to the next, and so do the blocks: a
-block without an item whose group changed (as a set of items) is exactly an old block,
-with the same value. Each member pair therefore keeps its blocks, and per iteration only
-the old blocks touching a changed item are recomputed. This is exact on every input: an
-arbitrary relabelling just marks every item changed and recomputes everything.
+A merge history changes little from one iteration to the next. For `matching_dist` each
+member pair keeps its cells, and per iteration only the cells touching a changed item (an
+item whose group changed as a set of items) are recomputed. Both are exact on every input:
+an arbitrary relabelling just marks every item changed and recomputes everything.
 """
 
 from __future__ import annotations
@@ -25,13 +18,8 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
-from scipy.sparse import coo_array, csr_array
-from scipy.sparse.csgraph import (
-    connected_components,
-    min_weight_full_bipartite_matching,
-)
 
+from spd_math import assignment
 from spd_math.ensemble import NormalizedEnsemble
 from spd_math.errors import DistanceError
 from spd_math.registry import Registry
@@ -40,11 +28,6 @@ from spd_math.validation import integer_labels
 # Bound on (member pairs tracked at once) x (items): the per-pair state is two int64 arrays
 # of this size, so pairs are processed in chunks that keep it near 32 MB.
 MAX_TRACKED_ITEMS = 1 << 21
-
-# Target number of groups per call of the assignment solver (see _component_blocks).
-MATCHING_BATCH_NODES = 2048
-# A batch is solved densely when its dense table has at most this many entries per nonzero cell.
-DENSE_ENTRIES_PER_CELL = 16
 
 # (block of every item, value of every block) for the items of a batch of member pairs.
 BlocksFn = Callable[[np.ndarray, np.ndarray, np.ndarray, int], tuple[np.ndarray, np.ndarray]]
@@ -163,7 +146,7 @@ def _distance_matrices(merges: np.ndarray, method: str) -> torch.Tensor:
 
 def _perm_invariant_hamming(merges: np.ndarray, n_ids: int, first: np.ndarray, second: np.ndarray) -> np.ndarray:
     """`[n_iters, n_pairs]`: n minus the best group matching of members first[p] and second[p]."""
-    return merges.shape[2] - _pair_block_totals(merges, n_ids, first, second, _component_blocks)
+    return merges.shape[2] - assignment.matched_totals(merges, n_ids, first, second)
 
 
 def _matching_dist(merges: np.ndarray, n_ids: int, first: np.ndarray, second: np.ndarray) -> np.ndarray:
@@ -290,78 +273,6 @@ def _cell_blocks(pair: np.ndarray, a: np.ndarray, b: np.ndarray, n_ids: int) -> 
     """Blocks = cells, valued C(C_pq, 2): the item pairs together in both labellings."""
     _, item_cell, counts = _cells(pair, a, b, n_ids)
     return item_cell, counts * (counts - 1) // 2
-
-
-def _component_blocks(pair: np.ndarray, a: np.ndarray, b: np.ndarray, n_ids: int) -> tuple[np.ndarray, np.ndarray]:
-    """Blocks = connected components of the cell graph, valued by their max-weight group matching."""
-    cell_key, item_cell, weight = _cells(pair, a, b, n_ids)
-    # Nodes: the batch's a-groups (keys are sorted, so a-groups come in runs), then its b-groups.
-    a_group_key = cell_key // n_ids
-    starts_a_group = np.ones(cell_key.size, dtype=bool)
-    starts_a_group[1:] = a_group_key[1:] != a_group_key[:-1]
-    a_node = np.cumsum(starts_a_group) - 1
-    n_a = int(a_node[-1]) + 1
-    b_group_key = cell_key // (n_ids * n_ids) * n_ids + cell_key % n_ids
-    b_keys, b_node = np.unique(b_group_key, return_inverse=True)
-    b_node += n_a
-    n_nodes = n_a + b_keys.size
-    graph = coo_array((np.ones(cell_key.size, dtype=np.int8), (a_node, b_node)), shape=(n_nodes, n_nodes)).tocsr()
-    n_components, node_component = connected_components(graph, directed=True, connection="weak")
-    cell_component = node_component[a_node]
-    value = np.zeros(n_components, dtype=np.int64)
-    np.maximum.at(value, cell_component, weight)  # right for components with one a- or one b-group
-    a_groups = np.bincount(node_component[:n_a], minlength=n_components)
-    b_groups = np.bincount(node_component[n_a:], minlength=n_components)
-    needs_matching = (a_groups >= 2) & (b_groups >= 2)
-    if needs_matching.any():
-        value[needs_matching] = 0
-        # Solve components in batches of about MATCHING_BATCH_NODES groups: the sparse solver's
-        # cost grows faster than linearly with its input, even when that is many small components.
-        nodes = a_groups[needs_matching] + b_groups[needs_matching]
-        batch_of_component = np.zeros(n_components, dtype=np.int64)
-        batch_of_component[needs_matching] = (np.cumsum(nodes) - nodes) // MATCHING_BATCH_NODES
-        cells = np.flatnonzero(needs_matching[cell_component])
-        cells = cells[np.argsort(batch_of_component[cell_component[cells]], kind="stable")]
-        cell_batch = batch_of_component[cell_component[cells]]
-        bounds = np.flatnonzero(np.diff(cell_batch, prepend=-1, append=-1))
-        for start, stop in zip(bounds[:-1], bounds[1:]):
-            batch = cells[start:stop]
-            matched = batch[_max_weight_matching(a_node[batch], b_node[batch], weight[batch])]
-            np.add.at(value, cell_component[matched], weight[matched])
-    return cell_component[item_cell], value
-
-
-def _max_weight_matching(a_node: np.ndarray, b_node: np.ndarray, weight: np.ndarray) -> np.ndarray:
-    """Indices of the edges `(a_node[i], b_node[i])` (weights > 0) of one maximum-weight matching.
-
-    Not every group needs a partner, so each a-group gets a private dummy column and each
-    b-group a private dummy row; a dummy row meets a dummy column wherever their groups
-    share an edge, which lets both dummies pair up when their groups pair with each other.
-    Every full matching then costs `big·(n_a + n_b) − Σ matched weights`, so the LAPJVsp
-    minimum-weight full matching is a maximum-weight matching.
-    """
-    a_ids, a_row = np.unique(a_node, return_inverse=True)
-    b_ids, b_col = np.unique(b_node, return_inverse=True)
-    n_a, n_b = a_ids.size, b_ids.size
-    if n_a * n_b <= DENSE_ENTRIES_PER_CELL * weight.size:
-        table = np.full((n_a, n_b), -1, dtype=np.int64)  # edge index; -1 where there is none (weight 0)
-        table[a_row, b_col] = np.arange(weight.size)
-        dense_weight = np.where(table >= 0, weight[table], 0)
-        matched_rows, matched_cols = linear_sum_assignment(dense_weight, maximize=True)
-        edges = table[matched_rows, matched_cols]
-        return edges[edges >= 0]
-    big = float(weight.max() + 1)  # keeps every cost positive (LAPJVsp takes no zero weights)
-    a_range, b_range = np.arange(n_a), np.arange(n_b)
-    rows = np.concatenate([a_row, a_range, n_a + b_col, n_a + b_range])
-    cols = np.concatenate([b_col, n_b + a_range, n_b + a_row, b_range])
-    costs = np.concatenate([big - weight, np.full(n_a + weight.size + n_b, big)])
-    size = n_a + n_b
-    matched_rows, matched_cols = min_weight_full_bipartite_matching(csr_array((costs, (rows, cols)), shape=(size, size)))
-    real = (matched_rows < n_a) & (matched_cols < n_b)
-    # Edges are distinct (row, col) pairs: find the matched ones by their key.
-    edge_key = a_row * n_b + b_col
-    by_key = np.argsort(edge_key)
-    return by_key[np.searchsorted(edge_key[by_key], matched_rows[real] * n_b + matched_cols[real])]
 
 
 # method name -> `(merges, n_ids, first, second) -> [n_iters, n_pairs]` distances of member pairs

@@ -1,7 +1,9 @@
-"""Compiled CPU kernels (Numba) for the exact integer work of the merge setup.
+"""Compiled CPU kernels (Numba) for the exact integer work of the merge setup, and the decorator
+other modules compile theirs with.
 
 Optional: where Numba is not installed, `AVAILABLE` is False and callers take their torch
-paths (the ones every non-CPU device uses), which give the same exact integers.
+paths (the ones every non-CPU device uses), which give the same exact integers; functions
+made with `compiled` then run as plain Python (same results, far slower).
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ except ImportError:  # pragma: no cover
     AVAILABLE = False
 
 
-def _njit(**options):
+def compiled(**options):
+    """`numba.njit` (cached, releasing the GIL) with `options`, or the plain function without Numba."""
+
     def wrap(function):
         if not AVAILABLE:
             return function
@@ -26,7 +30,24 @@ def _njit(**options):
     return wrap
 
 
-@_njit()
+# Loops and thread ids inside functions compiled with parallel=True (plain equivalents without Numba).
+parallel_range = numba.prange if AVAILABLE else range
+
+
+def max_threads() -> int:
+    """How many threads a parallel compiled loop may use (thread ids are below it)."""
+    return int(numba.config.NUMBA_NUM_THREADS) if AVAILABLE else 1
+
+
+if AVAILABLE:
+    thread_id = numba.get_thread_id
+else:  # pragma: no cover
+
+    def thread_id() -> int:
+        return 0
+
+
+@compiled()
 def transpose_structure(indptr, indices, n_columns):  # pragma: no cover - compiled
     """CSR rows -> CSC: for every column its rows (ascending) and each entry's position in its row."""
     counts = np.zeros(n_columns + 1, np.int64)
@@ -47,7 +68,7 @@ def transpose_structure(indptr, indices, n_columns):  # pragma: no cover - compi
     return col_ptr, col_rows, col_pos
 
 
-@_njit(parallel=True)
+@compiled(parallel=True)
 def upper_counts(indptr, indices, col_ptr, col_rows, col_pos, out, block):  # pragma: no cover - compiled
     """`out[i, j] = #rows holding both i and j` for j > i (and the column count on the diagonal,
     clipped to out's range); out's strict lower triangle is left untouched.
@@ -76,7 +97,7 @@ def upper_counts(indptr, indices, col_ptr, col_rows, col_pos, out, block):  # pr
     return out
 
 
-@_njit()
+@compiled()
 def counts_between(indptr, indices, col_ptr, col_rows, rows_of, columns_of):  # pragma: no cover - compiled
     """Exact int64 `[len(rows_of), len(columns_of)]` co-occurrence counts of the given columns."""
     n_columns = col_ptr.size - 1
@@ -95,7 +116,7 @@ def counts_between(indptr, indices, col_ptr, col_rows, rows_of, columns_of):  # 
     return out
 
 
-@_njit(parallel=True)
+@compiled(parallel=True)
 def mirror_upper(out, tile):  # pragma: no cover - compiled
     """Copy the strict upper triangle onto the lower one, tile by tile (cache-friendly transpose)."""
     c = out.shape[0]
@@ -108,7 +129,7 @@ def mirror_upper(out, tile):  # pragma: no cover - compiled
     return out
 
 
-@_njit()
+@compiled()
 def pack_csr(indptr, indices, n_words, n_columns):  # pragma: no cover - compiled
     """Word-major packed masks `[n_words, n_columns]` int64: row s is bit s % 64 of word s // 64."""
     words = np.zeros((n_words, n_columns), np.int64)
@@ -120,7 +141,7 @@ def pack_csr(indptr, indices, n_words, n_columns):  # pragma: no cover - compile
     return words
 
 
-@_njit(parallel=True)
+@compiled(parallel=True)
 def pair_score_extremes(matrix, diag, alpha, slope):  # pragma: no cover - compiled
     """Per row i, min and max over j != i of `alpha·(s_i + s_j) − slope·q_ij` in float64.
 

@@ -182,10 +182,7 @@ def merge_history(rng: np.random.Generator, n_iters: int, n: int) -> np.ndarray:
     "setting",
     [
         {},
-        {"MAX_TRACKED_ITEMS": 1},  # one member pair at a time
-        {"MATCHING_BATCH_NODES": 1},  # one component per assignment solve
-        {"DENSE_ENTRIES_PER_CELL": 0},  # always the sparse solver
-        {"DENSE_ENTRIES_PER_CELL": 10**9},  # always the dense solver
+        {"MAX_TRACKED_ITEMS": 1},  # one member pair at a time (matching_dist's cell tracking)
     ],
     ids=lambda setting: ",".join(f"{k}={v}" for k, v in setting.items()) or "defaults",
 )
