@@ -84,9 +84,17 @@ def partition_clusters(groups: np.ndarray | torch.Tensor) -> Clusters:
 
 
 def co_association_counts(partitions: np.ndarray) -> scipy.sparse.csr_matrix:
-    """`[c, c]` sparse: in how many members (rows of `[n_members, c]` partitions) items x and y share a group.
+    """In how many members items x and y share a group (the co-association counts).
 
-    The diagonal holds `n_members`.
+    Parameters
+    ----------
+    partitions : numpy.ndarray
+        `[n_members, c]` integer group ids, one partition of the same c items per member.
+
+    Returns
+    -------
+    scipy.sparse.csr_matrix
+        `[c, c]` int64 counts; the diagonal holds `n_members`.
 
     Examples
     --------
