@@ -36,3 +36,13 @@ def load_golden(path: Path) -> dict[str, np.ndarray]:
 def pytest_addoption(parser):
     parser.addoption("--cycles", type=int, default=None,
                      help="fault-injection cycles of tests/faults (default: $SPD_FAULT_CYCLES, else a few)")
+
+
+# The files that take longest start first, so that with two workers (pyproject's `-n 2`) neither is
+# left alone with one of them at the end.
+LONGEST_FIRST = ("tests/faults/", "tests/cli/test_results_queries.py", "tests/cli/test_reruns_and_doctor.py",
+                 "tests/defs/test_devices.py", "tests/cli/test_replace.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: not item.nodeid.startswith(LONGEST_FIRST))  # stable: otherwise in order

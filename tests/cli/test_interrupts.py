@@ -22,7 +22,10 @@ SLOW = {**SMALL_SYNTHETIC, "n_members": 6, "batch_size": 48,
         "params": {**SMALL_SYNTHETIC["params"], "components_per_module": [150, 180], "seq_len": 64}}
 
 
-@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
+@pytest.mark.parametrize("signum, status", [
+    pytest.param(signal.SIGINT, 130, id="ctrl-c"),
+    pytest.param(signal.SIGTERM, 143, id="sigterm", marks=pytest.mark.slow),  # the same path as Ctrl-C
+])
 def test_an_interrupted_run_cancels_in_order_and_says_so_in_one_line(tmp_path, signum, status):
     home = make_home(tmp_path / "home")
     config = tmp_path / "interrupted.yaml"

@@ -78,6 +78,7 @@ def test_an_interrupted_replacement_is_finished_by_doctor(swept):
         assert instance.get_latest_materialization_event(AssetKey(["swept", "merge_history"])) is None
 
 
+@pytest.mark.slow  # --replace: also the changed-config test above
 def test_members_that_left_a_files_experiment_are_removed_with_replace(tmp_path):
     home = make_home(tmp_path / "home")
     params = SyntheticParams(n_layers=1, modules=("mlp.up",), components_per_module=(10, 12), n_planted_groups=3,

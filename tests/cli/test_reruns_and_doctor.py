@@ -71,6 +71,7 @@ def test_each_run_prints_a_check_summary_per_asset(reruns):
     assert "partition_sizes 1/1 passed" in rerun.split("checks:\n", 1)[1]
 
 
+@pytest.mark.slow  # doctor after kills: also every cycle of tests/faults/test_kill_cycles.py
 def test_doctor_repairs_what_killed_steps_and_deleted_files_leave_and_says_what_to_recompute(reruns):
     """Three kinds of damage at once: a value file overwritten by a step killed before Dagster recorded it
     (content no materialization has), a deleted table file, and stale lineage tables."""

@@ -118,6 +118,7 @@ def test_every_partition_has_a_materialization_and_edges_connect_the_graph(home)
         assert ("component_activations", member, "source:synthetic", member) in consumed
 
 
+@pytest.mark.slow  # re-runs of a member: also tests/cli/test_reruns_and_doctor.py
 def test_rerunning_a_partition_and_the_ensemble_keeps_history(home):
     values = f"experiment = 'alpha_half' AND asset IN {VALUE_ASSETS}"
     before = query(home, f"SELECT asset, partition, run_id FROM materializations WHERE {values}")
@@ -155,6 +156,7 @@ def test_sql_command_formats_and_errors(home, tmp_path):
     assert cli(home, "sql", "SELECT count(*) FROM distances").returncode == 0
 
 
+@pytest.mark.slow  # queries during a run: also tests/cli/test_cli.py
 def test_sql_command_while_a_pipeline_runs(home):
     environment = {**os.environ, "DAGSTER_HOME": str(home)}
     run = subprocess.Popen([sys.executable, "-m", "spd_assets.cli", "run", "--set", "name=during", "--set", "source.n_members=2"],

@@ -59,8 +59,11 @@ def set_pool_limit(home: Path, limit: int) -> None:
     (home / "dagster.yaml").write_text(yaml.safe_dump(settings))
 
 
-@pytest.mark.parametrize("devices, pool_limit", [("cpu:0,cpu:1", 5), ("cpu:0,cpu:1,cpu:2", 2)],
-                         ids=["leases-limit", "dagster-pool-limits"])
+@pytest.mark.parametrize("devices, pool_limit", [
+    # Device leases alone limiting: slow; leases are also tested directly below.
+    pytest.param("cpu:0,cpu:1", 5, id="leases-limit", marks=pytest.mark.slow),
+    pytest.param("cpu:0,cpu:1,cpu:2", 2, id="dagster-pool-limits"),
+])
 def test_five_concurrent_runs_share_two_slots_without_overlap(tmp_path, devices, pool_limit):
     """Five member runs at once. Either the number of devices (2, roomy pool) or the pool limit in
     dagster.yaml (2, with 3 devices) must keep at most 2 merges running, and never two on one device."""

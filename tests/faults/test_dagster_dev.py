@@ -13,6 +13,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
 import yaml
 from dagster import DagsterEventType, DagsterRunStatus, RunsFilter
 
@@ -48,6 +49,7 @@ def wait_for(condition, timeout_s: float, what: str):
     raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
+@pytest.mark.slow  # the dead_runs sensor itself is tested in tests/defs/test_devices.py
 def test_dagster_dev_clears_a_dead_cli_run_and_a_ui_launch_then_runs(tmp_path):
     home = make_home(tmp_path / "home")
     settings = yaml.safe_load((home / "dagster.yaml").read_text())

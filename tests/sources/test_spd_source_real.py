@@ -122,6 +122,7 @@ def test_causal_importances_are_spds_own(spd_python, real_runs, tmp_path):
     assert "expected one of them, or both equal" in presets["disagreeing_error"]
 
 
+@pytest.mark.slow  # spd-clustering: also tests/cli/test_original_configs.py
 def test_an_original_pipeline_config_runs_through_the_graph(spd_python, real_runs, tmp_path):
     """The original's command line and config shapes, unchanged, on a real SPD run: every member merged."""
     repository = tmp_path / "repository"
