@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import duckdb
-from filelock import FileLock, Timeout
 
 from spd_assets.errors import DatabaseError
 from spd_assets.storage.atomic import atomic_path
@@ -113,6 +112,8 @@ def ensure_database(store: ResultsStore) -> Path:
     _ensure_schema_files(store)
     if path.exists() and _current_read_only(store):
         return path
+    from filelock import FileLock, Timeout  # here: queries, which never get this far, start faster without it
+
     lock = FileLock(str(path) + ".lock", timeout=LOCK_TIMEOUT_S)
     try:
         lock.acquire()
