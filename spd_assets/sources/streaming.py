@@ -139,18 +139,21 @@ def activations_from_chunks(
         Its `activation_threshold` (the statistics' cutoff), `filter_dead_threshold` and `module_name_filter`.
     seq_mode : {"concat", "seq_mean", None}
     memory_budget_bytes : int
-        The most the `[samples, components]` float32 matrix may take.
+        With a threshold: the most the kept entries may take (8 bytes each); in continuous mode:
+        the most the dense `[samples, components]` float32 matrix may take.
 
     Returns
     -------
     StreamedActivations
         Equal to `drop_dead(process_activations(batch, seq_mode=..., module_filter=...), filter_dead_threshold)`
-        on the whole batch, with the statistics of every component (dead ones included).
+        on the whole batch, with the statistics of every component (dead ones included); with an
+        activation threshold in compact form (only the entries above it, as a sparse CSR tensor).
 
     Raises
     ------
     SourceError
-        The matrix would exceed the budget (before any chunk is read), no module is kept, a chunk
+        Over the budget (continuous mode: before any chunk is read; with a threshold: as soon as the
+        kept entries outgrow it), no module is kept, a chunk
         has other modules or widths than the first, values are not finite, or the rows do not add up.
     """
     widths = kept_widths(module_widths, merge_config.module_name_filter)
