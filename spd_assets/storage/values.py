@@ -138,20 +138,19 @@ def load_npz(path: Path) -> dict[str, np.ndarray]:
 def save_activations(path: Path, activations: ProcessedActivations) -> None:
     """Sparse (CSR): causal importances are mostly exactly zero. Compact activations (only the entries
     above a threshold) stay compact, with the threshold and the statistics taken before anything was dropped."""
+    extra = {}
     if activations.is_compact:
         csr = activations.to_scipy_csr()
         indptr, indices, values = csr.indptr.astype(np.int64, copy=False), csr.indices, csr.data
+        extra["compact"] = np.array(True)
+        if activations.dropped_at_or_below is not None:
+            extra["dropped_at_or_below"] = np.array(activations.dropped_at_or_below, dtype=np.float64)
     else:
         dense = activations.activations.detach().cpu().numpy()
         rows, indices = np.nonzero(dense)
         indptr = np.zeros(dense.shape[0] + 1, dtype=np.int64)
         np.cumsum(np.bincount(rows, minlength=dense.shape[0]), out=indptr[1:])
         values = dense[rows, indices].astype(np.float32)
-    extra = {}
-    if activations.is_compact:
-        extra["compact"] = np.array(True)
-        if activations.dropped_at_or_below is not None:
-            extra["dropped_at_or_below"] = np.array(activations.dropped_at_or_below, dtype=np.float64)
     stats = activations.stats
     if stats is not None:
         extra.update(stats_n_samples=np.array(stats.n_samples), stats_active_counts=stats.active_counts,
