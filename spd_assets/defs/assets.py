@@ -435,6 +435,9 @@ class _ExperimentAssetBuilder:
                 {"html"})},
             ins={"consensus": AssetIn(key=key("consensus_clusters")), "ensemble": AssetIn(key=key("normalized_ensemble")),
                  "component_stats": AssetIn(key=key("component_stats")), **context_inputs},
+            # The page shows the consensus components (built from the same value as that table). Declaring it also
+            # ranks this step after the consensus step, so an asset backfill runs both in one tick.
+            deps=[key("consensus_components")],
             required_resource_keys={STORAGE_KEY},
         )
         def cluster_explorer(context: AssetExecutionContext, consensus: ConsensusClusters, ensemble: MemberEnsemble,

@@ -60,6 +60,29 @@ def test_every_result_table_is_an_asset_with_its_schema_downstream_of_its_produc
             assert AssetKey([config.name, producer]) in node.parent_keys
 
 
+def test_a_backfill_can_run_every_ensemble_asset_with_its_parents(config):
+    """Dagster's asset backfill puts an asset in the same run as a parent only when it visits the parent's step
+    first. It visits steps by the highest level of their assets (at equal levels by name, so not reliably): each
+    step must rank above the steps of its parents, or it waits for the backfill's next tick (30 s)."""
+    graph = build_definitions([config]).resolve_asset_graph()
+    level = {key: index for index, keys in enumerate(graph.toposorted_asset_keys_by_level) for key in keys}
+
+    def step_level(key):
+        return max(level[k] for k in graph.get(key).execution_set_asset_keys)
+
+    checked = 0
+    for key in graph.get_all_asset_keys():
+        node = graph.get(key)
+        if node.is_partitioned:
+            continue
+        for parent in node.parent_keys:
+            if key in graph.get(parent).execution_set_asset_keys or graph.get(parent).is_partitioned:
+                continue
+            assert step_level(key) > step_level(parent), (key, parent)
+            checked += 1
+    assert checked >= 5
+
+
 def test_jobs_split_members_from_the_ensemble(config):
     defs = build_definitions([config])
     member_keys = defs.resolve_job_def(members_job_name(config.name)).asset_layer.executable_asset_keys
