@@ -22,7 +22,8 @@ from tests.math.reference_engine import reference_merge
 @pytest.fixture(autouse=True, params=["scalable", "dense"])
 def engine(request, monkeypatch):
     """Every test runs on both states: the scalable one and the dense one used for small problems."""
-    monkeypatch.setattr(state, "DENSE_MAX_COMPONENTS", 0 if request.param == "scalable" else 1 << 20)
+    for limit in ("DENSE_MAX_COMPONENTS", "DENSE_MAX_COMPONENTS_CONTINUOUS"):
+        monkeypatch.setattr(state, limit, 0 if request.param == "scalable" else 1 << 20)
     return request.param
 
 
