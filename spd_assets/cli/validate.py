@@ -40,7 +40,11 @@ def report(loaded: LoadedConfig, checked: Preflight) -> list[str]:
     source_settings = ", ".join(f"{key}={value}" for key, value in config.source.model_dump(mode="json").items()
                                 if key != "kind" and value is not None)
     members = checked.members
-    shown = ", ".join(members[:MEMBERS_LISTED]) + (f", ... {members[-1]}" if len(members) > MEMBERS_LISTED else "")
+    # The first few and the last; an ellipsis only where members are left out.
+    if len(members) <= MEMBERS_LISTED + 1:
+        shown = ", ".join(members)
+    else:
+        shown = ", ".join(members[:MEMBERS_LISTED]) + f", ... {members[-1]}"
     sampler = f"{merge.merge_pair_sampling_method} {dict(merge.merge_pair_sampling_kwargs)}"
     lines = [
         *describe_loaded(loaded),
