@@ -11,6 +11,7 @@ import numpy as np
 import scipy.sparse
 import torch
 
+from spd_math import kernels
 from spd_math.errors import ActivationsError
 from spd_math.validation import as_tensor, describe_columns, finite_number, nonfinite_columns
 
@@ -24,6 +25,7 @@ SEQ_MODES = ("concat", "seq_mean", None)
 STATS_CHUNK_ENTRIES = 1 << 26
 REMAP_BLOCK = 1 << 24  # column indices remapped at a time when dead components are dropped
 MIN_CAPACITY = 1 << 16  # kept entries a compact builder makes room for at first
+STATISTICS_BLOCK = 64  # columns per work item of the compiled column statistics
 
 
 @dataclass(frozen=True)
@@ -330,13 +332,11 @@ class CompactActivationsBuilder:
             raise ActivationsError(f"chunk: expected shape [rows, {c}], got {tuple(values.shape)}")
         if not values.is_floating_point():
             values = values.float()
-        bad = nonfinite_columns(values)
-        if bad.numel():
-            raise ActivationsError(
-                f"chunk at row {self._rows}: expected finite values, found NaN or inf in component(s) "
-                f"{describe_columns(bad.tolist(), self.labels)}"
-            )
         array = values.numpy()
+        if kernels.AVAILABLE and array.shape[0] and array.dtype in (np.float32, np.float64):
+            self._add_compiled(np.ascontiguousarray(array))
+            return
+        self._refuse_nonfinite(nonfinite_columns(values).tolist())
         active = array > self.threshold
         self._counts += active.sum(axis=0)
         self._sums += array.sum(axis=0, dtype=np.float64)
@@ -347,12 +347,46 @@ class CompactActivationsBuilder:
         self._append(columns, array[rows, columns])
         self._rows += array.shape[0]
 
-    def _append(self, columns: np.ndarray, values: np.ndarray) -> None:
-        end = self._stored + len(columns)
+    def _add_compiled(self, array: np.ndarray) -> None:
+        """`add` in three multithreaded passes over the chunk (statistics, row counts, kept entries), written
+        straight into the buffers; the same numbers as the NumPy path. Nothing changes when NaN/inf is refused."""
+        c = len(self.labels)
+        threshold = array.dtype.type(self.threshold)  # compared in the chunk's precision, as NumPy and torch do
+        counts, sums, maxima = np.empty(c, np.int64), np.empty(c, np.float64), np.empty(c, np.float64)
+        kernels.column_statistics(array, threshold, STATISTICS_BLOCK, counts, sums, maxima)
+        if not np.isfinite(sums).all():  # NaN/inf propagate into the sums; an exact look only then
+            self._refuse_nonfinite(np.flatnonzero(~np.isfinite(array).all(axis=0)).tolist())
+        row_counts = np.empty(array.shape[0], np.int64)
+        kernels.active_row_counts(array, threshold, row_counts)
+        offsets = np.zeros(array.shape[0], np.int64)
+        np.cumsum(row_counts[:-1], out=offsets[1:])
+        end = self._reserve(int(row_counts.sum()))
+        kernels.gather_active(array, threshold, offsets, self._indices[self._stored : end], self._values[self._stored : end])
+        self._counts += counts
+        self._sums += sums
+        np.maximum(self._maxima, maxima, out=self._maxima)
+        self._row_counts.append(row_counts)
+        self._stored = end
+        self._rows += array.shape[0]
+
+    def _refuse_nonfinite(self, columns: list[int]) -> None:
+        if columns:
+            raise ActivationsError(
+                f"chunk at row {self._rows}: expected finite values, found NaN or inf in component(s) "
+                f"{describe_columns(columns, self.labels)}"
+            )
+
+    def _reserve(self, entries: int) -> int:
+        """Room for `entries` more kept entries; where they end."""
+        end = self._stored + entries
         if end > len(self._indices):  # grow by half: few reallocations; untouched capacity takes no memory
             capacity = max(end, len(self._indices) * 3 // 2, MIN_CAPACITY)
             self._indices.resize(capacity, refcheck=False)
             self._values.resize(capacity, refcheck=False)
+        return end
+
+    def _append(self, columns: np.ndarray, values: np.ndarray) -> None:
+        end = self._reserve(len(columns))
         self._indices[self._stored : end] = columns
         self._values[self._stored : end] = values
         self._stored = end

@@ -164,3 +164,54 @@ def pair_score_extremes(matrix, diag, alpha, slope):  # pragma: no cover - compi
         lows[i] = low
         highs[i] = high
     return lows, highs
+
+
+@compiled(parallel=True)
+def column_statistics(array, threshold, block, counts, sums, maxima):  # pragma: no cover - compiled
+    """Per column of a `[rows, c]` chunk: entries `> threshold`, the float64 sum (in row order) and the maximum.
+
+    Columns are dealt out a block at a time, so each thread reads contiguous stretches of every row and the
+    sums add in the same order as a row-by-row NumPy reduction, whatever the number of threads.
+    """
+    rows, c = array.shape
+    n_blocks = (c + block - 1) // block
+    for b in numba.prange(n_blocks):
+        start, stop = b * block, min(c, (b + 1) * block)
+        for j in range(start, stop):
+            counts[j] = 0
+            sums[j] = 0.0
+            maxima[j] = -np.inf
+        for r in range(rows):
+            for j in range(start, stop):
+                value = array[r, j]
+                if value > threshold:
+                    counts[j] += 1
+                sums[j] += value
+                if value > maxima[j]:
+                    maxima[j] = value
+
+
+@compiled(parallel=True)
+def active_row_counts(array, threshold, row_counts):  # pragma: no cover - compiled
+    """How many entries of each row of `array` are `> threshold`."""
+    rows, c = array.shape
+    for r in numba.prange(rows):
+        n = 0
+        for j in range(c):
+            if array[r, j] > threshold:
+                n += 1
+        row_counts[r] = n
+
+
+@compiled(parallel=True)
+def gather_active(array, threshold, offsets, indices, values):  # pragma: no cover - compiled
+    """The column index and value of every entry `> threshold`, row-major, row r's from `offsets[r]` on."""
+    rows, c = array.shape
+    for r in numba.prange(rows):
+        t = offsets[r]
+        for j in range(c):
+            value = array[r, j]
+            if value > threshold:
+                indices[t] = j
+                values[t] = value
+                t += 1

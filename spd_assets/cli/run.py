@@ -188,7 +188,9 @@ def _stop_after_interruption(workers: Workers, invocation: str, signum: int, mem
         canceled = cancel_runs_of(instance, invocation, set(in_flight))
     done = {outcome.label for outcome in finished}
     queued = [m for m in members if m not in done and m not in in_flight.values()]
-    print(f"\nspd-cluster: interrupted ({signal.Signals(signum).name}): canceled {len(canceled)} run(s) in flight"
-          f"{' (' + ', '.join(sorted(in_flight.values())) + ')' if in_flight else ''} and {len(queued)} queued member(s); "
-          f"{len(done)} finished before", file=sys.stderr, flush=True)
+    # A member just handed to a worker may have no Dagster run yet: members and runs are counted apart.
+    flight = (f" ({', '.join(sorted(in_flight.values()))}; {len(canceled)} of their Dagster runs had started, now marked "
+              f"canceled)" if in_flight else "")
+    print(f"\nspd-cluster: interrupted ({signal.Signals(signum).name}): canceled {len(in_flight)} member(s) in flight"
+          f"{flight} and {len(queued)} queued member(s); {len(done)} finished before", file=sys.stderr, flush=True)
     return INTERRUPTED_EXIT.get(signum, 130)

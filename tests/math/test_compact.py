@@ -118,3 +118,44 @@ def test_builder_reports_nan_with_the_component_label():
         builder.add(np.zeros((2, 4), dtype=np.float32))
     with pytest.raises(ActivationsError, match="activation_threshold"):
         CompactActivationsBuilder(["a:0"], activation_threshold=-0.1)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_builder_compiled_and_numpy_paths_agree_exactly(monkeypatch, dtype):
+    """The compiled single-pass chunk path keeps exactly the entries, statistics and errors of the NumPy one,
+    including values equal to the threshold in the chunk's precision."""
+    from spd_math import kernels
+
+    values = sparse_values(5, n=900, c=130).astype(dtype)
+    values[:, 11:13] = 0
+    values[::7, 11] = dtype(0.05)  # exactly the threshold as the chunk stores it: not active
+    values[::5, 12] = np.nextafter(dtype(0.05), dtype(1))  # just above: active
+    labels = [f"m:{j}" for j in range(values.shape[1])]
+
+    def built(compiled: bool):
+        monkeypatch.setattr(kernels, "AVAILABLE", compiled)
+        builder = CompactActivationsBuilder(labels, activation_threshold=0.05, filter_dead_threshold=0.005)
+        for start in range(0, len(values), 256):
+            builder.add(values[start : start + 256])
+        stats = builder.stats
+        return builder.build(), stats
+
+    (compiled, compiled_stats), (plain, plain_stats) = built(True), built(False)
+    assert compiled.labels == plain.labels and compiled.dead_labels == plain.dead_labels
+    mine, theirs = compiled.activations, plain.activations
+    assert torch.equal(mine.crow_indices(), theirs.crow_indices())
+    assert torch.equal(mine.col_indices(), theirs.col_indices())
+    assert torch.equal(mine.values(), theirs.values())
+    assert (compiled_stats.active_counts == plain_stats.active_counts).all()
+    assert (compiled_stats.maxima == plain_stats.maxima).all()
+    np.testing.assert_allclose(compiled_stats.sums, plain_stats.sums, rtol=1e-12)
+    assert int(compiled_stats.active_counts[11]) == 0 and int(compiled_stats.active_counts[12]) > 0
+
+    bad = values[:256].copy()
+    bad[3, 7] = np.nan
+    for compiled_path in (True, False):
+        monkeypatch.setattr(kernels, "AVAILABLE", compiled_path)
+        builder = CompactActivationsBuilder(labels, activation_threshold=0.05)
+        with pytest.raises(ActivationsError, match="NaN or inf in component.s. m:7"):
+            builder.add(bad)
+        assert builder.n_samples == 0 and builder.stored_bytes == 0
