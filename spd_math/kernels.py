@@ -1,5 +1,5 @@
-"""Compiled CPU kernels (Numba) for the exact integer work of the merge setup, and the decorator
-other modules compile theirs with.
+"""Compiled CPU kernels (Numba) for the exact integer work of the merge setup and for reducing
+activation chunks to their compact form, and the decorator other modules compile theirs with.
 
 Optional: where Numba is not installed, `AVAILABLE` is False and callers take their torch
 paths (the ones every non-CPU device uses), which give the same exact integers; functions
