@@ -1,7 +1,7 @@
 """Compiled CPU kernels (Numba) for the exact integer work of the merge setup and for reducing
 activation chunks to their compact form, and the decorator other modules compile theirs with.
 
-Optional: where Numba is not installed, `AVAILABLE` is False and callers take their torch
+Optional: where Numba is not installed, `AVAILABLE` is False and callers take their torch or NumPy
 paths (the ones every non-CPU device uses), which give the same exact integers; functions
 made with `compiled` then run as plain Python (same results, far slower).
 """
