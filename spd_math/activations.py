@@ -356,10 +356,7 @@ class CompactActivationsBuilder:
         kernels.column_statistics(array, threshold, STATISTICS_BLOCK, counts, sums, maxima)
         if not np.isfinite(sums).all():  # NaN/inf propagate into the sums; an exact look only then
             self._refuse_nonfinite(np.flatnonzero(~np.isfinite(array).all(axis=0)).tolist())
-        row_counts = np.empty(array.shape[0], np.int64)
-        kernels.active_row_counts(array, threshold, row_counts)
-        offsets = np.zeros(array.shape[0], np.int64)
-        np.cumsum(row_counts[:-1], out=offsets[1:])
+        row_counts, offsets = kernels.active_rows(array, threshold)
         end = self._reserve(int(row_counts.sum()))
         kernels.gather_active(array, threshold, offsets, self._indices[self._stored : end], self._values[self._stored : end])
         self._counts += counts

@@ -184,16 +184,32 @@ def _structure_from_dense(values: torch.Tensor, threshold: float, labels, limit:
     total = 0
     for start, chunk in dense_row_chunks(values, chunk_rows(c), torch.device("cpu")):
         check_finite_chunk(chunk, start, labels)
-        rows, cols = np.nonzero(active_mask(chunk, threshold).numpy())
-        total += rows.size
+        counts, cols = _active_columns(chunk, threshold)
+        total += cols.size
         if total > limit:
             return None
-        row_counts[start : start + chunk.shape[0]] = np.bincount(rows, minlength=chunk.shape[0])
-        pieces.append(cols.astype(np.int32))
+        row_counts[start : start + chunk.shape[0]] = counts
+        pieces.append(cols)
     indptr = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(row_counts, out=indptr[1:])
     indices = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
     return MaskStructure(indptr=indptr, indices=indices, n_samples=n, n_components=c)
+
+
+def _active_columns(chunk: torch.Tensor, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per row the number of active entries, and their column indices (int32, row-major): float chunks through
+    the compiled passes the compact builder uses (compared in the chunk's precision, as torch does), others
+    through their mask."""
+    if chunk.dtype in (torch.float32, torch.float64):
+        array = np.ascontiguousarray(chunk.numpy())
+        typed = array.dtype.type(threshold)
+        row_counts, offsets = kernels.active_rows(array, typed)
+        total = int(row_counts.sum())
+        columns = np.empty(total, np.int32)
+        kernels.gather_active(array, typed, offsets, columns, np.empty(total, array.dtype))
+        return row_counts, columns
+    rows, columns = np.nonzero(active_mask(chunk, threshold).numpy())
+    return np.bincount(rows, minlength=chunk.shape[0]), columns.astype(np.int32)
 
 
 def _dense_counts(values: torch.Tensor, threshold: float, labels, device: torch.device):

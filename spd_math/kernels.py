@@ -203,6 +203,15 @@ def active_row_counts(array, threshold, row_counts):  # pragma: no cover - compi
         row_counts[r] = n
 
 
+def active_rows(array: np.ndarray, threshold) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of a float chunk, how many entries are `> threshold` and where its entries start (int64 each)."""
+    row_counts = np.empty(array.shape[0], np.int64)
+    active_row_counts(array, threshold, row_counts)
+    offsets = np.zeros(array.shape[0], np.int64)
+    np.cumsum(row_counts[:-1], out=offsets[1:])
+    return row_counts, offsets
+
+
 @compiled(parallel=True)
 def gather_active(array, threshold, offsets, indices, values):  # pragma: no cover - compiled
     """The column index and value of every entry `> threshold`, row-major, row r's from `offsets[r]` on."""
