@@ -45,3 +45,7 @@ class DeviceError(SpdClusterError, RuntimeError):
 
 class UsageError(SpdClusterError, ValueError):
     """A command-line argument is out of range for the stored results; the message names the argument."""
+
+
+class SlurmError(SpdClusterError, RuntimeError):
+    """A SLURM command failed (not found, rejected the submission) or a step's SLURM job did not complete."""

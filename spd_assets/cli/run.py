@@ -27,6 +27,7 @@ from spd_assets.defs.devices import leases_at_once
 from spd_assets.defs.home import PROJECT_ROOT, results_store
 from spd_assets.defs.jobs import ensemble_job_name, members_job_name
 from spd_assets.defs.resources import pool_limit
+from spd_assets.defs.slurm import cancel_jobs_of
 from spd_assets.errors import SpdClusterError
 from spd_assets.storage.database import ensure_database
 
@@ -119,7 +120,8 @@ def run_experiment(config: ExperimentConfig, *, parallel: int | None, only_membe
         members = [member for member in members if member in only_members]
     ensure_database(store)
     at_once = leases_at_once(devices, limit)
-    parallel = parallel or at_once
+    # With SLURM the devices are on the nodes: every member's run submits its job at once and SLURM queues them.
+    parallel = parallel or (len(members) if settings.remote_devices else at_once)
     invocation = time.strftime("%Y%m%dT%H%M%S")
     tags = {RUN_TAG_EXPERIMENT: config.name, RUN_TAG_INVOCATION: invocation}
     run_config = run_config_for(settings)
@@ -130,8 +132,13 @@ def run_experiment(config: ExperimentConfig, *, parallel: int | None, only_membe
     if checked.activation_shape is not None:
         samples, components = checked.activation_shape
         print(f"activations: {samples:,} samples x {components:,} components per member ({storage_of(checked)})")
-    print(f"devices: {', '.join(devices)} (executor {settings.executor}); at most {at_once} merges at once "
-          f"(pool {DEVICE_POOL!r} limit {limit if limit is not None else 'none'}, across runs)")
+    if settings.remote_devices:
+        partition = settings.slurm.partition or "the default partition"
+        print(f"devices: on SLURM nodes (executor slurm, {partition}); one job per member's merge, all submitted "
+              f"at once; instance storage {settings.instance}")
+    else:
+        print(f"devices: {', '.join(devices)} (executor {settings.executor}); at most {at_once} merges at once "
+              f"(pool {DEVICE_POOL!r} limit {limit if limit is not None else 'none'}, across runs)")
     print(f"members ({parallel} at a time): activations and merge history per member", flush=True)
     started = time.perf_counter()
     workers = Workers(min(parallel, len(members)) or 1, str(log_path))
@@ -186,11 +193,14 @@ def _stop_after_interruption(workers: Workers, invocation: str, signum: int, mem
     workers.stop()
     with DagsterInstance.get() as instance:
         canceled = cancel_runs_of(instance, invocation, set(in_flight))
+    # The workers' own clean-up never ran (SIGKILL): the SLURM jobs of their runs are canceled here.
+    jobs = cancel_jobs_of(canceled)
     done = {outcome.label for outcome in finished}
     queued = [m for m in members if m not in done and m not in in_flight.values()]
     # A member just handed to a worker may have no Dagster run yet: members and runs are counted apart.
     flight = (f" ({', '.join(sorted(in_flight.values()))}; {len(canceled)} of their Dagster runs had started, now marked "
               f"canceled)" if in_flight else "")
     print(f"\nspd-cluster: interrupted ({signal.Signals(signum).name}): canceled {len(in_flight)} member(s) in flight"
-          f"{flight} and {len(queued)} queued member(s); {len(done)} finished before", file=sys.stderr, flush=True)
+          f"{flight} and {len(queued)} queued member(s); {len(done)} finished before"
+          + (f"; canceled SLURM job(s) {', '.join(jobs)}" if jobs else ""), file=sys.stderr, flush=True)
     return INTERRUPTED_EXIT.get(signum, 130)

@@ -45,13 +45,19 @@ class RunOutcome:
 
 
 def prepare_instance() -> Path:
-    """`point_at_instance`, and make sure the instance exists with its settings and storage."""
+    """`point_at_instance`, and make sure the instance exists with its settings and storage (SQLite, or PostgreSQL
+    with `instance: postgres`)."""
     home = point_at_instance()
     home.mkdir(parents=True, exist_ok=True)
     template = TEMPLATE_HOME / "dagster.yaml"
     if not (home / "dagster.yaml").exists() and template.exists():
         shutil.copy(template, home / "dagster.yaml")
     from dagster import DagsterInstance
+
+    from spd_assets.defs.deployment import load_settings
+    from spd_assets.defs.instance_storage import configure_instance_storage
+
+    configure_instance_storage(home, load_settings(home))
 
     # Create the instance's storage once, here: parallel workers creating it together would race.
     with DagsterInstance.get():

@@ -48,7 +48,7 @@ from dagster import (
 
 from spd_assets.config import ExperimentConfig
 from spd_assets.defs import checks, steps
-from spd_assets.defs.deployment import DEVICE_POOL
+from spd_assets.defs.deployment import DEVICE_POOL, SlurmSettings
 from spd_assets.defs.io_managers import VALUE_TYPE_METADATA_KEY
 from spd_assets.defs.lineage import (
     CONFIG_HASH_METADATA_KEY,
@@ -125,14 +125,17 @@ class ExperimentAssets:
 
 
 def experiment_assets(
-    config: ExperimentConfig, members: list[str], *, device_op_tags: dict | None = None
+    config: ExperimentConfig, members: list[str], *, device_op_tags: dict | None = None,
+    slurm: SlurmSettings | None = None,
 ) -> ExperimentAssets:
     """The assets (with their checks) of one experiment whose ensemble members are `members` (partition keys).
 
     Steps that compute on a device (the merge) lease one from the device pool and belong to the
     Dagster concurrency pool `DEVICE_POOL`; `device_op_tags` go on those steps (e.g. Kubernetes GPU limits).
+    With `slurm`, the merge runs as a SLURM job instead (`spd_assets.defs.slurm`): no local device is
+    leased and the step is in no pool, since its device is on a node that SLURM allocates.
     """
-    build = _ExperimentAssetBuilder(config, members, device_op_tags)
+    build = _ExperimentAssetBuilder(config, members, device_op_tags, slurm)
     member_assets = [*([build.token_batches()] if build.has_token_batches else []),
                      build.component_activations(), build.merge_history()]
     ensemble_assets = [build.normalized_ensemble(), build.distance_matrices(), build.consensus_clusters(),
@@ -151,8 +154,10 @@ class _ExperimentAssetBuilder:
     """Builds each asset of one experiment: what they share (keys, partitions, outputs, lineage) and one method
     per step."""
 
-    def __init__(self, config: ExperimentConfig, members: list[str], device_op_tags: dict | None) -> None:
+    def __init__(self, config: ExperimentConfig, members: list[str], device_op_tags: dict | None,
+                 slurm: SlurmSettings | None = None) -> None:
         self.config = config
+        self.slurm = slurm
         self.name = config.name
         self.members = members
         self.partitions = StaticPartitionsDefinition(members)
@@ -296,23 +301,27 @@ class _ExperimentAssetBuilder:
                 "membership_spans": {self.key("merge_history")},
             },
             partitions_def=self.partitions,
-            required_resource_keys={self.source_key, DEVICE_POOL_KEY},
+            required_resource_keys={self.source_key, DEVICE_POOL_KEY, *([STORAGE_KEY] if self.slurm else [])},
             check_specs=history_checks,
-            pool=DEVICE_POOL,
-            op_tags=self.device_op_tags,
+            pool=None if self.slurm else DEVICE_POOL,
+            op_tags=None if self.slurm else self.device_op_tags,
         )
         def merge_history(context: AssetExecutionContext, activations: ProcessedActivations) -> Iterator:
             member = context.partition_key
-            pool: DevicePoolResource = getattr(context.resources, DEVICE_POOL_KEY)
-            with pool.lease(context, step_key=self.op_name("merge_history")) as lease:
-                context.log.info(f"leased {lease.device} after waiting {lease.waited_s:.1f} s")
-                merging = f"merging {activations.n_samples} samples x {activations.n_components} components"
-                with _retry_on_out_of_memory(lease.device, merging):
-                    result = steps.merge_history(activations, self.config, member, lease.torch_device)
-            history = result.value
-            context.log.info(f"merged {history.c_components} components over {history.n_iters} iterations "
-                             f"in {result.metadata['seconds']:.2f} s on {lease.device}")
-            result.metadata.update(device=lease.device, device_wait_seconds=round(lease.waited_s, 3))
+            if self.slurm:
+                result = self.merge_on_slurm(context, member)
+                history = result.value
+            else:
+                pool: DevicePoolResource = getattr(context.resources, DEVICE_POOL_KEY)
+                with pool.lease(context, step_key=self.op_name("merge_history")) as lease:
+                    context.log.info(f"leased {lease.device} after waiting {lease.waited_s:.1f} s")
+                    merging = f"merging {activations.n_samples} samples x {activations.n_components} components"
+                    with _retry_on_out_of_memory(lease.device, merging):
+                        result = steps.merge_history(activations, self.config, member, lease.torch_device)
+                history = result.value
+                context.log.info(f"merged {history.c_components} components over {history.n_iters} iterations "
+                                 f"in {result.metadata['seconds']:.2f} s on {lease.device}")
+                result.metadata.update(device=lease.device, device_wait_seconds=round(lease.waited_s, 3))
             yield from self.emit("merge_history", result,
                                  self.consumed(context, "component_activations", {member: activations}))
             yield checks.partition_sizes(history)
@@ -321,6 +330,33 @@ class _ExperimentAssetBuilder:
                 yield checks.planted_truth_recovered(history, source.planted_partition(history.labels))
 
         return merge_history
+
+    def merge_on_slurm(self, context: AssetExecutionContext, member: str) -> steps.StepResult:
+        """The member's merge as one SLURM job (`spd_assets.defs.slurm`): what it wrote, with the metadata it
+        reported over Pipes and its job id."""
+        from spd_assets.defs.remote_step import VALUE_FILE
+        from spd_assets.defs.slurm import SlurmStepClient
+
+        store = getattr(context.resources, STORAGE_KEY).store
+        folder = store.root / "slurm_jobs" / context.run_id / "merge_history"
+        extras = {"step": "merge_history", "member": member, "results_root": str(store.root),
+                  "experiment_config_json": self.config.canonical_json()}
+        job = SlurmStepClient(self.slurm).run(context, name=f"{self.name}-{member}-merge", folder=folder, extras=extras)
+        history_format = value_format(MergeHistory)
+        history = history_format.load(folder / f"{VALUE_FILE}{history_format.suffix}")
+        frames = {table: pl.read_parquet(folder / f"{table}.parquet") for table in ("merge_events", "membership_spans")}
+        # The IO managers store them where they belong; the job's folder keeps its logs only.
+        for staged in [folder / f"{VALUE_FILE}{history_format.suffix}", *(folder / f"{t}.parquet" for t in frames)]:
+            staged.unlink()
+        metadata = {}
+        for reported in job.reported:
+            if getattr(reported, "asset_key", None) == self.key("merge_history") and hasattr(reported, "metadata"):
+                metadata.update(reported.metadata or {})
+        metadata.update({"slurm_job_id": job.job_id, "slurm_seconds": round(job.seconds, 3),
+                         "slurm_queued_seconds": round(job.queued_seconds, 3)})
+        context.log.info(f"SLURM job {job.job_id}: merged {history.c_components} components over {history.n_iters} "
+                         f"iterations; {job.seconds:.1f} s from submission to results")
+        return steps.StepResult(history, frames, metadata)
 
     def normalized_ensemble(self) -> AssetsDefinition:
         key = self.key

@@ -41,7 +41,8 @@ logger = logging.getLogger("spd_cluster")
 def experiment_definitions(config: ExperimentConfig, settings: DeploymentSettings) -> Definitions:
     """The assets, checks, jobs and activation source of one experiment."""
     members = source_for(config.source).member_keys()
-    assets = experiment_assets(config, members, device_op_tags=device_op_tags(settings))
+    assets = experiment_assets(config, members, device_op_tags=device_op_tags(settings),
+                               slurm=settings.slurm if settings.executor == "slurm" else None)
     return Definitions(
         assets=assets.assets,
         jobs=experiment_jobs(config.name, assets),

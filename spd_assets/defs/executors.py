@@ -10,8 +10,9 @@ from spd_assets.defs.deployment import DeploymentSettings
 def executor_for(settings: DeploymentSettings) -> ExecutorDefinition:
     """in_process (default: each run is a process of its own, one per member, and its steps run in it),
     multiprocess (each step in a process of its own too, at the price of starting Python, torch and Dagster
-    per step; a run may still pick in_process in its run config), or k8s (one pod per step)."""
-    if settings.executor == "in_process":
+    per step; a run may still pick in_process in its run config), k8s (one pod per step), or slurm (the run's
+    steps in its process, as in_process; its device step submits a SLURM job and waits for it)."""
+    if settings.executor in ("in_process", "slurm"):
         return in_process_executor
     if settings.executor == "k8s":
         from dagster_k8s import k8s_job_executor  # the optional `k8s` extra
