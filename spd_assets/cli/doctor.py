@@ -5,7 +5,8 @@ Dagster's event log is the source of truth; the doctor brings the rest in line w
 
 1. a `run --replace` cut short: finished (its journal says what was being removed);
 2. runs in flight whose process is gone: marked failed, their pool slots freed, as are slots
-   still held by finished runs;
+   still held by finished runs; with SLURM, runs in flight whose job is gone are marked failed too,
+   and jobs working for runs that are over are canceled;
 3. temporary files of writers that were killed: removed;
 4. per experiment (once no run is in flight, since a live step may have written a file Dagster has not
    recorded yet), each asset's latest materialization against its file:
@@ -50,6 +51,7 @@ from spd_assets.defs.lineage import (
     materialization_records,
     recorded_materializations,
 )
+from spd_assets.defs.slurm import examine_slurm_jobs
 from spd_assets.errors import SpdClusterError
 from spd_assets.sources import source_for
 from spd_assets.storage.atomic import leftover_temporaries
@@ -235,6 +237,9 @@ def examine(store: ResultsStore, instance: DagsterInstance, *, repair: bool,
         findings.append(Finding(f"run {dead.run_id[:8]} is {dead.status.value} but its {dead.how_known} "
                                 f"(pid {dead.pid}) is gone",
                                 "marked it failed and freed its pool slots" if repair else "would mark it failed"))
+    slurm_problems = examine_slurm_jobs(instance, repair=repair) if load_settings().executor == "slurm" else []
+    for slurm_problem in slurm_problems:
+        findings.append(Finding(slurm_problem.problem, slurm_problem.repair))
     storage = instance.event_log_storage
     if storage.supports_global_concurrency_limits and (holders := storage.get_concurrency_run_ids()):
         for run in instance.get_runs(filters=RunsFilter(run_ids=list(holders), statuses=FINISHED)):

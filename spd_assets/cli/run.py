@@ -194,7 +194,7 @@ def _stop_after_interruption(workers: Workers, invocation: str, signum: int, mem
     with DagsterInstance.get() as instance:
         canceled = cancel_runs_of(instance, invocation, set(in_flight))
     # The workers' own clean-up never ran (SIGKILL): the SLURM jobs of their runs are canceled here.
-    jobs = cancel_jobs_of(canceled)
+    jobs = cancel_jobs_of(canceled) if load_settings().executor == "slurm" else []
     done = {outcome.label for outcome in finished}
     queued = [m for m in members if m not in done and m not in in_flight.values()]
     # A member just handed to a worker may have no Dagster run yet: members and runs are counted apart.

@@ -25,6 +25,8 @@ from pathlib import Path
 
 from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, DefaultRunLauncher, RunsFilter
 
+from spd_assets.defs.slurm import SLURM_JOB_TAG, cancel_jobs_of
+
 RUN_TAG_HOST = "spd_cluster/host"
 RUN_TAG_PID = "spd_cluster/pid"
 # Statuses in which a run may hold pool slots or still be expected to finish.
@@ -123,6 +125,8 @@ def reap_dead_runs(instance: DagsterInstance, *, reaper: str) -> list[DeadRun]:
         else:
             instance.report_run_failed(run, f"Failed: {message}")
         free_pool_slots(instance, dead.run_id)
+        if SLURM_JOB_TAG in run.tags:  # the SLURM job the dead process was waiting for would otherwise run on
+            cancel_jobs_of([dead.run_id])
         reaped.append(dead)
     return reaped
 

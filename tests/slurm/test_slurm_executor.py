@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import polars as pl
-import pytest
 import yaml
 from dagster import DagsterEventType, DagsterRunStatus, RunsFilter
 
@@ -102,3 +101,73 @@ def test_default_experiment_on_slurm_and_postgres_equals_a_local_run(tmp_path, s
         for name in ("merge_events", "membership_spans"):
             assert table(remote_home, name, member).equals(table(local_home, name, member)), (name, member)
     assert table(remote_home, "distances", None).equals(table(local_home, "distances", None))
+
+
+# Merges that take seconds (200 iterations of 880 components), so a job can be caught running.
+SLOW_SOURCE = {"kind": "synthetic", "n_members": 3, "batch_size": 48,
+               "params": {"n_layers": 2, "modules": ["attn.q", "mlp.up", "mlp.down"],
+                          "components_per_module": [150, 180], "n_planted_groups": 6, "group_size": [2, 4],
+                          "seq_len": 64}}
+
+
+def slow_config(tmp_path: Path, name: str = "slow") -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"name": name, "source": SLOW_SOURCE, "merge_config": {"iters": 200}}))
+    return path
+
+
+def merging_jobs(home: Path, cluster) -> list[str]:
+    """Ids of the jobs whose remote step has started merging (its Pipes messages say so)."""
+    started = []
+    for messages in (home / "spd_cluster" / "slurm_jobs").glob("*/merge_history/pipes_messages.jsonl"):
+        if "merging" in messages.read_text():
+            started += [path.stem.removeprefix("slurm-") for path in messages.parent.glob("slurm-*.err")]
+    queued = set(cluster.queue())
+    return [job for job in started if job in queued]
+
+
+def test_a_job_canceled_mid_merge_fails_its_member_with_the_reason_and_a_rerun_completes(tmp_path, slurm_cluster):
+    home = slurm_home(tmp_path / "home")
+    config = slow_config(tmp_path)
+    process = cli(home, "run", "--config", str(config), "--members", "member_000")
+    (job,) = wait_for(lambda: merging_jobs(home, slurm_cluster), TIMEOUT_S, "the member's job to start merging")
+    slurm_cluster.run("scancel", job)
+    output = finish(process)
+    assert process.returncode == 1, output
+    assert "FAILED member_000" in output, output
+    assert f"SLURM job {job} (spd-slow-member_000-merge) ended CANCELLED" in output, output
+    assert "the tail of its stderr" in output and "CANCELLED" in output.split("the tail of its stderr", 1)[1], output
+    assert slurm_cluster.queue() == []
+
+    rerun = cli(home, "run", "--config", str(config), "--members", "member_000")
+    output = finish(rerun)
+    assert rerun.returncode == 0, output
+    assert "1/1 members" in output
+    assert table_of(home, "slow", "merge_events", "member_000")["iteration"].max() == 199
+
+
+def table_of(home: Path, experiment: str, name: str, part: str | None) -> pl.DataFrame:
+    return pl.read_parquet(store_at(home).table_file(name, experiment, part))
+
+
+def test_a_job_that_fails_on_its_node_fails_its_member_with_its_stderr(tmp_path, slurm_cluster):
+    home = slurm_home(tmp_path / "home", python="/nonexistent/bin/python3")
+    process = cli(home, "run", *SMALL_DEFAULT, "--members", "member_000")
+    output = finish(process)
+    assert process.returncode == 1, output
+    assert "ended FAILED" in output and "exit code 127" in output, output
+    assert "/nonexistent/bin/python3" in output, output  # bash's "No such file or directory", from the job's stderr
+
+
+def test_ctrl_c_of_the_command_line_cancels_every_job(tmp_path, slurm_cluster):
+    home = slurm_home(tmp_path / "home")
+    process = cli(home, "run", "--config", str(slow_config(tmp_path)))
+    wait_for(lambda: merging_jobs(home, slurm_cluster), TIMEOUT_S, "a member's job to start merging")
+    before = slurm_cluster.queue()
+    process.send_signal(signal.SIGINT)
+    output = finish(process)
+    assert process.returncode == 130, output
+    assert "canceled SLURM job(s)" in output, output
+    wait_for(lambda: slurm_cluster.queue() == [], 60, f"the jobs {before} to leave the queue")
+    with instance_at(home) as instance:
+        assert not instance.get_runs(filters=RunsFilter(statuses=[DagsterRunStatus.STARTED]))
