@@ -168,6 +168,7 @@ class LoadedConfig:
     files: list[Path]
     not_used: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    slurm: dict[str, str] = field(default_factory=dict)  # deployment `slurm:` settings (an original pipeline's)
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> ExperimentConfig:
@@ -195,7 +196,8 @@ def load_config_file(path: str | Path | None, overrides: list[str] = ()) -> Load
     config = config.model_copy(update={"source": config.source.resolved(base.resolve())})
     if translation is None:
         return LoadedConfig(config, original_configs.SHAPE_EXPERIMENT, [path])
-    return LoadedConfig(config, translation.shape, translation.files, translation.not_used, translation.notes)
+    return LoadedConfig(config, translation.shape, translation.files, translation.not_used, translation.notes,
+                        translation.slurm)
 
 
 def dump_config(config: ExperimentConfig) -> str:

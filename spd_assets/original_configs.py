@@ -10,7 +10,10 @@ Three shapes, each translated into the values of an `ExperimentConfig` with an `
 - **older flat run config**: the merge keys at top level, `n_batches` (the ensemble size),
   `task_name`, `pop_component_prob`, `rank_cost_fn_name`, ...
 
-Keys for wandb, logging intervals, SLURM and git snapshots are accepted and listed as not used.
+Keys for wandb, logging intervals and git snapshots are accepted and listed as not used. The
+pipeline's `slurm_partition` and `slurm_job_name_prefix` are deployment settings here: they set
+the partition and job names of the SLURM jobs when members run on SLURM (`executor: slurm`, or
+`spd-clustering --no-local`), and do not change the experiment (its config hash).
 `pop_component_prob` must be 0 and `rank_cost_fn_name` `const_1` (the math implemented here);
 `matching_dist_vec` is `matching_dist` (the same distances, computed another way). Member `i`
 draws its batch with seed `dataset_seed + i`, as the original's ensemble runs do, and `seq_mode`
@@ -21,7 +24,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,11 +42,13 @@ MERGE_KEYS = (
     "activation_threshold", "alpha", "iters", "merge_pair_sampling_method", "merge_pair_sampling_kwargs",
     "filter_dead_threshold", "module_name_filter",
 )
-# Original keys that configure wandb, logging, SLURM or git: accepted, with no meaning here.
+# Original keys that configure wandb, logging or git: accepted, with no meaning here.
 NOT_USED_KEYS = frozenset({
     "ensemble_id", "logging_intervals", "wandb_project", "wandb_entity", "wandb_enabled", "intervals",
-    "slurm_job_name_prefix", "slurm_partition", "create_git_snapshot",
+    "create_git_snapshot",
 })
+# The pipeline's SLURM keys -> the deployment's `slurm:` settings they set.
+SLURM_KEYS = {"slurm_partition": "partition", "slurm_job_name_prefix": "job_name_prefix"}
 RUN_KEYS = frozenset({
     "model_path", "experiment_key", "batch_size", "dataset_seed", "ensemble_id", "merge_config",
     "logging_intervals", "wandb_project", "wandb_entity", "dataset_streaming",
@@ -73,6 +78,7 @@ class Translation:
     files: list[Path]
     not_used: list[str]
     notes: list[str]
+    slurm: dict[str, str] = field(default_factory=dict)  # deployment `slurm:` settings the config sets
 
 
 def read_values(path: Path) -> Any:
@@ -225,8 +231,9 @@ def _pipeline(values: dict[str, Any], path: Path) -> Translation:
     notes = [*run.notes, *(f"distances_methods: {alias} is computed as {DISTANCE_ALIASES[alias]}"
                             for alias in methods if alias in DISTANCE_ALIASES)]
     experiment = {**run.values, "name": experiment_name(path), "distance_methods": translated}
+    slurm = {setting: str(values[key]) for key, setting in SLURM_KEYS.items() if values.get(key) is not None}
     return Translation(experiment, SHAPE_PIPELINE, run.base, [path, run_path],
-                       [*not_used, *(f"{run_path.name}: {key}" for key in run.not_used)], notes)
+                       [*not_used, *(f"{run_path.name}: {key}" for key in run.not_used)], notes, slurm)
 
 
 def _flat(values: dict[str, Any], path: Path) -> Translation:

@@ -4,22 +4,26 @@
 
 `--config` takes the original's pipeline config (or any config `spd-cluster run` takes);
 `--n-runs` sets the ensemble size and `--distances-methods` the distance methods, as in the
-original. Flags for wandb, SLURM and the original's local parallelism are accepted and reported
-as not used: members always run here as Dagster runs, as many at once as there are devices.
+original. `--no-local` submits each member's merge to SLURM, as the original did (this
+invocation runs with `executor: slurm`; the pipeline's `slurm_partition` and
+`slurm_job_name_prefix` name the partition and jobs); `--local` runs members here even where
+the deployment says slurm. Flags for wandb and the original's local parallelism are accepted and
+reported as not used: members run as Dagster runs, as many at once as there are devices.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from spd_assets.original_configs import DISTANCE_ALIASES
 
 # The original's flags that have no meaning here (wandb logging, SLURM submission, its own process pools).
-NOT_USED_FLAGS = ("wandb_project", "wandb_entity", "local", "local_clustering_parallel",
-                  "local_calc_distances_parallel", "track_resources_calc_distances")
+NOT_USED_FLAGS = ("wandb_project", "wandb_entity", "local_clustering_parallel", "local_calc_distances_parallel",
+                  "track_resources_calc_distances")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -35,7 +39,8 @@ def parser() -> argparse.ArgumentParser:
     arguments.add_argument("--wandb-project", default=None, help="not used here (no wandb logging)")
     arguments.add_argument("--wandb-entity", default=None, help="not used here")
     arguments.add_argument("--local", action=argparse.BooleanOptionalAction, default=None,
-                           help="not used here: members always run locally, as Dagster runs")
+                           help="--no-local: submit each member's merge to SLURM (executor slurm); --local: run "
+                                "members on this machine (default: the deployment's executor)")
     arguments.add_argument("--local-clustering-parallel", action="store_true", help="not used here: members run in "
                            "parallel up to the number of devices")
     arguments.add_argument("--local-calc-distances-parallel", action="store_true", help="not used here")
@@ -59,6 +64,12 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append("source.dataset_streaming=true")
     given = [flag for flag in NOT_USED_FLAGS if getattr(args, flag) not in (None, False)]
     from spd_assets.cli.run import run_config_file
+    from spd_assets.defs.deployment import EXECUTOR_ENV, load_settings
+
+    if args.local is False:
+        os.environ[EXECUTOR_ENV] = "slurm"  # this invocation's worker processes inherit it
+    elif args.local and load_settings().executor == "slurm":
+        os.environ[EXECUTOR_ENV] = "in_process"
 
     return run_config_file(args.config, overrides, program="spd-clustering",
                            not_used_flags=[f"--{flag.replace('_', '-')}" for flag in given])

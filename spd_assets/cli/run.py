@@ -1,5 +1,6 @@
 """`spd-cluster run`: materialize an experiment through Dagster, one run per member, then the ensemble."""
 
+import os
 import signal
 import sys
 import time
@@ -22,7 +23,7 @@ from spd_assets.cli.validate import describe_loaded, storage_of
 from spd_assets.cli.workers import RunTask, Workers
 from spd_assets.config import ExperimentConfig, load_config_file
 from spd_assets.defs.dead_runs import reap_dead_runs
-from spd_assets.defs.deployment import DEVICE_POOL, load_settings
+from spd_assets.defs.deployment import DEVICE_POOL, SLURM_SETTING_ENVS, load_settings
 from spd_assets.defs.devices import leases_at_once
 from spd_assets.defs.home import PROJECT_ROOT, results_store
 from spd_assets.defs.jobs import ensemble_job_name, members_job_name
@@ -87,6 +88,9 @@ def run_config_file(path, overrides: list[str], *, parallel: int | None = None, 
         return 2
     for line in describe_loaded(loaded):
         print(line)
+    # An original pipeline's SLURM keys: for this invocation's jobs (its worker processes inherit them).
+    for setting, value in loaded.slurm.items():
+        os.environ[SLURM_SETTING_ENVS[setting]] = value
     if not_used_flags:
         print(f"  flags not used here: {' '.join(not_used_flags)}")
     try:

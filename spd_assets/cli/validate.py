@@ -29,7 +29,10 @@ def describe_loaded(loaded: LoadedConfig) -> list[str]:
     lines = [f"config: {loaded.files[0]} ({loaded.shape})" if loaded.files else f"config: {loaded.shape}"]
     lines += [f"  reads {path}" for path in loaded.files[1:]]
     if loaded.not_used:
-        lines.append(f"  not used here (wandb, logging, SLURM, git): {', '.join(loaded.not_used)}")
+        lines.append(f"  not used here (wandb, logging, git): {', '.join(loaded.not_used)}")
+    if loaded.slurm:
+        lines.append("  SLURM jobs (when members run on SLURM): "
+                     + ", ".join(f"{key}={value}" for key, value in loaded.slurm.items()))
     lines += [f"  note: {note}" for note in loaded.notes]
     return lines
 

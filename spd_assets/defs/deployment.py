@@ -26,6 +26,8 @@ EXECUTOR_ENV = "SPD_CLUSTER_EXECUTOR"
 DEVICES_ENV = "SPD_CLUSTER_DEVICES"
 INSTANCE_ENV = "SPD_CLUSTER_INSTANCE"
 POSTGRES_URL_ENV = "SPD_CLUSTER_POSTGRES_URL"
+# `slurm:` settings an invocation may override (an original pipeline config's slurm_partition, slurm_job_name_prefix).
+SLURM_SETTING_ENVS = {"partition": "SPD_CLUSTER_SLURM_PARTITION", "job_name_prefix": "SPD_CLUSTER_SLURM_JOB_NAME_PREFIX"}
 # The Dagster concurrency pool of every step that leases a device.
 DEVICE_POOL = "spd_devices"
 
@@ -134,6 +136,9 @@ def load_settings(home: Path | None = None) -> DeploymentSettings:
     if os.environ.get(DEVICES_ENV):
         raw = os.environ[DEVICES_ENV].strip()
         values["devices"] = raw if raw == "auto" else [name.strip() for name in raw.split(",") if name.strip()]
+    for setting, variable in SLURM_SETTING_ENVS.items():
+        if os.environ.get(variable):
+            values["slurm"] = {**(values.get("slurm") or {}), setting: os.environ[variable]}
     if os.environ.get(INSTANCE_ENV):
         values["instance"] = os.environ[INSTANCE_ENV]
     if os.environ.get(POSTGRES_URL_ENV):

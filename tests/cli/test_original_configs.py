@@ -33,8 +33,9 @@ def test_a_pipeline_config_reads_its_run_config_from_the_repository_root():
     assert config.name == "pipeline"
     assert config.distance_methods == ("perm_invariant_hamming", "matching_dist")  # matching_dist_vec is matching_dist
     assert config.merge.iters == 20 and config.merge.activation_threshold == 0.01
-    assert set(loaded.not_used) >= {"slurm_partition", "create_git_snapshot", "wandb_project",
-                                    "resid_mlp_run.json: logging_intervals"}
+    assert set(loaded.not_used) >= {"create_git_snapshot", "wandb_project", "resid_mlp_run.json: logging_intervals"}
+    assert "slurm_partition" not in loaded.not_used  # it names the partition of the members' SLURM jobs
+    assert loaded.slurm == {"partition": "h200-reserved", "job_name_prefix": "spd"}
 
 
 def test_run_and_flat_configs_translate_as_the_original_reads_them():
@@ -59,7 +60,7 @@ def test_run_and_flat_configs_translate_as_the_original_reads_them():
     ("crc/lm_run.yaml", ["experiment_key=ss_llama_simple_mlp", "sampler mcmc {'temperature': 0.5}",
                          "module_name_filter='model.layers.0.'"]),
     ("flat_run.yaml", ["original flat run config", "ensemble     4 members", "seq_mode=None",
-                       "not used here (wandb, logging, SLURM, git): intervals, wandb_enabled, wandb_project"]),
+                       "not used here (wandb, logging, git): intervals, wandb_enabled, wandb_project"]),
 ])
 def test_validate_says_what_would_run(capsys, name, expected):
     assert main(["validate", "--config", str(ORIGINAL / name)]) == 0
@@ -132,7 +133,7 @@ def test_spd_clustering_runs_what_spd_cluster_runs(tmp_path):
         env={**os.environ, "DAGSTER_HOME": str(home)}, capture_output=True, text=True, timeout=600,
     )
     assert process.returncode == 0, process.stdout + process.stderr
-    assert "flags not used here: --wandb-project --local --local-clustering-parallel" in process.stdout
+    assert "flags not used here: --wandb-project --local-clustering-parallel" in process.stdout
     assert "2/2 members" in process.stdout
     with connect_read_only(store_at(home)) as connection:
         methods = connection.execute(

@@ -171,3 +171,21 @@ def test_ctrl_c_of_the_command_line_cancels_every_job(tmp_path, slurm_cluster):
     wait_for(lambda: slurm_cluster.queue() == [], 60, f"the jobs {before} to leave the queue")
     with instance_at(home) as instance:
         assert not instance.get_runs(filters=RunsFilter(statuses=[DagsterRunStatus.STARTED]))
+
+
+def test_spd_clustering_no_local_submits_to_slurm_with_the_pipeline_partition_and_prefix(tmp_path, slurm_cluster):
+    home = make_home(tmp_path / "home")  # the deployment says in_process: --no-local alone sends members to SLURM
+    config = tmp_path / "synthetic.yaml"
+    config.write_text(yaml.safe_dump({"name": "via_original_cli", "source": {**SLOW_SOURCE, "batch_size": 8},
+                                      "merge_config": {"iters": 10}}))
+    # What an original pipeline config's slurm_partition and slurm_job_name_prefix set for the invocation.
+    environment = {**os.environ, "DAGSTER_HOME": str(home), "SPD_CLUSTER_SLURM_PARTITION": slurm_cluster.partition,
+                   "SPD_CLUSTER_SLURM_JOB_NAME_PREFIX": "orig-"}
+    process = subprocess.run([sys.executable, "-m", "spd_assets.cli.original", "--config", str(config), "--n-runs", "1",
+                              "--no-local"], env=environment, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert process.returncode == 0, process.stdout + process.stderr
+    assert "executor slurm" in process.stdout and "1/1 members" in process.stdout
+    with instance_at(home) as instance:
+        (run,) = [run for run in instance.get_runs() if run.tags.get("dagster/partition")]
+        logs = " ".join(entry.user_message for entry in instance.all_logs(run.run_id))
+        assert f"submitted SLURM job {run.tags[SLURM_JOB_TAG]} (orig-via_original_cli-member_000-merge)" in logs
