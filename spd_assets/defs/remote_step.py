@@ -30,6 +30,15 @@ def node_device() -> torch.device:
     return torch.device("cuda:0") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def allocated_cpus() -> int | None:
+    """The CPUs SLURM allocated to this job on this node (other jobs may share the node's other cores)."""
+    for variable in ("SLURM_CPUS_PER_TASK", "SLURM_CPUS_ON_NODE"):
+        value = os.environ.get(variable, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return None
+
+
 def pipes_metadata(metadata: dict) -> dict:
     """Step metadata as Pipes metadata values (Markdown and figures rendered as Markdown, lists as JSON)."""
     from spd_assets.defs import steps
@@ -72,6 +81,9 @@ def run_remote_step(pipes) -> None:
     store = ResultsStore(Path(extras["results_root"]))
     output = Path(extras["output_folder"])
     device = node_device()
+    cpus = allocated_cpus()
+    if device.type == "cpu" and cpus is not None:
+        torch.set_num_threads(cpus)  # torch's default, every core of the node, would contend with the node's other jobs
     input_asset, value_asset = REMOTE_STEPS[step]
     activations_format = value_format(ProcessedActivations)
     activations = activations_format.load(store.value_path(config.name, input_asset, member, activations_format.suffix))

@@ -112,9 +112,9 @@ class SlurmCluster:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def start_slurm(cpus: int = 4, memory_mb: int = 8000) -> SlurmCluster:
-    """A private munged, slurmctld and slurmd on this host; `cpus` CPUs are declared (more than the machine's
-    cores is allowed: jobs of the tests are small)."""
+def start_slurm(cpus: int | None = None, memory_mb: int = 8000) -> SlurmCluster:
+    """A private munged, slurmctld and slurmd on this host with `cpus` CPUs (default: this machine's cores)."""
+    cpus = cpus or os.cpu_count() or 1
     # munged insists that every folder above its socket be searchable by all, so not pytest's 0700 tmp folders.
     root = Path(tempfile.mkdtemp(prefix="spd-slurm-"))
     root.chmod(0o755)

@@ -102,6 +102,15 @@ def test_default_experiment_on_slurm_and_postgres_equals_a_local_run(tmp_path, s
             assert table(remote_home, name, member).equals(table(local_home, name, member)), (name, member)
     assert table(remote_home, "distances", None).equals(table(local_home, "distances", None))
 
+    # The code location, with this experiment registered, validates with executor slurm on the PostgreSQL instance.
+    environment = {**os.environ, "DAGSTER_HOME": str(remote_home)}
+    environment.pop("SPD_CLUSTER_EXECUTOR", None)
+    validated = subprocess.run([sys.executable, "-m", "dagster", "definitions", "validate", "-w",
+                                str(ROOT / "workspace.yaml")], cwd=ROOT, env=environment, capture_output=True,
+                               text=True, timeout=300)
+    assert validated.returncode == 0 and "passed validation" in validated.stdout + validated.stderr, (
+        validated.stdout + validated.stderr)
+
 
 # Merges that take seconds (200 iterations of 880 components), so a job can be caught running.
 SLOW_SOURCE = {"kind": "synthetic", "n_members": 3, "batch_size": 48,
