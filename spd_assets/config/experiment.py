@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import re
@@ -131,13 +132,41 @@ class ExperimentConfig(_Strict):
         return (self.base_seed * 1_000_003 + zlib.crc32(partition_key.encode())) % 2**63
 
 
+def _model_at(loc: list[str]) -> type[BaseModel] | None:
+    """The config model whose keys sit at `loc` (an error's location, the source's kind included), or None."""
+    model: type[BaseModel] | None = ExperimentConfig
+    parts = list(loc)
+    while parts and model is not None:
+        part = parts.pop(0)
+        if model is ExperimentConfig and part == "source":
+            model = SOURCE_CONFIGS.get(parts.pop(0)) if parts else None
+            continue
+        field = model.model_fields.get(part)
+        annotation = field.annotation if field is not None else None
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return model
+
+
 def _describe(error: ValidationError) -> str:
+    """Each problem on a line: the key as written in the file (`source.n_members`), what was wrong, and for an
+    unknown key the known keys it may have meant."""
     lines = []
     for problem in error.errors():
-        where = ".".join(str(part) for part in problem["loc"]) or "(top level)"
+        loc = [str(part) for part in problem["loc"]]
+        # The discriminated union adds the source's kind to the path (source.synthetic.n_members): not a key.
+        written = [part for index, part in enumerate(loc) if not (index == 1 and loc[0] == "source" and part in SOURCE_CONFIGS)]
+        where = ".".join(written) or "(top level)"
         message = problem["msg"].removeprefix("Value error, ")
         value = problem.get("input")
         shown = "" if isinstance(value, dict) or problem["type"] == "missing" else f" (got {value!r})"
+        if problem["type"] == "extra_forbidden":
+            model = _model_at(loc[:-1])
+            known = sorted(model.model_fields) if model is not None else []
+            close = difflib.get_close_matches(loc[-1], known, n=1)
+            message = f"unknown key {loc[-1]!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+            if known:
+                message += f" (keys here: {', '.join(known)})"
+            shown = ""
         lines.append(f"  {where}: {message}{shown}")
     return "\n".join(lines)
 
