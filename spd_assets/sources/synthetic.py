@@ -170,5 +170,11 @@ class SyntheticSource(ActivationSource[SyntheticSourceConfig]):
     def load_batch(self, member: str, seed: int) -> dict[str, torch.Tensor]:
         return generate_batch(self.model, seed=seed, batch_size=self.config.batch_size)
 
+    def module_widths(self) -> dict[str, int]:
+        return dict(self.model.module_sizes)
+
+    def activation_dims(self) -> tuple[int, int]:
+        return (self.config.batch_size, self.model.params.seq_len)
+
     def planted_partition(self, labels: list[str]) -> np.ndarray:
         return self.model.planted_partition(labels)
