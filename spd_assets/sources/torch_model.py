@@ -216,7 +216,24 @@ def _captured_outputs(model: nn.Module, module_names: Sequence[str], ids: torch.
 
 
 class TorchSource(ModelSource[TorchSourceConfig]):
-    """Outputs of chosen modules of a torch model on member batches of text windows."""
+    """Outputs of chosen modules of a torch model on member batches of text windows.
+
+    Parameters
+    ----------
+    config : TorchSourceConfig
+        `model` (a Hugging Face directory or `package.module:factory`), `modules` (glob patterns over its named
+        modules), `text`, `seq_len`, `batch_size`, `n_members`, `chunk_size`, `memory_budget_gb`.
+
+    Examples
+    --------
+    >>> from spd_assets.config.sources import TorchSourceConfig
+    >>> from spd_assets.sources import TorchSource
+    >>> source = TorchSource(TorchSourceConfig(model="./models/minilm", modules=["encoder.layer.*.intermediate.dense"],
+    ...                                        text="./corpus.txt", n_members=2))  # doctest: +SKIP
+    >>> source.check()  # loads the model and the text; raises SourceError naming what is wrong  # doctest: +SKIP
+    >>> source.module_widths()["encoder.layer.0.intermediate.dense"]  # doctest: +SKIP
+    1536
+    """
 
     kind = "torch"
     config_type = TorchSourceConfig
