@@ -62,6 +62,7 @@ def _logger_class_kept() -> Iterator[None]:
 
 
 def spd_available() -> bool:
+    """Whether the `spd` package is importable here."""
     try:
         with _logger_class_kept():
             import spd.models.component_model  # noqa: F401

@@ -47,6 +47,8 @@ MODELS_EXTRA = "pip install 'spd-cluster[models]' (or pip install transformers)"
 
 @dataclass(frozen=True)
 class LoadedModel:
+    """A loaded model, in eval mode, and its tokenizer (None: token-id input only)."""
+
     model: nn.Module
     tokenizer: Any | None  # a Hugging Face tokenizer, or None (token-id input only)
 
@@ -124,11 +126,13 @@ def match_modules(model: nn.Module, patterns: Sequence[str]) -> list[str]:
 
 
 def max_positions(model: nn.Module) -> int | None:
+    """The longest sequence the model's config allows, or None when it does not say."""
     config = getattr(model, "config", None)
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
 def vocab_size(model: nn.Module) -> int | None:
+    """The number of token ids the model's input embeddings take, or None when it has none."""
     get_embeddings = getattr(model, "get_input_embeddings", None)
     embeddings = get_embeddings() if callable(get_embeddings) else None
     return getattr(embeddings, "num_embeddings", None)
