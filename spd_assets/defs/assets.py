@@ -332,7 +332,7 @@ class _ExperimentAssetBuilder:
         store = getattr(context.resources, STORAGE_KEY).store
         folder = store.root / "slurm_jobs" / context.run_id / "merge_history"
         extras = {"step": "merge_history", "member": member, "results_root": str(store.root),
-                  "experiment_config_json": self.config.canonical_json()}
+                  "experiment_config_json": self.config.canonical_json}
         job = SlurmStepClient(self.slurm).run(context, name=f"{self.name}-{member}-merge", folder=folder, extras=extras)
         history_format = value_format(MergeHistory)
         history = history_format.load(folder / f"{VALUE_FILE}{history_format.suffix}")

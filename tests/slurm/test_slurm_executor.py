@@ -135,11 +135,22 @@ def merging_jobs(home: Path, cluster) -> list[str]:
     return [job for job in started if job in queued]
 
 
+def wait_for_merging(home: Path, cluster, process: subprocess.Popen) -> list[str]:
+    """The jobs merging once one is; fails at once, with its output, if the command line ends first."""
+    def merging():
+        if process.poll() is not None:
+            raise AssertionError(f"the command line ended ({process.returncode}) before a job merged:\n"
+                                 f"{process.stdout.read()[-3000:]}")
+        return merging_jobs(home, cluster)
+
+    return wait_for(merging, TIMEOUT_S, "a member's job to start merging")
+
+
 def test_a_job_canceled_mid_merge_fails_its_member_with_the_reason_and_a_rerun_completes(tmp_path, slurm_cluster):
     home = slurm_home(tmp_path / "home")
     config = slow_config(tmp_path)
     process = cli(home, "run", "--config", str(config), "--members", "member_000")
-    (job,) = wait_for(lambda: merging_jobs(home, slurm_cluster), TIMEOUT_S, "the member's job to start merging")
+    (job,) = wait_for_merging(home, slurm_cluster, process)
     slurm_cluster.run("scancel", job)
     output = finish(process)
     assert process.returncode == 1, output
@@ -171,7 +182,7 @@ def test_a_job_that_fails_on_its_node_fails_its_member_with_its_stderr(tmp_path,
 def test_ctrl_c_of_the_command_line_cancels_every_job(tmp_path, slurm_cluster):
     home = slurm_home(tmp_path / "home")
     process = cli(home, "run", "--config", str(slow_config(tmp_path)))
-    wait_for(lambda: merging_jobs(home, slurm_cluster), TIMEOUT_S, "a member's job to start merging")
+    wait_for_merging(home, slurm_cluster, process)
     before = slurm_cluster.queue()
     process.send_signal(signal.SIGINT)
     output = finish(process)
@@ -198,3 +209,30 @@ def test_spd_clustering_no_local_submits_to_slurm_with_the_pipeline_partition_an
         (run,) = [run for run in instance.get_runs() if run.tags.get("dagster/partition")]
         logs = " ".join(entry.user_message for entry in instance.all_logs(run.run_id))
         assert f"submitted SLURM job {run.tags[SLURM_JOB_TAG]} (orig-via_original_cli-member_000-merge)" in logs
+
+
+def test_doctor_fails_a_run_whose_job_is_gone(tmp_path, slurm_cluster, monkeypatch):
+    from spd_assets.cli.doctor import examine
+    from spd_assets.defs import slurm
+    from spd_assets.defs.dead_runs import RUN_TAG_HOST
+
+    home = slurm_home(tmp_path / "home")
+    process = cli(home, "run", "--config", str(slow_config(tmp_path)), "--members", "member_000")
+    (job,) = wait_for_merging(home, slurm_cluster, process)
+    process.kill()  # its worker dies with it (parent-death signal); the run stays STARTED
+    process.communicate()
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    monkeypatch.delenv("SPD_CLUSTER_EXECUTOR", raising=False)
+    with instance_at(home) as instance:
+        (run,) = instance.get_runs(filters=RunsFilter(statuses=[DagsterRunStatus.STARTED]))
+        # As if the run's process lived on another host: its pid cannot be checked here, only its job.
+        instance.add_run_tags(run.run_id, {RUN_TAG_HOST: "another-host"})
+        assert not any(job in finding.problem for finding in examine(store_at(home), instance, repair=False))
+        slurm_cluster.run("scancel", job)
+        wait_for(lambda: job not in slurm_cluster.queue(), 60, f"job {job} to leave the queue")
+        monkeypatch.setattr(slurm, "GONE_JOB_GRACE_S", 0.0)
+        findings = examine(store_at(home), instance, repair=True)
+        (gone,) = [finding for finding in findings if f"SLURM job {job}" in finding.problem]
+        assert gone.problem == f"run {run.run_id[:8]} is STARTED but its SLURM job {job} ended CANCELLED"
+        assert gone.repair == "marked it failed"
+        assert instance.get_run_by_id(run.run_id).status == DagsterRunStatus.FAILURE
