@@ -44,19 +44,23 @@ DONE_FILE = "done.json"
 STDERR_TAIL_LINES = 30
 # States in which a job is over (https://slurm.schedmd.com/squeue.html#SECTION_JOB-STATE-CODES).
 SUCCEEDED = {"COMPLETED"}
-TRANSIENT = {"PREEMPTED", "NODE_FAIL", "BOOT_FAIL", "REQUEUED"}
+# A requeued job (REQUEUED, then PENDING again) is not over: it is waited for.
+TRANSIENT = {"PREEMPTED", "NODE_FAIL", "BOOT_FAIL"}
 ENDED = SUCCEEDED | TRANSIENT | {"FAILED", "TIMEOUT", "CANCELLED", "OUT_OF_MEMORY", "DEADLINE", "REVOKED",
                                  "SPECIAL_EXIT"}
 COMMAND_TIMEOUT_S = 60
 
 
-def _command(*args: str) -> subprocess.CompletedProcess:
+MISSING_COMMANDS = ("executor slurm needs the SLURM client commands (sbatch, squeue, scontrol, scancel) on the PATH "
+                    "of the machine Dagster runs on")
+
+
+def _command(*args: str, stdin: str | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run a SLURM client command; SlurmError when it is not installed."""
     try:
-        return subprocess.run(args, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S)
+        return subprocess.run(args, input=stdin, env=env, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S)
     except FileNotFoundError:
-        raise SlurmError(f"{args[0]} not found: executor slurm needs the SLURM client commands (sbatch, squeue, "
-                         "scontrol, scancel) on the PATH of the machine Dagster runs on") from None
+        raise SlurmError(f"{args[0]} not found: {MISSING_COMMANDS}") from None
 
 
 @dataclass(frozen=True)
@@ -85,12 +89,8 @@ def job_state(job_id: str) -> JobState:
 
 
 def submit(script: str, *, options: list[str], env: dict[str, str]) -> str:
-    """Submit a batch script with `options`; the job id."""
-    answer = subprocess.run(["sbatch", "--parsable", *options], input=script, capture_output=True, text=True,
-                            env=env, timeout=COMMAND_TIMEOUT_S) if shutil.which("sbatch") else None
-    if answer is None:
-        raise SlurmError("sbatch not found: executor slurm needs the SLURM client commands (sbatch, squeue, "
-                         "scontrol, scancel) on the PATH of the machine Dagster runs on")
+    """Submit a batch script with `options` and the environment `env`; the job id."""
+    answer = _command("sbatch", "--parsable", *options, stdin=script, env=env)
     if answer.returncode != 0:
         raise SlurmError(f"sbatch refused the job (options {' '.join(options)}): {answer.stderr.strip()}")
     return answer.stdout.strip().split(";")[0]
