@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -65,16 +64,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.dataset_streaming:
         overrides.append("source.dataset_streaming=true")
     given = [flag for flag in NOT_USED_FLAGS if getattr(args, flag) not in (None, False)]
-    from spd_assets.cli.run import run_config_file
+    from spd_assets.cli.run import environment, run_config_file
     from spd_assets.defs.deployment import EXECUTOR_ENV, load_settings
 
+    executor = {}
     if args.local is False:
-        os.environ[EXECUTOR_ENV] = "slurm"  # this invocation's worker processes inherit it
+        executor = {EXECUTOR_ENV: "slurm"}
     elif args.local and load_settings().executor == "slurm":
-        os.environ[EXECUTOR_ENV] = "in_process"
+        executor = {EXECUTOR_ENV: "in_process"}
 
-    return run_config_file(args.config, overrides, program="spd-clustering",
-                           not_used_flags=[f"--{flag.replace('_', '-')}" for flag in given])
+    with environment(executor):  # for this invocation (its worker processes inherit it)
+        return run_config_file(args.config, overrides, program="spd-clustering",
+                               not_used_flags=[f"--{flag.replace('_', '-')}" for flag in given])
 
 
 if __name__ == "__main__":

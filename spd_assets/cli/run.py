@@ -6,6 +6,8 @@ import os
 import signal
 import sys
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from spd_assets.cli.validate import describe_loaded, storage_of
 from spd_assets.config import ExperimentConfig, load_config_file
@@ -125,6 +127,21 @@ def interruption_line(run: ExperimentRun) -> str:
             f"{flight} and {len(stopped.queued)} queued member(s); {len(stopped.finished)} finished before{jobs}")
 
 
+@contextmanager
+def environment(variables: dict[str, str]) -> Iterator[None]:
+    """`variables` set in this process's environment (which worker processes inherit) for a `with` block."""
+    previous = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def run_config_file(path, overrides: list[str], *, parallel: int | None = None, only_members: list[str] | None = None,
                     program: str = "spd-cluster", not_used_flags: list[str] = (), replace: bool = False) -> int:
     """Load a config file (an experiment config or an original one) and run it; 2 when it is invalid."""
@@ -135,14 +152,14 @@ def run_config_file(path, overrides: list[str], *, parallel: int | None = None, 
         return 2
     for line in describe_loaded(loaded):
         print(line)
-    # An original pipeline's SLURM keys: for this invocation's jobs (its worker processes inherit them).
-    for setting, value in loaded.slurm.items():
-        os.environ[SLURM_SETTING_ENVS[setting]] = value
     if not_used_flags:
         print(f"  flags not used here: {' '.join(not_used_flags)}")
+    # An original pipeline's SLURM keys: for this invocation's jobs (its worker processes inherit them).
+    slurm = {SLURM_SETTING_ENVS[setting]: value for setting, value in loaded.slurm.items()}
     try:
-        return run_and_print(loaded.config, parallel=parallel, only_members=only_members, replace=replace,
-                             program=program)
+        with environment(slurm):
+            return run_and_print(loaded.config, parallel=parallel, only_members=only_members, replace=replace,
+                                 program=program)
     except SpdClusterError as error:
         print(f"{program}: {error}", file=sys.stderr)
         return 2
