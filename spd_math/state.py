@@ -31,7 +31,6 @@ coactivations; there the bounds include the drift of negative entries and a safe
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -39,6 +38,7 @@ import torch
 from spd_math import backend, coactivation, kernels
 from spd_math.bitsets import overlap_counts
 from spd_math.costs import log_factors
+from spd_math.pool import CandidatePool, RowCountedCandidates
 
 FLOAT = torch.float64
 # Rows of the cost matrix evaluated at once: about this many entries per block (32 MB of float64).
@@ -227,60 +227,6 @@ def _narrow_store(structure, dense_counts: torch.Tensor | None, diag: np.ndarray
     return CoactivationStore(matrix, limit, wide_ids, wide_block.to(device))
 
 
-@dataclass
-class _Pool:
-    """Ordered pairs (i, j) whose cost was at most `level` when evaluated, with their α-terms and q."""
-
-    i: torch.Tensor
-    j: torch.Tensor
-    alpha_term: torch.Tensor
-    q: torch.Tensor
-    level: float
-    built_at: float  # L when the level was set
-
-    def select(self, keep: torch.Tensor) -> None:
-        index = torch.nonzero(keep).squeeze(1)  # (boolean-mask indexing is far slower on the CPU)
-        self.i, self.j = self.i.index_select(0, index), self.j.index_select(0, index)
-        self.alpha_term, self.q = self.alpha_term.index_select(0, index), self.q.index_select(0, index)
-
-    def append(self, i: torch.Tensor, j: torch.Tensor, alpha_term: torch.Tensor, q: torch.Tensor) -> None:
-        self.i = torch.cat([self.i, i])
-        self.j = torch.cat([self.j, j])
-        self.alpha_term = torch.cat([self.alpha_term, alpha_term])
-        self.q = torch.cat([self.q, q])
-
-
-class SortedCandidates:
-    """Candidates as flat row-major slot keys `i·k + j`, ascending, with their scaled costs."""
-
-    def __init__(self, keys: torch.Tensor, costs: torch.Tensor, k: int) -> None:
-        order = torch.argsort(keys)
-        self.keys, self.costs, self.k = keys[order], costs[order], k
-        self.count = int(keys.numel())
-
-    def nth(self, index: int) -> tuple[int, int, float]:
-        i, j = divmod(int(self.keys[index]), self.k)
-        return i, j, float(self.costs[index])
-
-
-class RowCountedCandidates:
-    """Candidates counted row by row (rows ascending = row-major order) without storing them."""
-
-    def __init__(self, state: GroupState, rows: torch.Tensor, counts: torch.Tensor, cutoff: float) -> None:
-        self.state, self.rows, self.cutoff = state, rows, cutoff
-        self.cumulative = torch.cumsum(counts, 0).cpu().numpy()
-        self.count = int(self.cumulative[-1]) if self.cumulative.size else 0
-
-    def nth(self, index: int) -> tuple[int, int, float]:
-        position = int(np.searchsorted(self.cumulative, index, side="right"))
-        before = int(self.cumulative[position - 1]) if position else 0
-        row = self.rows[position : position + 1]
-        costs = self.state.offdiagonal_cost_rows(row)[0]
-        columns = torch.nonzero(costs <= self.cutoff).squeeze(1)
-        j = int(columns[index - before])
-        return int(row[0]), j, float(costs[j])
-
-
 class GroupState:
     """Sizes, coactivations, masks (boolean) or column sums (continuous) of the live groups, by slot,
     and the cost view the samplers read (see the module docstring)."""
@@ -321,7 +267,9 @@ class GroupState:
         self.exact = torch.zeros(c, dtype=torch.bool, device=device)  # bounds exact at the current L
         self.exact_host = np.zeros(c, dtype=bool)
         self.lowest_q = 0.0  # min(0, every coactivation seen): the drift of costs that can fall
-        self.pool: _Pool | None = None
+        self.pool: CandidatePool | None = None
+        self.full_passes = 0  # cost passes over (nearly) every row since the last merge
+        self.last_full_passes = 0  # ... and in the iteration before it
         self._pool_costs_cache: torch.Tensor | None = None
         self._max_cache: float | None = None
         if c >= 2 and self.boolean:
@@ -424,6 +372,7 @@ class GroupState:
 
     def block_costs(self, first: int, stop: int) -> torch.Tensor:
         """Scaled costs of rows first..stop-1 with +inf on the diagonal."""
+        self.full_passes += 1
         return self.offdiagonal_cost_rows(torch.arange(first, stop, device=self.device))
 
     def full_costs(self, order: np.ndarray) -> torch.Tensor:
@@ -523,13 +472,10 @@ class GroupState:
             self._rebuild_pool(cutoff + max(slack, 0.0), cutoff)
         if self.pool is None:
             return self._counted_candidates(cutoff)
-        costs = self._pool_costs()
-        chosen = costs <= cutoff
-        index = torch.nonzero(chosen).squeeze(1)
-        keys = self.pool.i.index_select(0, index) * self.k + self.pool.j.index_select(0, index)
-        return SortedCandidates(keys, costs.index_select(0, index), self.k)
+        return self.pool.candidates(self._pool_costs(), cutoff, self.k)
 
     def _counted_candidates(self, cutoff: float) -> RowCountedCandidates:
+        self.full_passes += 1
         rows = torch.nonzero(self._min_bounds() <= cutoff).squeeze(1)
         step = max(1, BLOCK_ENTRIES // self.k)
         counts = []
@@ -553,13 +499,9 @@ class GroupState:
         if self.pool is None:
             return None
         if self._pool_costs_cache is None:
-            costs = torch.add(self.pool.alpha_term, self.pool.q, alpha=-self.log_k_minus_1)
             # Entries above the level cannot become candidates while this pool stands: drop them.
-            keep = costs <= self._pool_level()
-            if not bool(keep.all()):
-                self.pool.select(keep)
-                costs = torch.masked_select(costs, keep)
-            self._pool_costs_cache = costs
+            costs = self.pool.costs(self.log_k_minus_1)
+            self._pool_costs_cache = self.pool.keep_at_most(costs, self._pool_level())
         return self._pool_costs_cache
 
     def _rebuild_pool(self, level: float, cutoff: float) -> None:
@@ -597,7 +539,7 @@ class GroupState:
         else:
             empty = torch.zeros(0, dtype=torch.int64, device=self.device)
             i, j, terms, q = empty, empty, empty.to(FLOAT), empty.to(FLOAT)
-        self.pool = _Pool(i, j, terms, q, level, L)
+        self.pool = CandidatePool(i, j, terms, q, level, L)
 
     def _pool_overflow(self, level: float, cutoff: float) -> None:
         if level > cutoff:
@@ -674,9 +616,7 @@ class GroupState:
         self.store.write(keep, new_row, k, self.store.is_wide(new_diag))
         self.store.release(drop)
         if self.pool is not None:
-            pool = self.pool
-            touched = (pool.i == keep) | (pool.j == keep) | (pool.i == drop) | (pool.j == drop)
-            pool.select(~touched)
+            self.pool.forget_and_move(keep, drop, k - 1, drop)
         self._move_slot(k - 1, drop)
         self.k = k - 1
         merged = drop if keep == k - 1 else keep
@@ -684,6 +624,7 @@ class GroupState:
         self.exact_host[:] = False
         self._pool_costs_cache = None
         self._max_cache = None
+        self.last_full_passes, self.full_passes = self.full_passes, 0
         if self.component_slot is not None:
             self.component_slot[self.component_slot == drop] = keep
             self.component_slot[self.component_slot == k - 1] = drop
@@ -750,10 +691,6 @@ class GroupState:
                 vector[target] = vector[source]
         if self.masks is not None:
             self.masks[:, target] = self.masks[:, source]
-        if self.pool is not None:
-            pool = self.pool
-            pool.i = torch.where(pool.i == source, target, pool.i)
-            pool.j = torch.where(pool.j == source, target, pool.j)
 
 
 class DenseGroupState:
@@ -832,6 +769,29 @@ class DenseGroupState:
         self._scaled_costs()
         return self._extremes[1]
 
+    @classmethod
+    def from_scalable(cls, scalable: GroupState) -> DenseGroupState:
+        """The dense state of a scalable state's live groups, mid-run: the same counts, sizes, masks and α-terms
+        (each α-term is the float `GroupState.cost_rows` gives, which is the one this class would hold)."""
+        self = cls.__new__(cls)
+        k = scalable.k
+        self.n, self.k, self.alpha, self.device = scalable.n, k, scalable.alpha, scalable.device
+        self.boolean, self.masks, self.column_sums = scalable.boolean, scalable.masks, scalable.column_sums
+        self.coact = torch.empty((k, k), dtype=FLOAT, device=self.device)
+        self.alpha_terms = torch.empty((k, k), dtype=FLOAT, device=self.device)
+        slots = torch.arange(k, device=self.device)
+        step = max(1, BLOCK_ENTRIES // k)
+        for first in range(0, k, step):
+            _, q, terms = scalable.cost_rows(slots[first : first + step])  # q's diagonal is the group's count
+            self.coact[first : first + step] = q
+            self.alpha_terms[first : first + step] = terms
+        self.sizes = scalable.sizes[:k].clone()
+        self.diag_host = scalable.diag_host[:k].copy()
+        self.sizes_host = scalable.sizes_host[:k].copy()
+        self._scratch = torch.empty(k * k, dtype=FLOAT, device=self.device)
+        self._costs, self._extremes = None, None
+        return self
+
     def candidates_at_most(self, cutoff: float, slack: float):
         from spd_math.samplers import DenseCostView  # noqa: PLC0415 (samplers import this module's users)
 
@@ -896,10 +856,89 @@ class DenseGroupState:
 # with: 12.0 s dense vs 38.6 s scalable at 2,000 (300 merges), so it keeps the dense state up to 4,096 (400 MB).
 DENSE_MAX_COMPONENTS = 1024
 DENSE_MAX_COMPONENTS_CONTINUOUS = 4096
+# Above this many pooled pairs per k² pairs, upkeep of the pool (several passes over 32 bytes a pair) costs
+# more than the dense state's passes over every cost (8 bytes a pair): the run moves to the dense state
+# where it fits. Heterogeneous data gets there once its planted structure is merged (most pairs of rare
+# components then sit in the range sampler's window); so does any run whose sampler reads every cost (mcmc).
+DENSE_SWITCH_SHARE = 0.25
+# Share of the memory available at the start that the dense state may take when the run moves to it.
+DENSE_MEMORY_SHARE = 0.5
+DENSE_BYTES_PER_PAIR = 24
+
+
+def available_bytes(device: torch.device) -> int:
+    """Memory free for a state on `device` now: CUDA's free memory, or the host's available memory."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30
+
+
+class SwitchingState:
+    """The scalable state, moving for good to the dense one once that is cheaper and fits (see
+    `DENSE_SWITCH_SHARE`). Both give the same costs, so the run's choices do not change."""
+
+    def __init__(self, scalable: GroupState, dense_budget_bytes: int) -> None:
+        self.inner: GroupState | DenseGroupState = scalable
+        self.dense_budget_bytes = dense_budget_bytes
+
+    @property
+    def k(self) -> int:
+        return self.inner.k
+
+    @property
+    def n(self) -> int:
+        return self.inner.n
+
+    def cost_offset(self) -> float:
+        return self.inner.cost_offset()
+
+    def mdl_loss(self) -> float:
+        return self.inner.mdl_loss()
+
+    def full_costs(self, order: np.ndarray) -> torch.Tensor:
+        return self.inner.full_costs(order)
+
+    def offdiagonal_min(self) -> float:
+        return self.inner.offdiagonal_min()
+
+    def offdiagonal_max(self) -> float:
+        return self.inner.offdiagonal_max()
+
+    def candidates_at_most(self, cutoff: float, slack: float):
+        return self.inner.candidates_at_most(cutoff, slack)
+
+    def row_blocks(self) -> list[tuple[int, int]]:
+        return self.inner.row_blocks()
+
+    def block_costs(self, first: int, stop: int) -> torch.Tensor:
+        return self.inner.block_costs(first, stop)
+
+    def merge(self, keep: int, drop: int) -> int:
+        merged = self.inner.merge(keep, drop)
+        if isinstance(self.inner, GroupState) and self._dense_is_cheaper(self.inner):
+            self.inner = DenseGroupState.from_scalable(self.inner)
+        return merged
+
+    def _dense_is_cheaper(self, scalable: GroupState) -> bool:
+        k = scalable.k
+        if k < 2 or DENSE_BYTES_PER_PAIR * k * k > self.dense_budget_bytes:
+            return False
+        pool = scalable.pool
+        return scalable.last_full_passes > 0 or (pool is not None and pool.size >= DENSE_SWITCH_SHARE * k * k)
 
 
 def group_state(values: torch.Tensor, labels: list[str], threshold: float | None, alpha: float, device: torch.device):
-    """The state for a merge run: dense matrices for small problems, the scalable one beyond."""
+    """The state for a merge run: dense matrices for small problems, the scalable one beyond (moving to the
+    dense one mid-run where that becomes cheaper and fits in memory)."""
     limit = DENSE_MAX_COMPONENTS if threshold is not None else DENSE_MAX_COMPONENTS_CONTINUOUS
-    cls = DenseGroupState if values.shape[1] <= limit else GroupState
-    return cls(values, labels, threshold, alpha, device)
+    if values.shape[1] <= limit:
+        return DenseGroupState(values, labels, threshold, alpha, device)
+    budget = int(DENSE_MEMORY_SHARE * available_bytes(device))
+    return SwitchingState(GroupState(values, labels, threshold, alpha, device), budget)
