@@ -15,7 +15,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from spd_math import MergeConfig, ProcessedActivations, backend, merge_iteration, state
+from spd_math import MergeConfig, ProcessedActivations, backend, merge_iteration, state, store
 from tests.math.reference_engine import reference_merge
 
 
@@ -116,8 +116,8 @@ def test_identical_histories_with_small_blocks_and_pool(small_blocks, seed):
 @pytest.mark.parametrize("seed", range(6))
 def test_identical_histories_with_wide_groups(monkeypatch, seed):
     """16-bit counts with a tiny limit: groups active on more samples keep their mutual counts apart."""
-    monkeypatch.setattr(state, "NARROW_MAX", 40)
-    monkeypatch.setattr(state, "WIDE_SHARE", 1.0)
+    monkeypatch.setattr(store, "NARROW_MAX", 40)
+    monkeypatch.setattr(store, "WIDE_SHARE", 1.0)
     activations, config = random_problem(seed, n=300, c=30, density=0.3, threshold=0.2, alpha=1.0, iters=None,
                                          method="range", kwargs={"threshold": 0.1})
     assert_same_history(activations, config, seed)
@@ -198,3 +198,18 @@ def test_cost_matrices_are_bit_identical(threshold, alpha):
     assert len(seen["new"]) == len(seen["old"]) == 27
     for new, old in zip(seen["new"], seen["old"]):
         np.testing.assert_array_equal(new.numpy(), old.numpy())
+
+
+def test_every_state_offers_what_the_samplers_and_the_loop_read():
+    from spd_math.cost_view import Candidates, CostView, MergeState
+    from spd_math.samplers import DenseCostView
+
+    activations, _ = random_problem(0, n=200, c=30, density=0.2, threshold=0.1, alpha=1.0, iters=None,
+                                    method="range", kwargs={"threshold": 0.05})
+    args = (activations.activations, activations.labels, 0.1, 1.0, torch.device("cpu"))
+    scalable = state.GroupState(*args)
+    for merge_state in (scalable, state.DenseGroupState(*args), state.SwitchingState(state.GroupState(*args), 1 << 30)):
+        assert isinstance(merge_state, MergeState)
+        assert isinstance(merge_state.candidates_at_most(merge_state.offdiagonal_max(), 0.0), Candidates)
+    assert isinstance(DenseCostView(torch.zeros((3, 3))), CostView)
+    assert not isinstance(DenseCostView(torch.zeros((3, 3))), MergeState)
