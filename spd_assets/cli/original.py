@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from spd_assets.original_configs import DISTANCE_ALIASES
+from spd_assets.config.original import DISTANCE_ALIASES
 
 # The original's flags that have no meaning here (wandb logging, SLURM submission, its own process pools).
 NOT_USED_FLAGS = ("wandb_project", "wandb_entity", "local", "local_clustering_parallel",
@@ -23,6 +23,7 @@ NOT_USED_FLAGS = ("wandb_project", "wandb_entity", "local", "local_clustering_pa
 
 
 def parser() -> argparse.ArgumentParser:
+    """The original `spd-clustering` command line's arguments."""
     arguments = argparse.ArgumentParser(
         prog="spd-clustering",
         description="Run a clustering ensemble from the original research code's pipeline config "
@@ -44,6 +45,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`spd-clustering`: the original command line, running what `spd-cluster run --config` runs."""
     args = parser().parse_args(argv)
     if args.n_runs is not None and args.n_runs < 1:
         print(f"spd-clustering: --n-runs: expected a positive number, got {args.n_runs}", file=sys.stderr)

@@ -23,62 +23,32 @@ import difflib
 import fnmatch
 import importlib
 import inspect
-import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from pydantic import Field, field_validator
 from torch import nn
 
+from spd_assets.config.sources import TorchSourceConfig, is_factory_spec
 from spd_assets.errors import SourceError
 from spd_assets.sources.base import RunTimeNeed
-from spd_assets.sources.model_source import ModelSource, ModelSourceConfig
+from spd_assets.sources.model_source import ModelSource
 from spd_assets.sources.text import check_enough_windows, draw_windows, load_windows, text_files
 from spd_assets.storage.values import TokenBatch
 
-FACTORY_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")
 NAMES_IN_ERRORS = 8
 MODELS_EXTRA = "pip install 'spd-cluster[models]' (or pip install transformers)"
 
 
-def is_factory_spec(value: str) -> bool:
-    """`"package.module:factory"` rather than a path."""
-    return bool(FACTORY_SPEC.match(value))
-
-
-class TorchSourceConfig(ModelSourceConfig):
-    """Outputs of chosen modules of a torch model on text (see the module docstring)."""
-
-    kind: Literal["torch"] = "torch"
-    model: str = Field(description="a local Hugging Face model directory, or 'package.module:factory'")
-    modules: tuple[str, ...] = Field(min_length=1, description="glob patterns over the model's named modules")
-    text: Path = Field(description="a .txt, .jsonl or .npy file, or a directory of them")
-    seq_len: int = Field(64, ge=1, description="tokens per sequence")
-
-    @field_validator("modules")
-    @classmethod
-    def _patterns(cls, patterns: tuple[str, ...]) -> tuple[str, ...]:
-        if not all(pattern.strip() for pattern in patterns):
-            raise ValueError(f"expected non-empty glob patterns, got {list(patterns)}")
-        return patterns
-
-    def relative_paths_resolved(self, base: Path) -> dict[str, Any]:
-        update = super().relative_paths_resolved(base)
-        model = Path(self.model).expanduser()
-        # A factory spec stays as it is, unless a file or folder of that name exists beside the config.
-        if not model.is_absolute() and (not is_factory_spec(self.model) or (base / model).exists()):
-            update["model"] = str((base / model).resolve())
-        return update
-
-
 @dataclass(frozen=True)
 class LoadedModel:
+    """A loaded model, in eval mode, and its tokenizer (None: token-id input only)."""
+
     model: nn.Module
     tokenizer: Any | None  # a Hugging Face tokenizer, or None (token-id input only)
 
@@ -156,11 +126,13 @@ def match_modules(model: nn.Module, patterns: Sequence[str]) -> list[str]:
 
 
 def max_positions(model: nn.Module) -> int | None:
+    """The longest sequence the model's config allows, or None when it does not say."""
     config = getattr(model, "config", None)
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
 def vocab_size(model: nn.Module) -> int | None:
+    """The number of token ids the model's input embeddings take, or None when it has none."""
     get_embeddings = getattr(model, "get_input_embeddings", None)
     embeddings = get_embeddings() if callable(get_embeddings) else None
     return getattr(embeddings, "num_embeddings", None)
@@ -248,7 +220,24 @@ def _captured_outputs(model: nn.Module, module_names: Sequence[str], ids: torch.
 
 
 class TorchSource(ModelSource[TorchSourceConfig]):
-    """Outputs of chosen modules of a torch model on member batches of text windows."""
+    """Outputs of chosen modules of a torch model on member batches of text windows.
+
+    Parameters
+    ----------
+    config : TorchSourceConfig
+        `model` (a Hugging Face directory or `package.module:factory`), `modules` (glob patterns over its named
+        modules), `text`, `seq_len`, `batch_size`, `n_members`, `chunk_size`, `memory_budget_gb`.
+
+    Examples
+    --------
+    >>> from spd_assets.config.sources import TorchSourceConfig
+    >>> from spd_assets.sources import TorchSource
+    >>> source = TorchSource(TorchSourceConfig(model="./models/minilm", modules=["encoder.layer.*.intermediate.dense"],
+    ...                                        text="./corpus.txt", n_members=2))  # doctest: +SKIP
+    >>> source.check()  # loads the model and the text; raises SourceError naming what is wrong  # doctest: +SKIP
+    >>> source.module_widths()["encoder.layer.0.intermediate.dense"]  # doctest: +SKIP
+    1536
+    """
 
     kind = "torch"
     config_type = TorchSourceConfig
