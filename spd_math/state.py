@@ -60,7 +60,10 @@ BOUND_MARGIN = 1e-10
 # Share of the cost range above the minimum that a freshly built pool covers.
 POOL_SHARE = 0.06
 # Pool entries beyond which the range sampler counts candidates row by row instead.
-POOL_LIMIT = 1 << 23
+POOL_LIMIT = 1 << 25
+# After a pool overflowed, the range sampler counts row by row for this many iterations (doubling per overflow
+# in a row, up to the cap) before it tries to build a pool again: a failed build costs a pass over the rows.
+POOL_RETRY_CAP = 64
 
 
 def _offdiagonal_extremes(values: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor):
@@ -192,6 +195,8 @@ class GroupState(_SlotState):
         self.lowest_q = 0.0  # min(0, every coactivation seen): the drift of costs that can fall
         self.pool: CandidatePool | None = None
         self.full_passes = 0  # cost passes over (nearly) every row since the last merge
+        self._pool_overflows = 0  # pool builds in a row that overflowed POOL_LIMIT
+        self._pool_wait = 0  # range choices left to count row by row before building a pool again
         self.last_full_passes = 0  # ... and in the iteration before it
         self._pool_costs_cache: torch.Tensor | None = None
         self._max_cache: float | None = None
@@ -364,6 +369,8 @@ class GroupState(_SlotState):
                 return lowest
         # No pool holds the minimum: the best row's exact minimum bounds it from above, and a pool up
         # to a little above that bound holds it (and, usually, this iteration's candidates too).
+        if self._pool_wait > 0:  # pools overflow lately: the lazy row search alone
+            return self._extreme(lowest=True)
         bounds = self._min_bounds()
         best = torch.argmin(bounds).reshape(1)
         self._scan(best)
@@ -383,7 +390,13 @@ class GroupState(_SlotState):
     def candidates_at_most(self, cutoff: float, slack: float):
         """Every off-diagonal pair with scaled cost `<= cutoff`, enumerable in row-major slot order."""
         if self.pool is None or cutoff > self._pool_level():
+            if self._pool_wait > 0:
+                self._pool_wait -= 1
+                self.pool, self._pool_costs_cache = None, None
+                return self._counted_candidates(cutoff)
             self._rebuild_pool(cutoff + max(slack, 0.0), cutoff)
+            self._pool_overflows = self._pool_overflows + 1 if self.pool is None else 0
+            self._pool_wait = min(POOL_RETRY_CAP, 2**self._pool_overflows - 1) if self.pool is None else 0
         if self.pool is None:
             return self._counted_candidates(cutoff)
         return self.pool.candidates(self._pool_costs(), cutoff, self.k)
