@@ -45,3 +45,8 @@ class DeviceError(SpdClusterError, RuntimeError):
 
 class UsageError(SpdClusterError, ValueError):
     """A command-line argument is out of range for the stored results; the message names the argument."""
+
+
+class QueryRefused(SpdClusterError, ValueError):
+    """A query over the results tried what queries may not do (write, read other files, reach the network, load
+    extensions, attach databases, change settings); the message says what a query may do."""

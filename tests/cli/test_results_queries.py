@@ -152,7 +152,7 @@ def test_sql_command_formats_and_errors(home, tmp_path):
     bad = cli(home, "sql", "SELECT * FROM no_such_table", check=False)
     assert bad.returncode == 1 and "no_such_table" in bad.stderr and "Traceback" not in bad.stderr
     writing = cli(home, "sql", "DROP VIEW distances", check=False)
-    assert writing.returncode == 1 and "read-only" in writing.stderr.lower() and "Traceback" not in writing.stderr
+    assert writing.returncode == 1 and "refused `DROP VIEW distances`" in writing.stderr and "Traceback" not in writing.stderr
     assert cli(home, "sql", "SELECT count(*) FROM distances").returncode == 0
 
 
