@@ -34,18 +34,9 @@ def run_sql(store: ResultsStore, query: str, *, output_format: str, output: Path
         return 2
     try:
         access = QueryAccess.with_reads(store.tables_dir, allow_read)
-        check_query(query, access)
     except UsageError as error:
         print(f"spd-cluster sql: {error}", file=sys.stderr)
         return 2
-    except QueryRefused as error:
-        print(f"spd-cluster sql: {error}", file=sys.stderr)
-        return 1
-    except duckdb.Error as error:  # not SQL at all
-        print(f"spd-cluster sql: {_first_line(error)}", file=sys.stderr)
-        return 1
-    for path in [*access.extra_dirs, *access.extra_files]:
-        print(f"spd-cluster sql: --allow-read: the query may also read {path}", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="spd-cluster-sql-") as scratch:
         # The one file DuckDB may write: spd-cluster's copy of the answer, for CSV and Parquet.
         answer = Path(scratch) / f"answer.{output_format}"
@@ -55,6 +46,13 @@ def run_sql(store: ResultsStore, query: str, *, output_format: str, output: Path
             print(f"spd-cluster sql: cannot open the results database: {_first_line(error)}", file=sys.stderr)
             return 1
         try:
+            try:
+                check_query(connection, query, access)
+            except QueryRefused as error:
+                print(f"spd-cluster sql: {error}", file=sys.stderr)
+                return 1
+            for path in [*access.extra_dirs, *access.extra_files]:
+                print(f"spd-cluster sql: --allow-read: the query may also read {path}", file=sys.stderr)
             _warn_about_missing_files(connection)
             relation = connection.sql(query)
             if relation is not None:

@@ -126,8 +126,8 @@ def restrict(connection: duckdb.DuckDBPyConnection, access: QueryAccess, tempora
     return connection
 
 
-def check_query(query: str, access: QueryAccess) -> None:
-    """Refuse `query` unless every statement in it is one DuckDB parses as a query.
+def check_query(connection: duckdb.DuckDBPyConnection, query: str, access: QueryAccess) -> None:
+    """Refuse `query` unless every statement in it is one DuckDB (the parser of `connection`) parses as a query.
 
     Raises
     ------
@@ -137,7 +137,7 @@ def check_query(query: str, access: QueryAccess) -> None:
     duckdb.ParserException
         `query` is not SQL DuckDB can parse.
     """
-    for statement in duckdb.extract_statements(query):
+    for statement in connection.extract_statements(query):
         if statement.type not in QUERY_STATEMENTS:
             text = " ".join(statement.query.split())
             shown = text if len(text) <= SHOWN_CHARACTERS else text[:SHOWN_CHARACTERS] + "..."
