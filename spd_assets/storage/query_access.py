@@ -142,7 +142,7 @@ def check_query(connection: duckdb.DuckDBPyConnection, query: str, access: Query
             text = " ".join(statement.query.split())
             shown = text if len(text) <= SHOWN_CHARACTERS else text[:SHOWN_CHARACTERS] + "..."
             hint = "; PIVOT needs its values listed here: PIVOT ... ON column IN (...)" if statement.type.name == "MULTI" else ""
-            raise QueryRefused(f"refused `{shown}` (a {statement.type.name} statement{hint}): only queries run here "
+            raise QueryRefused(f"refused `{shown}` (a statement of type {statement.type.name}{hint}): only queries run here "
                                f"(SELECT, WITH, FROM, VALUES, DESCRIBE, SHOW, SUMMARIZE); {access.rule()}")
 
 
