@@ -13,6 +13,7 @@ from spd_assets.errors import SpdClusterError
 
 
 def print_clusters(args) -> int:
+    """`spd-cluster clusters`: one member's or the consensus clusters as JSON; the exit status."""
     import json
 
     from spd_assets.cli.clusters import ensemble_clusters, member_clusters
@@ -47,6 +48,7 @@ class PrintVersion(argparse.Action):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `spd-cluster` command line; the exit status."""
     parser = argparse.ArgumentParser(prog="spd-cluster", description=__doc__)
     parser.add_argument("--version", action=PrintVersion, help="print the installed version of spd-cluster and exit")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -96,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_doctor(args) -> int:
+    """`spd-cluster doctor`: compare Dagster's record with the files and processes, repair; the exit status."""
     from dagster import DagsterInstance
 
     from spd_assets.cli.doctor import examine, report
