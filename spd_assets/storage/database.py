@@ -22,9 +22,11 @@ from spd_assets.storage.query_access import QueryAccess, attach_read_only, restr
 from spd_assets.storage.schemas import TABLE_SCHEMAS
 from spd_assets.storage.store import ResultsStore
 
-SCHEMA_VERSION = 4
-# Files of this name hold no rows, only the schema, so every view works before any results exist.
-SCHEMA_FILE = "_schema.parquet"
+SCHEMA_VERSION = 5
+# Files of this name hold no rows, only the schema, so every view works before any results exist. The name carries
+# the version: a table that gained columns gets a new schema file (older data files then read them as null).
+SCHEMA_FILE = f"_schema_v{SCHEMA_VERSION}.parquet"
+OLD_SCHEMA_FILES = "_schema*.parquet"
 LOCK_TIMEOUT_S = 30.0
 
 # Views derived from the tables above (created after them, in this order).
@@ -73,6 +75,9 @@ def _ensure_schema_files(store: ResultsStore, connection: duckdb.DuckDBPyConnect
     missing = [table for table in TABLE_SCHEMAS.values() if not (store.table_dir(table.name) / SCHEMA_FILE).exists()]
     if not missing:
         return
+    for table in missing:  # older versions' schema files would bring back columns the tables no longer have
+        for old in store.table_dir(table.name).glob(OLD_SCHEMA_FILES):
+            old.unlink(missing_ok=True)
     writer = connection or duckdb.connect()
     try:
         for table in missing:
