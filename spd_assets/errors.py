@@ -45,3 +45,14 @@ class DeviceError(SpdClusterError, RuntimeError):
 
 class UsageError(SpdClusterError, ValueError):
     """A command-line argument is out of range for the stored results; the message names the argument."""
+
+
+class BatchProcessingError(SpdClusterError, RuntimeError):
+    """Batches failed in a `BatchProcessor` run; the message names each failed batch and its error.
+
+    `completed` maps each batch that did finish (its path, as given) to its merge history.
+    """
+
+    def __init__(self, message: str, completed: dict | None = None) -> None:
+        super().__init__(message)
+        self.completed = completed or {}

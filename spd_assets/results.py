@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from types import MappingProxyType
 
@@ -33,7 +34,7 @@ from spd_assets.storage.values import (
     load_ensemble,
     load_history,
 )
-from spd_math import MergeHistory
+from spd_math import MergeHistory, NormalizedHistories
 
 
 def _value_path(store: ResultsStore, experiment: str, asset: str, value_type: type, partition: str | None = None) -> Path:
@@ -55,13 +56,17 @@ def _experiment_rows(store: ResultsStore, table: str, experiment: str) -> pl.Dat
 
 @dataclass(frozen=True)
 class ClusteringResults:
-    """One experiment's results: histories by member, the aligned ensemble, distances by method, the consensus
-    clusters and the result tables (table name -> Polars DataFrame, this experiment's rows).
+    """One experiment's results: its config, histories by member, the aligned ensemble, distances by method, the
+    consensus clusters and the result tables (table name -> Polars DataFrame, this experiment's rows).
+
+    `normalized` is the aligned ensemble under the original research code's names (`NormalizedHistories`: `merges_array`,
+    `component_labels`, `metadata`); `ensemble` adds the member partition keys and the missing members.
 
     Examples
     --------
     >>> results = ClusteringResults.load("default")                        # doctest: +SKIP
     >>> results.consensus.iteration, results.tables["consensus_clusters"]  # doctest: +SKIP
+    >>> results.normalized.merges_array.shape, results.config.merge.iters  # doctest: +SKIP
     """
 
     experiment: str
@@ -96,6 +101,12 @@ class ClusteringResults:
             distances=MappingProxyType(dict(distances.by_method)), consensus=consensus,
             tables=MappingProxyType(tables),
         )
+
+    @cached_property
+    def normalized(self) -> NormalizedHistories:
+        """The stored aligned ensemble with the metadata of its members' histories (nothing is aligned again)."""
+        return NormalizedHistories.from_ensemble(self.ensemble.ensemble,
+                                                 [self.histories[member] for member in self.ensemble.members])
 
     @property
     def explorer_path(self) -> Path:
