@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib
 
 _LAZY = {
-    "cluster_analysis_pipeline": "spd_assets.defs.pipeline",
+    "cluster_analysis_pipeline": "spd_assets.notebook",
     "ClusteringResults": "spd_assets.results",
     "BatchProcessor": "spd_assets.batch_processor",
     "extract_and_process_activations": "spd_assets.processing",

@@ -23,12 +23,19 @@ import torch
 from torch import nn
 
 from spd_assets.config import ExperimentConfig, parse_config
+from spd_assets.config.sources import (
+    DEFAULT_MEMORY_BUDGET_GB,
+    DEFAULT_VALUE_RANGE,
+    FilesSourceConfig,
+    ModelSourceConfig,
+    TorchSourceConfig,
+)
 from spd_assets.errors import BatchFileError, SourceError, StorageError
-from spd_assets.sources.files import DEFAULT_VALUE_RANGE, SUPPORTED_SUFFIXES, FilesSourceConfig, load_batch
-from spd_assets.sources.model_source import BYTES_PER_GB, DEFAULT_MEMORY_BUDGET_GB, ModelSourceConfig
+from spd_assets.sources.files import SUPPORTED_SUFFIXES, load_batch
+from spd_assets.sources.model_source import BYTES_PER_GB
 from spd_assets.sources.spd import causal_importances
 from spd_assets.sources.streaming import activations_from_chunks
-from spd_assets.sources.torch_model import TorchSourceConfig, hooked_forward, match_modules
+from spd_assets.sources.torch_model import hooked_forward, match_modules
 from spd_assets.storage.history_format import read_history_zip, write_history_zip
 from spd_math import (
     MergeHistory,
@@ -156,7 +163,7 @@ def extract_and_process_activations(
     sample_dims = (len(inputs), *next(iter(first.values())).shape[1:-1])
     streamed = activations_from_chunks(
         itertools.chain([first], chunks), module_widths=widths, activation_dims=tuple(int(d) for d in sample_dims),
-        merge_config=config.merge, seq_mode=config.seq_mode,
+        merge_config=config.merge_config, seq_mode=config.seq_mode,
         memory_budget_bytes=int(memory_budget_gb * BYTES_PER_GB),
     )
     return streamed.processed
@@ -215,7 +222,7 @@ def process_data_batch(
     files = config.source if isinstance(config.source, FilesSourceConfig) else None
     batch = load_batch(path.parent, path.stem, value_range=files.value_range if files else DEFAULT_VALUE_RANGE,
                        layout=files.layout if files else None)
-    merge_config = config.merge
+    merge_config = config.merge_config
     # As the pipeline's component_activations step: every component first, then the dead ones dropped.
     every_component = process_activations(batch, filter_dead_threshold=0.0, seq_mode=config.seq_mode,
                                           module_filter=merge_config.module_name_filter)

@@ -66,7 +66,7 @@ class ClusteringResults:
     --------
     >>> results = ClusteringResults.load("default")                        # doctest: +SKIP
     >>> results.consensus.iteration, results.tables["consensus_clusters"]  # doctest: +SKIP
-    >>> results.normalized.merges_array.shape, results.config.merge.iters  # doctest: +SKIP
+    >>> results.normalized.merges_array.shape, results.config.merge_config.iters  # doctest: +SKIP
     """
 
     experiment: str

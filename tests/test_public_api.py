@@ -112,7 +112,7 @@ def test_normalized_and_distances_are_the_pipelines(scripted):
     assert dict(normalized.metadata) == dict(stored.metadata)
     metadata = normalized.metadata
     assert metadata["n_ensemble"] == len(MEMBERS) and metadata["c_components"] == len(normalized.component_labels)
-    assert metadata["config"] == config.merge.to_dict()
+    assert metadata["config"] == config.merge_config.to_dict()
     assert [entry["seed"] for entry in metadata["history_metadatas"]] == [config.member_seed(m) for m in MEMBERS]
     json.dumps(dict(metadata))  # the original's ensemble_meta.json is this metadata as JSON
     assert torch.equal(namespace["distances"], results.distances["perm_invariant_hamming"])

@@ -20,13 +20,9 @@ import numpy as np
 import scipy.sparse
 
 from spd_assets.config import ConsensusConfig
-from spd_assets.errors import SpdClusterError
+from spd_assets.errors import ConsensusError
 from spd_assets.storage.values import ConsensusClusters, MemberEnsemble
 from spd_math import MergeHistory, co_association_counts, consensus_clusters
-
-
-class ConsensusError(SpdClusterError, ValueError):
-    """The consensus iteration cannot be chosen as configured; the message says why and what to set."""
 
 
 def lower_median(values: Sequence[int]) -> int:

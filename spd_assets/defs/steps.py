@@ -20,7 +20,7 @@ from spd_assets.analysis import explorer, plots
 from spd_assets.analysis.consensus import co_association, ensemble_consensus
 from spd_assets.analysis.contexts import cluster_contexts
 from spd_assets.config import ExperimentConfig
-from spd_assets.errors import SpdClusterError
+from spd_assets.errors import NoMembersError
 from spd_assets.sources import ActivationSource, ModelSource
 from spd_assets.sources.streaming import activations_from_chunks
 from spd_assets.storage import tables
@@ -60,10 +60,6 @@ class Image:
     title: str
 
 
-class NoMembersError(SpdClusterError, RuntimeError):
-    """No member of an ensemble has a merge history to build it from."""
-
-
 @dataclass(frozen=True)
 class StepResult:
     """An asset's value, the rows of the tables it feeds (table name -> frame), its metadata, and what it
@@ -88,7 +84,7 @@ def markdown_table(header: list[str], rows: list[list[object]]) -> Markdown:
 def component_activations(source: ActivationSource, config: ExperimentConfig, member: str) -> StepResult:
     """One member's batch from the source, processed (seq mode, module filter, dead filter), with per-component
     statistics."""
-    merge_config = config.merge
+    merge_config = config.merge_config
     seed = config.member_seed(member)
     batch = source.load_batch(member, seed)
     every_component = process_activations(
@@ -149,7 +145,7 @@ def model_activations(
 ) -> StepResult:
     """One member's activations from the model's forward pass on its token batch (on `device`, in chunks),
     processed and summarised as they stream; refused before the forward pass when over the memory budget."""
-    merge_config = config.merge
+    merge_config = config.merge_config
     started = time.perf_counter()
     streamed = activations_from_chunks(
         source.activation_chunks(batch, device),
@@ -178,7 +174,7 @@ def merge_history(activations: ProcessedActivations, config: ExperimentConfig, m
     """The greedy MDL merge of one member on `device`, with its merge events and membership spans."""
     seed = config.member_seed(member)
     started = time.perf_counter()
-    history = merge_iteration(activations, config.merge, seed=seed, device=device)
+    history = merge_iteration(activations, config.merge_config, seed=seed, device=device)
     seconds = time.perf_counter() - started
     mdl = history.mdl_losses.numpy()
     best = int(np.argmin(mdl)) if mdl.size else -1

@@ -7,6 +7,7 @@ import json
 import re
 import zlib
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -15,19 +16,42 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PlainSerializer,
+    PlainValidator,
     ValidationError,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
 
-from spd_assets import original_configs
+from spd_assets.config import original as original_configs
+from spd_assets.config.sources import SOURCE_CONFIGS, SyntheticSourceConfig
 from spd_assets.errors import ExperimentConfigError
-from spd_assets.sources import SOURCES, SyntheticSourceConfig
-from spd_assets.storage.store import RESERVED_NAMES
 from spd_math import ConfigError, MergeConfig
 from spd_math.distances import DISTANCE_METHODS
 
 EXPERIMENT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,62}$")
+# Folders of the results root that are not experiments (so no experiment may take their names).
+RESERVED_NAMES = frozenset({"experiments", "tables", "device_leases", "logs"})
+
+
+def _parse_merge_config(values: Any) -> MergeConfig:
+    """A `merge_config` block (the original research keys; missing keys take their defaults) as a MergeConfig."""
+    if isinstance(values, MergeConfig):
+        return values
+    try:
+        return MergeConfig.from_dict({} if values is None else values)
+    except (ConfigError, TypeError) as error:
+        raise ValueError(str(error)) from None
+
+
+# Parsed once when the config is validated; written back with the original keys (`MergeConfig.to_dict`).
+MergeConfigBlock = Annotated[
+    MergeConfig,
+    PlainValidator(_parse_merge_config),
+    PlainSerializer(MergeConfig.to_dict, return_type=dict),
+    WithJsonSchema({"type": "object", "description": "the original research merge_config keys"}),
+]
 
 
 class _Strict(BaseModel):
@@ -54,7 +78,7 @@ class ConsensusConfig(_Strict):
 
 
 # The `source:` block: one of the registered sources' configs, chosen by its `kind`.
-SourceBlock = Annotated[Union[tuple(source.config_type for source in SOURCES.values())], Field(discriminator="kind")]
+SourceBlock = Annotated[Union[tuple(SOURCE_CONFIGS.values())], Field(discriminator="kind")]
 
 
 class ExperimentConfig(_Strict):
@@ -63,8 +87,8 @@ class ExperimentConfig(_Strict):
     name: str = Field("default", description="experiment name: asset key prefix and `experiment` column")
     source: SourceBlock = Field(default_factory=SyntheticSourceConfig)
     seq_mode: Literal["concat", "seq_mean"] | None = "concat"
-    merge_config: dict[str, Any] = Field(
-        default_factory=lambda: {"iters": None},
+    merge_config: MergeConfigBlock = Field(
+        default_factory=lambda: MergeConfig(iters=None),
         description="original research merge_config keys; missing keys take MergeConfig defaults",
     )
     distance_methods: tuple[str, ...] = Field(tuple(DISTANCE_METHODS), description="distance methods of spd_math")
@@ -80,15 +104,6 @@ class ExperimentConfig(_Strict):
             raise ValueError(f"{name!r} names a folder of the results store; expected another name")
         return name
 
-    @field_validator("merge_config")
-    @classmethod
-    def _valid_merge_config(cls, values: dict[str, Any]) -> dict[str, Any]:
-        try:
-            MergeConfig.from_dict(values)
-        except (ConfigError, TypeError) as error:
-            raise ValueError(str(error)) from None
-        return values
-
     @field_validator("distance_methods")
     @classmethod
     def _known_methods(cls, methods: tuple[str, ...]) -> tuple[str, ...]:
@@ -97,19 +112,19 @@ class ExperimentConfig(_Strict):
             raise ValueError(f"expected at least one of {', '.join(DISTANCE_METHODS)}; got {list(methods)}")
         return methods
 
-    @property
-    def merge(self) -> MergeConfig:
-        return MergeConfig.from_dict(self.merge_config)
-
+    @cached_property
     def canonical_json(self) -> str:
         """The config with every default filled in, as stable JSON (what the hash is of)."""
-        values = self.model_dump(mode="json")
-        values["merge_config"] = self.merge.to_dict()
-        return json.dumps(values, sort_keys=True, separators=(",", ":"))
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
 
-    @property
+    @cached_property
     def config_hash(self) -> str:
-        return hashlib.sha256(self.canonical_json().encode()).hexdigest()[:16]
+        """The first 16 hex digits of the SHA-256 of `canonical_json`: equal configs, equal hashes."""
+        return hashlib.sha256(self.canonical_json.encode()).hexdigest()[:16]
+
+    def model_copy(self, *, update: dict[str, Any] | None = None, deep: bool = False) -> ExperimentConfig:
+        """A copy with `update` applied and validated, so its hash is its own (never the original's, cached)."""
+        return type(self).model_validate({**dict(self), **(update or {})})
 
     def member_seed(self, partition_key: str) -> int:
         """A member's seed: a function of the base seed and its partition key only, so it can be recomputed alone."""
@@ -179,7 +194,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Experimen
 def load_config_file(path: str | Path | None, overrides: list[str] = ()) -> LoadedConfig:
     """`load_config`, with what the file was (see `spd_assets.original_configs`) and its keys without meaning here."""
     if path is None:
-        embedded_default = json.loads(ExperimentConfig().canonical_json())
+        embedded_default = json.loads(ExperimentConfig().canonical_json)
         config = parse_config(apply_overrides(embedded_default, list(overrides)), origin="--set")
         return LoadedConfig(config, "embedded default", [])
     path = Path(path)
@@ -200,5 +215,5 @@ def load_config_file(path: str | Path | None, overrides: list[str] = ()) -> Load
 
 def dump_config(config: ExperimentConfig) -> str:
     """YAML text that `load_config` reads back into an equal config."""
-    values = json.loads(config.canonical_json())
+    values = json.loads(config.canonical_json)
     return yaml.safe_dump(values, sort_keys=False)

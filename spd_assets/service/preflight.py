@@ -39,7 +39,7 @@ def preflight(config: ExperimentConfig, *, check_all: bool) -> Preflight:
     if check_all or ready:
         source.check()
         if source.has_token_batches:
-            merge = config.merge
+            merge = config.merge_config
             samples = n_samples(source.activation_dims(), config.seq_mode)
             components = sum(kept_widths(source.module_widths(), merge.module_name_filter).values())
             if merge.activation_threshold is None:  # with a threshold only the entries above it are kept
