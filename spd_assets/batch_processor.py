@@ -15,17 +15,16 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
-from typing import Any
 
 from spd_assets.config import ExperimentConfig
 from spd_assets.defs.deployment import load_settings
 from spd_assets.defs.devices import lease_device, validate_devices
 from spd_assets.defs.home import dagster_home, results_store
 from spd_assets.errors import BatchProcessingError, DeviceError
-from spd_assets.processing import experiment_config, process_data_batch
+from spd_assets.processing import ConfigLike, experiment_config, process_data_batch
 from spd_math import MergeHistory
 
 __all__ = ["BatchProcessor"]
@@ -106,8 +105,7 @@ class BatchProcessor:
     def __repr__(self) -> str:
         return f"BatchProcessor({self.n_workers} workers, devices {self.devices}, leases in {str(self.lease_dir)!r})"
 
-    def process_all_batches(self, batches: Sequence[PathLike], config: ExperimentConfig | Mapping[str, Any]
-                            ) -> list[MergeHistory]:
+    def process_all_batches(self, batches: Sequence[PathLike], config: ConfigLike) -> list[MergeHistory]:
         """The merge history of every batch file, in the order given.
 
         Parameters
@@ -115,7 +113,7 @@ class BatchProcessor:
         batches : sequence of str or path
             Batch files (`.safetensors`, `.npz`, `.pt`), one per ensemble member; each member's seed is
             `config.member_seed(<file name without suffix>)`, as in the pipeline.
-        config : ExperimentConfig or mapping
+        config : ExperimentConfig, mapping or path
             The experiment (merge config, seq mode, base seed; a `files` source's `value_range` and `layout`).
 
         Returns

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from spd_assets.config import ExperimentConfig, parse_config
+from spd_assets.config import ExperimentConfig, load_config, parse_config
 from spd_assets.config.sources import (
     DEFAULT_MEMORY_BUDGET_GB,
     DEFAULT_VALUE_RANGE,
@@ -57,13 +57,20 @@ PathLike = str | os.PathLike[str]
 HISTORY_FILE_GLOB = "*.zip"
 
 
-def experiment_config(config: ExperimentConfig | Mapping[str, Any]) -> ExperimentConfig:
-    """An `ExperimentConfig` as it is, or one validated from a mapping of its keys (as in a YAML file)."""
+ConfigLike = ExperimentConfig | Mapping[str, Any] | str | os.PathLike[str]
+
+
+def experiment_config(config: ConfigLike) -> ExperimentConfig:
+    """An `ExperimentConfig` as it is, one validated from a mapping of its keys (as in a YAML file), or one read
+    from a YAML config file (relative paths in it are relative to the file), as `cluster_analysis_pipeline` takes."""
     if isinstance(config, ExperimentConfig):
         return config
     if isinstance(config, Mapping):
         return parse_config(dict(config), origin="config")
-    raise TypeError(f"config: expected an ExperimentConfig or a mapping of its keys, got {type(config).__name__}")
+    if isinstance(config, (str, os.PathLike)):
+        return load_config(config)
+    raise TypeError(f"config: expected an ExperimentConfig, a mapping of its keys or a config file path, "
+                    f"got {type(config).__name__}")
 
 
 def is_component_model(model: nn.Module) -> bool:
@@ -74,7 +81,7 @@ def is_component_model(model: nn.Module) -> bool:
 def extract_and_process_activations(
     model: nn.Module,
     batch: torch.Tensor | np.ndarray,
-    config: ExperimentConfig | Mapping[str, Any],
+    config: ConfigLike,
     *,
     modules: Sequence[str] | None = None,
     chunk_size: int | None = None,
@@ -93,7 +100,7 @@ def extract_and_process_activations(
         and `module_to_c`), or any torch module. It runs where its parameters are; the batch is moved there.
     batch : torch.Tensor or numpy.ndarray
         The model input: token ids `[sequences, seq_len]`, or (SPD toy models) feature rows `[rows, features]`.
-    config : ExperimentConfig or mapping
+    config : ExperimentConfig, mapping or path
         Its `merge_config` (`activation_threshold`, `filter_dead_threshold`, `module_name_filter`) and
         `seq_mode`; with a `torch` source its `modules`, and with a model source its `chunk_size` and
         `memory_budget_gb`, unless given here.
@@ -170,7 +177,7 @@ def extract_and_process_activations(
 
 
 def process_data_batch(
-    config: ExperimentConfig | Mapping[str, Any],
+    config: ConfigLike,
     batch_path: PathLike,
     *,
     device: torch.device | str | None = None,
@@ -184,7 +191,7 @@ def process_data_batch(
 
     Parameters
     ----------
-    config : ExperimentConfig or mapping
+    config : ExperimentConfig, mapping or path
         The experiment; a `files` source's `value_range` and `layout` apply when it has one.
     batch_path : str or path
         A `.safetensors`, `.npz` or `.pt` file mapping module name -> `[batch, seq, C]` or `[samples, C]`.

@@ -137,7 +137,8 @@ def test_a_device_held_elsewhere_is_not_used(tmp_path):
 
     write_batches(tmp_path / "batches", ["x0", "x1", "x2"])
     home = make_home(tmp_path / "home")
-    config = {"source": {"kind": "files", "directory": str(tmp_path / "batches")}, "merge_config": {"iters": 5}}
+    config = tmp_path / "experiment.yaml"  # a config file, its directory relative to it
+    config.write_text("source: {kind: files, directory: batches}\nmerge_config: {iters: 5}\n")
     processor = BatchProcessor(2, ["cpu:0", "cpu:1"], home=home)
     # As a pipeline step holds a device: the lock file of cpu:0 in the same instance's results folder.
     with lease_device(["cpu:0"], processor.lease_dir, holder={"step_key": "held_elsewhere"}, timeout_s=5):
@@ -186,8 +187,8 @@ def test_bad_arguments_say_what_was_expected(tmp_path):
         load_merge_histories(tmp_path)
     with pytest.raises(StorageError, match="at least one merge history file"):
         load_merge_histories([])
-    with pytest.raises(TypeError, match="expected an ExperimentConfig or a mapping"):
-        process_data_batch("config.yaml", tmp_path / "b.npz")
+    with pytest.raises(TypeError, match="expected an ExperimentConfig, a mapping of its keys or a config file path"):
+        process_data_batch(42, tmp_path / "b.npz")
 
 
 def test_history_files_round_trip_and_read_the_pipelines(scripted, tmp_path):
