@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +98,8 @@ def extract_and_process_activations(
     ----------
     model : torch.nn.Module
         An SPD `ComponentModel` (from `spd.models.component_model`; anything with `calc_causal_importances`
-        and `module_to_c`), or any torch module. It runs where its parameters are; the batch is moved there.
+        and `module_to_c`), or any torch module. It runs where its parameters are (the batch is moved there),
+        in eval mode (its own mode is restored afterwards).
     batch : torch.Tensor or numpy.ndarray
         The model input: token ids `[sequences, seq_len]`, or (SPD toy models) feature rows `[rows, features]`.
     config : ExperimentConfig, mapping or path
@@ -149,31 +151,47 @@ def extract_and_process_activations(
                           f"got shape {tuple(inputs.shape)}")
     device = next(model.parameters(), torch.empty(0)).device
     size = chunk_size or len(inputs)
-
-    if is_component_model(model):
-        def spd_chunks() -> Iterator[dict[str, torch.Tensor]]:
-            for start in range(0, len(inputs), size):
-                yield causal_importances(model, inputs[start : start + size].to(device))
-
-        chunks: Iterator[dict[str, torch.Tensor]] = spd_chunks()
-    else:
-        patterns = modules if modules is not None else source.modules if isinstance(source, TorchSourceConfig) else None
-        if not patterns:
-            raise SourceError(f"modules: a {type(model).__name__} needs glob patterns over its module names "
-                              "(modules=..., or a torch source's source.modules); expected e.g. ['encoder.layer.*.mlp']")
-        names = match_modules(model, list(patterns))
-        chunks = hooked_forward(model, names, inputs.cpu().numpy(), chunk_size=size, device=device)
-
-    # The widths and sample dimensions are those of the first chunk's outputs; the rest stream after it.
-    first = next(chunks)
-    widths = {name: int(values.shape[-1]) for name, values in first.items()}
-    sample_dims = (len(inputs), *next(iter(first.values())).shape[1:-1])
-    streamed = activations_from_chunks(
-        itertools.chain([first], chunks), module_widths=widths, activation_dims=tuple(int(d) for d in sample_dims),
-        merge_config=config.merge_config, seq_mode=config.seq_mode,
-        memory_budget_bytes=int(memory_budget_gb * BYTES_PER_GB),
-    )
+    # The sources run their models in eval mode (no dropout: activations must not depend on chance).
+    with _eval_mode(model):
+        if is_component_model(model):
+            chunks = _component_model_chunks(model, inputs, size, device)
+        else:
+            patterns = (modules if modules is not None
+                        else source.modules if isinstance(source, TorchSourceConfig) else None)
+            if not patterns:
+                raise SourceError(f"modules: a {type(model).__name__} needs glob patterns over its module names "
+                                  "(modules=..., or a torch source's source.modules); "
+                                  "expected e.g. ['encoder.layer.*.mlp']")
+            names = match_modules(model, list(patterns))
+            chunks = hooked_forward(model, names, inputs.cpu().numpy(), chunk_size=size, device=device)
+        # The widths and sample dimensions are those of the first chunk's outputs; the rest stream after it.
+        first = next(chunks)
+        widths = {name: int(values.shape[-1]) for name, values in first.items()}
+        sample_dims = (len(inputs), *(int(d) for d in next(iter(first.values())).shape[1:-1]))
+        streamed = activations_from_chunks(
+            itertools.chain([first], chunks), module_widths=widths, activation_dims=sample_dims,
+            merge_config=config.merge_config, seq_mode=config.seq_mode,
+            memory_budget_bytes=int(memory_budget_gb * BYTES_PER_GB),
+        )
     return streamed.processed
+
+
+def _component_model_chunks(model: nn.Module, inputs: torch.Tensor, size: int,
+                            device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
+    """The `spd` source's causal importances, chunk by chunk."""
+    for start in range(0, len(inputs), size):
+        yield causal_importances(model, inputs[start : start + size].to(device))
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """`model` in eval mode for the block, then in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def process_data_batch(

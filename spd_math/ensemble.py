@@ -84,8 +84,9 @@ class NormalizedEnsemble:
 
 @dataclass(frozen=True, init=False, repr=False, eq=False)
 class NormalizedHistories(NormalizedEnsemble):
-    """An aligned ensemble under the names of the original research code: `merges_array`, `component_labels`
-    and `metadata` (what its `MergeHistoryEnsemble.normalized()` returns, and its `ensemble_meta.json` holds).
+    """An aligned ensemble (docs/math.md §8) under the names of the original research code: `merges_array`,
+    `component_labels` and `metadata` (what its `MergeHistoryEnsemble.normalized()` returns, and its
+    `ensemble_meta.json` holds).
 
     It is a `NormalizedEnsemble` (what `normalize_ensemble` returns), so everything that takes one takes it:
     `merges` is `merges_array`, `labels` is `component_labels`.
@@ -133,8 +134,7 @@ class NormalizedHistories(NormalizedEnsemble):
         if metadata is not None and not isinstance(metadata, Mapping):
             raise EnsembleError(f"metadata: expected a mapping, got {type(metadata).__name__}")
         object.__setattr__(self, "merges", merges)
-        object.__setattr__(self, "labels", list(component_labels) if not isinstance(component_labels, list)
-                           else component_labels)
+        object.__setattr__(self, "labels", component_labels)
         object.__setattr__(self, "present", present)
         object.__setattr__(self, "metadata", MappingProxyType(dict(metadata or {})))
         self.__post_init__()
@@ -175,7 +175,7 @@ class NormalizedHistories(NormalizedEnsemble):
 @dataclass(frozen=True)
 class MergeHistoryEnsemble:
     """The merge histories of an ensemble's members, in member order (the original research code's
-    `MergeHistoryEnsemble`): aligned by `normalized()`, compared by `get_distances()`.
+    `MergeHistoryEnsemble`): aligned by `normalized()` (docs/math.md §8), compared by `get_distances()` (§9).
 
     Parameters
     ----------

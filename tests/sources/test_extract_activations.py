@@ -65,9 +65,15 @@ def test_module_patterns_given_directly_and_a_tensor_batch(minilm, torch_source_
     config = parse_config({"source": torch_source_values})
     batch = minilm.token_batch("member_000", config.member_seed("member_000"))
     theirs = steps.model_activations(minilm, batch, config, "member_000", CPU).value
-    # A config without a torch source: the patterns come as an argument, the batch as a tensor, in one chunk.
-    ours = extract_and_process_activations(minilm.loaded.model, torch.from_numpy(batch.inputs), {},
-                                           modules=[MINILM_MODULES])
+    # A config without a torch source: the patterns come as an argument, the batch as a tensor, in one chunk;
+    # a model left in training mode (dropout on) runs in eval mode as the source's, and is left as it was.
+    model = minilm.loaded.model
+    model.train()
+    try:
+        ours = extract_and_process_activations(model, torch.from_numpy(batch.inputs), {}, modules=[MINILM_MODULES])
+        assert model.training
+    finally:
+        model.eval()
     assert same_processed(ours, theirs)
 
 
