@@ -139,6 +139,9 @@ class NormalizedHistories(NormalizedEnsemble):
         object.__setattr__(self, "metadata", MappingProxyType(dict(metadata or {})))
         self.__post_init__()
 
+    def __reduce__(self):  # the read-only metadata view cannot be pickled itself: rebuilt from a dict
+        return _normalized_histories, (self.merges, self.labels, dict(self.metadata), self.present)
+
     def __repr__(self) -> str:  # short: no tensors or label lists
         return f"NormalizedHistories({self.n_members} members, {self.n_iters:,} iterations, {len(self.labels):,} labels)"
 
@@ -170,6 +173,11 @@ class NormalizedHistories(NormalizedEnsemble):
             raise EnsembleError("histories: their labels are not the ensemble's labels; expected the histories the "
                                 "ensemble was aligned from, in its member order")
         return cls(ensemble.merges, ensemble.labels, _metadata(histories, ensemble.labels), present=ensemble.present)
+
+
+def _normalized_histories(merges: torch.Tensor, labels: list[str], metadata: dict[str, Any],
+                          present: torch.Tensor) -> NormalizedHistories:
+    return NormalizedHistories(merges, labels, metadata, present=present)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import doctest
 import importlib
 import json
+import pickle
 import re
 import subprocess
 import sys
@@ -115,6 +116,9 @@ def test_normalized_and_distances_are_the_pipelines(scripted):
     assert metadata["config"] == config.merge_config.to_dict()
     assert [entry["seed"] for entry in metadata["history_metadatas"]] == [config.member_seed(m) for m in MEMBERS]
     json.dumps(dict(metadata))  # the original's ensemble_meta.json is this metadata as JSON
+    copied = pickle.loads(pickle.dumps(normalized))  # e.g. to or from worker processes
+    assert torch.equal(copied.merges, normalized.merges) and copied.metadata == normalized.metadata
+    assert copied.component_labels == normalized.component_labels and torch.equal(copied.present, normalized.present)
     assert torch.equal(namespace["distances"], results.distances["perm_invariant_hamming"])
     from spd_math import compute_distances
 
