@@ -56,16 +56,39 @@ def _experiment_rows(store: ResultsStore, table: str, experiment: str) -> pl.Dat
 
 @dataclass(frozen=True)
 class ClusteringResults:
-    """One experiment's results: its config, histories by member, the aligned ensemble, distances by method, the
-    consensus clusters and the result tables (table name -> Polars DataFrame, this experiment's rows).
+    """One experiment's results: histories by member, the aligned ensemble, distances by method, the consensus
+    clusters and the result tables (table name -> Polars DataFrame, this experiment's rows).
 
-    `normalized` is the aligned ensemble under the original research code's names (`NormalizedHistories`: `merges_array`,
-    `component_labels`, `metadata`); `ensemble` adds the member partition keys and the missing members.
+    Returned by `cluster_analysis_pipeline`, or read back later with `ClusteringResults.load`; frozen.
+
+    Attributes
+    ----------
+    experiment : str
+    config : ExperimentConfig
+        The registered config the results are of.
+    home : Path
+        The Dagster instance (DAGSTER_HOME) they live in.
+    histories : mapping of str to spd_math.MergeHistory
+        Each member's merge history, in ensemble order.
+    ensemble : MemberEnsemble
+        The histories aligned on the union of labels (`ensemble.ensemble`), the members used and missing.
+    normalized : spd_math.NormalizedHistories
+        The same alignment under the original research code's names (`merges_array`, `component_labels`,
+        `metadata`), with the metadata of the member histories.
+    distances : mapping of str to torch.Tensor
+        Method -> `[iterations, members, members]` distances.
+    consensus : ConsensusClusters
+        The consensus clusters, the iteration and the rule that chose it.
+    tables : mapping of str to polars.DataFrame
+        Every result table's rows of this experiment.
 
     Examples
     --------
+    >>> from spd_assets import ClusteringResults
     >>> results = ClusteringResults.load("default")                        # doctest: +SKIP
-    >>> results.consensus.iteration, results.tables["consensus_clusters"]  # doctest: +SKIP
+    >>> results.consensus.iteration, results.consensus.rule                 # doctest: +SKIP
+    (472, "median over members of each member's MDL-loss minimum")
+    >>> results.tables["consensus_clusters"].sort("size", descending=True)  # doctest: +SKIP
     >>> results.normalized.merges_array.shape, results.config.merge_config.iters  # doctest: +SKIP
     """
 

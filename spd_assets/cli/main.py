@@ -13,6 +13,7 @@ from spd_assets.errors import SpdClusterError
 
 
 def print_clusters(args) -> int:
+    """`spd-cluster clusters`: one member's or the consensus clusters as JSON; the exit status."""
     import json
 
     from spd_assets.cli.clusters import ensemble_clusters, member_clusters
@@ -34,6 +35,7 @@ def print_clusters(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `spd-cluster` command line; the exit status."""
     parser = argparse.ArgumentParser(prog="spd-cluster", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="materialize every asset of an experiment (the embedded default without --config)")
@@ -78,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_doctor(args) -> int:
+    """`spd-cluster doctor`: compare Dagster's record with the files and processes, repair; the exit status."""
     from dagster import DagsterInstance
 
     from spd_assets.cli.doctor import examine, report

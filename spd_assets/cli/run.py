@@ -41,7 +41,7 @@ class _Printer(Progress):
         if plan.activation_shape is not None:
             samples, components = plan.activation_shape
             print(f"activations: {samples:,} samples x {components:,} components per member "
-                  f"({storage_of(plan.activation_bytes)})")
+                  f"({storage_of(plan.activation_bytes, plan.memory_budgeted)})")
         limit = plan.pool_limit if plan.pool_limit is not None else "none"
         print(f"devices: {', '.join(plan.devices)} (executor {plan.executor}); at most {plan.merges_at_once} merges "
               f"at once (pool {plan.pool!r} limit {limit}, across runs)")

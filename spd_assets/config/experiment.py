@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import re
@@ -82,7 +83,34 @@ SourceBlock = Annotated[Union[tuple(SOURCE_CONFIGS.values())], Field(discriminat
 
 
 class ExperimentConfig(_Strict):
-    """Everything that determines an experiment's results."""
+    """Everything that determines an experiment's results: one YAML file's keys, validated, defaults filled in.
+
+    Parameters
+    ----------
+    name : str, default "default"
+        The experiment's name: the prefix of its asset keys, its group in the UI, the `experiment` column.
+    source : SourceConfig, default the synthetic source
+        Where the activations come from: one of `spd_assets.config.SOURCE_CONFIGS`, chosen by its `kind`.
+    seq_mode : {"concat", "seq_mean", None}, default "concat"
+        Tokens (`concat`) or sequences (`seq_mean`) are the samples; None for `[samples, C]` activations.
+    merge_config : spd_math.MergeConfig
+        The merge, given with the original research keys; parsed once, written back with the same keys.
+    distance_methods : tuple of str, default both
+        Names in `spd_math.DISTANCE_METHODS`.
+    base_seed : int, default 0
+        Each member's seed derives from it and the member's partition key (`member_seed`).
+    consensus : ConsensusConfig
+        Where the consensus clusters are taken and how many members must agree.
+
+    Examples
+    --------
+    >>> from spd_assets.config import parse_config
+    >>> config = parse_config({"name": "alpha_half", "merge_config": {"alpha": 0.5, "iters": 200}})
+    >>> config.merge_config.alpha, config.merge_config.activation_threshold, config.source.kind
+    (0.5, 0.01, 'synthetic')
+    >>> config.config_hash == parse_config({"name": "alpha_half", "merge_config": {"iters": 200, "alpha": 0.5}}).config_hash
+    True
+    """
 
     name: str = Field("default", description="experiment name: asset key prefix and `experiment` column")
     source: SourceBlock = Field(default_factory=SyntheticSourceConfig)
@@ -131,19 +159,75 @@ class ExperimentConfig(_Strict):
         return (self.base_seed * 1_000_003 + zlib.crc32(partition_key.encode())) % 2**63
 
 
+def _model_at(loc: list[str]) -> type[BaseModel] | None:
+    """The config model whose keys sit at `loc` (an error's location, the source's kind included), or None."""
+    model: type[BaseModel] | None = ExperimentConfig
+    parts = list(loc)
+    while parts and model is not None:
+        part = parts.pop(0)
+        if model is ExperimentConfig and part == "source":
+            model = SOURCE_CONFIGS.get(parts.pop(0)) if parts else None
+            continue
+        field = model.model_fields.get(part)
+        annotation = field.annotation if field is not None else None
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return model
+
+
 def _describe(error: ValidationError) -> str:
+    """Each problem on a line: the key as written in the file (`source.n_members`), what was wrong, and for an
+    unknown key the known keys it may have meant."""
     lines = []
     for problem in error.errors():
-        where = ".".join(str(part) for part in problem["loc"]) or "(top level)"
+        loc = [str(part) for part in problem["loc"]]
+        # The discriminated union adds the source's kind to the path (source.synthetic.n_members): not a key.
+        written = [part for index, part in enumerate(loc) if not (index == 1 and loc[0] == "source" and part in SOURCE_CONFIGS)]
+        where = ".".join(written) or "(top level)"
         message = problem["msg"].removeprefix("Value error, ")
         value = problem.get("input")
         shown = "" if isinstance(value, dict) or problem["type"] == "missing" else f" (got {value!r})"
+        if problem["type"] == "extra_forbidden":
+            model = _model_at(loc[:-1])
+            known = sorted(model.model_fields) if model is not None else []
+            close = difflib.get_close_matches(loc[-1], known, n=1)
+            message = f"unknown key {loc[-1]!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+            if known:
+                message += f" (keys here: {', '.join(known)})"
+            shown = ""
         lines.append(f"  {where}: {message}{shown}")
     return "\n".join(lines)
 
 
 def parse_config(values: Any, *, origin: str = "config") -> ExperimentConfig:
-    """Validate a mapping (e.g. loaded YAML) into an ExperimentConfig, with every problem named."""
+    """Validate a mapping (e.g. loaded YAML) into an ExperimentConfig, with every problem named.
+
+    Parameters
+    ----------
+    values : mapping or None
+        The config's keys, as in a YAML file; None is the embedded default.
+    origin : str
+        What the values came from, named in the error message.
+
+    Returns
+    -------
+    ExperimentConfig
+
+    Raises
+    ------
+    ExperimentConfigError
+        Every key at fault on a line of its own, with what was expected (and the key meant, for a misspelling).
+
+    Examples
+    --------
+    >>> from spd_assets.config import parse_config
+    >>> parse_config({"source": {"kind": "synthetic", "n_members": 3}}).source.n_members
+    3
+    >>> parse_config({"source": {"kind": "synthetic", "n_member": 3}}, origin="my.yaml")
+    Traceback (most recent call last):
+    ...
+    spd_assets.errors.ExperimentConfigError: my.yaml is invalid:
+      source.n_member: unknown key 'n_member'; did you mean 'n_members'? (keys here: batch_size, kind, n_members, params)
+    """
     if values is None:
         values = {}
     if not isinstance(values, dict):
@@ -187,7 +271,32 @@ class LoadedConfig:
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> ExperimentConfig:
     """Read a YAML experiment config, or an original research config (None: the embedded default), and apply
-    `--set` overrides."""
+    `--set` overrides.
+
+    Parameters
+    ----------
+    path : path or None
+        An experiment config (YAML), or an original clustering run, pipeline or flat config (YAML or JSON);
+        relative paths in it are relative to its folder. None: the embedded default.
+    overrides : list of str
+        `KEY=VALUE` settings applied on top, values read as YAML (`["merge_config.alpha=0.5"]`).
+
+    Returns
+    -------
+    ExperimentConfig
+
+    Raises
+    ------
+    ExperimentConfigError
+        The file is missing or unreadable, or its values are invalid (every key at fault named).
+
+    Examples
+    --------
+    >>> from spd_assets.config import load_config
+    >>> config = load_config(None, ["name=alpha_half", "merge_config.alpha=0.5"])
+    >>> config.name, config.merge_config.alpha
+    ('alpha_half', 0.5)
+    """
     return load_config_file(path, overrides).config
 
 

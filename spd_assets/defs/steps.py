@@ -17,7 +17,7 @@ import polars as pl
 import torch
 
 from spd_assets.analysis import explorer, plots
-from spd_assets.analysis.consensus import co_association, ensemble_consensus
+from spd_assets.analysis.consensus import boundary_warning, co_association, ensemble_consensus
 from spd_assets.analysis.contexts import cluster_contexts
 from spd_assets.config import ExperimentConfig
 from spd_assets.errors import NoMembersError
@@ -76,6 +76,7 @@ def _numpy(values) -> np.ndarray | None:
 
 
 def markdown_table(header: list[str], rows: list[list[object]]) -> Markdown:
+    """A Markdown table (shown rendered in the UI's metadata) of `rows` under `header`."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
     return Markdown("\n".join(lines))
@@ -255,9 +256,11 @@ def consensus_clusters(ensemble: MemberEnsemble, histories: Mapping[str, MergeHi
     iteration = consensus.iteration
     frame = tables.consensus_components(config.name, consensus)
     clustered = consensus.cluster_of >= 0
+    warning = boundary_warning(config.consensus, [histories[member] for member in ensemble.members], ensemble.members)
     metadata = {
         "iteration": iteration,
         "rule": consensus.rule,
+        **({"minimum_at_last_iteration": warning} if warning else {}),
         "member_choices": dict(zip(consensus.members, consensus.member_iterations)),
         "threshold": consensus.threshold,
         "clusters": consensus.n_clusters,

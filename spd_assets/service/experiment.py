@@ -70,7 +70,8 @@ class ExperimentPlan:
     home: Path
     members: list[str]
     activation_shape: tuple[int, int] | None  # (samples, components) of one member, where known before running
-    activation_bytes: int | None  # of the dense matrix in continuous mode; None: compact (entries above a threshold)
+    activation_bytes: int | None  # of the dense matrix; None: compact (only the entries above the threshold)
+    memory_budgeted: bool  # streamed within the source's memory budget
     devices: list[str]
     executor: str
     pool: str
@@ -235,7 +236,8 @@ def run_experiment(
     log_path.parent.mkdir(parents=True, exist_ok=True)
     plan = ExperimentPlan(
         experiment=config.name, config_hash=config.config_hash, home=home, members=members,
-        activation_shape=checked.activation_shape, activation_bytes=checked.activation_bytes, devices=devices,
+        activation_shape=checked.activation_shape, activation_bytes=checked.activation_bytes,
+        memory_budgeted=checked.memory_budgeted, devices=devices,
         executor=settings.executor, pool=DEVICE_POOL, pool_limit=limit, merges_at_once=at_once,
         parallel=parallel or members_at_once(settings, devices, limit), log_path=log_path,
     )

@@ -81,6 +81,15 @@ class ActivationSource(ABC, Generic[ConfigT]):
     def load_batch(self, member: str, seed: int) -> Mapping[str, torch.Tensor]:
         """Module name -> causal importances `[batch, seq, C]` or `[samples, C]` of one member."""
 
+    def module_widths(self) -> dict[str, int] | None:
+        """Components of each module, where known before any batch is loaded (None: not known)."""
+        return None
+
+    def activation_dims(self) -> tuple[int, ...] | None:
+        """Leading dimensions of one member's activations, `(sequences, seq_len)` or `(rows,)`, where known before
+        any batch is loaded (None: not known)."""
+        return None
+
     def planted_partition(self, labels: list[str]) -> np.ndarray:
         """The known group of each label (only where `has_planted_truth`)."""
         raise NotImplementedError(f"the {self.kind} source has no planted truth")

@@ -152,7 +152,24 @@ def _model(params: tuple[tuple[str, Any], ...]) -> SyntheticModel:
 
 
 class SyntheticSource(ActivationSource[SyntheticSourceConfig]):
-    """The embedded default: a synthetic model, one batch per member, and the planted truth to check against."""
+    """The embedded default: a synthetic model, one batch per member, and the planted truth to check against.
+
+    Parameters
+    ----------
+    config : SyntheticSourceConfig
+        `params` (overrides of `SyntheticParams`), `batch_size` (sequences per member), `n_members`.
+
+    Examples
+    --------
+    >>> from spd_assets.config.sources import SyntheticSourceConfig
+    >>> from spd_assets.sources import SyntheticSource
+    >>> source = SyntheticSource(SyntheticSourceConfig(n_members=2, batch_size=4, params={"n_layers": 1, "n_planted_groups": 10}))
+    >>> source.member_keys()
+    ['member_000', 'member_001']
+    >>> batch = source.load_batch("member_000", seed=0)
+    >>> list(batch)[:2], tuple(batch["layers.0.attn.q"].shape)
+    (['layers.0.attn.q', 'layers.0.attn.k'], (4, 96, 31))
+    """
 
     kind = "synthetic"
     config_type = SyntheticSourceConfig
@@ -169,6 +186,12 @@ class SyntheticSource(ActivationSource[SyntheticSourceConfig]):
 
     def load_batch(self, member: str, seed: int) -> dict[str, torch.Tensor]:
         return generate_batch(self.model, seed=seed, batch_size=self.config.batch_size)
+
+    def module_widths(self) -> dict[str, int]:
+        return dict(self.model.module_sizes)
+
+    def activation_dims(self) -> tuple[int, int]:
+        return (self.config.batch_size, self.model.params.seq_len)
 
     def planted_partition(self, labels: list[str]) -> np.ndarray:
         return self.model.planted_partition(labels)

@@ -41,7 +41,7 @@ def test_run_while_a_user_queries_the_database(tmp_path):
         reader.close()
     assert seen, "the run finished before any query ran"
     assert final == 2 * 30
-    assert "2/2 members" in stdout and "ensemble and distances materialized" in stdout
+    assert "2/2 members" in stdout and "ensemble, distances and consensus materialized" in stdout
     assert str(home / "spd_cluster.duckdb") in stdout and "dagster dev" in stdout
 
 
