@@ -70,3 +70,19 @@ class ContextsError(SpdClusterError, ValueError):
 
 class PipelineError(SpdClusterError, RuntimeError):
     """The ensemble could not be materialized; the message gives the first failure."""
+
+
+class QueryRefused(SpdClusterError, ValueError):
+    """A query over the results tried what queries may not do (write, read other files, reach the network, load
+    extensions, attach databases, change settings); the message says what a query may do."""
+
+
+class BatchProcessingError(SpdClusterError, RuntimeError):
+    """Batches failed in a `BatchProcessor` run; the message names each failed batch and its error.
+
+    `completed` maps each batch that did finish (its path, as given) to its merge history.
+    """
+
+    def __init__(self, message: str, completed: dict | None = None) -> None:
+        super().__init__(message)
+        self.completed = completed or {}
