@@ -45,3 +45,13 @@ class DeviceError(SpdClusterError, RuntimeError):
 
 class UsageError(SpdClusterError, ValueError):
     """A command-line argument is out of range for the stored results; the message names the argument."""
+
+
+class ExportError(SpdClusterError, ValueError):
+    """Results cannot be written in the original pipeline's or the SPD app's format; the message says what is
+    missing or out of range and what was expected."""
+
+
+class HistoryFileError(SourceError):
+    """A history file of the `histories` source is missing, in neither original format, or does not belong with
+    the other histories; the message names the file and the problem."""
