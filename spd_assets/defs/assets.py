@@ -133,8 +133,11 @@ def experiment_assets(
     Dagster concurrency pool `DEVICE_POOL`; `device_op_tags` go on those steps (e.g. Kubernetes GPU limits).
     """
     build = _ExperimentAssetBuilder(config, members, device_op_tags)
-    member_assets = [*([build.token_batches()] if build.has_token_batches else []),
-                     build.component_activations(), build.merge_history()]
+    if build.has_histories:
+        member_assets = [build.stored_history()]
+    else:
+        member_assets = [*([build.token_batches()] if build.has_token_batches else []),
+                         build.component_activations(), build.merge_history()]
     ensemble_assets = [build.normalized_ensemble(), build.distance_matrices(), build.consensus_clusters(),
                        build.cluster_explorer(), build.experiments()]
     # Every asset above is recorded: values with what they consumed, tables with their files.
@@ -161,6 +164,7 @@ class _ExperimentAssetBuilder:
         self.has_planted_truth = source_class.has_planted_truth
         self.has_token_batches = source_class.has_token_batches
         self.needs_device = source_class.needs_device
+        self.has_histories = source_class.has_histories
         self.device_op_tags = device_op_tags
 
     def key(self, asset_name: str) -> AssetKey:
@@ -321,6 +325,41 @@ class _ExperimentAssetBuilder:
                 yield checks.planted_truth_recovered(history, source.planted_partition(history.labels))
 
         return merge_history
+
+    def stored_history(self) -> AssetsDefinition:
+        """A member's merge history read from the source (past runs): no activations, no merge, no device."""
+
+        @multi_asset(
+            name=self.op_name("merge_history"),
+            outs={
+                "merge_history": self.value_out(
+                    "merge_history", MergeHistory,
+                    "One member's merge history, read from the source's file (either original format) and stored "
+                    "in the original zip format.", {"torch"}),
+                "merge_events": self.table_out("merge_events"),
+                "membership_spans": self.table_out("membership_spans"),
+                "component_stats": self.table_out("component_stats"),
+            },
+            internal_asset_deps={
+                "merge_history": set(),
+                "merge_events": {self.key("merge_history")},
+                "membership_spans": {self.key("merge_history")},
+                "component_stats": {self.key("merge_history")},
+            },
+            partitions_def=self.partitions,
+            required_resource_keys={self.source_key},
+            check_specs=[self.member_check("partition_sizes", "the partition after iteration i has c - i - 1 groups")],
+        )
+        def stored_history(context: AssetExecutionContext) -> Iterator:
+            source = getattr(context.resources, self.source_key).source
+            result = steps.stored_history(source, self.config, context.partition_key)
+            history = result.value
+            context.log.info(f"read {result.metadata['file']} ({result.metadata['format']} format): "
+                             f"{history.c_components} components, {history.n_iters} iterations")
+            yield from self.emit("merge_history", result, [])
+            yield checks.partition_sizes(history)
+
+        return stored_history
 
     def normalized_ensemble(self) -> AssetsDefinition:
         key = self.key

@@ -25,6 +25,7 @@ from spd_assets.sources import ActivationSource, ModelSource
 from spd_assets.sources.streaming import activations_from_chunks
 from spd_assets.storage import tables
 from spd_assets.storage.lineage import Consumed, fingerprint
+from spd_assets.storage.schemas import TABLE_SCHEMAS
 from spd_assets.storage.values import ConsensusClusters, EnsembleDistances, ExplorerPage, MemberEnsemble, TokenBatch
 from spd_math import (
     MergeHistory,
@@ -200,6 +201,34 @@ def merge_history(activations: ProcessedActivations, config: ExperimentConfig, m
         "membership_spans": tables.membership_spans(config.name, member, history),
     }
     return StepResult(history, member_tables, metadata)
+
+
+def stored_history(source: ActivationSource, config: ExperimentConfig, member: str) -> StepResult:
+    """One member's merge history read from the source's file (a source with histories: no activations, no merge),
+    with its merge events and membership spans; `component_stats` is empty, as there are no activations."""
+    found = source.load_history(member)
+    history = found.history
+    mdl = history.mdl_losses.numpy() if history.mdl_losses is not None else None
+    metadata: dict[str, Any] = {
+        "file": str(source.history_file(member)),
+        "format": found.format,
+        "iterations": history.n_iters,
+        "components": history.c_components,
+        "final_k": int(history.k_groups[-1]) if history.n_iters else history.c_components,
+        "has_mdl_losses": mdl is not None,
+        **{key: value for key, value in found.extras.items() if value not in (None, {}, [])},
+    }
+    if mdl is not None and mdl.size:
+        best = int(np.argmin(mdl))
+        metadata.update(mdl_start=float(mdl[0]), mdl_end=float(mdl[-1]), mdl_min=float(mdl[best]),
+                        k_at_mdl_min=int(history.k_groups[best]))
+    member_tables = {
+        "merge_events": tables.merge_events(config.name, member, history),
+        "membership_spans": tables.membership_spans(config.name, member, history),
+        "component_stats": TABLE_SCHEMAS["component_stats"].empty(),
+    }
+    consumed = [Consumed(f"source:{source.kind}", member, fingerprint(history))]
+    return StepResult(history, member_tables, metadata, consumed)
 
 
 def normalized_ensemble(histories: Mapping[str, MergeHistory], members: list[str], config: ExperimentConfig) -> StepResult:
