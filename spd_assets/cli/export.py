@@ -77,22 +77,21 @@ def export_original(experiment: str, out: Path, *, spd_run: str | None = None, h
 
 
 def ensemble_export(results, spd_run: str | None = None):
-    """The `EnsembleExport` of loaded `ClusteringResults`."""
-    from spd_assets.storage.original_export import EnsembleExport, ensemble_id_for
+    """The `EnsembleExport` of loaded `ClusteringResults`; `spd_run` replaces the source's model as model_path."""
+    from spd_assets.defs.steps import ensemble_export as export_of
+    from spd_assets.sources import source_for
 
     config = results.config
-    members = list(results.ensemble.members)
-    return EnsembleExport(
-        experiment=config.name,
-        ensemble_id=ensemble_id_for(config.name, config.config_hash),
-        members=members,
-        histories=[results.histories[member] for member in members],
-        distances=dict(results.distances),
-        merge_config=config.merge,
-        model_path=_model_path(config, spd_run),
-        batch_size=getattr(config.source, "batch_size", None),
-        dataset_seeds=_dataset_seeds(config, members, results.histories),
-    )
+    try:
+        source = source_for(config.source)
+    except (SpdClusterError, OSError):
+        source = None
+    model_path = None
+    if spd_run is not None:
+        entity, project, run = _checked_run(spd_run).split("/")
+        model_path = f"wandb:{entity}/{project}/runs/{run}"
+    return export_of(config, list(results.ensemble.members), results.histories, results.distances, source,
+                     model_path=model_path)
 
 
 def export_spd_app(experiment: str, out: Path, *, member: str | None = None, iteration: int | None = None,
@@ -123,45 +122,28 @@ def export_spd_app(experiment: str, out: Path, *, member: str | None = None, ite
     return original.write_json(out, mapping), mapping
 
 
-def _model_path(config, spd_run: str | None) -> str:
-    """What the original's run config names as model_path: the wandb run, else the source's own model."""
-    from spd_assets.storage.original_export import spd_run_of
-
-    if spd_run is not None:
-        entity, project, run = _checked_run(spd_run).split("/")
-        return f"wandb:{entity}/{project}/runs/{run}"
-    source_path = source_model_path(config)
-    if source_path is not None and spd_run_of(source_path) is not None:
-        return source_path
-    return source_path or f"(spd-cluster {config.source.kind} source: no SPD run)"
-
-
-def source_model_path(config) -> str | None:
-    """The source's model: the `spd` source's model_path (or its experiment_key's canonical run), a histories
-    source's recorded model_path, else None."""
-    source = config.source
-    path = getattr(source, "model_path", None)
-    if path is None and getattr(source, "experiment_key", None) is not None:
-        from spd_assets.sources import source_for
-
-        try:
-            path = source_for(source).model_path
-        except SpdClusterError:
-            path = None
-    return None if path is None else str(path)
-
-
 def _spd_run(config, spd_run: str | None) -> str:
     from spd_assets.storage.original_export import spd_run_of
 
     if spd_run is not None:
         return _checked_run(spd_run)
-    found = spd_run_of(source_model_path(config))
+    model = _model_of(config)
+    found = spd_run_of(model)
     if found is None:
         raise ExportError(f"experiment {config.name!r} names no wandb SPD run (its {config.source.kind} source's "
-                          f"model is {source_model_path(config)!r}); give the run the app has loaded with "
-                          "--spd-run ENTITY/PROJECT/RUN")
+                          f"model is {model!r}); give the run the app has loaded with --spd-run ENTITY/PROJECT/RUN")
     return found
+
+
+def _model_of(config) -> str | None:
+    from spd_assets.defs.steps import source_model_path
+    from spd_assets.sources import source_for
+
+    try:
+        source = source_for(config.source)
+    except (SpdClusterError, OSError):
+        source = None
+    return source_model_path(config, source)
 
 
 def _checked_run(spd_run: str) -> str:
@@ -171,15 +153,3 @@ def _checked_run(spd_run: str) -> str:
     if found is None:
         raise ExportError(f"--spd-run: expected ENTITY/PROJECT/RUN (e.g. goodfire/spd/0d2lld8j), got {spd_run!r}")
     return found
-
-
-def _dataset_seeds(config, members: list[str], histories) -> list[int]:
-    """Each member's batch seed as the source draws it (the `spd` source: dataset_seed + index, the original's
-    rule); a history's recorded seed where the source cannot say."""
-    from spd_assets.sources import source_for
-
-    try:
-        source = source_for(config.source)
-        return [int(source.batch_seed(member, config.member_seed(member))) for member in members]
-    except (SpdClusterError, OSError):
-        return [int(histories[member].seed or 0) for member in members]

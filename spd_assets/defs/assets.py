@@ -35,6 +35,7 @@ from dagster import (
     AssetOut,
     AssetsDefinition,
     DataVersion,
+    MaterializeResult,
     MetadataValue,
     Output,
     PreviewWarning,
@@ -58,7 +59,7 @@ from spd_assets.defs.lineage import (
 )
 from spd_assets.defs.resources import ActivationSourceResource, DevicePoolResource, source_resource_key
 from spd_assets.sources import SOURCES
-from spd_assets.storage import tables
+from spd_assets.storage import original_export, tables
 from spd_assets.storage.lineage import Consumed, fingerprint, lineage_tables
 from spd_assets.storage.schemas import TABLE_SCHEMAS
 from spd_assets.storage.values import (
@@ -78,6 +79,9 @@ DEVICE_POOL_KEY = "device_pool"
 # Bump when a change to an asset's code changes its results (Dagster marks downstream stale).
 CODE_VERSION = "1"
 OUT_OF_MEMORY_RETRIES = 3
+# Files the ensemble steps write for the original's tools and the SPD app, in the experiment's results folder.
+ORIGINAL_FOLDER = "original"
+SPD_APP_MAPPING = "spd_app_cluster_mapping.json"
 OUT_OF_MEMORY_WAIT_S = 30
 
 
@@ -139,7 +143,7 @@ def experiment_assets(
         member_assets = [*([build.token_batches()] if build.has_token_batches else []),
                          build.component_activations(), build.merge_history()]
     ensemble_assets = [build.normalized_ensemble(), build.distance_matrices(), build.consensus_clusters(),
-                       build.cluster_explorer(), build.experiments()]
+                       build.cluster_explorer(), build.original_ensemble_folder(), build.experiments()]
     # Every asset above is recorded: values with what they consumed, tables with their files.
     recorded = [key for asset in [*member_assets, *ensemble_assets] for key in asset.keys]
     ensemble_assets.append(build.lineage(recorded))
@@ -441,13 +445,19 @@ class _ExperimentAssetBuilder:
                 "consensus_clusters": {key("normalized_ensemble"), key("merge_history"), key("distance_matrices")},
                 "consensus_components": {key("consensus_clusters")},
             },
-            required_resource_keys={self.source_key},
+            required_resource_keys={self.source_key, STORAGE_KEY},
         )
         def consensus_clusters(context: AssetExecutionContext, ensemble: MemberEnsemble,
                                histories: dict[str, MergeHistory], distances: EnsembleDistances) -> Iterator:
             source = getattr(context.resources, self.source_key).source
             truth = source.planted_partition(ensemble.ensemble.labels) if self.has_planted_truth else None
             result = steps.consensus_clusters(ensemble, histories, distances, self.config, truth)
+            mapping = steps.spd_app_mapping(result.value, self.config, source)
+            if mapping is not None:  # the SPD app's JSON, for a source that names the wandb run the app loads
+                store = getattr(context.resources, STORAGE_KEY).store
+                path = original_export.write_json(store.experiment_dir(self.name) / SPD_APP_MAPPING, mapping)
+                result.metadata["spd_app_mapping"] = path
+                context.log.info(f"SPD app cluster mapping for {mapping['spd_run']}: {path}")
             context.log.info(f"{result.metadata['clusters']} consensus clusters at iteration "
                              f"{result.value.iteration} ({result.value.rule})")
             consumed = [
@@ -498,6 +508,41 @@ class _ExperimentAssetBuilder:
             yield from self.emit("cluster_explorer", result, consumed)
 
         return cluster_explorer
+
+    def original_ensemble_folder(self) -> AssetsDefinition:
+        key = self.key
+
+        @asset(
+            key=key("original_ensemble_folder"),
+            ins={"ensemble": AssetIn(key=key("normalized_ensemble")), "histories": AssetIn(key=key("merge_history")),
+                 "distances": AssetIn(key=key("distance_matrices"))},
+            group_name=self.name,
+            kinds={"folder"},
+            code_version=CODE_VERSION,
+            required_resource_keys={self.source_key, STORAGE_KEY},
+            description="The original pipeline's ensemble folder, run folders and registry rows (under "
+                        f"spd_cluster/<experiment>/{ORIGINAL_FOLDER}/, laid out as its SPD_OUT_DIR): what its "
+                        "get_cluster_mapping and calc_distances read.",
+        )
+        def original_ensemble_folder(context: AssetExecutionContext, ensemble: MemberEnsemble,
+                                     histories: dict[str, MergeHistory], distances: EnsembleDistances) -> MaterializeResult:
+            source = getattr(context.resources, self.source_key).source
+            out = getattr(context.resources, STORAGE_KEY).store.experiment_dir(self.name) / ORIGINAL_FOLDER
+            result = steps.original_ensemble_folder(ensemble, histories, distances, self.config, source, out)
+            context.log.info(f"the original's ensemble folder: {result.metadata['path']}")
+            consumed = [
+                *self.consumed(context, "normalized_ensemble", {None: ensemble}),
+                *self.consumed(context, "merge_history", {member: histories[member] for member in ensemble.members}),
+                *self.consumed(context, "distance_matrices", {None: distances}),
+            ]
+            metadata = {
+                **_dagster_metadata(result.metadata),
+                CONFIG_HASH_METADATA_KEY: self.config.config_hash,
+                CONSUMED_METADATA_KEY: MetadataValue.json([item.to_json() for item in consumed]),
+            }
+            return MaterializeResult(metadata=metadata, data_version=DataVersion(fingerprint([ensemble, distances])))
+
+        return original_ensemble_folder
 
     def experiments(self) -> AssetsDefinition:
         config = self.config

@@ -24,6 +24,7 @@ own member, with the file and the problem named; the others are kept.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections import Counter
 from collections.abc import Mapping
@@ -42,6 +43,7 @@ from spd_assets.storage.original_histories import OriginalHistory, read_labels, 
 REGISTRY = "ensemble_registry.db"
 RUN_HISTORY = "history.zip"
 SEPTEMBER_HISTORY = "merge_history.zip"
+RUN_CONFIG = "clustering_run_config.json"
 _EXPECTED = (f"an original ensemble folder (beside ../../{REGISTRY}), the original's clustering/ folder (holding "
              f"{REGISTRY}), or a folder of .zip histories or of run folders holding {RUN_HISTORY} or {SEPTEMBER_HISTORY}")
 
@@ -173,6 +175,19 @@ class HistoriesSource(ActivationSource[HistoriesSourceConfig]):
         if not ranked or (len(ranked) == 2 and ranked[0][1] == ranked[1][1]):
             return None
         return ranked[0][0]
+
+    @cached_property
+    def model_path(self) -> str | None:
+        """The SPD run the histories' original run configs name (`clustering_run_config.json` beside a history's
+        file, as the original writes it), when one does."""
+        for path in self._files.values():
+            try:
+                found = json.loads((path.parent / RUN_CONFIG).read_text()).get("model_path")
+            except (OSError, ValueError, AttributeError):
+                continue
+            if isinstance(found, str):
+                return found
+        return None
 
     def load_batch(self, member: str, seed: int) -> Mapping[str, torch.Tensor]:
         raise SourceError(f"the histories source has no activations: member {member!r} is a stored merge history, "

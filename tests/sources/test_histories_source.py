@@ -14,6 +14,7 @@ import torch
 
 from spd_assets.cli.runs import first_failure_message
 from spd_assets.config import parse_config
+from spd_assets.defs.pipeline import cluster_analysis_pipeline
 from spd_assets.errors import HistoryFileError
 from spd_assets.results import ClusteringResults
 from spd_assets.sources import HistoriesSource, HistoriesSourceConfig, source_for
@@ -174,3 +175,28 @@ def test_past_runs_become_an_experiment_and_bad_files_fail_alone(tmp_path):
     assert results.explorer_path.exists()
     shutil.rmtree(runs)  # the stored histories are the experiment's own copies
     assert same_partitions(ClusteringResults.load("past", home=home).histories["a_current"], good[0])
+
+
+def test_an_imported_original_ensemble_gets_the_apps_mapping_and_its_own_original_folder(tmp_path):
+    """The registry's runs name a wandb SPD run: the consensus step writes the SPD app's mapping for it, and the
+    `original_ensemble_folder` asset writes the ensemble again, with the same histories."""
+    histories = [merged(seed) for seed in range(3)]
+    export = original_export.EnsembleExport(
+        experiment="before", ensemble_id="e-12345678", members=["m0", "m1", "m2"], histories=histories, distances={},
+        merge_config=MERGE, model_path="wandb:goodfire/spd/runs/abcd1234", batch_size=64, dataset_seeds=[0, 1, 2])
+    folder = original_export.write_original_ensemble(export, tmp_path / "spd_out")
+    home = tmp_path / "home"
+    results = cluster_analysis_pipeline({"name": "imported", "consensus": {"k": 8},
+                                         "source": {"kind": "histories", "directory": str(folder.ensemble_dir)}}, home=home)
+    experiment_dir = store_at(home).experiment_dir("imported")
+    mapping = json.loads((experiment_dir / "spd_app_cluster_mapping.json").read_text())
+    assert mapping["spd_run"] == "goodfire/spd/abcd1234" and mapping["n_iterations"] == results.consensus.iteration
+    clustered = {label for label, cluster in zip(results.consensus.labels, results.consensus.cluster_of) if cluster >= 0}
+    assert {label for label, cluster in mapping["clusters"].items() if cluster is not None} == clustered
+
+    ensemble_id = original_export.ensemble_id_for("imported", results.config.config_hash)
+    again = experiment_dir / "original" / "clustering"
+    meta = json.loads((again / "ensembles" / ensemble_id / "ensemble_meta.json").read_text())
+    assert meta["n_ensemble"] == 3 and meta["component_labels"] == sorted({x for h in histories for x in h.labels})
+    run_configs = [json.loads(p.read_text()) for p in sorted((again / "runs").glob("*/clustering_run_config.json"))]
+    assert {c["model_path"] for c in run_configs} == {"wandb:goodfire/spd/runs/abcd1234"}
