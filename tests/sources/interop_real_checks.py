@@ -65,7 +65,7 @@ def check_export(root: Path, ensemble_id: str, mapping_file: Path, consensus_fil
     import os
 
     os.environ["SPD_OUT_DIR"] = str(root)
-    from spd.app.backend.routers.clusters import ClusterMappingFile
+    ClusterMappingFile = _app_cluster_mapping_file()
     from spd.clustering.ensemble_registry import get_clustering_runs
     from spd.clustering.math.merge_distances import compute_distances
     from spd.clustering.merge_history import MergeHistory, MergeHistoryEnsemble
@@ -138,6 +138,21 @@ def check_export(root: Path, ensemble_id: str, mapping_file: Path, consensus_fil
                                 if their_mapping.get(k) != mapping.get(k) and k != "clusters"},
         "validated": validated,
     }
+
+
+def _app_cluster_mapping_file():
+    """The SPD app's `ClusterMappingFile`, from its own module (`spd/app/backend/routers/clusters.py`), loaded by file:
+    importing it as `spd.app.backend.routers.clusters` would first import every other router, which need more of the
+    app's web stack than the mapping does."""
+    import importlib.util
+
+    import spd
+
+    path = Path(spd.__file__).parent / "app" / "backend" / "routers" / "clusters.py"
+    spec = importlib.util.spec_from_file_location("spd_app_clusters", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.ClusterMappingFile
 
 
 def _array_findings(exported: np.ndarray, theirs: np.ndarray, histories, labels: list[str]) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import tarfile
 from pathlib import Path
@@ -35,27 +36,49 @@ pytestmark = pytest.mark.skipif(not SPD_REAL.is_dir(), reason=f"the real spd pac
 
 CHECKS = Path(__file__).with_name("interop_real_checks.py")
 SEPTEMBER = CACHE / "september-2025"
-PEP_695 = re.compile(r"^(?P<indent>\s*)(?P<kind>def|class) (?P<name>\w+)\[(?P<params>[^\]]*)\]")
+HEAD_WITH_APP = CACHE / "head-with-app"
+PEP_695 = re.compile(r"^(?P<indent>\s*)(?P<kind>def|class) (?P<name>\w+)\[")
+# Bump when the rewrite or the packages change, so that the cached set-up is made again.
+SETUP_VERSION = "4"
+# What its clustering code imports beyond the HEAD environment (its wandb tensor logging uses plotly).
+SEPTEMBER_PACKAGES = ["muutils", "plotly"]
+APP_PACKAGES = ["fastapi", "fire"]  # the app backend; get_cluster_mapping's command line
+
+
+def _split_parameters(text: str) -> list[str]:
+    """Top-level comma-separated parts of `text` (commas inside brackets belong to their part)."""
+    parts, depth, current = [], 0, ""
+    for char in text:
+        depth += char in "[(" and 1 or (char in "])" and -1 or 0)
+        if char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    return [part.strip() for part in [*parts, current] if part.strip()]
 
 
 def _rewrite_pep_695(source: str) -> str:
     """`def f[T: Bound, **P](...)` -> `def f(...)` with module-level TypeVars / ParamSpecs above its decorators;
     `class C[T](Base)` -> `class C(Base, Generic[T])`. Syntax only."""
-    lines = source.split("\n")
     output: list[str] = []
-    for line in lines:
+    for line in source.split("\n"):
         match = PEP_695.match(line)
         if not match:
             output.append(line)
             continue
-        names = [p.strip().split(":")[0].strip() for p in match["params"].split(",") if p.strip()]
+        depth, end = 1, match.end()
+        while depth:
+            depth += {"[": 1, "]": -1}.get(line[end], 0)
+            end += 1
+        names = [p.split(":")[0].strip() for p in _split_parameters(line[match.end():end - 1])]
         declarations = [f'{n[2:]} = __import__("typing").ParamSpec("{n[2:]}")' if n.startswith("**")
                         else f'{n.lstrip("*")} = __import__("typing").TypeVar("{n.lstrip("*")}")' for n in names]
         at = len(output)
         while at > 0 and output[at - 1].lstrip().startswith("@"):
             at -= 1
         output[at:at] = [match["indent"] + d for d in declarations]
-        rest = line[match.end():]
+        rest = line[end:]
         if match["kind"] == "class":
             generic = "__import__('typing').Generic[" + ", ".join(n.lstrip("*") for n in names) + "]"
             rest = f"({rest[1:-2]}, {generic}):" if rest.startswith("(") else f"({generic}):"
@@ -65,21 +88,43 @@ def _rewrite_pep_695(source: str) -> str:
 
 @pytest.fixture(scope="session")
 def september_path(spd_python) -> Path:
-    """The September 2025 source, runnable on 3.11 in the cached environment (with muutils, which it imports)."""
+    """The September 2025 source, runnable on 3.11 in the cached environment (with the packages it imports)."""
     with FileLock(str(CACHE.parent / "spd-september.lock")):
-        marker = SEPTEMBER / ".ready"
+        marker = SEPTEMBER / f".ready-{SETUP_VERSION}"
         if not marker.exists():
-            with tarfile.open(SPD_REAL / "spd-src-2025-09.tar.gz") as archive:
-                archive.extractall(SEPTEMBER, filter="data")
-            for path in (SEPTEMBER / "spd").rglob("*.py"):
-                text = path.read_text()
-                if PEP_695.search(text) or re.search(r"^\s*(def|class) \w+\[", text, re.M):
-                    path.write_text(_rewrite_pep_695(text))
-            installed = subprocess.run([str(spd_python), "-m", "pip", "install", "-q", "muutils"], capture_output=True,
+            shutil.rmtree(SEPTEMBER, ignore_errors=True)
+            _extract_for_py311(SPD_REAL / "spd-src-2025-09.tar.gz", SEPTEMBER)
+            installed = subprocess.run([str(spd_python), "-m", "pip", "install", "-q", *SEPTEMBER_PACKAGES], capture_output=True,
                                        text=True, timeout=SUBPROCESS_TIMEOUT_S)
             assert installed.returncode == 0, installed.stderr[-3000:]
             marker.write_text("ok")
     return SEPTEMBER
+
+
+@pytest.fixture(scope="session")
+def app_path(spd_python) -> Path:
+    """The HEAD source with every PEP 695 line rewritten (build.sh rewrites those the package's import needs; the
+    app's backend has more), to put first on PYTHONPATH, and what the backend imports besides spd's pinned
+    requirements (FastAPI; fire for get_cluster_mapping) in the cached environment."""
+    with FileLock(str(CACHE.parent / "spd-app.lock")):
+        marker = HEAD_WITH_APP / f".ready-{SETUP_VERSION}"
+        if not marker.exists():
+            shutil.rmtree(HEAD_WITH_APP, ignore_errors=True)
+            _extract_for_py311(SPD_REAL / "spd-src.tar.gz", HEAD_WITH_APP)
+            installed = subprocess.run([str(spd_python), "-m", "pip", "install", "-q", *APP_PACKAGES], capture_output=True,
+                                       text=True, timeout=SUBPROCESS_TIMEOUT_S)
+            assert installed.returncode == 0, installed.stderr[-3000:]
+            marker.write_text("ok")
+    return HEAD_WITH_APP
+
+
+def _extract_for_py311(tarball: Path, folder: Path) -> None:
+    with tarfile.open(tarball) as archive:
+        archive.extractall(folder, filter="data")
+    for path in (folder / "spd").rglob("*.py"):
+        text = path.read_text()
+        if re.search(r"^\s*(def|class) \w+\[", text, re.M):
+            path.write_text(_rewrite_pep_695(text))
 
 
 def _run(python: Path, *arguments: str, spd_out: Path, pythonpath: str | None = None) -> dict:
@@ -136,7 +181,7 @@ def test_histories_of_the_originals_head_and_september_code_read_to_their_own_pa
     assert np.array_equal(results.histories["m1"].group_idxs.numpy(), np.load(tmp_path / "september" / "m1" / "after_each_merge.npy"))
 
 
-def test_the_originals_code_reads_our_export_and_agrees(spd_python, tmp_path, monkeypatch, capsys):
+def test_the_originals_code_reads_our_export_and_agrees(spd_python, app_path, tmp_path, monkeypatch, capsys):
     home = tmp_path / "home"
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     batches = tmp_path / "batches"
@@ -160,7 +205,8 @@ def test_the_originals_code_reads_our_export_and_agrees(spd_python, tmp_path, mo
                         "--spd-run", "goodfire/spd/abcd1234"]) == 0
     ensemble_id = ensemble_id_for("exported", results.config.config_hash)
 
-    found = _run(spd_python, "check-export", str(out), ensemble_id, str(mapping), str(consensus), spd_out=out)
+    found = _run(spd_python, "check-export", str(out), ensemble_id, str(mapping), str(consensus), spd_out=out,
+                 pythonpath=f"{app_path}{os.pathsep}{PROJECT_ROOT}")
     assert found["runs"] and found["histories_equal"]
     array = found["array"]
     assert array["shape_equal"] and array["dtype"] == ["int16", "int16"], array
