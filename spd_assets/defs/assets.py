@@ -516,6 +516,9 @@ class _ExperimentAssetBuilder:
             key=key("original_ensemble_folder"),
             ins={"ensemble": AssetIn(key=key("normalized_ensemble")), "histories": AssetIn(key=key("merge_history")),
                  "distances": AssetIn(key=key("distance_matrices"))},
+            # The folder holds the distances the `distances` table is built from. Declaring that table also ranks this
+            # step after the distances step, so an asset backfill runs both in one tick.
+            deps=[key("distances"), key("ensemble_members")],
             group_name=self.name,
             kinds={"folder"},
             code_version=CODE_VERSION,
