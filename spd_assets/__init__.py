@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 
 _LAZY = {
-    "cluster_analysis_pipeline": "spd_assets.defs.pipeline",
+    "cluster_analysis_pipeline": "spd_assets.notebook",
     "ClusteringResults": "spd_assets.results",
 }
 

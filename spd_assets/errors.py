@@ -47,6 +47,31 @@ class UsageError(SpdClusterError, ValueError):
     """A command-line argument is out of range for the stored results; the message names the argument."""
 
 
+class HistoryFormatError(StorageError, ValueError):
+    """Not a valid merge history zip, or not writable as one; the message names the file and the problem."""
+
+
+class ExperimentChangedError(SpdClusterError, ValueError):
+    """An experiment is registered with another config or other members and has results; the message says what
+    changed and how to proceed."""
+
+
+class NoMembersError(SpdClusterError, RuntimeError):
+    """No member of an ensemble has a merge history to build it from."""
+
+
+class ConsensusError(SpdClusterError, ValueError):
+    """The consensus iteration cannot be chosen as configured; the message says why and what to set."""
+
+
+class ContextsError(SpdClusterError, ValueError):
+    """A member's activations do not match its token batch, so its contexts cannot be told."""
+
+
+class PipelineError(SpdClusterError, RuntimeError):
+    """The ensemble could not be materialized; the message gives the first failure."""
+
+
 class ExportError(SpdClusterError, ValueError):
     """Results cannot be written in the original pipeline's or the SPD app's format; the message says what is
     missing or out of range and what was expected."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -107,7 +108,9 @@ class MergeConfig:
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ConfigError(f"merge config: unknown key(s) {unknown}; expected only {sorted(known)}")
+            close = [match for key in unknown for match in difflib.get_close_matches(key, known, n=1)]
+            meant = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
+            raise ConfigError(f"merge config: unknown key(s) {unknown}{meant}; expected only {sorted(known)}")
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:

@@ -70,7 +70,7 @@ def test_unknown_merge_config_keys_are_named():
 def test_experiment_config_defaults_are_the_embedded_default():
     config = load_config(None)
     assert config.name == "default" and config.source.kind == "synthetic"
-    assert config.merge.iters is None
+    assert config.merge_config.iters is None
     assert parse_config({}).config_hash == config.config_hash
 
 

@@ -14,19 +14,21 @@ the cluster's stability.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
 import scipy.sparse
 
 from spd_assets.config import ConsensusConfig
-from spd_assets.errors import SpdClusterError
+from spd_assets.errors import ConsensusError
 from spd_assets.storage.values import ConsensusClusters, MemberEnsemble
 from spd_math import MergeHistory, co_association_counts, consensus_clusters
 
-
-class ConsensusError(SpdClusterError, ValueError):
-    """The consensus iteration cannot be chosen as configured; the message says why and what to set."""
+# A minimum this close to a member's last iteration (a fraction of its iterations, at least this many) is where the
+# merge stopped rather than a minimum.
+BOUNDARY_FRACTION = 0.01
+BOUNDARY_MIN_ITERATIONS = 2
 
 
 def lower_median(values: Sequence[int]) -> int:
@@ -49,6 +51,35 @@ def member_choices(config: ConsensusConfig, histories: Sequence[MergeHistory], m
             "MDL-minimum rule cannot choose the consensus iteration; set consensus.iteration or consensus.k")
     return "median over members of each member's MDL-loss minimum", [
         int(np.argmin(history.mdl_losses.numpy())) for history in histories]
+
+
+def minima_at_last_iteration(histories: Sequence[MergeHistory], members: Sequence[str]) -> list[str]:
+    """Members whose MDL loss is lowest at (or within `BOUNDARY_FRACTION` of) their last iteration although they
+    could have merged further (more than three groups left): their curve was still falling when `merge_config.iters`
+    stopped them, so their "minimum" is only where they stopped (the last steps of a falling curve are noisy)."""
+    stopped = []
+    for member, history in zip(members, histories):
+        if history.mdl_losses is None or history.n_iters == 0 or int(history.k_groups[-1]) <= 3:
+            continue
+        window = max(BOUNDARY_MIN_ITERATIONS, math.ceil(BOUNDARY_FRACTION * history.n_iters))
+        if int(np.argmin(history.mdl_losses.numpy())) >= history.n_iters - window:
+            stopped.append(member)
+    return stopped
+
+
+def boundary_warning(config: ConsensusConfig, histories: Sequence[MergeHistory], members: Sequence[str]) -> str | None:
+    """Why the MDL-minimum rule's iteration cannot be trusted, and what to change; None when it can (or another rule
+    chose the iteration). It cannot when at least half the members' minima are only where they stopped merging:
+    the median then lies at that boundary."""
+    if config.iteration is not None or config.k is not None:
+        return None
+    stopped = minima_at_last_iteration(histories, members)
+    if not stopped or 2 * len(stopped) < len(members):
+        return None
+    return (f"the MDL loss of {len(stopped)} of {len(members)} members is lowest at or just before their last iteration "
+            f"({', '.join(stopped[:4])}{', ...' if len(stopped) > 4 else ''}), so the consensus iteration is where the "
+            "merge stopped, not a minimum: raise merge_config.iters (or set it to null to merge until 3 groups), "
+            "or choose the iteration with consensus.k or consensus.iteration")
 
 
 def choose_iteration(config: ConsensusConfig, histories: Sequence[MergeHistory], members: Sequence[str],

@@ -19,17 +19,13 @@ import numpy as np
 import scipy.sparse
 
 from spd_assets.analysis.explorer import TokenContext
-from spd_assets.errors import SpdClusterError
+from spd_assets.errors import ContextsError
 from spd_assets.storage.values import ConsensusClusters, TokenBatch
 from spd_math import ProcessedActivations
 
 TOP_CONTEXTS = 5
 TOKENS_BEFORE = 8
 TOKENS_AFTER = 4
-
-
-class ContextsError(SpdClusterError, ValueError):
-    """A member's activations do not match its token batch, so its contexts cannot be told."""
 
 
 def cluster_contexts(

@@ -29,8 +29,6 @@ from pathlib import Path
 import polars as pl
 from dagster import AssetKey, AssetRecordsFilter, DagsterInstance, EventLogRecord, RunsFilter
 
-from spd_assets.cli.registration import carry_out
-from spd_assets.cli.runs import RUN_TAG_EXPERIMENT, execute_run, run_config_for
 from spd_assets.config import ExperimentConfig
 from spd_assets.defs.assets import experiment_assets
 from spd_assets.defs.dead_runs import (
@@ -51,6 +49,8 @@ from spd_assets.defs.lineage import (
     recorded_materializations,
 )
 from spd_assets.errors import SpdClusterError
+from spd_assets.service.registration import carry_out
+from spd_assets.service.runs import RUN_TAG_EXPERIMENT, execute_run, run_config_for
 from spd_assets.sources import source_for
 from spd_assets.storage.atomic import leftover_temporaries
 from spd_assets.storage.experiments import pending_replacements, registered_experiments

@@ -83,9 +83,9 @@ def run_doctor(args) -> int:
     from dagster import DagsterInstance
 
     from spd_assets.cli.doctor import examine, report
-    from spd_assets.cli.runs import prepare_instance
+    from spd_assets.service.runs import prepare_instance
 
-    home = prepare_instance()
+    home = prepare_instance(point_at_instance())
     store = results_store(home)
     print(f"spd-cluster doctor: DAGSTER_HOME={home}" + (" (dry run: nothing is changed)" if args.dry_run else ""))
     with DagsterInstance.get() as instance:

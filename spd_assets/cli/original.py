@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from spd_assets.original_configs import DISTANCE_ALIASES
+from spd_assets.config.original import DISTANCE_ALIASES
 
 # The original's flags that have no meaning here (wandb logging, SLURM submission, its own process pools).
 NOT_USED_FLAGS = ("wandb_project", "wandb_entity", "local", "local_clustering_parallel",

@@ -5,9 +5,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from spd_assets.cli.preflight import Preflight, preflight
 from spd_assets.config import LoadedConfig, load_config_file
 from spd_assets.errors import SpdClusterError
+from spd_assets.service.preflight import Preflight, preflight
 
 MEMBERS_LISTED = 4
 
@@ -36,7 +36,7 @@ def describe_loaded(loaded: LoadedConfig) -> list[str]:
 
 def report(loaded: LoadedConfig, checked: Preflight) -> list[str]:
     config = loaded.config
-    merge = config.merge
+    merge = config.merge_config
     source_settings = ", ".join(f"{key}={value}" for key, value in config.source.model_dump(mode="json").items()
                                 if key != "kind" and value is not None)
     members = checked.members
@@ -55,10 +55,11 @@ def report(loaded: LoadedConfig, checked: Preflight) -> list[str]:
         f"sampler {sampler}, filter_dead_threshold={merge.filter_dead_threshold}, "
         f"module_name_filter={merge.module_name_filter!r}; seq_mode={config.seq_mode}",
         f"distances    {', '.join(config.distance_methods)}",
+        f"consensus    {consensus_rule(config)}, threshold={config.consensus.threshold}",
     ]
     if checked.activation_shape is not None:
         samples, components = checked.activation_shape
-        lines.append(f"activations  {samples:,} samples x {components:,} components per member ({storage_of(checked)})")
+        lines.append(f"activations  {samples:,} samples x {components:,} components per member ({storage_of(checked.activation_bytes, checked.memory_budgeted)})")
     for index, need in enumerate(checked.needs):
         status = {True: "available", False: "MISSING", None: "needed at run time"}[need.available]
         detail = f" ({need.detail})" if need.detail else ""
@@ -72,8 +73,18 @@ def report(loaded: LoadedConfig, checked: Preflight) -> list[str]:
     return lines
 
 
-def storage_of(checked) -> str:
-    """How one member's activations are held: dense (its size, within the budget) or compact."""
-    if checked.activation_bytes is None:
+def consensus_rule(config) -> str:
+    """Where the consensus clusters will be taken, in words."""
+    consensus = config.consensus
+    if consensus.iteration is not None:
+        return f"at iteration {consensus.iteration}"
+    if consensus.k is not None:
+        return f"where the members have k={consensus.k} groups (median over members)"
+    return "at the median over members of each member's MDL-loss minimum"
+
+
+def storage_of(activation_bytes: int | None, memory_budgeted: bool) -> str:
+    """How one member's activations are held: dense (its size, and whether within a memory budget) or compact."""
+    if activation_bytes is None:
         return "compact: only the entries above activation_threshold are kept"
-    return f"{checked.activation_bytes / 2**20:,.1f} MiB dense, within the memory budget"
+    return f"{activation_bytes / 2**20:,.1f} MiB dense" + (", within the memory budget" if memory_budgeted else "")

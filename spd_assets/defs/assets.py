@@ -19,7 +19,7 @@ it feeds (Parquet through the table IO manager, with their column schema in the 
 
 import base64
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -196,6 +196,31 @@ class _ExperimentAssetBuilder:
             return AssetCheckSpec(check, asset=self.key("merge_history"), partitions_def=self.partitions,
                                   description=description)
 
+    def step(self, value: str, value_type: type, description: str, kinds: set[str], *, tables: Sequence[str] = (),
+             ins: Mapping[str, str] | None = None, deps: Sequence[str] = (), checks: Sequence[AssetCheckSpec] = (),
+             partitioned: bool = False, on_device: bool = False, resources: Sequence[str] = ()):
+        """The multi-asset of one step: its value (stored by the value IO manager) computed from `ins` (argument ->
+        upstream asset name) and `deps`, and each result table it feeds, which depends on the value.
+
+        `partitioned`: one per member. `on_device`: the step leases a device, in the Dagster pool `DEVICE_POOL`,
+        with the deployment's device op tags (e.g. Kubernetes GPU limits).
+        """
+        ins = dict(ins or {})
+        upstream = {self.key(name) for name in [*ins.values(), *deps]}
+        return multi_asset(
+            name=self.op_name(value),
+            outs={value: self.value_out(value, value_type, description, kinds),
+                  **{table: self.table_out(table) for table in tables}},
+            ins={argument: AssetIn(key=self.key(name)) for argument, name in ins.items()} or None,
+            deps=[self.key(name) for name in deps] or None,
+            internal_asset_deps={value: upstream, **{table: {self.key(value)} for table in tables}},
+            partitions_def=self.partitions if partitioned else None,
+            required_resource_keys={*resources, *([DEVICE_POOL_KEY] if on_device else [])},
+            check_specs=list(checks) or None,
+            pool=DEVICE_POOL if on_device else None,
+            op_tags=self.device_op_tags if on_device else None,
+        )
+
     def emit(self, value_name: str, result: steps.StepResult, consumed: list[Consumed]) -> Iterator[Output]:
         """The value with its content fingerprint as data version and its lineage, then its tables."""
         metadata = {
@@ -225,15 +250,10 @@ class _ExperimentAssetBuilder:
             yield lease.device, lease.torch_device
 
     def token_batches(self) -> AssetsDefinition:
-        @multi_asset(
-            name=self.op_name("token_batches"),
-            outs={"token_batches": self.value_out(
-                "token_batches", TokenBatch,
-                "One member's model inputs (token ids, or feature rows), drawn with its batch seed, and the text of "
-                "each token id that occurs.", {"numpy"})},
-            partitions_def=self.partitions,
-            required_resource_keys={self.source_key},
-        )
+        @self.step("token_batches", TokenBatch,
+                   "One member's model inputs (token ids, or feature rows), drawn with its batch seed, and the text of "
+                   "each token id that occurs.", {"numpy"},
+                   partitioned=True, resources=[self.source_key])
         def token_batches(context: AssetExecutionContext) -> Iterator:
             resource: ActivationSourceResource = getattr(context.resources, self.source_key)
             result = steps.token_batches(resource.source, self.config, context.partition_key)
@@ -244,22 +264,10 @@ class _ExperimentAssetBuilder:
     def component_activations(self) -> AssetsDefinition:
         has_token_batches, needs_device = self.has_token_batches, self.needs_device
 
-        @multi_asset(
-            name=self.op_name("component_activations"),
-            outs={
-                "component_activations": self.value_out(
-                    "component_activations", ProcessedActivations,
-                    "One member's causal importances, processed (seq mode, module filter, dead filter).", {"torch"}),
-                "component_stats": self.table_out("component_stats"),
-            },
-            ins={"batch": AssetIn(key=self.key("token_batches"))} if has_token_batches else None,
-            internal_asset_deps={"component_activations": {self.key("token_batches")} if has_token_batches else set(),
-                                 "component_stats": {self.key("component_activations")}},
-            partitions_def=self.partitions,
-            required_resource_keys={self.source_key, *([DEVICE_POOL_KEY] if needs_device else [])},
-            pool=DEVICE_POOL if needs_device else None,
-            op_tags=self.device_op_tags if needs_device else None,
-        )
+        @self.step("component_activations", ProcessedActivations,
+                   "One member's causal importances, processed (seq mode, module filter, dead filter).", {"torch"},
+                   tables=["component_stats"], ins={"batch": "token_batches"} if has_token_batches else None,
+                   partitioned=True, on_device=needs_device, resources=[self.source_key])
         def component_activations(context: AssetExecutionContext, **batch: TokenBatch) -> Iterator:
             resource: ActivationSourceResource = getattr(context.resources, self.source_key)
             member = context.partition_key
@@ -287,28 +295,10 @@ class _ExperimentAssetBuilder:
               if self.has_planted_truth else []),
         ]
 
-        @multi_asset(
-            name=self.op_name("merge_history"),
-            outs={
-                "merge_history": self.value_out(
-                    "merge_history", MergeHistory,
-                    "The greedy MDL merge of one member (spd_math.merge_iteration), stored in the original zip format.",
-                    {"torch"}),
-                "merge_events": self.table_out("merge_events"),
-                "membership_spans": self.table_out("membership_spans"),
-            },
-            ins={"activations": AssetIn(key=self.key("component_activations"))},
-            internal_asset_deps={
-                "merge_history": {self.key("component_activations")},
-                "merge_events": {self.key("merge_history")},
-                "membership_spans": {self.key("merge_history")},
-            },
-            partitions_def=self.partitions,
-            required_resource_keys={self.source_key, DEVICE_POOL_KEY},
-            check_specs=history_checks,
-            pool=DEVICE_POOL,
-            op_tags=self.device_op_tags,
-        )
+        @self.step("merge_history", MergeHistory,
+                   "The greedy MDL merge of one member (spd_math.merge_iteration), stored in the original zip format.",
+                   {"torch"}, tables=["merge_events", "membership_spans"], ins={"activations": "component_activations"},
+                   checks=history_checks, partitioned=True, on_device=True, resources=[self.source_key])
         def merge_history(context: AssetExecutionContext, activations: ProcessedActivations) -> Iterator:
             member = context.partition_key
             pool: DevicePoolResource = getattr(context.resources, DEVICE_POOL_KEY)
@@ -333,27 +323,11 @@ class _ExperimentAssetBuilder:
     def stored_history(self) -> AssetsDefinition:
         """A member's merge history read from the source (past runs): no activations, no merge, no device."""
 
-        @multi_asset(
-            name=self.op_name("merge_history"),
-            outs={
-                "merge_history": self.value_out(
-                    "merge_history", MergeHistory,
-                    "One member's merge history, read from the source's file (either original format) and stored "
-                    "in the original zip format.", {"torch"}),
-                "merge_events": self.table_out("merge_events"),
-                "membership_spans": self.table_out("membership_spans"),
-                "component_stats": self.table_out("component_stats"),
-            },
-            internal_asset_deps={
-                "merge_history": set(),
-                "merge_events": {self.key("merge_history")},
-                "membership_spans": {self.key("merge_history")},
-                "component_stats": {self.key("merge_history")},
-            },
-            partitions_def=self.partitions,
-            required_resource_keys={self.source_key},
-            check_specs=[self.member_check("partition_sizes", "the partition after iteration i has c - i - 1 groups")],
-        )
+        @self.step("merge_history", MergeHistory,
+                   "One member's merge history, read from the source's file (either original format) and stored in "
+                   "the original zip format.", {"torch"}, tables=["merge_events", "membership_spans", "component_stats"],
+                   checks=[self.member_check("partition_sizes", "the partition after iteration i has c - i - 1 groups")],
+                   partitioned=True, resources=[self.source_key])
         def stored_history(context: AssetExecutionContext) -> Iterator:
             source = getattr(context.resources, self.source_key).source
             result = steps.stored_history(source, self.config, context.partition_key)
@@ -368,25 +342,13 @@ class _ExperimentAssetBuilder:
     def normalized_ensemble(self) -> AssetsDefinition:
         key = self.key
 
-        @multi_asset(
-            name=self.op_name("normalized_ensemble"),
-            outs={
-                "normalized_ensemble": self.value_out(
-                    "normalized_ensemble", MemberEnsemble,
-                    "All member histories aligned on the union of labels (docs/math.md §8); missing members are "
-                    "listed, not fatal.", {"torch"}),
-                "ensemble_members": self.table_out("ensemble_members"),
-            },
-            ins={"histories": AssetIn(key=key("merge_history"))},
-            internal_asset_deps={"normalized_ensemble": {key("merge_history")},
-                                 "ensemble_members": {key("normalized_ensemble")}},
-            check_specs=[
-                AssetCheckSpec("every_component_assigned", asset=key("normalized_ensemble"),
-                               description="no -1 left in any member's partitions"),
-                AssetCheckSpec("all_members_present", asset=key("normalized_ensemble"),
-                               description="every configured member contributed a history"),
-            ],
-        )
+        @self.step("normalized_ensemble", MemberEnsemble,
+                   "All member histories aligned on the union of labels (docs/math.md §8); missing members are "
+                   "listed, not fatal.", {"torch"}, tables=["ensemble_members"], ins={"histories": "merge_history"},
+                   checks=[AssetCheckSpec("every_component_assigned", asset=key("normalized_ensemble"),
+                                          description="no -1 left in any member's partitions"),
+                           AssetCheckSpec("all_members_present", asset=key("normalized_ensemble"),
+                                          description="every configured member contributed a history")])
         def normalized_ensemble(context: AssetExecutionContext, histories: dict[str, MergeHistory]) -> Iterator:
             result = steps.normalized_ensemble(histories, self.members, self.config)
             ensemble: MemberEnsemble = result.value
@@ -403,21 +365,11 @@ class _ExperimentAssetBuilder:
     def distance_matrices(self) -> AssetsDefinition:
         key = self.key
 
-        @multi_asset(
-            name=self.op_name("distance_matrices"),
-            outs={
-                "distance_matrices": self.value_out(
-                    "distance_matrices", EnsembleDistances,
-                    "Distances between every pair of members' partitions at every iteration, one matrix per method.",
-                    {"torch"}),
-                "distances": self.table_out("distances"),
-            },
-            ins={"ensemble": AssetIn(key=key("normalized_ensemble"))},
-            internal_asset_deps={"distance_matrices": {key("normalized_ensemble")},
-                                 "distances": {key("distance_matrices")}},
-            check_specs=[AssetCheckSpec("symmetric_with_zero_diagonal", asset=key("distance_matrices"),
-                                        description="every distance matrix is symmetric with a zero diagonal")],
-        )
+        @self.step("distance_matrices", EnsembleDistances,
+                   "Distances between every pair of members' partitions at every iteration, one matrix per method.",
+                   {"torch"}, tables=["distances"], ins={"ensemble": "normalized_ensemble"},
+                   checks=[AssetCheckSpec("symmetric_with_zero_diagonal", asset=key("distance_matrices"),
+                                          description="every distance matrix is symmetric with a zero diagonal")])
         def distance_matrices(context: AssetExecutionContext, ensemble: MemberEnsemble) -> Iterator:
             result = steps.distance_matrices(ensemble, self.config)
             yield from self.emit("distance_matrices", result,
@@ -427,26 +379,16 @@ class _ExperimentAssetBuilder:
         return distance_matrices
 
     def consensus_clusters(self) -> AssetsDefinition:
-        key = self.key
 
-        @multi_asset(
-            name=self.op_name("consensus_clusters"),
-            outs={
-                "consensus_clusters": self.value_out(
-                    "consensus_clusters", ConsensusClusters,
-                    "Consensus clusters at the iteration the configured rule chooses (consensus.iteration, "
-                    "consensus.k, else the median of the members' MDL-loss minima), with each cluster's and "
-                    "component's stability.", {"numpy"}),
-                "consensus_components": self.table_out("consensus_components"),
-            },
-            ins={"ensemble": AssetIn(key=key("normalized_ensemble")), "histories": AssetIn(key=key("merge_history")),
-                 "distances": AssetIn(key=key("distance_matrices"))},
-            internal_asset_deps={
-                "consensus_clusters": {key("normalized_ensemble"), key("merge_history"), key("distance_matrices")},
-                "consensus_components": {key("consensus_clusters")},
-            },
-            required_resource_keys={self.source_key, STORAGE_KEY},
-        )
+        @self.step("consensus_clusters", ConsensusClusters,
+                   "Consensus clusters at the iteration the configured rule chooses (consensus.iteration, "
+                   "consensus.k, else the median of the members' MDL-loss minima), with each cluster's and "
+                   "component's stability.", {"numpy"}, tables=["consensus_components"],
+                   ins={"ensemble": "normalized_ensemble", "histories": "merge_history", "distances": "distance_matrices"},
+                   checks=[AssetCheckSpec("mdl_minimum_inside_the_merge", asset=self.key("consensus_clusters"),
+                                          description="the MDL-minimum rule found minima, not the merges' last "
+                                                      "iterations (else raise merge_config.iters)")],
+                   resources=[self.source_key, STORAGE_KEY])
         def consensus_clusters(context: AssetExecutionContext, ensemble: MemberEnsemble,
                                histories: dict[str, MergeHistory], distances: EnsembleDistances) -> Iterator:
             source = getattr(context.resources, self.source_key).source
@@ -466,29 +408,22 @@ class _ExperimentAssetBuilder:
                 *self.consumed(context, "distance_matrices", {None: distances}),
             ]
             yield from self.emit("consensus_clusters", result, consumed)
+            yield checks.mdl_minimum_inside_the_merge(result.metadata.get("minimum_at_last_iteration"))
 
         return consensus_clusters
 
     def cluster_explorer(self) -> AssetsDefinition:
-        key = self.key
         # Every member's activations and tokens, for the clusters' top-activating contexts (tokens are samples).
-        context_inputs = ({"activations": AssetIn(key=key("component_activations")),
-                           "batches": AssetIn(key=key("token_batches"))}
+        context_inputs = ({"activations": "component_activations", "batches": "token_batches"}
                           if self.has_token_batches and self.config.seq_mode == "concat" else {})
 
-        @multi_asset(
-            name=self.op_name("cluster_explorer"),
-            outs={"cluster_explorer": self.value_out(
-                "cluster_explorer", ExplorerPage,
-                "The cluster explorer: one self-contained HTML page (opens from disk) of the consensus clusters.",
-                {"html"})},
-            ins={"consensus": AssetIn(key=key("consensus_clusters")), "ensemble": AssetIn(key=key("normalized_ensemble")),
-                 "component_stats": AssetIn(key=key("component_stats")), **context_inputs},
-            # The page shows the consensus components (built from the same value as that table). Declaring it also
-            # ranks this step after the consensus step, so an asset backfill runs both in one tick.
-            deps=[key("consensus_components")],
-            required_resource_keys={STORAGE_KEY},
-        )
+        # The page shows the consensus components (built from the same value as that table). Declaring it also
+        # ranks this step after the consensus step, so an asset backfill runs both in one tick.
+        @self.step("cluster_explorer", ExplorerPage,
+                   "The cluster explorer: one self-contained HTML page (opens from disk) of the consensus clusters.",
+                   {"html"}, ins={"consensus": "consensus_clusters", "ensemble": "normalized_ensemble",
+                                  "component_stats": "component_stats", **context_inputs},
+                   deps=["consensus_components"], resources=[STORAGE_KEY])
         def cluster_explorer(context: AssetExecutionContext, consensus: ConsensusClusters, ensemble: MemberEnsemble,
                              component_stats: pl.DataFrame, **members_inputs: dict) -> Iterator:
             activations: dict[str, ProcessedActivations] | None = members_inputs.get("activations")
@@ -566,12 +501,16 @@ class _ExperimentAssetBuilder:
         return experiments
 
     def lineage(self, recorded: list[AssetKey]) -> AssetsDefinition:
+        # It reads every recorded asset's materializations from the event log, but depends only on the last steps
+        # of the graph: that orders it after all of them without an edge from every asset in the lineage view.
+        last = {self.key("cluster_explorer"), self.key("original_ensemble_folder"), self.key("experiments")}
+
         @multi_asset(
             name=self.op_name("lineage"),
             outs={"materializations": self.table_out("materializations"),
                   "lineage_edges": self.table_out("lineage_edges")},
-            deps=recorded,
-            internal_asset_deps={"materializations": set(recorded), "lineage_edges": set(recorded)},
+            deps=sorted(last, key=str),
+            internal_asset_deps={"materializations": last, "lineage_edges": last},
         )
         def lineage(context: AssetExecutionContext) -> Iterator:
             """Rebuilt from Dagster's event log, which stays the source of truth."""

@@ -50,6 +50,16 @@ def planted_truth_recovered(history: MergeHistory, truth: np.ndarray) -> AssetCh
     )
 
 
+def mdl_minimum_inside_the_merge(warning: str | None) -> AssetCheckResult:
+    """The consensus iteration chosen by the MDL-minimum rule is a minimum, not where the members stopped merging."""
+    return AssetCheckResult(
+        check_name="mdl_minimum_inside_the_merge",
+        passed=warning is None,
+        severity=AssetCheckSeverity.WARN,
+        description=warning or "the members' MDL minima lie inside their merges (or another rule chose the iteration)",
+    )
+
+
 def every_component_assigned(ensemble: MemberEnsemble) -> AssetCheckResult:
     unassigned = int((ensemble.ensemble.merges < 0).sum())
     return AssetCheckResult(check_name="every_component_assigned", passed=unassigned == 0,

@@ -58,7 +58,7 @@ class ActivationSourceResource(ConfigurableResource):
 
     @classmethod
     def for_experiment(cls, config: ExperimentConfig) -> ActivationSourceResource:
-        return cls(experiment_config_json=config.canonical_json())
+        return cls(experiment_config_json=config.canonical_json)
 
 
 def source_resource_key(experiment: str) -> str:

@@ -18,10 +18,10 @@ import polars as pl
 import torch
 
 from spd_assets.analysis import explorer, plots
-from spd_assets.analysis.consensus import co_association, ensemble_consensus
+from spd_assets.analysis.consensus import boundary_warning, co_association, ensemble_consensus
 from spd_assets.analysis.contexts import cluster_contexts
 from spd_assets.config import ExperimentConfig
-from spd_assets.errors import SpdClusterError
+from spd_assets.errors import NoMembersError, SpdClusterError
 from spd_assets.sources import ActivationSource, ModelSource
 from spd_assets.sources.streaming import activations_from_chunks
 from spd_assets.storage import original_export, tables
@@ -62,10 +62,6 @@ class Image:
     title: str
 
 
-class NoMembersError(SpdClusterError, RuntimeError):
-    """No member of an ensemble has a merge history to build it from."""
-
-
 @dataclass(frozen=True)
 class StepResult:
     """An asset's value, the rows of the tables it feeds (table name -> frame), its metadata, and what it
@@ -90,7 +86,7 @@ def markdown_table(header: list[str], rows: list[list[object]]) -> Markdown:
 def component_activations(source: ActivationSource, config: ExperimentConfig, member: str) -> StepResult:
     """One member's batch from the source, processed (seq mode, module filter, dead filter), with per-component
     statistics."""
-    merge_config = config.merge
+    merge_config = config.merge_config
     seed = config.member_seed(member)
     batch = source.load_batch(member, seed)
     every_component = process_activations(
@@ -151,7 +147,7 @@ def model_activations(
 ) -> StepResult:
     """One member's activations from the model's forward pass on its token batch (on `device`, in chunks),
     processed and summarised as they stream; refused before the forward pass when over the memory budget."""
-    merge_config = config.merge
+    merge_config = config.merge_config
     started = time.perf_counter()
     streamed = activations_from_chunks(
         source.activation_chunks(batch, device),
@@ -180,7 +176,7 @@ def merge_history(activations: ProcessedActivations, config: ExperimentConfig, m
     """The greedy MDL merge of one member on `device`, with its merge events and membership spans."""
     seed = config.member_seed(member)
     started = time.perf_counter()
-    history = merge_iteration(activations, config.merge, seed=seed, device=device)
+    history = merge_iteration(activations, config.merge_config, seed=seed, device=device)
     seconds = time.perf_counter() - started
     mdl = history.mdl_losses.numpy()
     best = int(np.argmin(mdl)) if mdl.size else -1
@@ -289,9 +285,11 @@ def consensus_clusters(ensemble: MemberEnsemble, histories: Mapping[str, MergeHi
     iteration = consensus.iteration
     frame = tables.consensus_components(config.name, consensus)
     clustered = consensus.cluster_of >= 0
+    warning = boundary_warning(config.consensus, [histories[member] for member in ensemble.members], ensemble.members)
     metadata = {
         "iteration": iteration,
         "rule": consensus.rule,
+        **({"minimum_at_last_iteration": warning} if warning else {}),
         "member_choices": dict(zip(consensus.members, consensus.member_iterations)),
         "threshold": consensus.threshold,
         "clusters": consensus.n_clusters,
@@ -388,7 +386,7 @@ def ensemble_export(config: ExperimentConfig, members: list[str], histories: Map
     return original_export.EnsembleExport(
         experiment=config.name, ensemble_id=original_export.ensemble_id_for(config.name, config.config_hash),
         members=list(members), histories=[histories[member] for member in members],
-        distances=dict(distances), merge_config=config.merge, model_path=str(model_path),
+        distances=dict(distances), merge_config=config.merge_config, model_path=str(model_path),
         batch_size=getattr(config.source, "batch_size", None), dataset_seeds=seeds)
 
 

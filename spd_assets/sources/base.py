@@ -12,41 +12,15 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict
+
+from spd_assets.config.sources import SourceConfig
 
 # Dagster partition keys cannot contain these characters.
 PARTITION_KEY_FORBIDDEN = frozenset("|,[]")
-
-
-class SourceConfig(BaseModel):
-    """The `source:` block of an experiment config; each source kind subclasses it with `kind: Literal[...]`."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    kind: str
-    n_members: int | None = None
-
-    def resolved(self, base: Path) -> SourceConfig:
-        """This config with every relative path field made relative to `base` (the config file's folder)."""
-        update = self.relative_paths_resolved(base)
-        return self.model_copy(update=update) if update else self
-
-    def relative_paths_resolved(self, base: Path) -> dict[str, Any]:
-        """Field name -> value made absolute against `base`, for each relative path field.
-
-        `Path` fields are found by type; a source whose field may hold a path or something else
-        (a model given as a directory or as `package.module:factory`) adds that field here.
-        """
-        return {
-            name: (base / value).resolve()
-            for name, value in self
-            if isinstance(value, Path) and not value.is_absolute()
-        }
 
 
 @dataclass(frozen=True)
@@ -108,6 +82,15 @@ class ActivationSource(ABC, Generic[ConfigT]):
     @abstractmethod
     def load_batch(self, member: str, seed: int) -> Mapping[str, torch.Tensor]:
         """Module name -> causal importances `[batch, seq, C]` or `[samples, C]` of one member."""
+
+    def module_widths(self) -> dict[str, int] | None:
+        """Components of each module, where known before any batch is loaded (None: not known)."""
+        return None
+
+    def activation_dims(self) -> tuple[int, ...] | None:
+        """Leading dimensions of one member's activations, `(sequences, seq_len)` or `(rows,)`, where known before
+        any batch is loaded (None: not known)."""
+        return None
 
     def planted_partition(self, labels: list[str]) -> np.ndarray:
         """The known group of each label (only where `has_planted_truth`)."""

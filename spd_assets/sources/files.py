@@ -22,20 +22,19 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Literal
+from typing import IO
 
 import numpy as np
 import torch
 from numpy.lib import format as npy_format
-from pydantic import Field, field_validator
 from safetensors import safe_open
 
+from spd_assets.config.sources import DEFAULT_VALUE_RANGE, FilesSourceConfig
 from spd_assets.errors import BatchFileError
-from spd_assets.sources.base import PARTITION_KEY_FORBIDDEN, ActivationSource, SourceConfig
+from spd_assets.sources.base import PARTITION_KEY_FORBIDDEN, ActivationSource
 
 SUPPORTED_SUFFIXES = (".safetensors", ".npz", ".pt")
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
-DEFAULT_VALUE_RANGE = (0.0, 1.0)  # causal importances are gates in [0, 1]
 SUPPORTED_NDIMS = (2, 3)
 EXPECTED_SHAPES = "[batch, seq, C] or [samples, C]"
 
@@ -405,31 +404,6 @@ def _value_problems(tensors: dict[str, torch.Tensor], value_range: tuple[float, 
 
 def _problems_message(path: Path, summary: str, problems: list[str]) -> str:
     return f"{path}: {summary}:\n" + "\n".join(f"  - {problem}" for problem in problems)
-
-
-class FilesSourceConfig(SourceConfig):
-    """A directory with one activation file per ensemble member (`.safetensors`, `.npz` or `.pt`)."""
-
-    kind: Literal["files"] = "files"
-    directory: Path
-    value_range: tuple[float, float] = Field(DEFAULT_VALUE_RANGE, description="values outside are an error")
-    n_members: int | None = Field(None, ge=1, description="use only the first n files (sorted by name)")
-    layout: dict[str, int] | None = Field(
-        None, description="module name -> number of components every file must have; default: what most files share")
-
-    @field_validator("value_range")
-    @classmethod
-    def _ordered(cls, value: tuple[float, float]) -> tuple[float, float]:
-        if value[0] > value[1]:
-            raise ValueError(f"expected [low, high] with low <= high, got {list(value)}")
-        return value
-
-    @field_validator("layout")
-    @classmethod
-    def _sizes(cls, layout: dict[str, int] | None) -> dict[str, int] | None:
-        if layout is not None and (not layout or any(c < 1 for c in layout.values())):
-            raise ValueError(f"expected module name -> a positive number of components, got {layout}")
-        return layout
 
 
 class FilesSource(ActivationSource[FilesSourceConfig]):

@@ -30,14 +30,13 @@ from collections import Counter
 from collections.abc import Mapping
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import Field
 
-from spd_assets.errors import HistoryFileError, SourceError
-from spd_assets.sources.base import PARTITION_KEY_FORBIDDEN, ActivationSource, SourceConfig
-from spd_assets.storage.history_format import HistoryFormatError
+from spd_assets.config.sources import HistoriesSourceConfig
+from spd_assets.errors import HistoryFileError, HistoryFormatError, SourceError
+from spd_assets.sources.base import PARTITION_KEY_FORBIDDEN, ActivationSource
 from spd_assets.storage.original_histories import OriginalHistory, read_labels, read_original_history
 
 REGISTRY = "ensemble_registry.db"
@@ -46,15 +45,6 @@ SEPTEMBER_HISTORY = "merge_history.zip"
 RUN_CONFIG = "clustering_run_config.json"
 _EXPECTED = (f"an original ensemble folder (beside ../../{REGISTRY}), the original's clustering/ folder (holding "
              f"{REGISTRY}), or a folder of .zip histories or of run folders holding {RUN_HISTORY} or {SEPTEMBER_HISTORY}")
-
-
-class HistoriesSourceConfig(SourceConfig):
-    """The `source:` block of past runs: `directory` (see the module docstring), `ensemble_id` for a clustering/
-    folder with several ensembles, `n_members` to take the first n."""
-
-    kind: Literal["histories"] = "histories"
-    directory: Path = Field(description="an original ensemble folder, clustering/ folder, or a folder of histories")
-    ensemble_id: str | None = Field(None, description="which ensemble of a registry (default: the folder's, or the only one)")
 
 
 def discover_histories(directory: Path, ensemble_id: str | None = None) -> dict[str, Path]:

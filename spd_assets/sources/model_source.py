@@ -15,27 +15,12 @@ from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import torch
-from pydantic import Field
 
-from spd_assets.sources.base import ActivationSource, SourceConfig, numbered_members
+from spd_assets.config.sources import ModelSourceConfig
+from spd_assets.sources.base import ActivationSource, numbered_members
 from spd_assets.storage.values import TokenBatch
 
-# Generous for one member on a workstation, small enough never to exhaust a shared machine.
-DEFAULT_MEMORY_BUDGET_GB = 4.0
 BYTES_PER_GB = 2**30
-
-
-class ModelSourceConfig(SourceConfig):
-    """The keys every model source has: ensemble size, batch size, forward chunks and a memory budget."""
-
-    batch_size: int = Field(16, ge=1, description="sequences (or rows) per ensemble member")
-    n_members: int = Field(4, ge=1, le=10_000, description="ensemble size: one batch per member")
-    chunk_size: int | None = Field(32, ge=1, description="sequences per forward pass; null: the whole batch at once")
-    memory_budget_gb: float = Field(
-        DEFAULT_MEMORY_BUDGET_GB, gt=0,
-        description="the most one member's activations may take: the entries above activation_threshold "
-                    "(stopped once over), or in continuous mode the dense matrix (refused before the forward pass)",
-    )
 
 
 ModelConfigT = TypeVar("ModelConfigT", bound=ModelSourceConfig)

@@ -29,55 +29,25 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
 
 import numpy as np
 import torch
-import yaml
-from pydantic import Field, model_validator
 
+from spd_assets.config.sources import WANDB_PREFIX, SpdSourceConfig, local_task_name
 from spd_assets.errors import SourceError
 from spd_assets.sources.base import RunTimeNeed
-from spd_assets.sources.model_source import ModelSource, ModelSourceConfig
+from spd_assets.sources.model_source import ModelSource
 from spd_assets.sources.text import draw_windows, text_files, token_id_windows
 from spd_assets.sources.torch_model import vocab_size
 from spd_assets.storage.values import TokenBatch
 
-WANDB_PREFIX = "wandb:"
 CHECKPOINT_GLOB = "model_*.pth"
-RUN_CONFIG_FILE = "final_config.yaml"
 _CHECKPOINT_STEP = re.compile(r"^model_(\d+)\.pth$")
 SUPPORTED_TASKS = ("resid_mlp", "lm")
 INSTALL_SPD = (
     "install the spd package from https://github.com/goodfire-ai/spd (it is not on PyPI; "
     "e.g. pip install git+https://github.com/goodfire-ai/spd) into this environment"
 )
-
-
-class SpdSourceConfig(ModelSourceConfig):
-    """The causal importances of an SPD run (see the module docstring)."""
-
-    kind: Literal["spd"] = "spd"
-    model_path: str | None = Field(None, description="run directory, model_<step>.pth, or wandb:<entity>/<project>/runs/<id>")
-    experiment_key: str | None = Field(None, description="a preset of spd's registry; its canonical run is the model")
-    task_name: Literal["lm", "resid_mlp"] | None = Field(None, description="checked against the run's task when given")
-    dataset_seed: int = Field(0, description="member i draws its batch with seed dataset_seed + i (the original's rule)")
-    dataset_streaming: bool = Field(False, description="lm: stream the run's Hugging Face dataset")
-    token_ids: Path | None = Field(None, description="lm: draw sequences from these .npy token ids, not the run's dataset")
-    chunk_size: int | None = Field(None, ge=1, description="rows per forward pass; null: the whole batch, as the original")
-
-    @model_validator(mode="after")
-    def _one_model(self) -> SpdSourceConfig:
-        if self.model_path is None and self.experiment_key is None:
-            raise ValueError("expected model_path (a run directory, checkpoint or wandb: path) or experiment_key")
-        return self
-
-    def relative_paths_resolved(self, base: Path) -> dict[str, Any]:
-        update = super().relative_paths_resolved(base)
-        path = self.model_path
-        if path is not None and not path.startswith(WANDB_PREFIX) and not Path(path).expanduser().is_absolute():
-            update["model_path"] = str((base / Path(path).expanduser()).resolve())
-        return update
 
 
 @contextmanager
@@ -130,19 +100,6 @@ def latest_checkpoint(model_path: str) -> str:
         raise SourceError(f"source.model_path: run directory {model_path!r} holds no {CHECKPOINT_GLOB} checkpoint; "
                           "expected the folder of an SPD run")
     return str(steps[max(steps)])
-
-
-def local_task_name(model_path: str | None) -> str | None:
-    """The task of a local run, read from its `final_config.yaml` without spd (None when unknown)."""
-    if model_path is None or model_path.startswith(WANDB_PREFIX):
-        return None
-    path = Path(model_path).expanduser()
-    config_file = (path if path.is_dir() else path.parent) / RUN_CONFIG_FILE
-    try:
-        values = yaml.safe_load(config_file.read_text())
-        return values["task_config"]["task_name"]
-    except (OSError, yaml.YAMLError, KeyError, TypeError):
-        return None
 
 
 class SpdSource(ModelSource[SpdSourceConfig]):

@@ -23,58 +23,26 @@ import difflib
 import fnmatch
 import importlib
 import inspect
-import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from pydantic import Field, field_validator
 from torch import nn
 
+from spd_assets.config.sources import TorchSourceConfig, is_factory_spec
 from spd_assets.errors import SourceError
 from spd_assets.sources.base import RunTimeNeed
-from spd_assets.sources.model_source import ModelSource, ModelSourceConfig
+from spd_assets.sources.model_source import ModelSource
 from spd_assets.sources.text import check_enough_windows, draw_windows, load_windows, text_files
 from spd_assets.storage.values import TokenBatch
 
-FACTORY_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")
 NAMES_IN_ERRORS = 8
 MODELS_EXTRA = "pip install 'spd-cluster[models]' (or pip install transformers)"
-
-
-def is_factory_spec(value: str) -> bool:
-    """`"package.module:factory"` rather than a path."""
-    return bool(FACTORY_SPEC.match(value))
-
-
-class TorchSourceConfig(ModelSourceConfig):
-    """Outputs of chosen modules of a torch model on text (see the module docstring)."""
-
-    kind: Literal["torch"] = "torch"
-    model: str = Field(description="a local Hugging Face model directory, or 'package.module:factory'")
-    modules: tuple[str, ...] = Field(min_length=1, description="glob patterns over the model's named modules")
-    text: Path = Field(description="a .txt, .jsonl or .npy file, or a directory of them")
-    seq_len: int = Field(64, ge=1, description="tokens per sequence")
-
-    @field_validator("modules")
-    @classmethod
-    def _patterns(cls, patterns: tuple[str, ...]) -> tuple[str, ...]:
-        if not all(pattern.strip() for pattern in patterns):
-            raise ValueError(f"expected non-empty glob patterns, got {list(patterns)}")
-        return patterns
-
-    def relative_paths_resolved(self, base: Path) -> dict[str, Any]:
-        update = super().relative_paths_resolved(base)
-        model = Path(self.model).expanduser()
-        # A factory spec stays as it is, unless a file or folder of that name exists beside the config.
-        if not model.is_absolute() and (not is_factory_spec(self.model) or (base / model).exists()):
-            update["model"] = str((base / model).resolve())
-        return update
 
 
 @dataclass(frozen=True)

@@ -51,12 +51,7 @@ DERIVED_VIEWS = {
         FROM consensus_components WHERE cluster IS NOT NULL
         GROUP BY experiment, iteration, threshold, cluster""",
     "experiment_settings": """
-        SELECT experiment, config_hash, source_kind, n_members,
-               CAST(json_extract(config_json, '$.merge_config.alpha') AS DOUBLE) AS alpha,
-               CAST(json_extract(config_json, '$.merge_config.activation_threshold') AS DOUBLE) AS activation_threshold,
-               CAST(json_extract(config_json, '$.merge_config.iters') AS INTEGER) AS iters,
-               json_extract_string(config_json, '$.merge_config.merge_pair_sampling_method') AS sampler,
-               CAST(json_extract(config_json, '$.base_seed') AS BIGINT) AS base_seed,
+        SELECT experiment, config_hash, source_kind, n_members, alpha, activation_threshold, iters, sampler, base_seed,
                registered_at, config_json
         FROM experiments""",
 }

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from spd_assets.errors import StorageError
+from spd_assets.errors import HistoryFormatError
 from spd_assets.storage.atomic import atomic_path
 from spd_math.config import ConfigError, MergeConfig
 from spd_math.history import MergeHistory
@@ -45,10 +45,6 @@ MDL_LOSSES = "merge.mdl_losses.npy"
 
 REQUIRED_ENTRIES = (GROUP_IDXS, K_GROUPS, LABELS, METADATA)
 REQUIRED_METADATA_KEYS = ("merge_config", "c_components", "n_iters_current", "labels")
-
-
-class HistoryFormatError(StorageError, ValueError):
-    """Not a valid merge history zip, or not writable as one; the message names the file and the problem."""
 
 
 def write_history_zip(history: MergeHistory, path: str | os.PathLike[str]) -> None:

@@ -35,7 +35,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from spd_assets.storage.history_format import HistoryFormatError, read_history_zip
+from spd_assets.errors import HistoryFormatError
+from spd_assets.storage.history_format import read_history_zip
 from spd_math import MergeHistory
 from spd_math.config import ConfigError, MergeConfig
 

@@ -71,6 +71,11 @@ _TABLES = [
         "config_json": ("VARCHAR", "the config as JSON, every default filled in"),
         "source_kind": ("VARCHAR", "activation source kind"),
         "n_members": ("INTEGER", "configured ensemble size (null: every file)"),
+        "alpha": ("DOUBLE", "merge_config.alpha"),
+        "activation_threshold": ("DOUBLE", "merge_config.activation_threshold (null: continuous mode)"),
+        "iters": ("INTEGER", "merge_config.iters (null: until three groups remain)"),
+        "sampler": ("VARCHAR", "merge_config.merge_pair_sampling_method"),
+        "base_seed": ("BIGINT", "seed the member seeds derive from"),
         "registered_at": (_UTC, "when the config was registered"),
     }),
     TableSchema("component_stats", "one row per component per member", {

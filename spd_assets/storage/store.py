@@ -27,8 +27,6 @@ from spd_assets.storage.atomic import atomic_path
 # Partition part of a table file name for assets that are not partitioned.
 WHOLE_EXPERIMENT = "all"
 TABLE_SUFFIX = ".parquet"
-# Folders of the results root that are not experiments (so no experiment may take their names).
-RESERVED_NAMES = frozenset({"experiments", "tables", "device_leases", "logs"})
 
 
 @dataclass(frozen=True)

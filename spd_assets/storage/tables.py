@@ -215,8 +215,13 @@ def experiment_row(config: ExperimentConfig, registered_at: datetime) -> pl.Data
     return _conformed("experiments", {
         "experiment": [config.name],
         "config_hash": [config.config_hash],
-        "config_json": [config.canonical_json()],
+        "config_json": [config.canonical_json],
         "source_kind": [config.source.kind],
         "n_members": [config.source.n_members],
+        "alpha": [config.merge_config.alpha],
+        "activation_threshold": [config.merge_config.activation_threshold],
+        "iters": [config.merge_config.iters],
+        "sampler": [config.merge_config.merge_pair_sampling_method],
+        "base_seed": [config.base_seed],
         "registered_at": [registered_at],
     })

@@ -22,10 +22,10 @@ def small_ensemble(consensus: ConsensusConfig | None = None):
     for member in members:
         seed = config.member_seed(member)
         every = process_activations(source.load_batch(member, seed), filter_dead_threshold=0.0, seq_mode=config.seq_mode)
-        processed = drop_dead(every, config.merge.filter_dead_threshold)
+        processed = drop_dead(every, config.merge_config.filter_dead_threshold)
         stats.append(tables.component_stats(config.name, member, every, dead_labels=processed.dead_labels,
-                                            activation_threshold=config.merge.activation_threshold))
-        histories[member] = merge_iteration(processed, config.merge, seed=seed)
+                                            activation_threshold=config.merge_config.activation_threshold))
+        histories[member] = merge_iteration(processed, config.merge_config, seed=seed)
     ensemble = MemberEnsemble(normalize_ensemble([histories[m] for m in members]), members, [])
     result = ensemble_consensus(ensemble, [histories[m] for m in members], consensus or config.consensus)
     return config, source, histories, ensemble, pl.concat(stats), result

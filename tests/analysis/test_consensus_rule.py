@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 
 from spd_assets.analysis.consensus import (
     ConsensusError,
+    boundary_warning,
     choose_iteration,
     co_association,
     component_stability,
@@ -98,3 +100,27 @@ def test_co_association_matrix():
     np.testing.assert_allclose(co_association(partitions, np.array([2, 0])), expected[np.ix_([2, 0], [2, 0])])
     for x, y in itertools.product(range(3), repeat=2):
         assert co_association(partitions, np.array([x, y]))[0, 1] == expected[x, y]
+
+
+def test_a_minimum_where_the_merges_stopped_is_flagged_with_what_to_change(small):
+    config, source, histories, ensemble, _, _ = small
+    members = list(ensemble.members)
+    full = [histories[m] for m in members]
+    assert boundary_warning(ConsensusConfig(), full, members) is None  # merged to the end: real minima
+    # The same merges cut short while the loss still falls: each one's "minimum" is where it stopped.
+    cut = [truncated(history, int(np.argmin(history.mdl_losses.numpy())) // 2) for history in full]
+    warning = boundary_warning(ConsensusConfig(), cut, members)
+    assert warning is not None and f"{len(members)} of {len(members)} members" in warning
+    assert "merge_config.iters" in warning and "consensus.k" in warning
+    assert boundary_warning(ConsensusConfig(k=40), cut, members) is None  # another rule chose the iteration
+    # One member of several at its boundary moves the median nowhere near it: no warning.
+    mixed = [cut[0], *full[1:]]
+    assert boundary_warning(ConsensusConfig(), mixed, members) is None
+
+
+def truncated(history, n_iters):
+    """The first `n_iters` merges of `history`, as a merge stopped there by `iters` would have recorded them."""
+    return dataclasses.replace(
+        history, selected_pairs=history.selected_pairs[:n_iters], group_idxs=history.group_idxs[:n_iters],
+        k_groups=history.k_groups[:n_iters], pair_costs=history.pair_costs[:n_iters],
+        mdl_losses=history.mdl_losses[:n_iters])

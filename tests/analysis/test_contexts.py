@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import scipy.sparse
 
-from spd_assets.analysis.contexts import ContextsError, cluster_contexts
+from spd_assets.analysis.contexts import cluster_contexts
+from spd_assets.errors import ContextsError
 from spd_assets.storage.values import ConsensusClusters, TokenBatch
 from spd_math import CompactActivationsBuilder, ProcessedActivations
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from spd_assets.cli.main import main as spd_cluster
-from spd_assets.defs.pipeline import cluster_analysis_pipeline
+from spd_assets.notebook import cluster_analysis_pipeline
 from spd_assets.storage.original_export import ensemble_id_for, original_merge_array
 from tests.pipeline_helpers import SMALL_SYNTHETIC
 

@@ -13,7 +13,7 @@ import yaml
 
 from spd_assets.cli.main import main
 from spd_assets.config import load_config_file
-from spd_assets.original_configs import SHAPE_FLAT, SHAPE_PIPELINE, SHAPE_RUN
+from spd_assets.config.original import SHAPE_FLAT, SHAPE_PIPELINE, SHAPE_RUN
 from spd_assets.storage.database import connect_read_only
 from tests.model_helpers import minilm_directory, write_corpus
 from tests.pipeline_helpers import SMALL_SYNTHETIC, make_home, store_at
@@ -32,7 +32,7 @@ def test_a_pipeline_config_reads_its_run_config_from_the_repository_root():
         "spd", "wandb:goodfire/spd/runs/0d2lld8j", 3, 64, 3)
     assert config.name == "pipeline"
     assert config.distance_methods == ("perm_invariant_hamming", "matching_dist")  # matching_dist_vec is matching_dist
-    assert config.merge.iters == 20 and config.merge.activation_threshold == 0.01
+    assert config.merge_config.iters == 20 and config.merge_config.activation_threshold == 0.01
     assert set(loaded.not_used) >= {"slurm_partition", "create_git_snapshot", "wandb_project",
                                     "resid_mlp_run.json: logging_intervals"}
 
@@ -42,10 +42,10 @@ def test_run_and_flat_configs_translate_as_the_original_reads_them():
     assert run.shape == SHAPE_RUN and run.config.source.n_members == 1  # one clustering run
     lm = load_config_file(ORIGINAL / "crc" / "lm_run.yaml").config
     assert lm.source.experiment_key == "ss_llama_simple_mlp" and lm.source.dataset_streaming
-    assert lm.merge.merge_pair_sampling_method == "mcmc" and lm.merge.module_name_filter == "model.layers.0."
+    assert lm.merge_config.merge_pair_sampling_method == "mcmc" and lm.merge_config.module_name_filter == "model.layers.0."
     flat = load_config_file(ORIGINAL / "flat_run.yaml")
     assert flat.shape == SHAPE_FLAT
-    assert (flat.config.source.n_members, flat.config.source.task_name, flat.config.merge.iters) == (4, "resid_mlp", 25)
+    assert (flat.config.source.n_members, flat.config.source.task_name, flat.config.merge_config.iters) == (4, "resid_mlp", 25)
     assert flat.config.seq_mode is None  # toy models: no sequence axis, as the original sets it
     assert set(flat.not_used) == {"wandb_enabled", "wandb_project", "intervals"}
 

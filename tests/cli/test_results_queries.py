@@ -246,7 +246,7 @@ def test_results_of_a_cli_run_load_in_a_notebook(home):
     from spd_assets import ClusteringResults
 
     results = ClusteringResults.load("alpha_half", home=home)
-    assert results.config.merge.alpha == 0.5 and list(results.histories) == results.ensemble.members
+    assert results.config.merge_config.alpha == 0.5 and list(results.histories) == results.ensemble.members
     assert set(results.distances) == set(results.config.distance_methods)
     assert results.tables["merge_events"]["experiment"].unique().to_list() == ["alpha_half"]
     assert results.tables["consensus_clusters"].height == results.consensus.n_clusters

@@ -13,7 +13,7 @@ import polars as pl
 import pytest
 from dagster import DagsterRunStatus, RunsFilter
 
-from spd_assets.cli.runs import RUN_TAG_EXPERIMENT
+from spd_assets.service.runs import RUN_TAG_EXPERIMENT
 from tests.pipeline_helpers import instance_at, make_home
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -84,7 +84,7 @@ def test_invalid_config_is_rejected_before_any_run(tmp_path):
 
 def test_a_changed_config_under_the_same_name_is_refused_unless_replaced(tmp_path):
     from spd_assets import cluster_analysis_pipeline
-    from spd_assets.cli.registration import ExperimentChangedError
+    from spd_assets.errors import ExperimentChangedError
     from tests.pipeline_helpers import SMALL_SYNTHETIC
 
     home = make_home(tmp_path / "home")

@@ -122,14 +122,14 @@ def test_stored_results_equal_direct_spd_math(pipeline):
         seed = config.member_seed(member)
         processed = drop_dead(
             process_activations(source.load_batch(member, seed), seq_mode=config.seq_mode),
-            config.merge.filter_dead_threshold,
+            config.merge_config.filter_dead_threshold,
         )
         stored_activations = load_activations(asset_path(config.name, "component_activations", member, home))
         assert stored_activations.labels == processed.labels
         assert stored_activations.dead_labels == processed.dead_labels
         assert torch.equal(stored_activations.activations, processed.activations)
 
-        direct = merge_iteration(processed, config.merge, seed=seed)
+        direct = merge_iteration(processed, config.merge_config, seed=seed)
         stored = read_history_zip(asset_path(config.name, "merge_history", member, home))
         assert stored.labels == direct.labels
         assert torch.equal(stored.group_idxs, direct.group_idxs)

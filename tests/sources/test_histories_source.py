@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from spd_assets.cli.runs import first_failure_message
 from spd_assets.config import parse_config
-from spd_assets.defs.pipeline import cluster_analysis_pipeline
 from spd_assets.errors import HistoryFileError
+from spd_assets.notebook import cluster_analysis_pipeline
 from spd_assets.results import ClusteringResults
+from spd_assets.service.runs import first_failure_message
 from spd_assets.sources import HistoriesSource, HistoriesSourceConfig, source_for
 from spd_assets.storage import original_export
 from spd_assets.storage.history_format import write_history_zip
@@ -153,7 +153,7 @@ def test_past_runs_become_an_experiment_and_bad_files_fail_alone(tmp_path):
     members = source.member_keys()
     assert members == ["a_current", "b_september", "c_truncated", "d_neither", "e_other_model", "f_current"]
     home = make_home(tmp_path / "home")
-    from spd_assets.cli.registration import register
+    from spd_assets.service.registration import register
 
     with instance_at(home) as instance:
         register(store_at(home), instance, config, members, replace=False)

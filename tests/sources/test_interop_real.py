@@ -22,7 +22,7 @@ import torch
 from filelock import FileLock
 
 from spd_assets.cli.main import main as spd_cluster
-from spd_assets.defs.pipeline import cluster_analysis_pipeline
+from spd_assets.notebook import cluster_analysis_pipeline
 from spd_assets.sources import HistoriesSource, HistoriesSourceConfig
 from spd_assets.storage.original_export import ensemble_id_for
 from spd_assets.storage.original_histories import CURRENT, SEPTEMBER_2025

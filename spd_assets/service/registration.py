@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dagster import AssetKey, DagsterInstance
 
 from spd_assets.config import ExperimentConfig, dump_config
-from spd_assets.errors import ExperimentConfigError, SpdClusterError
+from spd_assets.errors import ExperimentChangedError, ExperimentConfigError
 from spd_assets.storage.experiments import (
     Replacement,
     begin_replacement,
@@ -31,11 +31,6 @@ from spd_assets.storage.experiments import (
 from spd_assets.storage.store import WHOLE_EXPERIMENT, ResultsStore
 
 
-class ExperimentChangedError(SpdClusterError, ValueError):
-    """An experiment is registered with another config or other members and has results; the message says what
-    changed and how to proceed."""
-
-
 def _flatten(values: dict, prefix: str = "") -> Iterator[tuple[str, object]]:
     for key, value in values.items():
         if isinstance(value, dict) and value:
@@ -46,8 +41,8 @@ def _flatten(values: dict, prefix: str = "") -> Iterator[tuple[str, object]]:
 
 def config_changes(old: ExperimentConfig, new: ExperimentConfig) -> list[str]:
     """Each setting that differs, as `key: old -> new` (every default filled in)."""
-    before = dict(_flatten(json.loads(old.canonical_json())))
-    after = dict(_flatten(json.loads(new.canonical_json())))
+    before = dict(_flatten(json.loads(old.canonical_json)))
+    after = dict(_flatten(json.loads(new.canonical_json)))
     unset = "(unset)"
     return [f"{key}: {json.dumps(before.get(key, unset))} -> {json.dumps(after.get(key, unset))}"
             for key in sorted(set(before) | set(after)) if before.get(key, unset) != after.get(key, unset)]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import re
 import zlib
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -15,19 +17,42 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PlainSerializer,
+    PlainValidator,
     ValidationError,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
 
-from spd_assets import original_configs
+from spd_assets.config import original as original_configs
+from spd_assets.config.sources import SOURCE_CONFIGS, SyntheticSourceConfig
 from spd_assets.errors import ExperimentConfigError
-from spd_assets.sources import SOURCES, SyntheticSourceConfig
-from spd_assets.storage.store import RESERVED_NAMES
 from spd_math import ConfigError, MergeConfig
 from spd_math.distances import DISTANCE_METHODS
 
 EXPERIMENT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,62}$")
+# Folders of the results root that are not experiments (so no experiment may take their names).
+RESERVED_NAMES = frozenset({"experiments", "tables", "device_leases", "logs"})
+
+
+def _parse_merge_config(values: Any) -> MergeConfig:
+    """A `merge_config` block (the original research keys; missing keys take their defaults) as a MergeConfig."""
+    if isinstance(values, MergeConfig):
+        return values
+    try:
+        return MergeConfig.from_dict({} if values is None else values)
+    except (ConfigError, TypeError) as error:
+        raise ValueError(str(error)) from None
+
+
+# Parsed once when the config is validated; written back with the original keys (`MergeConfig.to_dict`).
+MergeConfigBlock = Annotated[
+    MergeConfig,
+    PlainValidator(_parse_merge_config),
+    PlainSerializer(MergeConfig.to_dict, return_type=dict),
+    WithJsonSchema({"type": "object", "description": "the original research merge_config keys"}),
+]
 
 
 class _Strict(BaseModel):
@@ -54,7 +79,7 @@ class ConsensusConfig(_Strict):
 
 
 # The `source:` block: one of the registered sources' configs, chosen by its `kind`.
-SourceBlock = Annotated[Union[tuple(source.config_type for source in SOURCES.values())], Field(discriminator="kind")]
+SourceBlock = Annotated[Union[tuple(SOURCE_CONFIGS.values())], Field(discriminator="kind")]
 
 
 class ExperimentConfig(_Strict):
@@ -63,8 +88,8 @@ class ExperimentConfig(_Strict):
     name: str = Field("default", description="experiment name: asset key prefix and `experiment` column")
     source: SourceBlock = Field(default_factory=SyntheticSourceConfig)
     seq_mode: Literal["concat", "seq_mean"] | None = "concat"
-    merge_config: dict[str, Any] = Field(
-        default_factory=lambda: {"iters": None},
+    merge_config: MergeConfigBlock = Field(
+        default_factory=lambda: MergeConfig(iters=None),
         description="original research merge_config keys; missing keys take MergeConfig defaults",
     )
     distance_methods: tuple[str, ...] = Field(tuple(DISTANCE_METHODS), description="distance methods of spd_math")
@@ -80,15 +105,6 @@ class ExperimentConfig(_Strict):
             raise ValueError(f"{name!r} names a folder of the results store; expected another name")
         return name
 
-    @field_validator("merge_config")
-    @classmethod
-    def _valid_merge_config(cls, values: dict[str, Any]) -> dict[str, Any]:
-        try:
-            MergeConfig.from_dict(values)
-        except (ConfigError, TypeError) as error:
-            raise ValueError(str(error)) from None
-        return values
-
     @field_validator("distance_methods")
     @classmethod
     def _known_methods(cls, methods: tuple[str, ...]) -> tuple[str, ...]:
@@ -97,32 +113,60 @@ class ExperimentConfig(_Strict):
             raise ValueError(f"expected at least one of {', '.join(DISTANCE_METHODS)}; got {list(methods)}")
         return methods
 
-    @property
-    def merge(self) -> MergeConfig:
-        return MergeConfig.from_dict(self.merge_config)
-
+    @cached_property
     def canonical_json(self) -> str:
         """The config with every default filled in, as stable JSON (what the hash is of)."""
-        values = self.model_dump(mode="json")
-        values["merge_config"] = self.merge.to_dict()
-        return json.dumps(values, sort_keys=True, separators=(",", ":"))
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
 
-    @property
+    @cached_property
     def config_hash(self) -> str:
-        return hashlib.sha256(self.canonical_json().encode()).hexdigest()[:16]
+        """The first 16 hex digits of the SHA-256 of `canonical_json`: equal configs, equal hashes."""
+        return hashlib.sha256(self.canonical_json.encode()).hexdigest()[:16]
+
+    def model_copy(self, *, update: dict[str, Any] | None = None, deep: bool = False) -> ExperimentConfig:
+        """A copy with `update` applied and validated, so its hash is its own (never the original's, cached)."""
+        return type(self).model_validate({**dict(self), **(update or {})})
 
     def member_seed(self, partition_key: str) -> int:
         """A member's seed: a function of the base seed and its partition key only, so it can be recomputed alone."""
         return (self.base_seed * 1_000_003 + zlib.crc32(partition_key.encode())) % 2**63
 
 
+def _model_at(loc: list[str]) -> type[BaseModel] | None:
+    """The config model whose keys sit at `loc` (an error's location, the source's kind included), or None."""
+    model: type[BaseModel] | None = ExperimentConfig
+    parts = list(loc)
+    while parts and model is not None:
+        part = parts.pop(0)
+        if model is ExperimentConfig and part == "source":
+            model = SOURCE_CONFIGS.get(parts.pop(0)) if parts else None
+            continue
+        field = model.model_fields.get(part)
+        annotation = field.annotation if field is not None else None
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return model
+
+
 def _describe(error: ValidationError) -> str:
+    """Each problem on a line: the key as written in the file (`source.n_members`), what was wrong, and for an
+    unknown key the known keys it may have meant."""
     lines = []
     for problem in error.errors():
-        where = ".".join(str(part) for part in problem["loc"]) or "(top level)"
+        loc = [str(part) for part in problem["loc"]]
+        # The discriminated union adds the source's kind to the path (source.synthetic.n_members): not a key.
+        written = [part for index, part in enumerate(loc) if not (index == 1 and loc[0] == "source" and part in SOURCE_CONFIGS)]
+        where = ".".join(written) or "(top level)"
         message = problem["msg"].removeprefix("Value error, ")
         value = problem.get("input")
         shown = "" if isinstance(value, dict) or problem["type"] == "missing" else f" (got {value!r})"
+        if problem["type"] == "extra_forbidden":
+            model = _model_at(loc[:-1])
+            known = sorted(model.model_fields) if model is not None else []
+            close = difflib.get_close_matches(loc[-1], known, n=1)
+            message = f"unknown key {loc[-1]!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+            if known:
+                message += f" (keys here: {', '.join(known)})"
+            shown = ""
         lines.append(f"  {where}: {message}{shown}")
     return "\n".join(lines)
 
@@ -179,7 +223,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Experimen
 def load_config_file(path: str | Path | None, overrides: list[str] = ()) -> LoadedConfig:
     """`load_config`, with what the file was (see `spd_assets.original_configs`) and its keys without meaning here."""
     if path is None:
-        embedded_default = json.loads(ExperimentConfig().canonical_json())
+        embedded_default = json.loads(ExperimentConfig().canonical_json)
         config = parse_config(apply_overrides(embedded_default, list(overrides)), origin="--set")
         return LoadedConfig(config, "embedded default", [])
     path = Path(path)
@@ -200,5 +244,5 @@ def load_config_file(path: str | Path | None, overrides: list[str] = ()) -> Load
 
 def dump_config(config: ExperimentConfig) -> str:
     """YAML text that `load_config` reads back into an equal config."""
-    values = json.loads(config.canonical_json())
+    values = json.loads(config.canonical_json)
     return yaml.safe_dump(values, sort_keys=False)

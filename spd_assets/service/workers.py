@@ -1,11 +1,12 @@
-"""Worker processes that execute the command line's Dagster runs, one run at a time each, and end with it.
+"""Worker processes that execute an experiment's Dagster runs, one run at a time each, and end with their parent.
 
 Each worker is a spawned process serving run requests over a pipe of its own, so a worker that
 dies fails only the run it was executing. Workers end when the command line ends, however it
 ends: the kernel kills them when their parent dies (Linux's parent-death signal; elsewhere a
 watchdog thread notices the parent is gone), and they sit in a process group of their own, so a
-Ctrl-C in the terminal reaches only the command line, which then stops them in order
-(`Workers.stop`) and says what it canceled.
+Ctrl-C in the terminal reaches only the parent (the command line, or a notebook's kernel), which
+then stops them in order (`Workers.stop`) and says what it canceled. Each worker uses the Dagster
+instance it is given, whatever its parent's environment says.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from spd_assets.cli.runs import RunOutcome, execute_run
+from spd_assets.service.runs import RunOutcome, execute_run
 
 PR_SET_PDEATHSIG = 1  # from <sys/prctl.h>
 PARENT_WATCH_INTERVAL_S = 0.5
@@ -36,6 +37,7 @@ class RunTask:
     partition: str | None
     tags: dict[str, str]
     run_config: dict | None
+    asset_selection: tuple[tuple[str, ...], ...] | None = None  # asset key paths: only these assets of the job
 
     @property
     def label(self) -> str:
@@ -59,8 +61,9 @@ def _die_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def _serve(connection, parent_pid: int, log_path: str) -> None:
+def _serve(connection, parent_pid: int, log_path: str, home: str) -> None:
     """A worker: execute each run request received, send back its outcome; stop at None or a closed pipe."""
+    os.environ["DAGSTER_HOME"] = home  # before the code location is loaded: it reads its experiments from there
     os.setpgid(0, 0)  # out of the terminal's foreground group: Ctrl-C is for the command line to handle
     _die_with_parent(parent_pid)
     handle = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -75,7 +78,12 @@ def _serve(connection, parent_pid: int, log_path: str) -> None:
         if task is None:
             return
         try:
-            outcome = execute_run(task.job_name, task.partition, task.tags, task.run_config)
+            selection = None
+            if task.asset_selection is not None:
+                from dagster import AssetKey
+
+                selection = [AssetKey(list(path)) for path in task.asset_selection]
+            outcome = execute_run(task.job_name, task.partition, task.tags, task.run_config, asset_selection=selection)
         except Exception as error:  # the run never started: instance unreachable, job not found, ...
             outcome = RunOutcome(label=task.label, success=False, run_id=None, seconds=0.0,
                                  error=f"{type(error).__name__}: {error}")
@@ -83,9 +91,9 @@ def _serve(connection, parent_pid: int, log_path: str) -> None:
 
 
 class _Worker:
-    def __init__(self, context, log_path: str) -> None:
+    def __init__(self, context, log_path: str, home: str) -> None:
         self.connection, child_end = context.Pipe(duplex=True)
-        self.process = context.Process(target=_serve, args=(child_end, os.getpid(), log_path))
+        self.process = context.Process(target=_serve, args=(child_end, os.getpid(), log_path, home))
         self.process.start()
         child_end.close()
         self.task: RunTask | None = None
@@ -105,11 +113,13 @@ class _Worker:
 
 
 class Workers:
-    """`size` worker processes; `run` executes tasks on them and reports each outcome as it comes."""
+    """`size` worker processes using the Dagster instance at `home`; `run` executes tasks on them and reports each
+    outcome as it comes. Their Dagster event logs go to `log_path`."""
 
-    def __init__(self, size: int, log_path: str) -> None:
+    def __init__(self, size: int, log_path: str, home: str) -> None:
         self._context = multiprocessing.get_context("spawn")
         self._log_path = log_path
+        self._home = home
         self._size = size
         self._workers: list[_Worker] = []
 
@@ -119,7 +129,7 @@ class Workers:
         pending = deque(tasks)
         outcomes = []
         while len(self._workers) < min(self._size, len(tasks)):
-            self._workers.append(_Worker(self._context, self._log_path))
+            self._workers.append(_Worker(self._context, self._log_path, self._home))
         while pending or any(worker.task for worker in self._workers):
             for worker in list(self._workers):
                 if worker.task is None and pending:
@@ -130,7 +140,7 @@ class Workers:
                         pending.appendleft(task)
                         worker.task = None
                         self._workers.remove(worker)
-                        self._workers.append(_Worker(self._context, self._log_path))
+                        self._workers.append(_Worker(self._context, self._log_path, self._home))
             busy = [worker for worker in self._workers if worker.task is not None]
             if not busy:
                 continue  # a worker was replaced before it took its task
@@ -148,7 +158,7 @@ class Workers:
                     on_worker_death(worker.process.pid)
                     self._workers.remove(worker)
                     if pending:
-                        self._workers.append(_Worker(self._context, self._log_path))
+                        self._workers.append(_Worker(self._context, self._log_path, self._home))
                 worker.task = None
                 outcomes.append(outcome)
                 report(outcome)

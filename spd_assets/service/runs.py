@@ -1,17 +1,19 @@
-"""Executing Dagster runs for the CLI, and what their outcomes and asset checks say."""
+"""Executing one Dagster run of an experiment's jobs, and what its outcome, asset checks and metadata say."""
 
 import os
 import shutil
 import socket
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from spd_assets.defs.dead_runs import RUN_TAG_HOST, RUN_TAG_PID
-from spd_assets.defs.home import TEMPLATE_HOME, point_at_instance
+from spd_assets.defs.home import TEMPLATE_HOME
 
-# The CLI runs each member's run in one worker process of its own and parallelises over runs; with the
-# multiprocess executor too, the steps of a run need no further processes.
+# Each member's run executes in a worker process of its own, and members run in parallel over workers; with
+# the multiprocess executor too, the steps of a run need no further processes.
 IN_PROCESS_RUN_CONFIG = {"execution": {"config": {"in_process": {}}}}
 RUN_TAG_EXPERIMENT = "spd_cluster/experiment"
 RUN_TAG_INVOCATION = "spd_cluster/invocation"
@@ -36,27 +38,49 @@ class CheckOutcome:
 
 @dataclass(frozen=True)
 class RunOutcome:
+    """How one Dagster run ended: its label (member, or job), success, run id, time, first error, checks, and the
+    plain metadata of what it materialized (asset name -> metadata name -> int, float, str or bool)."""
+
     label: str
     success: bool
     run_id: str | None  # None when no Dagster run was recorded
     seconds: float
     error: str | None
     checks: tuple[CheckOutcome, ...] = field(default_factory=tuple)
+    metadata: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
-def prepare_instance() -> Path:
-    """`point_at_instance`, and make sure the instance exists with its settings and storage."""
-    home = point_at_instance()
+def prepare_instance(home: Path) -> Path:
+    """Make sure the Dagster instance at `home` exists, with its settings (from the template) and storage."""
     home.mkdir(parents=True, exist_ok=True)
     template = TEMPLATE_HOME / "dagster.yaml"
     if not (home / "dagster.yaml").exists() and template.exists():
         shutil.copy(template, home / "dagster.yaml")
-    from dagster import DagsterInstance
-
     # Create the instance's storage once, here: parallel workers creating it together would race.
-    with DagsterInstance.get():
+    with instance_at(home):
         pass
     return home
+
+
+def instance_at(home: Path):
+    """The Dagster instance whose DAGSTER_HOME is `home` (a context manager), whatever the environment says."""
+    from dagster import DagsterInstance
+
+    return DagsterInstance.from_config(str(home))
+
+
+def _plain_metadata(result) -> dict[str, dict[str, Any]]:
+    """Asset name -> the plain values (numbers, text, flags) of its materialization's metadata."""
+    plain: dict[str, dict[str, Any]] = {}
+    for event in result.get_asset_materialization_events():
+        materialization = event.step_materialization_data.materialization
+        values = {}
+        for name, entry in materialization.metadata.items():
+            value = getattr(entry, "value", entry)
+            if isinstance(value, (bool, int, float, str)):
+                values[name] = value
+        plain[materialization.asset_key.path[-1]] = values
+    return plain
 
 
 def first_failure_message(result) -> str | None:
@@ -100,6 +124,7 @@ def execute_run(job_name: str, partition: str | None, tags: dict[str, str], run_
             seconds=time.perf_counter() - started,
             error=None if result.success else first_failure_message(result),
             checks=checks,
+            metadata=_plain_metadata(result),
         )
 
 

@@ -27,8 +27,8 @@ from typing import Any
 
 import yaml
 
+from spd_assets.config.sources import local_task_name
 from spd_assets.errors import ExperimentConfigError
-from spd_assets.sources.spd import local_task_name
 
 SHAPE_EXPERIMENT = "spd-cluster experiment config"
 SHAPE_RUN = "original clustering run config"

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from spd_assets.config import ExperimentConfig
 from spd_assets.sources import ActivationSource, RunTimeNeed, source_for
-from spd_assets.sources.streaming import check_memory_budget, kept_widths, n_samples
+from spd_assets.sources.streaming import BYTES_PER_VALUE, check_memory_budget, kept_widths, n_samples
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,8 @@ class Preflight:
     needs: list[RunTimeNeed]
     checked: bool  # False when a need is missing or cannot be told here, so the source was not loaded
     activation_shape: tuple[int, int] | None  # (samples, components) of one member, where known before running
-    activation_bytes: int | None  # of the dense matrix, in continuous mode (None with a threshold: compact)
+    activation_bytes: int | None  # of the dense matrix (None: compact, only the entries above the threshold kept)
+    memory_budgeted: bool = False  # the activations are streamed within the source's memory budget
 
 
 def preflight(config: ExperimentConfig, *, check_all: bool) -> Preflight:
@@ -38,11 +39,14 @@ def preflight(config: ExperimentConfig, *, check_all: bool) -> Preflight:
     shape = size = None
     if check_all or ready:
         source.check()
-        if source.has_token_batches:
-            merge = config.merge
-            samples = n_samples(source.activation_dims(), config.seq_mode)
-            components = sum(kept_widths(source.module_widths(), merge.module_name_filter).values())
-            if merge.activation_threshold is None:  # with a threshold only the entries above it are kept
-                size = check_memory_budget(samples, components, source.memory_budget_bytes, what="each member")
+        widths, dims = source.module_widths(), source.activation_dims()
+        if widths is not None and dims is not None:
+            merge = config.merge_config
+            samples = n_samples(dims, config.seq_mode)
+            components = sum(kept_widths(widths, merge.module_name_filter).values())
             shape = (samples, components)
-    return Preflight(source, source.member_keys(), needs, check_all or ready, shape, size)
+            if not source.has_token_batches:  # loaded whole, dense
+                size = samples * components * BYTES_PER_VALUE
+            elif merge.activation_threshold is None:  # streamed: with a threshold only the entries above it are kept
+                size = check_memory_budget(samples, components, source.memory_budget_bytes, what="each member")
+    return Preflight(source, source.member_keys(), needs, check_all or ready, shape, size, source.has_token_batches)

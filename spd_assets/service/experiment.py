@@ -1,0 +1,311 @@
+"""Running an experiment through Dagster: the one place that does it, for every face.
+
+`run_experiment` is what `spd-cluster run`, `spd-clustering` and `cluster_analysis_pipeline` call:
+
+1. preflight: whatever would fail every member (a missing model, a bad directory) fails here;
+2. the Dagster instance: prepared (settings from the template), runs of dead processes reaped;
+3. registration: the config registered; a changed config is refused unless `replace`;
+4. the results database: DuckDB views over the result tables;
+5. the members: one Dagster run each, `parallel` at once, in worker processes;
+6. the ensemble: one run for the ensemble, distances, consensus, explorer and the lineage tables.
+
+What happens is reported as it happens to a `Progress` (the command line prints it, a notebook
+shows one line per member) and returned as data, an `ExperimentRun`. An interruption (Ctrl-C, or
+`Interrupted` raised by a caller's signal handler) stops the workers, marks their runs canceled,
+brings the lineage tables up to date with what did finish, and is part of the returned run.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from spd_assets.config import ExperimentConfig
+from spd_assets.defs.dead_runs import reap_dead_runs
+from spd_assets.defs.deployment import DEVICE_POOL, DeploymentSettings, load_settings
+from spd_assets.defs.devices import leases_at_once
+from spd_assets.defs.home import results_store
+from spd_assets.defs.jobs import ensemble_job_name, members_job_name
+from spd_assets.defs.resources import pool_limit
+from spd_assets.errors import UsageError
+from spd_assets.service.preflight import preflight
+from spd_assets.service.registration import register
+from spd_assets.service.runs import (
+    RUN_TAG_EXPERIMENT,
+    RUN_TAG_INVOCATION,
+    CheckOutcome,
+    RunOutcome,
+    cancel_runs_of,
+    instance_at,
+    prepare_instance,
+    run_config_for,
+)
+from spd_assets.service.workers import RunTask, Workers
+from spd_assets.storage.database import ensure_database
+
+# Names the face that ran an experiment, in each of its runs' tags.
+RUN_TAG_ORIGIN = "spd_cluster/origin"
+LINEAGE_TABLES = ("materializations", "lineage_edges")
+# Marks the run that rebuilt the lineage tables after an interrupted or failed invocation.
+RUN_TAG_LINEAGE = "spd_cluster/lineage"
+
+
+class Interrupted(Exception):
+    """Raised by a caller's signal handler (e.g. SIGTERM) to stop a running experiment as Ctrl-C does."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@dataclass(frozen=True)
+class ExperimentPlan:
+    """What is about to run: the experiment, its members, where, and how many at once."""
+
+    experiment: str
+    config_hash: str
+    home: Path
+    members: list[str]
+    activation_shape: tuple[int, int] | None  # (samples, components) of one member, where known before running
+    activation_bytes: int | None  # of the dense matrix; None: compact (only the entries above the threshold)
+    memory_budgeted: bool  # streamed within the source's memory budget
+    devices: list[str]
+    executor: str
+    pool: str
+    pool_limit: int | None
+    merges_at_once: int
+    parallel: int
+    log_path: Path
+
+
+@dataclass(frozen=True)
+class Interruption:
+    """How a run was interrupted: the signal, the members in flight and queued, and the Dagster runs canceled."""
+
+    signal_name: str
+    signum: int
+    in_flight: list[str]
+    queued: list[str]
+    finished: list[str]
+    canceled_runs: list[str]
+
+
+@dataclass(frozen=True)
+class ExperimentRun:
+    """The outcome of `run_experiment`, as data: the plan, each member's run, the ensemble's, and any interruption."""
+
+    plan: ExperimentPlan
+    notes: list[str]
+    members: list[RunOutcome] = field(default_factory=list)
+    ensemble: RunOutcome | None = None
+    seconds: float = 0.0
+    interruption: Interruption | None = None
+
+    @property
+    def failed_members(self) -> list[str]:
+        return [outcome.label for outcome in self.members if not outcome.success]
+
+    @property
+    def success(self) -> bool:
+        """Every member and the ensemble succeeded, uninterrupted."""
+        return self.interruption is None and not self.failed_members and self.ensemble is not None and self.ensemble.success
+
+    @property
+    def checks(self) -> list[CheckOutcome]:
+        runs = [*self.members, *([self.ensemble] if self.ensemble is not None else [])]
+        return [check for outcome in runs for check in outcome.checks]
+
+    @property
+    def consensus(self) -> dict:
+        """The consensus step's plain metadata (iteration, rule, clusters, ...), or {} when it did not run."""
+        return dict(self.ensemble.metadata.get("consensus_clusters", {})) if self.ensemble is not None else {}
+
+    @property
+    def results_dir(self) -> Path:
+        return results_store(self.plan.home).experiment_dir(self.plan.experiment)
+
+    @property
+    def database_path(self) -> Path:
+        return results_store(self.plan.home).database_path
+
+    @property
+    def explorer_path(self) -> Path | None:
+        """The cluster explorer page, when this run wrote it."""
+        if self.ensemble is None or "cluster_explorer" not in self.ensemble.metadata:
+            return None
+        return self.results_dir / "cluster_explorer.html"
+
+
+class Progress:
+    """What `run_experiment` reports as it goes; each method does nothing unless overridden."""
+
+    def note(self, line: str) -> None:
+        """Something done on the way (a dead run reaped, old results removed)."""
+
+    def planned(self, plan: ExperimentPlan) -> None:
+        """The members are about to start."""
+
+    def member_finished(self, outcome: RunOutcome, done: int, total: int) -> None:
+        """A member's run ended (successfully or not)."""
+
+    def ensemble_started(self) -> None:
+        """The ensemble's run is about to start."""
+
+    def ensemble_finished(self, outcome: RunOutcome) -> None:
+        """The ensemble's run ended."""
+
+
+def members_at_once(settings: DeploymentSettings, devices: Sequence[str], limit: int | None) -> int:
+    """How many member runs to execute at once by default: as many as merges can run at once."""
+    return leases_at_once(list(devices), limit)
+
+
+def run_experiment(
+    config: ExperimentConfig,
+    *,
+    home: Path,
+    parallel: int | None = None,
+    only_members: Sequence[str] | None = None,
+    replace: bool = False,
+    origin: str = "spd-cluster run",
+    progress: Progress | None = None,
+) -> ExperimentRun:
+    """Materialize every asset of `config` into the Dagster instance at `home`: each member, then the ensemble.
+
+    Parameters
+    ----------
+    config
+        The experiment.
+    home
+        The Dagster instance (DAGSTER_HOME); created from the project's template when new.
+    parallel
+        Member runs at once; default: as many as merges can run at once (devices and the pool's limit).
+    only_members
+        Run only these members (e.g. to retry failed ones); the ensemble is built from every member with a history.
+    replace
+        Remove the results of another config (or of members that left) under the same name first.
+    origin
+        Who runs it, in each run's tags (`spd_cluster/origin`).
+    progress
+        Told what happens as it happens.
+
+    Returns
+    -------
+    ExperimentRun
+        Every run's outcome, the checks, the consensus metadata, and the interruption if there was one.
+
+    Raises
+    ------
+    ExperimentConfigError, SourceError
+        Nothing can run (the source fails its checks); nothing was started.
+    ExperimentChangedError
+        The name has results of another config or of departed members and `replace` is False.
+    UsageError
+        `only_members` names members the experiment does not have, or `parallel` is not positive.
+    """
+    progress = progress or Progress()
+    checked = preflight(config, check_all=True)
+    members = checked.members
+    if only_members is not None:
+        unknown = sorted(set(only_members) - set(members))
+        if unknown:
+            raise UsageError(f"--members: {unknown} are not members of {config.name!r}; expected some of {members}")
+    if parallel is not None and parallel < 1:
+        raise UsageError(f"--parallel: expected a positive number, got {parallel}")
+    home = prepare_instance(Path(home).resolve())
+    store = results_store(home)
+    settings = load_settings(home)
+    devices = settings.device_names()
+    notes = []
+    with instance_at(home) as instance:
+        for dead in reap_dead_runs(instance, reaper=origin):
+            notes.append(f"  (run {dead.run_id[:8]}: its process {dead.pid} is gone; marked failed, pool slots freed)")
+        notes += register(store, instance, config, members, replace=replace)
+        limit = pool_limit(instance)
+    for line in notes:
+        progress.note(line)
+    if only_members is not None:
+        members = [member for member in members if member in only_members]
+    ensure_database(store)
+    at_once = leases_at_once(devices, limit)
+    invocation = time.strftime("%Y%m%dT%H%M%S")
+    log_path = store.logs_dir / f"{config.name}-{invocation}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    plan = ExperimentPlan(
+        experiment=config.name, config_hash=config.config_hash, home=home, members=members,
+        activation_shape=checked.activation_shape, activation_bytes=checked.activation_bytes,
+        memory_budgeted=checked.memory_budgeted, devices=devices,
+        executor=settings.executor, pool=DEVICE_POOL, pool_limit=limit, merges_at_once=at_once,
+        parallel=parallel or members_at_once(settings, devices, limit), log_path=log_path,
+    )
+    progress.planned(plan)
+    tags = {RUN_TAG_EXPERIMENT: config.name, RUN_TAG_INVOCATION: invocation, RUN_TAG_ORIGIN: origin}
+    run_config = run_config_for(settings)
+    member_tasks = [RunTask(members_job_name(config.name), member, tags, run_config) for member in members]
+    ensemble_task = RunTask(ensemble_job_name(config.name), None, tags, run_config)
+    workers = Workers(min(plan.parallel, len(members)) or 1, str(log_path), str(home))
+    finished: list[RunOutcome] = []
+    started = time.perf_counter()
+
+    def member_finished(outcome: RunOutcome) -> None:
+        finished.append(outcome)
+        progress.member_finished(outcome, len(finished), len(members))
+
+    try:
+        outcomes = workers.run(member_tasks, member_finished, on_worker_death=lambda pid: _reap(home, origin))
+        progress.ensemble_started()
+        ensemble = workers.run([ensemble_task], lambda outcome: None)[0]
+        progress.ensemble_finished(ensemble)
+    except (KeyboardInterrupt, Interrupted) as interruption:
+        signum = getattr(interruption, "signum", signal.SIGINT)
+        stopped = _stop(workers, home, invocation, signum, members, finished)
+        _bring_lineage_up_to_date(home, config.name, tags, run_config, log_path)
+        return ExperimentRun(plan, notes, finished, None, time.perf_counter() - started, stopped)
+    workers.close()
+    if not ensemble.success:
+        # The ensemble run failed before its lineage step: the tables must still agree with what was recorded.
+        _bring_lineage_up_to_date(home, config.name, tags, run_config, log_path)
+    return ExperimentRun(plan, notes, outcomes, ensemble, time.perf_counter() - started)
+
+
+def _reap(home: Path, origin: str) -> None:
+    """A worker died mid-run: mark its run failed and free its pool slots now, so other runs need not wait."""
+    with instance_at(home) as instance:
+        reap_dead_runs(instance, reaper=origin)
+
+
+def _stop(workers: Workers, home: Path, invocation: str, signum: int, members: list[str],
+          finished: list[RunOutcome]) -> Interruption:
+    """Stop the workers and mark their runs canceled; what was in flight, queued and finished."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
+    try:
+        in_flight = workers.busy_pids()
+        workers.stop()
+        with instance_at(home) as instance:
+            canceled = cancel_runs_of(instance, invocation, set(in_flight))
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    done = [outcome.label for outcome in finished]
+    flying = sorted(label for label in in_flight.values() if label in members)
+    queued = [member for member in members if member not in done and member not in flying]
+    return Interruption(signal.Signals(signum).name, signum, flying, queued, done, canceled)
+
+
+def _bring_lineage_up_to_date(home: Path, experiment: str, tags: dict[str, str], run_config: dict | None,
+                              log_path: Path) -> None:
+    """Rebuild the lineage tables from Dagster's event log (only that asset), so they list what did finish.
+
+    Runs in a worker of its own (its log in the invocation's); a failure is left for `spd-cluster doctor`.
+    """
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the clean-up of an interruption runs to its end
+    workers = Workers(1, str(log_path), str(home))
+    try:
+        task = RunTask(ensemble_job_name(experiment), None, {**tags, RUN_TAG_LINEAGE: "catch-up"}, run_config,
+                       asset_selection=tuple((experiment, table) for table in LINEAGE_TABLES))
+        workers.run([task], lambda outcome: None)
+    finally:
+        workers.close()
+        signal.signal(signal.SIGINT, previous)
