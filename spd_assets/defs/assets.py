@@ -79,7 +79,7 @@ DEVICE_POOL_KEY = "device_pool"
 # Bump when a change to an asset's code changes its results (Dagster marks downstream stale).
 CODE_VERSION = "1"
 OUT_OF_MEMORY_RETRIES = 3
-# Files the ensemble steps write for the original's tools and the SPD app, in the experiment's results folder.
+# Files the ensemble steps write for the original's tools and the SPD app, in the experiment's exports folder.
 ORIGINAL_FOLDER = "original"
 SPD_APP_MAPPING = "spd_app_cluster_mapping.json"
 OUT_OF_MEMORY_WAIT_S = 30
@@ -397,7 +397,7 @@ class _ExperimentAssetBuilder:
             mapping = steps.spd_app_mapping(result.value, self.config, source)
             if mapping is not None:  # the SPD app's JSON, for a source that names the wandb run the app loads
                 store = getattr(context.resources, STORAGE_KEY).store
-                path = original_export.write_json(store.experiment_dir(self.name) / SPD_APP_MAPPING, mapping)
+                path = original_export.write_json(store.exports_dir(self.name) / SPD_APP_MAPPING, mapping)
                 result.metadata["spd_app_mapping"] = path
                 context.log.info(f"SPD app cluster mapping for {mapping['spd_run']}: {path}")
             context.log.info(f"{result.metadata['clusters']} consensus clusters at iteration "
@@ -459,13 +459,13 @@ class _ExperimentAssetBuilder:
             code_version=CODE_VERSION,
             required_resource_keys={self.source_key, STORAGE_KEY},
             description="The original pipeline's ensemble folder, run folders and registry rows (under "
-                        f"spd_cluster/<experiment>/{ORIGINAL_FOLDER}/, laid out as its SPD_OUT_DIR): what its "
+                        f"spd_cluster/<experiment>/exports/{ORIGINAL_FOLDER}/, laid out as its SPD_OUT_DIR): what its "
                         "get_cluster_mapping and calc_distances read.",
         )
         def original_ensemble_folder(context: AssetExecutionContext, ensemble: MemberEnsemble,
                                      histories: dict[str, MergeHistory], distances: EnsembleDistances) -> MaterializeResult:
             source = getattr(context.resources, self.source_key).source
-            out = getattr(context.resources, STORAGE_KEY).store.experiment_dir(self.name) / ORIGINAL_FOLDER
+            out = getattr(context.resources, STORAGE_KEY).store.exports_dir(self.name) / ORIGINAL_FOLDER
             result = steps.original_ensemble_folder(ensemble, histories, distances, self.config, source, out)
             context.log.info(f"the original's ensemble folder: {result.metadata['path']}")
             consumed = [

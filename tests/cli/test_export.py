@@ -97,7 +97,7 @@ def test_export_of_an_unknown_experiment(experiment, tmp_path, monkeypatch, caps
 def test_the_ensemble_run_writes_the_original_folder_as_an_asset(experiment):
     home, results = experiment
     ensemble_id = ensemble_id_for("small", results.config.config_hash)
-    folder = home / "spd_cluster" / "small" / "original" / "clustering"
+    folder = home / "spd_cluster" / "small" / "exports" / "original" / "clustering"
     assert (folder / "ensembles" / ensemble_id / "ensemble_merge_array.npz").is_file()
     assert len(list((folder / "runs").glob("c-*/history.zip"))) == 3
-    assert not (home / "spd_cluster" / "small" / "spd_app_cluster_mapping.json").exists()  # no wandb run named
+    assert not (home / "spd_cluster" / "small" / "exports" / "spd_app_cluster_mapping.json").exists()  # no wandb run named

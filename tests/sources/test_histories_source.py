@@ -188,14 +188,14 @@ def test_an_imported_original_ensemble_gets_the_apps_mapping_and_its_own_origina
     home = tmp_path / "home"
     results = cluster_analysis_pipeline({"name": "imported", "consensus": {"k": 8},
                                          "source": {"kind": "histories", "directory": str(folder.ensemble_dir)}}, home=home)
-    experiment_dir = store_at(home).experiment_dir("imported")
-    mapping = json.loads((experiment_dir / "spd_app_cluster_mapping.json").read_text())
+    exports = store_at(home).exports_dir("imported")
+    mapping = json.loads((exports / "spd_app_cluster_mapping.json").read_text())
     assert mapping["spd_run"] == "goodfire/spd/abcd1234" and mapping["n_iterations"] == results.consensus.iteration
     clustered = {label for label, cluster in zip(results.consensus.labels, results.consensus.cluster_of) if cluster >= 0}
     assert {label for label, cluster in mapping["clusters"].items() if cluster is not None} == clustered
 
     ensemble_id = original_export.ensemble_id_for("imported", results.config.config_hash)
-    again = experiment_dir / "original" / "clustering"
+    again = exports / "original" / "clustering"
     meta = json.loads((again / "ensembles" / ensemble_id / "ensemble_meta.json").read_text())
     assert meta["n_ensemble"] == 3 and meta["component_labels"] == sorted({x for h in histories for x in h.labels})
     run_configs = [json.loads(p.read_text()) for p in sorted((again / "runs").glob("*/clustering_run_config.json"))]
