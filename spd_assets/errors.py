@@ -72,6 +72,11 @@ class PipelineError(SpdClusterError, RuntimeError):
     """The ensemble could not be materialized; the message gives the first failure."""
 
 
+class QueryRefused(SpdClusterError, ValueError):
+    """A query over the results tried what queries may not do (write, read other files, reach the network, load
+    extensions, attach databases, change settings); the message says what a query may do."""
+
+
 class ExportError(SpdClusterError, ValueError):
     """Results cannot be written in the original pipeline's or the SPD app's format; the message says what is
     missing or out of range and what was expected."""

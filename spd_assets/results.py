@@ -58,10 +58,33 @@ class ClusteringResults:
     """One experiment's results: histories by member, the aligned ensemble, distances by method, the consensus
     clusters and the result tables (table name -> Polars DataFrame, this experiment's rows).
 
+    Returned by `cluster_analysis_pipeline`, or read back later with `ClusteringResults.load`; frozen.
+
+    Attributes
+    ----------
+    experiment : str
+    config : ExperimentConfig
+        The registered config the results are of.
+    home : Path
+        The Dagster instance (DAGSTER_HOME) they live in.
+    histories : mapping of str to spd_math.MergeHistory
+        Each member's merge history, in ensemble order.
+    ensemble : MemberEnsemble
+        The histories aligned on the union of labels (`ensemble.ensemble`), the members used and missing.
+    distances : mapping of str to torch.Tensor
+        Method -> `[iterations, members, members]` distances.
+    consensus : ConsensusClusters
+        The consensus clusters, the iteration and the rule that chose it.
+    tables : mapping of str to polars.DataFrame
+        Every result table's rows of this experiment.
+
     Examples
     --------
+    >>> from spd_assets import ClusteringResults
     >>> results = ClusteringResults.load("default")                        # doctest: +SKIP
-    >>> results.consensus.iteration, results.tables["consensus_clusters"]  # doctest: +SKIP
+    >>> results.consensus.iteration, results.consensus.rule                 # doctest: +SKIP
+    (472, "median over members of each member's MDL-loss minimum")
+    >>> results.tables["consensus_clusters"].sort("size", descending=True)  # doctest: +SKIP
     """
 
     experiment: str

@@ -23,6 +23,7 @@ NOT_USED_FLAGS = ("wandb_project", "wandb_entity", "local", "local_clustering_pa
 
 
 def parser() -> argparse.ArgumentParser:
+    """The original `spd-clustering` command line's arguments."""
     arguments = argparse.ArgumentParser(
         prog="spd-clustering",
         description="Run a clustering ensemble from the original research code's pipeline config "
@@ -44,6 +45,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`spd-clustering`: the original command line, running what `spd-cluster run --config` runs."""
     args = parser().parse_args(argv)
     if args.n_runs is not None and args.n_runs < 1:
         print(f"spd-clustering: --n-runs: expected a positive number, got {args.n_runs}", file=sys.stderr)

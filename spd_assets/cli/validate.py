@@ -35,6 +35,7 @@ def describe_loaded(loaded: LoadedConfig) -> list[str]:
 
 
 def report(loaded: LoadedConfig, checked: Preflight) -> list[str]:
+    """What `validate` prints of a valid config: the experiment, source, members, merge, consensus, size."""
     config = loaded.config
     merge = config.merge_config
     source_settings = ", ".join(f"{key}={value}" for key, value in config.source.model_dump(mode="json").items()

@@ -83,7 +83,34 @@ SourceBlock = Annotated[Union[tuple(SOURCE_CONFIGS.values())], Field(discriminat
 
 
 class ExperimentConfig(_Strict):
-    """Everything that determines an experiment's results."""
+    """Everything that determines an experiment's results: one YAML file's keys, validated, defaults filled in.
+
+    Parameters
+    ----------
+    name : str, default "default"
+        The experiment's name: the prefix of its asset keys, its group in the UI, the `experiment` column.
+    source : SourceConfig, default the synthetic source
+        Where the activations come from: one of `spd_assets.config.SOURCE_CONFIGS`, chosen by its `kind`.
+    seq_mode : {"concat", "seq_mean", None}, default "concat"
+        Tokens (`concat`) or sequences (`seq_mean`) are the samples; None for `[samples, C]` activations.
+    merge_config : spd_math.MergeConfig
+        The merge, given with the original research keys; parsed once, written back with the same keys.
+    distance_methods : tuple of str, default both
+        Names in `spd_math.DISTANCE_METHODS`.
+    base_seed : int, default 0
+        Each member's seed derives from it and the member's partition key (`member_seed`).
+    consensus : ConsensusConfig
+        Where the consensus clusters are taken and how many members must agree.
+
+    Examples
+    --------
+    >>> from spd_assets.config import parse_config
+    >>> config = parse_config({"name": "alpha_half", "merge_config": {"alpha": 0.5, "iters": 200}})
+    >>> config.merge_config.alpha, config.merge_config.activation_threshold, config.source.kind
+    (0.5, 0.01, 'synthetic')
+    >>> config.config_hash == parse_config({"name": "alpha_half", "merge_config": {"iters": 200, "alpha": 0.5}}).config_hash
+    True
+    """
 
     name: str = Field("default", description="experiment name: asset key prefix and `experiment` column")
     source: SourceBlock = Field(default_factory=SyntheticSourceConfig)
@@ -125,7 +152,8 @@ class ExperimentConfig(_Strict):
 
     def model_copy(self, *, update: dict[str, Any] | None = None, deep: bool = False) -> ExperimentConfig:
         """A copy with `update` applied and validated, so its hash is its own (never the original's, cached)."""
-        return type(self).model_validate({**dict(self), **(update or {})})
+        fields = {name: getattr(self, name) for name in type(self).model_fields}
+        return type(self).model_validate({**fields, **(update or {})})
 
     def member_seed(self, partition_key: str) -> int:
         """A member's seed: a function of the base seed and its partition key only, so it can be recomputed alone."""
@@ -172,7 +200,35 @@ def _describe(error: ValidationError) -> str:
 
 
 def parse_config(values: Any, *, origin: str = "config") -> ExperimentConfig:
-    """Validate a mapping (e.g. loaded YAML) into an ExperimentConfig, with every problem named."""
+    """Validate a mapping (e.g. loaded YAML) into an ExperimentConfig, with every problem named.
+
+    Parameters
+    ----------
+    values : mapping or None
+        The config's keys, as in a YAML file; None is the embedded default.
+    origin : str
+        What the values came from, named in the error message.
+
+    Returns
+    -------
+    ExperimentConfig
+
+    Raises
+    ------
+    ExperimentConfigError
+        Every key at fault on a line of its own, with what was expected (and the key meant, for a misspelling).
+
+    Examples
+    --------
+    >>> from spd_assets.config import parse_config
+    >>> parse_config({"source": {"kind": "synthetic", "n_members": 3}}).source.n_members
+    3
+    >>> parse_config({"source": {"kind": "synthetic", "n_member": 3}}, origin="my.yaml")
+    Traceback (most recent call last):
+    ...
+    spd_assets.errors.ExperimentConfigError: my.yaml is invalid:
+      source.n_member: unknown key 'n_member'; did you mean 'n_members'? (keys here: batch_size, kind, n_members, params)
+    """
     if values is None:
         values = {}
     if not isinstance(values, dict):
@@ -216,7 +272,32 @@ class LoadedConfig:
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> ExperimentConfig:
     """Read a YAML experiment config, or an original research config (None: the embedded default), and apply
-    `--set` overrides."""
+    `--set` overrides.
+
+    Parameters
+    ----------
+    path : path or None
+        An experiment config (YAML), or an original clustering run, pipeline or flat config (YAML or JSON);
+        relative paths in it are relative to its folder. None: the embedded default.
+    overrides : list of str
+        `KEY=VALUE` settings applied on top, values read as YAML (`["merge_config.alpha=0.5"]`).
+
+    Returns
+    -------
+    ExperimentConfig
+
+    Raises
+    ------
+    ExperimentConfigError
+        The file is missing or unreadable, or its values are invalid (every key at fault named).
+
+    Examples
+    --------
+    >>> from spd_assets.config import load_config
+    >>> config = load_config(None, ["name=alpha_half", "merge_config.alpha=0.5"])
+    >>> config.name, config.merge_config.alpha
+    ('alpha_half', 0.5)
+    """
     return load_config_file(path, overrides).config
 
 

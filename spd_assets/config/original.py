@@ -103,6 +103,7 @@ def shape_of(values: Any) -> str:
 
 
 def is_original(values: Any) -> bool:
+    """Whether `values` are an original research config (any of its three shapes)."""
     return shape_of(values) != SHAPE_EXPERIMENT
 
 

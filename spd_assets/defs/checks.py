@@ -61,12 +61,14 @@ def mdl_minimum_inside_the_merge(warning: str | None) -> AssetCheckResult:
 
 
 def every_component_assigned(ensemble: MemberEnsemble) -> AssetCheckResult:
+    """Every component of every member has a group at every iteration (no -1)."""
     unassigned = int((ensemble.ensemble.merges < 0).sum())
     return AssetCheckResult(check_name="every_component_assigned", passed=unassigned == 0,
                             metadata={"unassigned_entries": unassigned})
 
 
 def all_members_present(ensemble: MemberEnsemble) -> AssetCheckResult:
+    """Every configured member contributed a history (WARN: the ensemble is built without the missing)."""
     return AssetCheckResult(
         check_name="all_members_present",
         passed=not ensemble.missing,
@@ -76,6 +78,7 @@ def all_members_present(ensemble: MemberEnsemble) -> AssetCheckResult:
 
 
 def symmetric_with_zero_diagonal(by_method: dict[str, torch.Tensor]) -> AssetCheckResult:
+    """Each method's distance matrices are symmetric with a zero diagonal."""
     problems = []
     for method, values in by_method.items():
         if not bool((values == values.transpose(1, 2)).all()):

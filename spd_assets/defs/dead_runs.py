@@ -66,6 +66,8 @@ def process_alive(pid: int, started_by: float | None = None) -> bool:
 
 @dataclass(frozen=True)
 class DeadRun:
+    """A run still in flight in Dagster whose process is gone: its status, pid and how the pid was known."""
+
     run_id: str
     status: DagsterRunStatus
     pid: int

@@ -39,6 +39,8 @@ class KubernetesSettings(BaseModel):
 
 
 class DeploymentSettings(BaseModel):
+    """Where and how steps run on this deployment (`$DAGSTER_HOME/spd_cluster.yaml`, environment overrides)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     executor: Literal["in_process", "multiprocess", "k8s"] = "in_process"
@@ -62,6 +64,7 @@ class DeploymentSettings(BaseModel):
 
 
 def load_settings(home: Path | None = None) -> DeploymentSettings:
+    """The deployment settings of the instance at `home`; DeploymentError naming the setting at fault."""
     path = (home or dagster_home()) / SETTINGS_FILE
     values: dict[str, Any] = {}
     if path.exists():

@@ -39,6 +39,7 @@ def visible_devices(cpu_slots: int | None = None) -> list[str]:
 
 
 def validate_devices(names: Sequence[str]) -> list[str]:
+    """The device names as given, checked (`cuda:<i>` or `cpu:<i>`, no repeats); DeviceError otherwise."""
     if not names:
         raise DeviceError("devices: expected at least one device name like 'cuda:0' or 'cpu:0', got none")
     problems = [name for name in names if not _parse(name)]
@@ -64,6 +65,8 @@ def torch_device(name: str) -> torch.device:
 
 @dataclass(frozen=True)
 class Lease:
+    """A device held by a step: its name, the torch device, and how long the step waited for it."""
+
     device: str
     torch_device: torch.device
     waited_s: float

@@ -8,14 +8,17 @@ from spd_assets.defs.assets import ExperimentAssets
 
 
 def members_job_name(experiment: str) -> str:
+    """The job that materializes one member (a partition) of `experiment`."""
     return f"{experiment}__members"
 
 
 def ensemble_job_name(experiment: str) -> str:
+    """The job that materializes the ensemble of `experiment` and everything after it."""
     return f"{experiment}__ensemble"
 
 
 def experiment_jobs(experiment: str, assets: ExperimentAssets) -> list:
+    """The member job and the ensemble job of one experiment."""
     return [
         define_asset_job(
             members_job_name(experiment),

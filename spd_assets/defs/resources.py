@@ -62,6 +62,7 @@ class ActivationSourceResource(ConfigurableResource):
 
 
 def source_resource_key(experiment: str) -> str:
+    """The resource key of `experiment`'s activation source."""
     return f"activation_source__{experiment}"
 
 

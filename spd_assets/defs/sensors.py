@@ -19,6 +19,7 @@ DEAD_RUNS_INTERVAL_S = 10
     "tell for these runs (see spd_assets.defs.dead_runs).",
 )
 def dead_runs(context: SensorEvaluationContext) -> SkipReason:
+    """Mark runs whose process died failed and free pool slots finished runs still hold (every few seconds)."""
     reaped = reap_dead_runs(context.instance, reaper="the dead_runs sensor")
     freed = free_slots_of_finished_runs(context.instance)
     for dead in reaped:

@@ -78,6 +78,7 @@ def _numpy(values) -> np.ndarray | None:
 
 
 def markdown_table(header: list[str], rows: list[list[object]]) -> Markdown:
+    """A Markdown table (shown rendered in the UI's metadata) of `rows` under `header`."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
     return Markdown("\n".join(lines))

@@ -407,7 +407,33 @@ def _problems_message(path: Path, summary: str, problems: list[str]) -> str:
 
 
 class FilesSource(ActivationSource[FilesSourceConfig]):
-    """One activation file per member in a directory; the members are the files (named by their stems)."""
+    """One activation file per member in a directory; the members are the files (named by their stems).
+
+    Parameters
+    ----------
+    config : FilesSourceConfig
+        `directory` of `.safetensors`, `.npz` or `.pt` files, each a mapping module name -> causal importances
+        (`[batch, seq, C]` or `[samples, C]`); `value_range`, `layout` and `n_members` (the first n files).
+
+    Raises
+    ------
+    BatchFileError
+        From `check` (the directory) and `load_batch` (one file): naming the file, the problem and what was expected.
+
+    Examples
+    --------
+    >>> import tempfile, pathlib, numpy as np
+    >>> from spd_assets.config.sources import FilesSourceConfig
+    >>> from spd_assets.sources import FilesSource
+    >>> directory = pathlib.Path(tempfile.mkdtemp())
+    >>> for name in ("batch_a", "batch_b"):
+    ...     np.savez(directory / f"{name}.npz", **{"layers.0.mlp": np.random.default_rng(0).random((8, 5), dtype=np.float32)})
+    >>> source = FilesSource(FilesSourceConfig(directory=directory))
+    >>> source.member_keys()
+    ['batch_a', 'batch_b']
+    >>> tuple(source.load_batch("batch_a", seed=0)["layers.0.mlp"].shape)
+    (8, 5)
+    """
 
     kind = "files"
     config_type = FilesSourceConfig

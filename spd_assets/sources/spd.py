@@ -62,6 +62,7 @@ def _logger_class_kept() -> Iterator[None]:
 
 
 def spd_available() -> bool:
+    """Whether the `spd` package is importable here."""
     try:
         with _logger_class_kept():
             import spd.models.component_model  # noqa: F401
@@ -103,7 +104,25 @@ def latest_checkpoint(model_path: str) -> str:
 
 
 class SpdSource(ModelSource[SpdSourceConfig]):
-    """Causal importances of an SPD `ComponentModel` on each member's batch, drawn by spd's own data loading."""
+    """Causal importances of an SPD `ComponentModel` on each member's batch, drawn by spd's own data loading.
+
+    Needs the `spd` package (not on PyPI; imported only when the source runs).
+
+    Parameters
+    ----------
+    config : SpdSourceConfig
+        `model_path` (a run directory, a `model_<step>.pth`, or `wandb:<entity>/<project>/runs/<id>`) or
+        `experiment_key`, `batch_size`, `n_members`, `dataset_seed` (member i draws with `dataset_seed + i`).
+
+    Examples
+    --------
+    >>> from spd_assets.config.sources import SpdSourceConfig
+    >>> from spd_assets.sources import SpdSource
+    >>> source = SpdSource(SpdSourceConfig(model_path="./spd_runs/resid_mlp", batch_size=64, n_members=4))
+    >>> source.member_keys()
+    ['member_000', 'member_001', 'member_002', 'member_003']
+    >>> source.check()  # loads the run through spd; SourceError when spd or the run is missing  # doctest: +SKIP
+    """
 
     kind = "spd"
     config_type = SpdSourceConfig

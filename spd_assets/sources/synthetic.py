@@ -152,7 +152,24 @@ def _model(params: tuple[tuple[str, Any], ...]) -> SyntheticModel:
 
 
 class SyntheticSource(ActivationSource[SyntheticSourceConfig]):
-    """The embedded default: a synthetic model, one batch per member, and the planted truth to check against."""
+    """The embedded default: a synthetic model, one batch per member, and the planted truth to check against.
+
+    Parameters
+    ----------
+    config : SyntheticSourceConfig
+        `params` (overrides of `SyntheticParams`), `batch_size` (sequences per member), `n_members`.
+
+    Examples
+    --------
+    >>> from spd_assets.config.sources import SyntheticSourceConfig
+    >>> from spd_assets.sources import SyntheticSource
+    >>> source = SyntheticSource(SyntheticSourceConfig(n_members=2, batch_size=4, params={"n_layers": 1, "n_planted_groups": 10}))
+    >>> source.member_keys()
+    ['member_000', 'member_001']
+    >>> batch = source.load_batch("member_000", seed=0)
+    >>> list(batch)[:2], tuple(batch["layers.0.attn.q"].shape)
+    (['layers.0.attn.q', 'layers.0.attn.k'], (4, 96, 31))
+    """
 
     kind = "synthetic"
     config_type = SyntheticSourceConfig

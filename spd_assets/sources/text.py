@@ -53,6 +53,7 @@ def text_files(path: Path, field: str = "source.text") -> list[Path]:
 
 
 def is_token_ids(files: Sequence[Path]) -> bool:
+    """Whether the text files are token ids (`.npy`) rather than text."""
     return files[0].suffix == TOKEN_SUFFIX
 
 
@@ -160,6 +161,7 @@ def load_windows(path: Path, tokenizer: Any | None, seq_len: int, *, vocab_size:
 
 
 def check_enough_windows(n_windows: int, batch_size: int) -> None:
+    """SourceError unless the text gives at least `batch_size` windows."""
     if batch_size > n_windows:
         raise SourceError(
             f"source.batch_size: {batch_size} sequences asked for, but the text gives only {n_windows} windows "

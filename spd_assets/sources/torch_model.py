@@ -47,6 +47,8 @@ MODELS_EXTRA = "pip install 'spd-cluster[models]' (or pip install transformers)"
 
 @dataclass(frozen=True)
 class LoadedModel:
+    """A loaded model, in eval mode, and its tokenizer (None: token-id input only)."""
+
     model: nn.Module
     tokenizer: Any | None  # a Hugging Face tokenizer, or None (token-id input only)
 
@@ -124,11 +126,13 @@ def match_modules(model: nn.Module, patterns: Sequence[str]) -> list[str]:
 
 
 def max_positions(model: nn.Module) -> int | None:
+    """The longest sequence the model's config allows, or None when it does not say."""
     config = getattr(model, "config", None)
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
 def vocab_size(model: nn.Module) -> int | None:
+    """The number of token ids the model's input embeddings take, or None when it has none."""
     get_embeddings = getattr(model, "get_input_embeddings", None)
     embeddings = get_embeddings() if callable(get_embeddings) else None
     return getattr(embeddings, "num_embeddings", None)
@@ -216,7 +220,24 @@ def _captured_outputs(model: nn.Module, module_names: Sequence[str], ids: torch.
 
 
 class TorchSource(ModelSource[TorchSourceConfig]):
-    """Outputs of chosen modules of a torch model on member batches of text windows."""
+    """Outputs of chosen modules of a torch model on member batches of text windows.
+
+    Parameters
+    ----------
+    config : TorchSourceConfig
+        `model` (a Hugging Face directory or `package.module:factory`), `modules` (glob patterns over its named
+        modules), `text`, `seq_len`, `batch_size`, `n_members`, `chunk_size`, `memory_budget_gb`.
+
+    Examples
+    --------
+    >>> from spd_assets.config.sources import TorchSourceConfig
+    >>> from spd_assets.sources import TorchSource
+    >>> source = TorchSource(TorchSourceConfig(model="./models/minilm", modules=["encoder.layer.*.intermediate.dense"],
+    ...                                        text="./corpus.txt", n_members=2))  # doctest: +SKIP
+    >>> source.check()  # loads the model and the text; raises SourceError naming what is wrong  # doctest: +SKIP
+    >>> source.module_widths()["encoder.layer.0.intermediate.dense"]  # doctest: +SKIP
+    1536
+    """
 
     kind = "torch"
     config_type = TorchSourceConfig

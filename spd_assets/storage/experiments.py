@@ -88,11 +88,13 @@ def _journal_path(store: ResultsStore, experiment: str):
 
 
 def begin_replacement(store: ResultsStore, replacement: Replacement) -> None:
+    """Journal a replacement before anything is removed, so an interrupted one is finished later."""
     with atomic_path(_journal_path(store, replacement.experiment)) as temporary:
         temporary.write_text(json.dumps(dataclasses.asdict(replacement)))
 
 
 def pending_replacements(store: ResultsStore) -> list[Replacement]:
+    """Replacements begun and not ended (an earlier invocation was interrupted)."""
     directory = store.experiments_dir
     journals = sorted(directory.glob(f".*{JOURNAL_SUFFIX}")) if directory.is_dir() else []
     return [Replacement(**json.loads(path.read_text())) for path in journals]

@@ -19,6 +19,7 @@ SQL_TYPES = ("VARCHAR", "INTEGER", "BIGINT", "DOUBLE", "BOOLEAN", "TIMESTAMP WIT
 
 
 def polars_type(sql_type: str) -> pl.DataType:
+    """The Polars type of a DuckDB SQL type used in the table schemas."""
     import polars as pl
 
     return {

@@ -168,6 +168,7 @@ def save_activations(path: Path, activations: ProcessedActivations) -> None:
 
 
 def load_activations(path: Path) -> ProcessedActivations:
+    """Processed activations saved by `save_activations` (dense or compact)."""
     data = load_npz(path)
     n, c = (int(v) for v in data["shape"])
     stats = None
@@ -187,6 +188,7 @@ def load_activations(path: Path) -> ProcessedActivations:
 
 
 def save_ensemble(path: Path, value: MemberEnsemble) -> None:
+    """Write a member ensemble (aligned histories, members used and missing)."""
     _save_npz(
         path,
         merges=value.ensemble.merges.numpy(),
@@ -198,6 +200,7 @@ def save_ensemble(path: Path, value: MemberEnsemble) -> None:
 
 
 def load_ensemble(path: Path) -> MemberEnsemble:
+    """A member ensemble written by `save_ensemble`."""
     data = load_npz(path)
     ensemble = NormalizedEnsemble(
         merges=torch.from_numpy(data["merges"]),
@@ -208,17 +211,20 @@ def load_ensemble(path: Path) -> MemberEnsemble:
 
 
 def save_distances(path: Path, value: EnsembleDistances) -> None:
+    """Write every method's distance matrices and the members they are between."""
     arrays = {f"method__{method}": distances.numpy() for method, distances in value.by_method.items()}
     _save_npz(path, members=np.array(value.members, dtype=str), **arrays)
 
 
 def load_distances(path: Path) -> EnsembleDistances:
+    """Distances written by `save_distances`."""
     data = load_npz(path)
     by_method = {key.removeprefix("method__"): torch.from_numpy(v) for key, v in data.items() if key.startswith("method__")}
     return EnsembleDistances(by_method=by_method, members=data["members"].tolist())
 
 
 def save_consensus(path: Path, value: ConsensusClusters) -> None:
+    """Write consensus clusters with their iteration, rule and stabilities."""
     _save_npz(
         path,
         iteration=np.array(value.iteration, dtype=np.int64),
@@ -234,6 +240,7 @@ def save_consensus(path: Path, value: ConsensusClusters) -> None:
 
 
 def load_consensus(path: Path) -> ConsensusClusters:
+    """Consensus clusters written by `save_consensus`."""
     data = load_npz(path)
     return ConsensusClusters(
         iteration=int(data["iteration"]),
@@ -249,11 +256,13 @@ def load_consensus(path: Path) -> ConsensusClusters:
 
 
 def save_page(path: Path, page: ExplorerPage) -> None:
+    """Write the explorer's HTML page."""
     with atomic_path(path) as temporary:
         temporary.write_text(page, encoding="utf-8")
 
 
 def load_page(path: Path) -> ExplorerPage:
+    """The explorer page written by `save_page`."""
     try:
         return ExplorerPage(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -261,16 +270,19 @@ def load_page(path: Path) -> ExplorerPage:
 
 
 def save_token_batch(path: Path, batch: TokenBatch) -> None:
+    """Write a member's token batch (inputs and the text of each token id that occurs)."""
     _save_npz(path, inputs=batch.inputs, vocab_ids=batch.vocab_ids.astype(np.int64),
               vocab_strings=np.array(batch.vocab_strings, dtype=str))
 
 
 def load_token_batch(path: Path) -> TokenBatch:
+    """A token batch written by `save_token_batch`."""
     data = load_npz(path)
     return TokenBatch(inputs=data["inputs"], vocab_ids=data["vocab_ids"], vocab_strings=tuple(data["vocab_strings"].tolist()))
 
 
 def load_history(path: Path) -> MergeHistory:
+    """A merge history stored in the original zip format."""
     try:
         return read_history_zip(path)
     except FileNotFoundError:
@@ -279,6 +291,8 @@ def load_history(path: Path) -> MergeHistory:
 
 @dataclass(frozen=True)
 class ValueFormat:
+    """How one kind of value is stored: its file suffix, writer and reader."""
+
     suffix: str
     save: Callable[[Path, Any], None]
     load: Callable[[Path], Any]

@@ -41,7 +41,7 @@ def test_run_while_a_user_queries_the_database(tmp_path):
         reader.close()
     assert seen, "the run finished before any query ran"
     assert final == 2 * 30
-    assert "2/2 members" in stdout and "ensemble and distances materialized" in stdout
+    assert "2/2 members" in stdout and "ensemble, distances and consensus materialized" in stdout
     assert str(home / "spd_cluster.duckdb") in stdout and "dagster dev" in stdout
 
 
@@ -54,5 +54,5 @@ def test_invalid_config_is_rejected_before_any_work(tmp_path):
     stdout, stderr = process.communicate()
     assert process.returncode == 2
     assert "merge_config" in stderr and "sampler" in stderr
-    assert "source.synthetic.n_members" in stderr
+    assert "source.n_members" in stderr and "source.synthetic" not in stderr, "keys as written in the file"
     assert not (home / "spd_cluster").exists(), "nothing may be written for an invalid config"

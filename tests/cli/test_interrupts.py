@@ -60,3 +60,7 @@ def test_an_interrupted_run_cancels_in_order_and_says_so_in_one_line(tmp_path, s
         assert len(runs) < 6, "queued members must not have been started"
         assert not instance.event_log_storage.get_concurrency_info(DEVICE_POOL).claimed_slots
     assert all(holder is None for holder in holders(home / "spd_cluster" / "device_leases", ["cpu:0", "cpu:1"]).values())
+    # What finished before the interruption is in the lineage tables too: they agree with Dagster's event log.
+    doctor = subprocess.run([sys.executable, "-m", "spd_assets.cli", "doctor", "--dry-run"], env=environment,
+                            capture_output=True, text=True, timeout=300)
+    assert "lineage tables disagree" not in doctor.stdout, doctor.stdout

@@ -65,7 +65,9 @@ def test_readme_lineage_query_names_each_member_once_with_the_run_it_came_from(r
 def test_each_run_prints_a_check_summary_per_asset(reruns):
     full, _, rerun = reruns["outputs"]
     summary = full.split("checks:\n", 1)[1].split("\n\n", 1)[0].splitlines()
-    assert [line.split()[0] for line in summary] == ["merge_history", "normalized_ensemble", "distance_matrices"]
+    assert [line.split()[0] for line in summary[:4]] == ["merge_history", "normalized_ensemble", "distance_matrices",
+                                                         "consensus_clusters"]
+    assert any(line.startswith("consensus: ") and " clusters of " in line for line in summary[4:]), summary
     assert "partition_sizes 3/3 passed" in summary[0]
     assert "symmetric_with_zero_diagonal 1/1 passed" in summary[2]
     assert "partition_sizes 1/1 passed" in rerun.split("checks:\n", 1)[1]

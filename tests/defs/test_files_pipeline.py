@@ -8,9 +8,9 @@ import safetensors.torch
 import torch
 from dagster import AssetCheckKey, AssetKey, DagsterInstance
 
-from spd_assets.service.runs import first_failure_message
 from spd_assets.config import parse_config
 from spd_assets.errors import BatchFileError
+from spd_assets.service.runs import first_failure_message
 from spd_assets.sources import source_for
 from spd_assets.sources.synthetic import SyntheticParams, build_model, generate_batch
 from spd_assets.storage.database import connect_read_only

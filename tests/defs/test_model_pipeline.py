@@ -10,9 +10,9 @@ import pytest
 import yaml
 from dagster import AssetKey, DagsterInstance
 
-from spd_assets.service.runs import first_failure_message
 from spd_assets.config import load_config
 from spd_assets.defs.jobs import members_job_name
+from spd_assets.service.runs import first_failure_message
 from spd_assets.sources import source_for
 from spd_assets.storage.database import connect_read_only
 from spd_assets.storage.lineage import fingerprint

@@ -149,7 +149,7 @@ def test_an_original_pipeline_config_runs_through_the_graph(spd_python, real_run
         timeout=SUBPROCESS_TIMEOUT_S, cwd=tmp_path)
     assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
     assert "original pipeline config" in process.stdout and "flags not used here: --local" in process.stdout
-    assert "2/2 members" in process.stdout and "ensemble and distances materialized" in process.stdout
+    assert "2/2 members" in process.stdout and "ensemble, distances and consensus materialized" in process.stdout
 
     store = store_at(home)
     batches = [value_format(TokenBatch).load(store.value_path("pipeline_real", "token_batches", member, ".npz"))
