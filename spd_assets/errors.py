@@ -77,6 +77,17 @@ class QueryRefused(SpdClusterError, ValueError):
     extensions, attach databases, change settings); the message says what a query may do."""
 
 
+class BatchProcessingError(SpdClusterError, RuntimeError):
+    """Batches failed in a `BatchProcessor` run; the message names each failed batch and its error.
+
+    `completed` maps each batch that did finish (its path, as given) to its merge history.
+    """
+
+    def __init__(self, message: str, completed: dict | None = None) -> None:
+        super().__init__(message)
+        self.completed = completed or {}
+
+
 class ExportError(SpdClusterError, ValueError):
     """Results cannot be written in the original pipeline's or the SPD app's format; the message says what is
     missing or out of range and what was expected."""
