@@ -86,3 +86,13 @@ class BatchProcessingError(SpdClusterError, RuntimeError):
     def __init__(self, message: str, completed: dict | None = None) -> None:
         super().__init__(message)
         self.completed = completed or {}
+
+
+class ExportError(SpdClusterError, ValueError):
+    """Results cannot be written in the original pipeline's or the SPD app's format; the message says what is
+    missing or out of range and what was expected."""
+
+
+class HistoryFileError(SourceError):
+    """A history file of the `histories` source is missing, in neither original format, or does not belong with
+    the other histories; the message names the file and the problem."""

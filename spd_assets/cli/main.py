@@ -7,6 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from spd_assets.cli.export import add_export_parser, run_export
 from spd_assets.cli.sql import OUTPUT_FORMATS, emit, run_sql
 from spd_assets.defs.home import point_at_instance, results_store
 from spd_assets.errors import SpdClusterError
@@ -89,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     clusters.add_argument("--experiment", default="default",
                           help="the experiment's name (its config's `name`; default: %(default)s)")
     clusters.add_argument("--output", type=Path, help="write the JSON to this file")
+    add_export_parser(commands)
     args = parser.parse_args(argv)
     try:
         return _dispatch(args)
@@ -121,6 +123,8 @@ def _dispatch(args) -> int:
             return 2
     if args.command == "clusters":
         return print_clusters(args)
+    if args.command == "export":
+        return run_export(args)
     if args.command == "sql":
         store = results_store(point_at_instance())
         if args.query is not None:
