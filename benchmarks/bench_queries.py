@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 COMMANDS = {
     "sql": ["sql", "SELECT member, min(mdl_loss) AS best_mdl, arg_min(k_groups, mdl_loss) AS k_at_best "
-                   "FROM merge_events GROUP BY member ORDER BY member"],
+                   "FROM merge_events WHERE experiment = 'default' GROUP BY member ORDER BY member"],
     "clusters --member": ["clusters", "--member", "member_000", "--iteration", "300"],
     "clusters --consensus (stored)": ["clusters", "--consensus"],
     "clusters --consensus --iteration 300": ["clusters", "--consensus", "--iteration", "300"],

@@ -4,6 +4,9 @@ partitions; prints the seconds of each (setup and per iteration), peak GPU memor
     python benchmarks/gpu_check.py                                   # the default ladder of sizes
     python benchmarks/gpu_check.py --sizes 262144x16000x1000 --compact
     python benchmarks/gpu_check.py --sizes 100000x2000x1000 --continuous
+    python benchmarks/gpu_check.py --data source --sizes 100000x16000x1000 --compact
+
+`--data` takes the kinds of `bench_merge.py` (planted, source, zipf, minilm; see there) at each size.
 
 `--sizes` takes SAMPLESxCOMPONENTSxITERS triples (comma-separated). `--compact` streams the
 rows into compact (sparse) activations, as the model sources do; otherwise the input is a
@@ -25,7 +28,7 @@ import time
 
 import numpy as np
 import torch
-from bench_merge import compact_activations, synthetic_activations, timed_state_class
+from bench_merge import DATA_KINDS, make_activations, synthetic_activations, timed_state_class
 
 from spd_math import MergeConfig, ProcessedActivations, merge_iteration
 
@@ -57,21 +60,20 @@ def host_memory_gb() -> float:
 
 def check_size(n: int, c: int, iters: int, args, marks: list[float]) -> bool | None:
     """Runs one size; True/False: identical partitions or not; None: not compared."""
-    threshold = None if args.continuous else 0.01
-    print(f"\n{n:,} samples x {c:,} components x {iters} iterations, density {args.density}, "
-          f"{'continuous' if args.continuous else 'threshold 0.01'}, {'compact' if args.compact else 'dense'} input",
+    threshold = None if args.continuous else args.threshold
+    compact = args.compact or args.data == "minilm"
+    print(f"\n{args.data} data, {n:,} samples x {c:,} components x {iters} iterations, density {args.density}, "
+          f"{'continuous' if args.continuous else f'threshold {threshold}'}, {'compact' if compact else 'dense'} input",
           flush=True)
     started = time.perf_counter()
-    if args.compact and not args.continuous:
-        activations = compact_activations(n, c, args.density, args.group_size, args.seed, threshold)
-    else:
+    if not compact:
         needed_gb = n * c * 4 / 2**30
         if needed_gb > 0.6 * host_memory_gb():
             print(f"  skipped: a dense input of {needed_gb:.0f} GB does not fit in host memory (use --compact)")
             return None
-        data = synthetic_activations(n, c, args.density, args.group_size, args.seed)
-        activations = ProcessedActivations(activations=data, labels=[f"m:{i}" for i in range(c)])
-    print(f"  input made in {time.perf_counter() - started:.1f} s", flush=True)
+    activations = make_activations(args, n, c)
+    print(f"  input made in {time.perf_counter() - started:.1f} s: {activations.n_samples:,} x "
+          f"{activations.n_components:,}", flush=True)
     config = MergeConfig(activation_threshold=threshold, iters=iters)
     torch.cuda.reset_peak_memory_stats(args.device)
     on_gpu, gpu_setup, gpu_iteration = timed_merge(activations, config, args.seed, args.device, marks)
@@ -98,7 +100,9 @@ def check_size(n: int, c: int, iters: int, args, marks: list[float]) -> bool | N
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default=DEFAULT_SIZES, help="SAMPLESxCOMPONENTSxITERS, comma-separated")
+    parser.add_argument("--data", choices=DATA_KINDS, default="planted", help="what the activations are (bench_merge.py)")
     parser.add_argument("--density", type=float, default=0.03)
+    parser.add_argument("--threshold", type=float, default=0.01, help="activation_threshold")
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--continuous", action="store_true", help="continuous mode (activation_threshold: null)")
     parser.add_argument("--compact", action="store_true", help="compact (sparse) input built by streaming rows")

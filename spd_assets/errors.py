@@ -72,5 +72,31 @@ class PipelineError(SpdClusterError, RuntimeError):
     """The ensemble could not be materialized; the message gives the first failure."""
 
 
+class QueryRefused(SpdClusterError, ValueError):
+    """A query over the results tried what queries may not do (write, read other files, reach the network, load
+    extensions, attach databases, change settings); the message says what a query may do."""
+
+
+class BatchProcessingError(SpdClusterError, RuntimeError):
+    """Batches failed in a `BatchProcessor` run; the message names each failed batch and its error.
+
+    `completed` maps each batch that did finish (its path, as given) to its merge history.
+    """
+
+    def __init__(self, message: str, completed: dict | None = None) -> None:
+        super().__init__(message)
+        self.completed = completed or {}
+
+
+class ExportError(SpdClusterError, ValueError):
+    """Results cannot be written in the original pipeline's or the SPD app's format; the message says what is
+    missing or out of range and what was expected."""
+
+
+class HistoryFileError(SourceError):
+    """A history file of the `histories` source is missing, in neither original format, or does not belong with
+    the other histories; the message names the file and the problem."""
+
+
 class SlurmError(SpdClusterError, RuntimeError):
     """A SLURM command failed (not found, rejected the submission) or a step's SLURM job did not complete."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from types import MappingProxyType
 
@@ -33,7 +34,7 @@ from spd_assets.storage.values import (
     load_ensemble,
     load_history,
 )
-from spd_math import MergeHistory
+from spd_math import MergeHistory, NormalizedHistories
 
 
 def _value_path(store: ResultsStore, experiment: str, asset: str, value_type: type, partition: str | None = None) -> Path:
@@ -71,6 +72,9 @@ class ClusteringResults:
         Each member's merge history, in ensemble order.
     ensemble : MemberEnsemble
         The histories aligned on the union of labels (`ensemble.ensemble`), the members used and missing.
+    normalized : spd_math.NormalizedHistories
+        The same alignment under the original research code's names (`merges_array`, `component_labels`,
+        `metadata`), with the metadata of the member histories.
     distances : mapping of str to torch.Tensor
         Method -> `[iterations, members, members]` distances.
     consensus : ConsensusClusters
@@ -85,6 +89,7 @@ class ClusteringResults:
     >>> results.consensus.iteration, results.consensus.rule                 # doctest: +SKIP
     (472, "median over members of each member's MDL-loss minimum")
     >>> results.tables["consensus_clusters"].sort("size", descending=True)  # doctest: +SKIP
+    >>> results.normalized.merges_array.shape, results.config.merge_config.iters  # doctest: +SKIP
     """
 
     experiment: str
@@ -119,6 +124,12 @@ class ClusteringResults:
             distances=MappingProxyType(dict(distances.by_method)), consensus=consensus,
             tables=MappingProxyType(tables),
         )
+
+    @cached_property
+    def normalized(self) -> NormalizedHistories:
+        """The stored aligned ensemble with the metadata of its members' histories (nothing is aligned again)."""
+        return NormalizedHistories.from_ensemble(self.ensemble.ensemble,
+                                                 [self.histories[member] for member in self.ensemble.members])
 
     @property
     def explorer_path(self) -> Path:

@@ -19,7 +19,7 @@ from spd_math.distances import (
     matching_dist_matrix,
     perm_invariant_hamming_matrix,
 )
-from spd_math.ensemble import NormalizedEnsemble, normalize_ensemble
+from spd_math.ensemble import MergeHistoryEnsemble, NormalizedEnsemble, NormalizedHistories, normalize_ensemble
 from spd_math.errors import (
     ActivationsError,
     ConfigError,
@@ -49,7 +49,9 @@ __all__ = [
     "MergeConfig",
     "MergeError",
     "MergeHistory",
+    "MergeHistoryEnsemble",
     "NormalizedEnsemble",
+    "NormalizedHistories",
     "PartitionError",
     "ProcessedActivations",
     "SpdMathError",

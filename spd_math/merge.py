@@ -25,6 +25,7 @@ import torch
 
 from spd_math.activations import ProcessedActivations
 from spd_math.config import ConfigError, MergeConfig
+from spd_math.cost_view import MergeState
 from spd_math.errors import ActivationsError, MergeError
 from spd_math.history import MergeHistory
 from spd_math.samplers import SAMPLERS
@@ -111,7 +112,7 @@ def merge_iteration(
     if seed is None:
         seed = secrets.randbits(63)
     generator = torch.Generator().manual_seed(seed)
-    state = group_state(activations.activations, activations.labels, config.activation_threshold, config.alpha, device)
+    state: MergeState = group_state(activations.activations, activations.labels, config.activation_threshold, config.alpha, device)
 
     max_iters = c - 1 if config.iters is None else min(config.iters, c - 1)
     group_idxs = np.empty((max_iters, c), dtype=np.int64)

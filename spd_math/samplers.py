@@ -1,7 +1,7 @@
 """Choosing the pair to merge (docs/math.md §5), from a *cost view* rather than a cost matrix.
 
-A cost view answers what a sampler asks (the merge engine's `GroupState` answers without a
-full pass over the k² costs where it can; `DenseCostView` wraps a plain matrix):
+A cost view (`cost_view.CostView`) answers what a sampler asks (the merge engine's `GroupState`
+answers without a full pass over the k² costs where it can; `DenseCostView` wraps a plain matrix):
 
 - `k`: groups (slots) 0..k-1;
 - `offdiagonal_min()`, `offdiagonal_max()`: exact extremes over the pairs i != j;
@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from spd_math import backend
+from spd_math.cost_view import CostView
 from spd_math.errors import ConfigError
 from spd_math.registry import Registry
 from spd_math.validation import finite_number
@@ -83,7 +84,7 @@ def _flat_indices_at_most(costs: torch.Tensor, cutoff: float) -> torch.Tensor:
     return torch.nonzero(costs.flatten() <= cutoff).squeeze(1)
 
 
-def range_choice(view, threshold: float, generator: torch.Generator) -> tuple[int, int, float]:
+def range_choice(view: CostView, threshold: float, generator: torch.Generator) -> tuple[int, int, float]:
     """Uniform choice among off-diagonal pairs with `cost <= lo + threshold · (hi - lo)`."""
     lo, hi = view.offdiagonal_min(), view.offdiagonal_max()
     cutoff = lo + threshold * (hi - lo)
@@ -92,7 +93,7 @@ def range_choice(view, threshold: float, generator: torch.Generator) -> tuple[in
     return candidates.nth(pick)
 
 
-def mcmc_choice(view, temperature: float, generator: torch.Generator) -> tuple[int, int, float]:
+def mcmc_choice(view: CostView, temperature: float, generator: torch.Generator) -> tuple[int, int, float]:
     """Choice with probability proportional to `exp((lo - cost) / temperature)` over off-diagonal pairs.
 
     One pass over all k² costs, a row block at a time: the weights' running sum is carried
@@ -154,11 +155,11 @@ def _mcmc_kwargs(kwargs: Mapping[str, float]) -> dict[str, float]:
     return {"temperature": finite_number(name, kwargs["temperature"], ConfigError, strictly_positive=True)}
 
 
-def _choose_range(view, kwargs: Mapping[str, float], generator: torch.Generator, n_samples: int):
+def _choose_range(view: CostView, kwargs: Mapping[str, float], generator: torch.Generator, n_samples: int):
     return range_choice(view, kwargs["threshold"], generator)
 
 
-def _choose_mcmc(view, kwargs: Mapping[str, float], generator: torch.Generator, n_samples: int):
+def _choose_mcmc(view: CostView, kwargs: Mapping[str, float], generator: torch.Generator, n_samples: int):
     # The engine's costs are scaled by n (see the module docstring): so is the temperature.
     return mcmc_choice(view, kwargs["temperature"] * n_samples, generator)
 

@@ -1,5 +1,12 @@
 """The state of a merge run by slot, with merge costs computed per row block when needed (docs/math.md §3-§6).
 
+Three states offer the merge loop and the samplers what `cost_view.MergeState` describes:
+`GroupState` (scalable: counts in `store.CoactivationStore`, bounds, and the range sampler's
+`pool.CandidatePool`), `DenseGroupState` (full float64 matrices, for small problems) and
+`SwitchingState` (the scalable state until the dense one is cheaper and fits; `group_state`
+picks). Their shared pieces (sizes, masks, the merged group's row, the MDL loss) live in
+`_SlotState`.
+
 Memory grows with what the math needs: exact group coactivation counts in the narrowest
 integer type that holds them, a few vectors per group, and (boolean mode) the packed masks.
 No cost matrix and no α-term matrix are stored.
@@ -31,7 +38,6 @@ coactivations; there the bounds include the drift of negative entries and a safe
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -39,6 +45,8 @@ import torch
 from spd_math import backend, coactivation, kernels
 from spd_math.bitsets import overlap_counts
 from spd_math.costs import log_factors
+from spd_math.pool import CandidatePool, RowCountedCandidates
+from spd_math.store import CoactivationStore, narrow_store
 
 FLOAT = torch.float64
 # Rows of the cost matrix evaluated at once: about this many entries per block (32 MB of float64).
@@ -52,11 +60,10 @@ BOUND_MARGIN = 1e-10
 # Share of the cost range above the minimum that a freshly built pool covers.
 POOL_SHARE = 0.06
 # Pool entries beyond which the range sampler counts candidates row by row instead.
-POOL_LIMIT = 1 << 23
-# Group counts of 16-bit storage; groups above it are "wide" and their mutual counts kept apart.
-NARROW_MAX = torch.iinfo(torch.int16).max
-# Above this share of wide components at the start, 32-bit storage is smaller than 16-bit plus a side table.
-WIDE_SHARE = 1 / 64
+POOL_LIMIT = 1 << 25
+# After a pool overflowed, the range sampler counts row by row for this many iterations (doubling per overflow
+# in a row, up to the cap) before it tries to build a pool again: a failed build costs a pass over the rows.
+POOL_RETRY_CAP = 64
 
 
 def _offdiagonal_extremes(values: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor):
@@ -83,205 +90,70 @@ def _offdiagonal_extremes(values: torch.Tensor, rows: torch.Tensor, columns: tor
     return low, high
 
 
-class CoactivationStore:
-    """Exact symmetric coactivations by slot.
+class _SlotState:
+    """What both states keep and do alike: groups by slot (sizes, diagonal counts, masks or column sums),
+    the shared cost term, the MDL loss, and the merged group's coactivation row."""
 
-    `matrix[i, j]` holds `Q[i, j]` wherever it fits the matrix's dtype. With 16-bit storage,
-    `Q[i, j] ≤ min(Q[i, i], Q[j, j])`, so only pairs of two *wide* groups (diagonal above
-    `NARROW_MAX`) can overflow; those pairs live in `wide` (int64), indexed by wide id.
-    """
-
-    def __init__(self, matrix: torch.Tensor, limit: int | None, wide_ids: np.ndarray | None = None,
-                 wide: torch.Tensor | None = None) -> None:
-        self.matrix = matrix
-        self.limit = limit
-        c = matrix.shape[0]
-        self.wide_of_slot = np.full(c, -1, dtype=np.int64) if wide_ids is None else wide_ids
-        self.wide = wide if wide is not None else torch.zeros((0, 0), dtype=torch.int64, device=matrix.device)
-        used = set(self.wide_of_slot[self.wide_of_slot >= 0].tolist())
-        self.free = [w for w in range(self.wide.shape[0]) if w not in used]
-        self.on_cpu = matrix.device.type == "cpu"
+    n: int
+    k: int
+    alpha: float
+    boolean: bool
+    masks: torch.Tensor | None
+    column_sums: torch.Tensor | None
+    sizes: torch.Tensor
+    diag_host: np.ndarray
+    sizes_host: np.ndarray
 
     @property
-    def device(self) -> torch.device:
-        return self.matrix.device
+    def log_k_minus_1(self) -> float:
+        return log_factors(self.k)[1]
 
-    def is_wide(self, diagonal: float) -> bool:
-        return self.limit is not None and diagonal > self.limit
+    def cost_offset(self) -> float:
+        """The term shared by all pairs, `S · log2((k-1)/k)`, in units of n."""
+        log_ratio, _ = log_factors(self.k)
+        return float(self.diag_host[: self.k].sum()) * log_ratio
 
-    def rows(self, slots: torch.Tensor, k: int) -> torch.Tensor:
-        """`[len(slots), k]` float64 coactivations of the given slots with slots 0..k-1 (diagonal as stored)."""
-        if backend.numpy_fast_path(self.matrix):
-            q = torch.from_numpy(self.matrix.numpy()[slots.numpy(), :k].astype(np.float64))
+    def mdl_loss(self) -> float:
+        k = self.k
+        return float((self.diag_host[:k] * (math.log2(k) + self.alpha * self.sizes_host[:k])).sum())
+
+    def _exact_row(self, slot: int) -> torch.Tensor:
+        """Row `slot` of the coactivations over the live slots, in exact arithmetic (a new tensor or a view)."""
+        raise NotImplementedError
+
+    def _overlap(self, keep: int, drop: int, k: int) -> torch.Tensor:
+        """For every live group l, the samples where keep, drop and l are all active (`[k]`)."""
+        raise NotImplementedError
+
+    def _merge_groups(self, keep: int, drop: int) -> tuple[torch.Tensor, float]:
+        """Fold group `drop` into `keep` (masks or column sums, sizes, host mirrors); returns the merged group's
+        coactivation row over the live slots (its own entry: its new diagonal, docs/math.md §6) and that diagonal."""
+        k = self.k
+        if self.boolean:
+            overlap = self._overlap(keep, drop, k)
+            new_row = self._exact_row(keep) + self._exact_row(drop) - overlap
+            new_diag = self.diag_host[keep] + self.diag_host[drop] - float(overlap[keep])
+            self.masks[:, keep] |= self.masks[:, drop]
         else:
-            q = self.matrix.index_select(0, slots)[:, :k].to(FLOAT)
-        if self.limit is not None and self.wide.shape[0]:
-            self._patch_wide(q, slots.cpu().numpy(), k)
-        return q
+            new_row = self._exact_row(keep) + self._exact_row(drop)
+            self.column_sums[keep] += self.column_sums[drop]
+            new_diag = float(self.column_sums[keep])
+        new_row[keep] = new_diag
+        self.sizes[keep] += self.sizes[drop]
+        self.sizes_host[keep] += self.sizes_host[drop]
+        self.diag_host[keep] = new_diag
+        return new_row, new_diag
 
-    def _patch_wide(self, q: torch.Tensor, slots: np.ndarray, k: int) -> None:
-        wide_cols = np.flatnonzero(self.wide_of_slot[:k] >= 0)
-        wide_rows = np.flatnonzero(self.wide_of_slot[slots] >= 0)
-        if wide_cols.size == 0 or wide_rows.size == 0:
-            return
-        w_rows = torch.from_numpy(self.wide_of_slot[slots[wide_rows]]).to(self.device)
-        w_cols = torch.from_numpy(self.wide_of_slot[wide_cols]).to(self.device)
-        values = self.wide.index_select(0, w_rows).index_select(1, w_cols).to(FLOAT)
-        rows_t = torch.from_numpy(wide_rows).to(self.device)
-        cols_t = torch.from_numpy(wide_cols).to(self.device)
-        q[rows_t[:, None], cols_t[None, :]] = values
-
-    def exact_row(self, slot: int, k: int) -> torch.Tensor:
-        """Row `slot` over slots 0..k-1 in the matrix's exact arithmetic (int64, or float64 for continuous)."""
-        row = self.matrix[slot, :k]
-        if self.on_cpu:
-            row = torch.from_numpy(row.numpy().astype(np.float64 if row.is_floating_point() else np.int64))
-        else:
-            row = row.to(FLOAT) if row.is_floating_point() else row.to(torch.int64)
-        if self.limit is not None and self.wide_of_slot[slot] >= 0:
-            wide_cols = np.flatnonzero(self.wide_of_slot[:k] >= 0)
-            if wide_cols.size:
-                cols_t = torch.from_numpy(wide_cols).to(self.device)
-                w_cols = torch.from_numpy(self.wide_of_slot[wide_cols]).to(self.device)
-                row[cols_t] = self.wide[int(self.wide_of_slot[slot])].index_select(0, w_cols)
-        return row
-
-    def write(self, slot: int, row: torch.Tensor, k: int, wide: bool) -> None:
-        """Set row and column `slot` (over slots 0..k-1) to `row`; `wide` says whether the group is wide."""
-        stored = row if self.limit is None else row.clamp(max=self.limit)
-        if self.on_cpu:  # NumPy: torch's strided column writes are slow on a busy CPU
-            values = stored.numpy().astype(self.matrix.numpy().dtype)
-            matrix = self.matrix.numpy()
-            matrix[slot, :k] = values
-            matrix[:k, slot] = values
-        else:
-            stored = stored.to(self.matrix.dtype)
-            self.matrix[slot, :k] = stored
-            self.matrix[:k, slot] = stored
-        if not wide:
-            self.release(slot)
-            return
-        if self.wide_of_slot[slot] < 0:
-            self.wide_of_slot[slot] = self._new_wide_id()
-        w = int(self.wide_of_slot[slot])
-        wide_cols = np.flatnonzero(self.wide_of_slot[:k] >= 0)
-        cols_t = torch.from_numpy(wide_cols).to(self.device)
-        w_cols = torch.from_numpy(self.wide_of_slot[wide_cols]).to(self.device)
-        values = row.to(torch.int64).index_select(0, cols_t)
-        self.wide[w, w_cols] = values
-        self.wide[w_cols, w] = values
-
-    def _new_wide_id(self) -> int:
-        if not self.free:
-            size = self.wide.shape[0]
-            grown = max(16, 2 * size)
-            bigger = torch.zeros((grown, grown), dtype=torch.int64, device=self.device)
-            bigger[:size, :size] = self.wide
-            self.wide = bigger
-            self.free = list(range(size, grown))
-        return self.free.pop()
-
-    def release(self, slot: int) -> None:
-        if self.wide_of_slot[slot] >= 0:
-            self.free.append(int(self.wide_of_slot[slot]))
-            self.wide_of_slot[slot] = -1
-
-    def move(self, source: int, target: int, k: int) -> None:
-        matrix = self.matrix.numpy() if self.on_cpu else self.matrix
-        matrix[target, :k] = matrix[source, :k]
-        matrix[:k, target] = matrix[:k, source]
-        self.wide_of_slot[target] = self.wide_of_slot[source]
-        self.wide_of_slot[source] = -1
+    def _move_group(self, source: int, target: int, vectors: tuple) -> None:
+        """Copy slot `source`'s per-group values (the shared ones and `vectors`) into slot `target`."""
+        for vector in (self.sizes, self.column_sums, self.diag_host, self.sizes_host, *vectors):
+            if vector is not None:
+                vector[target] = vector[source]
+        if self.masks is not None:
+            self.masks[:, target] = self.masks[:, source]
 
 
-def _narrow_store(structure, dense_counts: torch.Tensor | None, diag: np.ndarray, n: int, device: torch.device) -> CoactivationStore:
-    """The boolean-mode store in the narrowest exact layout for this data."""
-    c = diag.size
-    wide = np.flatnonzero(diag > NARROW_MAX)
-    if n <= NARROW_MAX:
-        dtype, limit = torch.int16, None
-    elif wide.size <= WIDE_SHARE * c:
-        dtype, limit = torch.int16, NARROW_MAX
-    elif n <= torch.iinfo(torch.int32).max:
-        dtype, limit = torch.int32, None
-    else:
-        dtype, limit = torch.int64, None
-    if structure is not None:
-        out = np.zeros((c, c), dtype=torch.empty(0, dtype=dtype).numpy().dtype)
-        col_ptr, col_rows, _ = coactivation.count_structure_into(structure, out)
-        matrix = torch.from_numpy(out).to(device)
-        wide_block = None
-        if limit is not None and wide.size:
-            wide_block = torch.from_numpy(
-                kernels.counts_between(structure.indptr, structure.indices, col_ptr, col_rows, wide, wide)
-            )
-    else:
-        matrix = dense_counts.clamp(max=torch.iinfo(dtype).max).to(dtype)
-        wide_t = torch.from_numpy(wide).to(device)
-        wide_block = dense_counts.index_select(0, wide_t).index_select(1, wide_t).cpu() if (limit is not None and wide.size) else None
-        del dense_counts
-    if limit is None or wide.size == 0:
-        return CoactivationStore(matrix, limit)
-    wide_ids = np.full(c, -1, dtype=np.int64)
-    wide_ids[wide] = np.arange(wide.size)
-    return CoactivationStore(matrix, limit, wide_ids, wide_block.to(device))
-
-
-@dataclass
-class _Pool:
-    """Ordered pairs (i, j) whose cost was at most `level` when evaluated, with their α-terms and q."""
-
-    i: torch.Tensor
-    j: torch.Tensor
-    alpha_term: torch.Tensor
-    q: torch.Tensor
-    level: float
-    built_at: float  # L when the level was set
-
-    def select(self, keep: torch.Tensor) -> None:
-        index = torch.nonzero(keep).squeeze(1)  # (boolean-mask indexing is far slower on the CPU)
-        self.i, self.j = self.i.index_select(0, index), self.j.index_select(0, index)
-        self.alpha_term, self.q = self.alpha_term.index_select(0, index), self.q.index_select(0, index)
-
-    def append(self, i: torch.Tensor, j: torch.Tensor, alpha_term: torch.Tensor, q: torch.Tensor) -> None:
-        self.i = torch.cat([self.i, i])
-        self.j = torch.cat([self.j, j])
-        self.alpha_term = torch.cat([self.alpha_term, alpha_term])
-        self.q = torch.cat([self.q, q])
-
-
-class SortedCandidates:
-    """Candidates as flat row-major slot keys `i·k + j`, ascending, with their scaled costs."""
-
-    def __init__(self, keys: torch.Tensor, costs: torch.Tensor, k: int) -> None:
-        order = torch.argsort(keys)
-        self.keys, self.costs, self.k = keys[order], costs[order], k
-        self.count = int(keys.numel())
-
-    def nth(self, index: int) -> tuple[int, int, float]:
-        i, j = divmod(int(self.keys[index]), self.k)
-        return i, j, float(self.costs[index])
-
-
-class RowCountedCandidates:
-    """Candidates counted row by row (rows ascending = row-major order) without storing them."""
-
-    def __init__(self, state: GroupState, rows: torch.Tensor, counts: torch.Tensor, cutoff: float) -> None:
-        self.state, self.rows, self.cutoff = state, rows, cutoff
-        self.cumulative = torch.cumsum(counts, 0).cpu().numpy()
-        self.count = int(self.cumulative[-1]) if self.cumulative.size else 0
-
-    def nth(self, index: int) -> tuple[int, int, float]:
-        position = int(np.searchsorted(self.cumulative, index, side="right"))
-        before = int(self.cumulative[position - 1]) if position else 0
-        row = self.rows[position : position + 1]
-        costs = self.state.offdiagonal_cost_rows(row)[0]
-        columns = torch.nonzero(costs <= self.cutoff).squeeze(1)
-        j = int(columns[index - before])
-        return int(row[0]), j, float(costs[j])
-
-
-class GroupState:
+class GroupState(_SlotState):
     """Sizes, coactivations, masks (boolean) or column sums (continuous) of the live groups, by slot,
     and the cost view the samplers read (see the module docstring)."""
 
@@ -294,7 +166,7 @@ class GroupState:
             masks, diag, structure, dense_counts = coactivation.boolean_setup(values, threshold, labels, device)
             self.masks = masks
             self.column_sums = None
-            self.store = _narrow_store(structure, dense_counts, diag, n, device)
+            self.store = narrow_store(structure, dense_counts, diag, n, device)
             del dense_counts
             # CPU: the samples -> components structure answers a merge's overlaps by sample (see _overlap).
             self.structure = structure
@@ -321,7 +193,11 @@ class GroupState:
         self.exact = torch.zeros(c, dtype=torch.bool, device=device)  # bounds exact at the current L
         self.exact_host = np.zeros(c, dtype=bool)
         self.lowest_q = 0.0  # min(0, every coactivation seen): the drift of costs that can fall
-        self.pool: _Pool | None = None
+        self.pool: CandidatePool | None = None
+        self.full_passes = 0  # cost passes over (nearly) every row since the last merge
+        self._pool_overflows = 0  # pool builds in a row that overflowed POOL_LIMIT
+        self._pool_wait = 0  # range choices left to count row by row before building a pool again
+        self.last_full_passes = 0  # ... and in the iteration before it
         self._pool_costs_cache: torch.Tensor | None = None
         self._max_cache: float | None = None
         if c >= 2 and self.boolean:
@@ -363,15 +239,6 @@ class GroupState:
         self.row_max_at[:c] = L
 
     # --- costs -------------------------------------------------------------------------------
-
-    @property
-    def log_k_minus_1(self) -> float:
-        return log_factors(self.k)[1]
-
-    def cost_offset(self) -> float:
-        """The term shared by all pairs, `S · log2((k-1)/k)`, in units of n."""
-        log_ratio, _ = log_factors(self.k)
-        return float(self.diag_host[: self.k].sum()) * log_ratio
 
     def cost_rows(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`(scaled costs, q, α-terms)`, each `[len(slots), k]` float64, bit-identical to the original engine."""
@@ -424,6 +291,7 @@ class GroupState:
 
     def block_costs(self, first: int, stop: int) -> torch.Tensor:
         """Scaled costs of rows first..stop-1 with +inf on the diagonal."""
+        self.full_passes += 1
         return self.offdiagonal_cost_rows(torch.arange(first, stop, device=self.device))
 
     def full_costs(self, order: np.ndarray) -> torch.Tensor:
@@ -501,6 +369,8 @@ class GroupState:
                 return lowest
         # No pool holds the minimum: the best row's exact minimum bounds it from above, and a pool up
         # to a little above that bound holds it (and, usually, this iteration's candidates too).
+        if self._pool_wait > 0:  # pools overflow lately: the lazy row search alone
+            return self._extreme(lowest=True)
         bounds = self._min_bounds()
         best = torch.argmin(bounds).reshape(1)
         self._scan(best)
@@ -520,16 +390,19 @@ class GroupState:
     def candidates_at_most(self, cutoff: float, slack: float):
         """Every off-diagonal pair with scaled cost `<= cutoff`, enumerable in row-major slot order."""
         if self.pool is None or cutoff > self._pool_level():
+            if self._pool_wait > 0:
+                self._pool_wait -= 1
+                self.pool, self._pool_costs_cache = None, None
+                return self._counted_candidates(cutoff)
             self._rebuild_pool(cutoff + max(slack, 0.0), cutoff)
+            self._pool_overflows = self._pool_overflows + 1 if self.pool is None else 0
+            self._pool_wait = min(POOL_RETRY_CAP, 2**self._pool_overflows - 1) if self.pool is None else 0
         if self.pool is None:
             return self._counted_candidates(cutoff)
-        costs = self._pool_costs()
-        chosen = costs <= cutoff
-        index = torch.nonzero(chosen).squeeze(1)
-        keys = self.pool.i.index_select(0, index) * self.k + self.pool.j.index_select(0, index)
-        return SortedCandidates(keys, costs.index_select(0, index), self.k)
+        return self.pool.candidates(self._pool_costs(), cutoff, self.k)
 
     def _counted_candidates(self, cutoff: float) -> RowCountedCandidates:
+        self.full_passes += 1
         rows = torch.nonzero(self._min_bounds() <= cutoff).squeeze(1)
         step = max(1, BLOCK_ENTRIES // self.k)
         counts = []
@@ -553,13 +426,9 @@ class GroupState:
         if self.pool is None:
             return None
         if self._pool_costs_cache is None:
-            costs = torch.add(self.pool.alpha_term, self.pool.q, alpha=-self.log_k_minus_1)
             # Entries above the level cannot become candidates while this pool stands: drop them.
-            keep = costs <= self._pool_level()
-            if not bool(keep.all()):
-                self.pool.select(keep)
-                costs = torch.masked_select(costs, keep)
-            self._pool_costs_cache = costs
+            costs = self.pool.costs(self.log_k_minus_1)
+            self._pool_costs_cache = self.pool.keep_at_most(costs, self._pool_level())
         return self._pool_costs_cache
 
     def _rebuild_pool(self, level: float, cutoff: float) -> None:
@@ -597,7 +466,7 @@ class GroupState:
         else:
             empty = torch.zeros(0, dtype=torch.int64, device=self.device)
             i, j, terms, q = empty, empty, empty.to(FLOAT), empty.to(FLOAT)
-        self.pool = _Pool(i, j, terms, q, level, L)
+        self.pool = CandidatePool(i, j, terms, q, level, L)
 
     def _pool_overflow(self, level: float, cutoff: float) -> None:
         if level > cutoff:
@@ -649,34 +518,15 @@ class GroupState:
 
     # --- merging -----------------------------------------------------------------------------
 
-    def mdl_loss(self) -> float:
-        k = self.k
-        diag, sizes = self.diag_host[:k], self.sizes_host[:k]
-        return float((diag * (math.log2(k) + self.alpha * sizes)).sum())
-
     def merge(self, keep: int, drop: int) -> int:
         """Merge slot `drop` into slot `keep`, move the last live slot into `drop`; returns the merged group's slot."""
         k = self.k
-        if self.boolean:
-            overlap = self._overlap(keep, drop, k)
-            new_row = self.store.exact_row(keep, k) + self.store.exact_row(drop, k) - overlap
-            new_diag = self.diag_host[keep] + self.diag_host[drop] - float(overlap[keep])
-            self.masks[:, keep] |= self.masks[:, drop]
-        else:
-            new_row = self.store.exact_row(keep, k) + self.store.exact_row(drop, k)
-            self.column_sums[keep] += self.column_sums[drop]
-            new_diag = float(self.column_sums[keep])
-        new_row[keep] = new_diag
-        self.sizes[keep] += self.sizes[drop]
-        self.sizes_host[keep] += self.sizes_host[drop]
-        self.diag_host[keep] = new_diag
+        new_row, new_diag = self._merge_groups(keep, drop)
         self.diag[keep] = new_diag
         self.store.write(keep, new_row, k, self.store.is_wide(new_diag))
         self.store.release(drop)
         if self.pool is not None:
-            pool = self.pool
-            touched = (pool.i == keep) | (pool.j == keep) | (pool.i == drop) | (pool.j == drop)
-            pool.select(~touched)
+            self.pool.forget_and_move(keep, drop, k - 1, drop)
         self._move_slot(k - 1, drop)
         self.k = k - 1
         merged = drop if keep == k - 1 else keep
@@ -684,12 +534,16 @@ class GroupState:
         self.exact_host[:] = False
         self._pool_costs_cache = None
         self._max_cache = None
+        self.last_full_passes, self.full_passes = self.full_passes, 0
         if self.component_slot is not None:
             self.component_slot[self.component_slot == drop] = keep
             self.component_slot[self.component_slot == k - 1] = drop
         if self.k >= 2:
             self._add_merged_row(merged)
         return merged
+
+    def _exact_row(self, slot: int) -> torch.Tensor:
+        return self.store.exact_row(slot, self.k)
 
     def _overlap(self, keep: int, drop: int, k: int) -> torch.Tensor:
         """For every live group l, the samples where keep, drop and l are all active (int64 `[k]`)."""
@@ -744,19 +598,11 @@ class GroupState:
         if source == target:
             return
         self.store.move(source, target, self.k)
-        for vector in (self.sizes, self.diag, self.column_sums, self.diag_host, self.sizes_host, self.row_min,
-                       self.row_min_at, self.row_max, self.row_max_at, self.row_q_max, self.row_q_min):
-            if vector is not None:
-                vector[target] = vector[source]
-        if self.masks is not None:
-            self.masks[:, target] = self.masks[:, source]
-        if self.pool is not None:
-            pool = self.pool
-            pool.i = torch.where(pool.i == source, target, pool.i)
-            pool.j = torch.where(pool.j == source, target, pool.j)
+        self._move_group(source, target, (self.diag, self.row_min, self.row_min_at, self.row_max, self.row_max_at,
+                                          self.row_q_max, self.row_q_min))
 
 
-class DenseGroupState:
+class DenseGroupState(_SlotState):
     """The same state for small problems, kept as full k x k float64 matrices (coactivation, α-terms and
     a scratch cost matrix, 24·c² bytes): below `DENSE_MAX_COMPONENTS` one pass over the whole cost
     matrix costs less than the bookkeeping that avoids it. The operations are those of the original
@@ -792,18 +638,6 @@ class DenseGroupState:
         self._costs: torch.Tensor | None = None
         self._extremes: tuple[float, float] | None = None
 
-    @property
-    def log_k_minus_1(self) -> float:
-        return log_factors(self.k)[1]
-
-    def cost_offset(self) -> float:
-        log_ratio, _ = log_factors(self.k)
-        return float(self.diag_host[: self.k].sum()) * log_ratio
-
-    def mdl_loss(self) -> float:
-        k = self.k
-        return float((self.diag_host[:k] * (math.log2(k) + self.alpha * self.sizes_host[:k])).sum())
-
     def _scaled_costs(self) -> torch.Tensor:
         """`n · cost - S · log2((k-1)/k)` for the live slots, with +inf on the diagonal (computed once per merge)."""
         if self._costs is None:
@@ -832,6 +666,29 @@ class DenseGroupState:
         self._scaled_costs()
         return self._extremes[1]
 
+    @classmethod
+    def from_scalable(cls, scalable: GroupState) -> DenseGroupState:
+        """The dense state of a scalable state's live groups, mid-run: the same counts, sizes, masks and α-terms
+        (each α-term is the float `GroupState.cost_rows` gives, which is the one this class would hold)."""
+        self = cls.__new__(cls)
+        k = scalable.k
+        self.n, self.k, self.alpha, self.device = scalable.n, k, scalable.alpha, scalable.device
+        self.boolean, self.masks, self.column_sums = scalable.boolean, scalable.masks, scalable.column_sums
+        self.coact = torch.empty((k, k), dtype=FLOAT, device=self.device)
+        self.alpha_terms = torch.empty((k, k), dtype=FLOAT, device=self.device)
+        slots = torch.arange(k, device=self.device)
+        step = max(1, BLOCK_ENTRIES // k)
+        for first in range(0, k, step):
+            _, q, terms = scalable.cost_rows(slots[first : first + step])  # q's diagonal is the group's count
+            self.coact[first : first + step] = q
+            self.alpha_terms[first : first + step] = terms
+        self.sizes = scalable.sizes[:k].clone()
+        self.diag_host = scalable.diag_host[:k].copy()
+        self.sizes_host = scalable.sizes_host[:k].copy()
+        self._scratch = torch.empty(k * k, dtype=FLOAT, device=self.device)
+        self._costs, self._extremes = None, None
+        return self
+
     def candidates_at_most(self, cutoff: float, slack: float):
         from spd_math.samplers import DenseCostView  # noqa: PLC0415 (samplers import this module's users)
 
@@ -847,20 +704,7 @@ class DenseGroupState:
         """Merge slot `drop` into slot `keep`, then move the last live slot into `drop`; returns the merged slot."""
         k = self.k
         coact = self.coact
-        if self.boolean:
-            both = self.masks[:, keep] & self.masks[:, drop]
-            overlap = overlap_counts(self.masks[:, :k], both).to(device=coact.device, dtype=FLOAT)
-            new_row = coact[keep, :k] + coact[drop, :k] - overlap
-            new_diag = self.diag_host[keep] + self.diag_host[drop] - float(overlap[keep])
-            self.masks[:, keep] |= self.masks[:, drop]
-        else:
-            new_row = coact[keep, :k] + coact[drop, :k]
-            self.column_sums[keep] += self.column_sums[drop]
-            new_diag = float(self.column_sums[keep])
-        new_row[keep] = new_diag
-        self.sizes[keep] += self.sizes[drop]
-        self.sizes_host[keep] += self.sizes_host[drop]
-        self.diag_host[keep] = new_diag
+        new_row, _ = self._merge_groups(keep, drop)
         coact[keep, :k] = new_row
         coact[:k, keep] = new_row
         diag = coact.diagonal()[:k]
@@ -871,6 +715,13 @@ class DenseGroupState:
         self.k = k - 1
         self._costs = None
         return drop if keep == k - 1 else keep
+
+    def _exact_row(self, slot: int) -> torch.Tensor:
+        return self.coact[slot, : self.k]
+
+    def _overlap(self, keep: int, drop: int, k: int) -> torch.Tensor:
+        both = self.masks[:, keep] & self.masks[:, drop]
+        return overlap_counts(self.masks[:, :k], both).to(device=self.coact.device, dtype=FLOAT)
 
     def _merged_row_terms(self, diag: torch.Tensor, keep: int, k: int, new_row: torch.Tensor) -> torch.Tensor:
         s_i, r_i, s_j, r_j = diag[keep], self.sizes[keep], diag, self.sizes[:k]
@@ -883,11 +734,7 @@ class DenseGroupState:
         for matrix in (self.coact, self.alpha_terms):
             matrix[target, :k] = matrix[source, :k]
             matrix[:k, target] = matrix[:k, source]
-        for vector in (self.sizes, self.column_sums, self.diag_host, self.sizes_host):
-            if vector is not None:
-                vector[target] = vector[source]
-        if self.masks is not None:
-            self.masks[:, target] = self.masks[:, source]
+        self._move_group(source, target, ())
 
 
 # Up to this many components the dense state is used (24·c² bytes). Measured with 100k samples at 3% density
@@ -896,10 +743,89 @@ class DenseGroupState:
 # with: 12.0 s dense vs 38.6 s scalable at 2,000 (300 merges), so it keeps the dense state up to 4,096 (400 MB).
 DENSE_MAX_COMPONENTS = 1024
 DENSE_MAX_COMPONENTS_CONTINUOUS = 4096
+# Above this many pooled pairs per k² pairs, upkeep of the pool (several passes over 32 bytes a pair) costs
+# more than the dense state's passes over every cost (8 bytes a pair): the run moves to the dense state
+# where it fits. Heterogeneous data gets there once its planted structure is merged (most pairs of rare
+# components then sit in the range sampler's window); so does any run whose sampler reads every cost (mcmc).
+DENSE_SWITCH_SHARE = 0.25
+# Share of the memory available at the start that the dense state may take when the run moves to it.
+DENSE_MEMORY_SHARE = 0.5
+DENSE_BYTES_PER_PAIR = 24
+
+
+def available_bytes(device: torch.device) -> int:
+    """Memory free for a state on `device` now: CUDA's free memory, or the host's available memory."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30
+
+
+class SwitchingState:
+    """The scalable state, moving for good to the dense one once that is cheaper and fits (see
+    `DENSE_SWITCH_SHARE`). Both give the same costs, so the run's choices do not change."""
+
+    def __init__(self, scalable: GroupState, dense_budget_bytes: int) -> None:
+        self.inner: GroupState | DenseGroupState = scalable
+        self.dense_budget_bytes = dense_budget_bytes
+
+    @property
+    def k(self) -> int:
+        return self.inner.k
+
+    @property
+    def n(self) -> int:
+        return self.inner.n
+
+    def cost_offset(self) -> float:
+        return self.inner.cost_offset()
+
+    def mdl_loss(self) -> float:
+        return self.inner.mdl_loss()
+
+    def full_costs(self, order: np.ndarray) -> torch.Tensor:
+        return self.inner.full_costs(order)
+
+    def offdiagonal_min(self) -> float:
+        return self.inner.offdiagonal_min()
+
+    def offdiagonal_max(self) -> float:
+        return self.inner.offdiagonal_max()
+
+    def candidates_at_most(self, cutoff: float, slack: float):
+        return self.inner.candidates_at_most(cutoff, slack)
+
+    def row_blocks(self) -> list[tuple[int, int]]:
+        return self.inner.row_blocks()
+
+    def block_costs(self, first: int, stop: int) -> torch.Tensor:
+        return self.inner.block_costs(first, stop)
+
+    def merge(self, keep: int, drop: int) -> int:
+        merged = self.inner.merge(keep, drop)
+        if isinstance(self.inner, GroupState) and self._dense_is_cheaper(self.inner):
+            self.inner = DenseGroupState.from_scalable(self.inner)
+        return merged
+
+    def _dense_is_cheaper(self, scalable: GroupState) -> bool:
+        k = scalable.k
+        if k < 2 or DENSE_BYTES_PER_PAIR * k * k > self.dense_budget_bytes:
+            return False
+        pool = scalable.pool
+        return scalable.last_full_passes > 0 or (pool is not None and pool.size >= DENSE_SWITCH_SHARE * k * k)
 
 
 def group_state(values: torch.Tensor, labels: list[str], threshold: float | None, alpha: float, device: torch.device):
-    """The state for a merge run: dense matrices for small problems, the scalable one beyond."""
+    """The state for a merge run: dense matrices for small problems, the scalable one beyond (moving to the
+    dense one mid-run where that becomes cheaper and fits in memory)."""
     limit = DENSE_MAX_COMPONENTS if threshold is not None else DENSE_MAX_COMPONENTS_CONTINUOUS
-    cls = DenseGroupState if values.shape[1] <= limit else GroupState
-    return cls(values, labels, threshold, alpha, device)
+    if values.shape[1] <= limit:
+        return DenseGroupState(values, labels, threshold, alpha, device)
+    budget = int(DENSE_MEMORY_SHARE * available_bytes(device))
+    return SwitchingState(GroupState(values, labels, threshold, alpha, device), budget)

@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from spd_assets.config import ExperimentConfigError, load_config, parse_config
+from spd_assets.config import ExperimentConfigError, dump_config, load_config, parse_config
 from spd_math import ActivationsError, ConfigError, MergeConfig, process_activations
 
 
@@ -152,7 +152,7 @@ def test_names_of_results_store_folders_are_not_experiment_names(name):
 
 
 def test_a_declared_files_layout_must_give_positive_sizes(tmp_path):
-    with pytest.raises(ExperimentConfigError, match=r"source\.files\.layout"):
+    with pytest.raises(ExperimentConfigError, match=r"source\.layout"):
         parse_config({"source": {"kind": "files", "directory": str(tmp_path), "layout": {"mlp": 0}}})
     config = parse_config({"source": {"kind": "files", "directory": str(tmp_path), "layout": {"mlp": 4, "attn": 2}}})
     assert config.source.layout == {"mlp": 4, "attn": 2}
@@ -169,3 +169,26 @@ def test_consensus_settings_are_validated():
         parse_config({"consensus": {"iteration": -1}})
     with pytest.raises(ExperimentConfigError, match="consensus.rule"):
         parse_config({"consensus": {"rule": "mdl"}})
+
+
+@pytest.mark.parametrize("values, expected", [
+    ({"source": {"kind": "synthetic", "n_member": 3}}, "source.n_member: unknown key 'n_member'; did you mean 'n_members'?"),
+    ({"consensus": {"treshold": 0.3}}, "consensus.treshold: unknown key 'treshold'; did you mean 'threshold'?"),
+    ({"nme": "x"}, "nme: unknown key 'nme'; did you mean 'name'?"),
+    ({"merge_config": {"alph": 1}}, "unknown key(s) ['alph'] (did you mean 'alpha'?)"),
+])
+def test_a_misspelt_key_is_named_as_written_with_the_key_meant(values, expected):
+    with pytest.raises(ExperimentConfigError) as raised:
+        parse_config(values)
+    assert expected in str(raised.value)
+    assert ".synthetic." not in str(raised.value)
+
+
+def test_merge_config_is_parsed_once_and_written_back_with_the_original_keys():
+    config = parse_config({"merge_config": {"alpha": 0.5, "merge_pair_sampling_method": "mcmc", "merge_pair_sampling_kwargs": {}}})
+    assert isinstance(config.merge_config, MergeConfig) and config.merge_config.alpha == 0.5
+    assert config.merge_config.merge_pair_sampling_kwargs == {"temperature": 1.0}
+    again = parse_config(yaml.safe_load(dump_config(config)))
+    assert again == config and again.config_hash == config.config_hash
+    renamed = config.model_copy(update={"name": "renamed"})
+    assert renamed.config_hash != config.config_hash, "a copy is hashed anew, never with the original's cached hash"

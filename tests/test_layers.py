@@ -1,6 +1,7 @@
 """The layers of the tree import only downward: every import statement of the two packages, lazy ones included.
 
-    spd_math  <  errors  <  config  <  storage  <  sources  <  analysis  <  defs  <  service, results  <  cli, notebook
+    spd_math  <  errors  <  config  <  storage  <  sources  <  analysis, processing  <  defs
+              <  service, results, batch_processor  <  cli, notebook
 
 A module may import its own layer and the layers left of it; nothing outside `cli/` imports `cli/`.
 The graph is read from the source with `ast` (every `import` and `from ... import`, at any depth).
@@ -20,9 +21,9 @@ LAYERS = [
     ("spd_assets.config",),
     ("spd_assets.storage",),
     ("spd_assets.sources",),
-    ("spd_assets.analysis",),
+    ("spd_assets.analysis", "spd_assets.processing"),
     ("spd_assets.defs",),
-    ("spd_assets.service", "spd_assets.results"),
+    ("spd_assets.service", "spd_assets.results", "spd_assets.batch_processor"),
     ("spd_assets.cli", "spd_assets.notebook", "spd_assets"),
 ]
 

@@ -1,6 +1,7 @@
 """The component-label -> cluster mapping at an iteration, from stored results, as researchers exchange it.
 
-Answers come from the result tables through DuckDB (no torch, no Dagster): a member's clusters
+Answers come from the result tables through DuckDB (no torch, no Dagster), on the same read-only
+connection as `spd-cluster sql` (`storage.database.connect_read_only`): a member's clusters
 from its `membership_spans` file, the consensus from the `consensus_components` table the
 `consensus_clusters` asset wrote. Only a consensus at another iteration or threshold than the
 stored one is computed here, from the stored normalized ensemble.
@@ -14,6 +15,7 @@ from pathlib import Path
 import duckdb
 
 from spd_assets.errors import StorageError, UsageError
+from spd_assets.storage.database import connect_read_only
 from spd_assets.storage.store import ResultsStore
 
 
@@ -32,9 +34,8 @@ def _stored_parts(store: ResultsStore, table: str, experiment: str) -> list[str]
     return sorted(p.stem.removeprefix(prefix) for p in directory.glob(f"{prefix}*.parquet")) if directory.is_dir() else []
 
 
-def _rows(query: str, parameters: list | None = None) -> list[tuple]:
-    with duckdb.connect() as connection:
-        return connection.execute(query, parameters or []).fetchall()
+def _rows(connection: duckdb.DuckDBPyConnection, query: str, parameters: list | None = None) -> list[tuple]:
+    return connection.execute(query, parameters or []).fetchall()
 
 
 def member_clusters(store: ResultsStore, experiment: str, member: str, iteration: int) -> dict:
@@ -46,11 +47,13 @@ def member_clusters(store: ResultsStore, experiment: str, member: str, iteration
         raise StorageError(f"no merge history of member {member!r} in experiment {experiment!r}; "
                            f"materialized members: {stored or 'none'}")
     source = f"read_parquet('{_quoted(path)}', file_row_number = true)"
-    n_iters = _rows(f"SELECT coalesce(max(last_iteration) + 1, 0) FROM {source}")[0][0]
-    _check_iteration(iteration, n_iters, f"member {member!r}")
-    # The spans are written in component order, so row order at one iteration is the history's label order.
-    rows = _rows(f"SELECT label, group_label FROM {source} WHERE first_iteration <= $1 AND $1 <= last_iteration "
-                 "ORDER BY file_row_number", [iteration])
+    with connect_read_only(store) as connection:
+        n_iters = _rows(connection, f"SELECT coalesce(max(last_iteration) + 1, 0) FROM {source}")[0][0]
+        _check_iteration(iteration, n_iters, f"member {member!r}")
+        # The spans are written in component order, so row order at one iteration is the history's label order.
+        rows = _rows(connection, f"SELECT label, group_label FROM {source} "
+                                 "WHERE first_iteration <= $1 AND $1 <= last_iteration ORDER BY file_row_number",
+                     [iteration])
     sizes: dict[str, int] = {}
     for _, group in rows:
         sizes[group] = sizes.get(group, 0) + 1
@@ -71,11 +74,11 @@ def member_clusters(store: ResultsStore, experiment: str, member: str, iteration
     }
 
 
-def _ensemble_members(store: ResultsStore, experiment: str) -> list[str]:
+def _ensemble_members(connection: duckdb.DuckDBPyConnection, store: ResultsStore, experiment: str) -> list[str]:
     path = store.table_file("ensemble_members", experiment)
     if not path.exists():
         return []
-    return [row[0] for row in _rows(f"SELECT member FROM read_parquet('{_quoted(path)}') WHERE status = 'used' "
+    return [row[0] for row in _rows(connection, f"SELECT member FROM read_parquet('{_quoted(path)}') WHERE status = 'used' "
                                     "ORDER BY ensemble_index")]
 
 
@@ -88,17 +91,19 @@ def ensemble_clusters(store: ResultsStore, experiment: str, iteration: int | Non
     """The consensus clusters: as stored by the `consensus_clusters` asset, or, at another iteration or threshold,
     computed from the stored normalized ensemble."""
     path = store.table_file("consensus_components", experiment)
-    stored = path.exists() and _rows(
-        f"SELECT iteration, threshold, rule FROM read_parquet('{_quoted(path)}') LIMIT 1")
-    if stored and iteration in (None, stored[0][0]) and threshold in (None, stored[0][1]):
-        stored_iteration, stored_threshold, rule = stored[0]
-        rows = _rows(f"SELECT label, cluster, cluster_stability, component_stability FROM read_parquet('{_quoted(path)}') "
-                     "ORDER BY label")
-        labels = [row[0] for row in rows]
-        cluster_stability = {row[1]: row[2] for row in rows if row[1] is not None}
-        return _report(experiment, stored_iteration, stored_threshold, rule, _ensemble_members(store, experiment),
-                       labels, [row[1] for row in rows], [cluster_stability[c] for c in sorted(cluster_stability)],
-                       [row[3] for row in rows], stored=True)
+    if path.exists():
+        with connect_read_only(store) as connection:
+            stored = _rows(connection, f"SELECT iteration, threshold, rule FROM read_parquet('{_quoted(path)}') LIMIT 1")
+            if stored and iteration in (None, stored[0][0]) and threshold in (None, stored[0][1]):
+                stored_iteration, stored_threshold, rule = stored[0]
+                rows = _rows(connection, "SELECT label, cluster, cluster_stability, component_stability "
+                                         f"FROM read_parquet('{_quoted(path)}') ORDER BY label")
+                labels = [row[0] for row in rows]
+                cluster_stability = {row[1]: row[2] for row in rows if row[1] is not None}
+                return _report(experiment, stored_iteration, stored_threshold, rule,
+                               _ensemble_members(connection, store, experiment), labels, [row[1] for row in rows],
+                               [cluster_stability[c] for c in sorted(cluster_stability)], [row[3] for row in rows],
+                               stored=True)
     if iteration is None:
         raise StorageError(f"experiment {experiment!r} has no stored consensus clusters ({path}); materialize "
                            "consensus_clusters, or give --iteration to compute them from the normalized ensemble")

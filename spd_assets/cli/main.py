@@ -7,6 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from spd_assets.cli.export import add_export_parser, run_export
 from spd_assets.cli.sql import OUTPUT_FORMATS, emit, run_sql
 from spd_assets.defs.home import point_at_instance, results_store
 from spd_assets.errors import SpdClusterError
@@ -34,9 +35,23 @@ def print_clusters(args) -> int:
     return 0
 
 
+class PrintVersion(argparse.Action):
+    """`--version`: the installed package's version, looked up only when asked for."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from importlib.metadata import version
+
+        print(f"{parser.prog} {version('spd-cluster')}")
+        parser.exit()
+
+
 def main(argv: list[str] | None = None) -> int:
     """The `spd-cluster` command line; the exit status."""
     parser = argparse.ArgumentParser(prog="spd-cluster", description=__doc__)
+    parser.add_argument("--version", action=PrintVersion, help="print the installed version of spd-cluster and exit")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="materialize every asset of an experiment (the embedded default without --config)")
     run.add_argument("--config", type=Path, help="experiment config (YAML), or an original clustering run, pipeline or "
@@ -60,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     sql.add_argument("--format", choices=OUTPUT_FORMATS, default="table")
     sql.add_argument("--output", type=Path, help="write to this file instead of standard output")
     sql.add_argument("--max-rows", type=int, default=40, help="rows shown in table format (0: all)")
+    sql.add_argument("--allow-read", action="append", type=Path, default=[], metavar="PATH",
+                     help="let the query also read this file or folder (repeatable); otherwise it reads only the "
+                          "result tables")
     clusters = commands.add_parser("clusters", help="component label -> cluster at an iteration, as JSON")
     clusters.add_argument("--iteration", type=int,
                           help="after which merge (0-based, as in the tables); --consensus without it: the stored "
@@ -69,8 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     which.add_argument("--consensus", action="store_true", help="components together in at least --threshold of the members")
     clusters.add_argument("--threshold", type=float,
                           help="consensus: fraction of members (default: the stored consensus's, else half)")
-    clusters.add_argument("--experiment", default="default")
+    clusters.add_argument("--experiment", default="default",
+                          help="the experiment's name (its config's `name`; default: %(default)s)")
     clusters.add_argument("--output", type=Path, help="write the JSON to this file")
+    add_export_parser(commands)
     args = parser.parse_args(argv)
     try:
         return _dispatch(args)
@@ -103,6 +123,8 @@ def _dispatch(args) -> int:
             return 2
     if args.command == "clusters":
         return print_clusters(args)
+    if args.command == "export":
+        return run_export(args)
     if args.command == "sql":
         store = results_store(point_at_instance())
         if args.query is not None:
@@ -118,7 +140,8 @@ def _dispatch(args) -> int:
         if not query.strip():
             print("spd-cluster sql: expected a query (argument, --file or standard input), got nothing", file=sys.stderr)
             return 2
-        return run_sql(store, query, output_format=args.format, output=args.output, max_rows=args.max_rows)
+        return run_sql(store, query, output_format=args.format, output=args.output, max_rows=args.max_rows,
+                       allow_read=args.allow_read)
     if args.command == "validate":
         from spd_assets.cli.validate import validate
 

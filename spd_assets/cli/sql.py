@@ -2,14 +2,18 @@
 
 import json
 import os
+import shutil
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import duckdb
 
+from spd_assets.errors import QueryRefused, UsageError
 from spd_assets.storage.atomic import atomic_path
 from spd_assets.storage.database import connect_read_only
+from spd_assets.storage.query_access import QueryAccess, check_query, refusal
 from spd_assets.storage.store import ResultsStore
 
 OUTPUT_FORMATS = ("table", "csv", "json", "parquet")
@@ -18,30 +22,58 @@ MISSING_SHOWN = 3
 DOCTOR_HINT = "`spd-cluster doctor` says how to recompute them"
 
 
-def run_sql(store: ResultsStore, query: str, *, output_format: str, output: Path | None, max_rows: int) -> int:
-    """Run one read-only query against the results database and print or write the answer; the exit code."""
+def run_sql(store: ResultsStore, query: str, *, output_format: str, output: Path | None, max_rows: int,
+            allow_read: Sequence[Path] = ()) -> int:
+    """Run one read-only query against the results database and print or write the answer; the exit code.
+
+    The query reads the result tables, and the files or folders of `allow_read`, and nothing else
+    (`storage.query_access`); an answer written to a file is written by spd-cluster, not by the query.
+    """
     if output_format == "parquet" and output is None:
         print("spd-cluster sql: --format parquet needs --output FILE", file=sys.stderr)
         return 2
     try:
-        connection = connect_read_only(store)
-    except (duckdb.Error, RuntimeError) as error:
-        print(f"spd-cluster sql: cannot open the results database: {error}", file=sys.stderr)
-        return 1
-    try:
-        _warn_about_missing_files(connection)
-        relation = connection.sql(query)
-        if relation is None:  # a statement without a result, e.g. SET
-            return 0
-        _write_result(relation, output_format, output, max_rows)
-    except duckdb.Error as error:
-        damaged = ".parquet" in str(error) and "read-only" not in str(error).lower()
-        hint = f" (a damaged result file: {DOCTOR_HINT.replace('them', 'it')})" if damaged else ""
-        print(f"spd-cluster sql: {error}{hint}", file=sys.stderr)
-        return 1
-    finally:
-        connection.close()
+        access = QueryAccess.with_reads(store.tables_dir, allow_read)
+    except UsageError as error:
+        print(f"spd-cluster sql: {error}", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="spd-cluster-sql-") as scratch:
+        # The one file DuckDB may write: spd-cluster's copy of the answer, for CSV and Parquet.
+        answer = Path(scratch) / f"answer.{output_format}"
+        try:
+            connection = connect_read_only(store, allow_read=allow_read, scratch_files=[answer])
+        except (duckdb.Error, RuntimeError) as error:
+            print(f"spd-cluster sql: cannot open the results database: {_first_line(error)}", file=sys.stderr)
+            return 1
+        try:
+            try:
+                check_query(connection, query, access)
+            except QueryRefused as error:
+                print(f"spd-cluster sql: {error}", file=sys.stderr)
+                return 1
+            for path in [*access.extra_dirs, *access.extra_files]:
+                print(f"spd-cluster sql: --allow-read: the query may also read {path}", file=sys.stderr)
+            _warn_about_missing_files(connection)
+            relation = connection.sql(query)
+            if relation is not None:
+                _write_result(relation, output_format, output, max_rows, answer)
+        except duckdb.Error as error:
+            refused = refusal(error, access)
+            if refused is not None:
+                print(f"spd-cluster sql: {refused}", file=sys.stderr)
+                return 1
+            damaged = ".parquet" in str(error) and "read-only" not in str(error).lower()
+            hint = f" (a damaged result file: {DOCTOR_HINT.replace('them', 'it')})" if damaged else ""
+            print(f"spd-cluster sql: {error}{hint}", file=sys.stderr)
+            return 1
+        finally:
+            connection.close()
     return 0
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def missing_result_files(connection: duckdb.DuckDBPyConnection) -> list[tuple[str, str, str | None, str]]:
@@ -70,7 +102,7 @@ def _warn_about_missing_files(connection: duckdb.DuckDBPyConnection) -> None:
           f"rows are absent from answers: {shown}{more}; {DOCTOR_HINT}", file=sys.stderr)
 
 
-def _write_result(relation, output_format: str, output: Path | None, max_rows: int) -> None:
+def _write_result(relation, output_format: str, output: Path | None, max_rows: int, answer: Path) -> None:
     if output_format == "table":
         rows = relation.shape[0]
         text = relation.__str__() if max_rows <= 0 or rows <= max_rows else relation.limit(max_rows).__str__()
@@ -80,14 +112,14 @@ def _write_result(relation, output_format: str, output: Path | None, max_rows: i
     elif output_format == "json":
         records = [dict(zip(relation.columns, row)) for row in relation.fetchall()]
         emit(json.dumps(records, default=str, indent=1), output)
-    elif output is not None:
-        with atomic_path(output) as temporary:
-            (relation.write_csv if output_format == "csv" else relation.write_parquet)(str(temporary))
-    else:  # csv to standard output, through a file DuckDB writes and that is removed right after
-        with tempfile.TemporaryDirectory() as directory:
-            target = Path(directory) / "result.csv"
-            relation.write_csv(str(target))
-            sys.stdout.write(target.read_text())
+    else:
+        # DuckDB writes CSV and Parquet into the scratch file, the only file the connection may write.
+        (relation.write_csv if output_format == "csv" else relation.write_parquet)(str(answer))
+        if output is None:
+            sys.stdout.write(answer.read_text())
+        else:
+            with atomic_path(output) as temporary:
+                shutil.copyfile(answer, temporary)
 
 
 def emit(text: str, output: Path | None) -> None:

@@ -55,9 +55,11 @@ def report(loaded: LoadedConfig, checked: Preflight) -> list[str]:
         f"experiment   {config.name} (config {config.config_hash})",
         f"source       {config.source.kind}: {source_settings}",
         f"ensemble     {len(members)} member{'s' if len(members) != 1 else ''}: {shown}",
-        f"merge        activation_threshold={merge.activation_threshold}, alpha={merge.alpha}, iters={merge.iters}, "
-        f"sampler {sampler}, filter_dead_threshold={merge.filter_dead_threshold}, "
-        f"module_name_filter={merge.module_name_filter!r}; seq_mode={config.seq_mode}",
+        ("merge        none here: each member's history is read from its file (merge_config is not used)"
+         if checked.source.has_histories else
+         f"merge        activation_threshold={merge.activation_threshold}, alpha={merge.alpha}, iters={merge.iters}, "
+         f"sampler {sampler}, filter_dead_threshold={merge.filter_dead_threshold}, "
+         f"module_name_filter={merge.module_name_filter!r}; seq_mode={config.seq_mode}"),
         f"distances    {', '.join(config.distance_methods)}",
         f"consensus    {consensus_rule(config)}, threshold={config.consensus.threshold}",
     ]

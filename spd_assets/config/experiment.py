@@ -152,7 +152,8 @@ class ExperimentConfig(_Strict):
 
     def model_copy(self, *, update: dict[str, Any] | None = None, deep: bool = False) -> ExperimentConfig:
         """A copy with `update` applied and validated, so its hash is its own (never the original's, cached)."""
-        return type(self).model_validate({**dict(self), **(update or {})})
+        fields = {name: getattr(self, name) for name in type(self).model_fields}
+        return type(self).model_validate({**fields, **(update or {})})
 
     def member_seed(self, partition_key: str) -> int:
         """A member's seed: a function of the base seed and its partition key only, so it can be recomputed alone."""

@@ -282,6 +282,19 @@ class SpdSourceConfig(ModelSourceConfig):
 
 
 
+# --- histories ---------------------------------------------------------------------------------
+
+class HistoriesSourceConfig(SourceConfig):
+    """Past runs' merge histories, one member each (see `spd_assets.sources.histories`)."""
+
+    kind: Literal["histories"] = "histories"
+    directory: Path = Field(description="an original ensemble folder, clustering/ folder, or a folder of histories")
+    ensemble_id: str | None = Field(None, description="which ensemble of a registry (default: the folder's, or the only one)")
+    n_members: int | None = Field(None, ge=1, description="use only the first n histories")
+
+
+
+
 def local_task_name(model_path: str | None) -> str | None:
     """The task of a local run, read from its `final_config.yaml` without spd (None when unknown)."""
     if model_path is None or model_path.startswith(WANDB_PREFIX):
@@ -297,5 +310,5 @@ def local_task_name(model_path: str | None) -> str | None:
 
 SOURCE_CONFIGS: dict[str, type[SourceConfig]] = {
     config.model_fields["kind"].default: config
-    for config in (SyntheticSourceConfig, FilesSourceConfig, TorchSourceConfig, SpdSourceConfig)
+    for config in (SyntheticSourceConfig, FilesSourceConfig, TorchSourceConfig, SpdSourceConfig, HistoriesSourceConfig)
 }

@@ -35,6 +35,7 @@ from dagster import (
     AssetOut,
     AssetsDefinition,
     DataVersion,
+    MaterializeResult,
     MetadataValue,
     Output,
     PreviewWarning,
@@ -58,7 +59,7 @@ from spd_assets.defs.lineage import (
 )
 from spd_assets.defs.resources import ActivationSourceResource, DevicePoolResource, source_resource_key
 from spd_assets.sources import SOURCES
-from spd_assets.storage import tables
+from spd_assets.storage import original_export, tables
 from spd_assets.storage.lineage import Consumed, fingerprint, lineage_tables
 from spd_assets.storage.schemas import TABLE_SCHEMAS
 from spd_assets.storage.values import (
@@ -78,6 +79,9 @@ DEVICE_POOL_KEY = "device_pool"
 # Bump when a change to an asset's code changes its results (Dagster marks downstream stale).
 CODE_VERSION = "1"
 OUT_OF_MEMORY_RETRIES = 3
+# Files the ensemble steps write for the original's tools and the SPD app, in the experiment's exports folder.
+ORIGINAL_FOLDER = "original"
+SPD_APP_MAPPING = "spd_app_cluster_mapping.json"
 OUT_OF_MEMORY_WAIT_S = 30
 
 
@@ -136,10 +140,13 @@ def experiment_assets(
     leased and the step is in no pool, since its device is on a node that SLURM allocates.
     """
     build = _ExperimentAssetBuilder(config, members, device_op_tags, slurm)
-    member_assets = [*([build.token_batches()] if build.has_token_batches else []),
-                     build.component_activations(), build.merge_history()]
+    if build.has_histories:
+        member_assets = [build.stored_history()]
+    else:
+        member_assets = [*([build.token_batches()] if build.has_token_batches else []),
+                         build.component_activations(), build.merge_history()]
     ensemble_assets = [build.normalized_ensemble(), build.distance_matrices(), build.consensus_clusters(),
-                       build.cluster_explorer(), build.experiments()]
+                       build.cluster_explorer(), build.original_ensemble_folder(), build.experiments()]
     # Every asset above is recorded: values with what they consumed, tables with their files.
     recorded = [key for asset in [*member_assets, *ensemble_assets] for key in asset.keys]
     ensemble_assets.append(build.lineage(recorded))
@@ -166,6 +173,7 @@ class _ExperimentAssetBuilder:
         self.has_planted_truth = source_class.has_planted_truth
         self.has_token_batches = source_class.has_token_batches
         self.needs_device = source_class.needs_device
+        self.has_histories = source_class.has_histories
         self.device_op_tags = device_op_tags
 
     def key(self, asset_name: str) -> AssetKey:
@@ -350,6 +358,25 @@ class _ExperimentAssetBuilder:
                          f"iterations; {job.seconds:.1f} s from submission to results")
         return steps.StepResult(history, frames, metadata)
 
+    def stored_history(self) -> AssetsDefinition:
+        """A member's merge history read from the source (past runs): no activations, no merge, no device."""
+
+        @self.step("merge_history", MergeHistory,
+                   "One member's merge history, read from the source's file (either original format) and stored in "
+                   "the original zip format.", {"torch"}, tables=["merge_events", "membership_spans", "component_stats"],
+                   checks=[self.member_check("partition_sizes", "the partition after iteration i has c - i - 1 groups")],
+                   partitioned=True, resources=[self.source_key])
+        def stored_history(context: AssetExecutionContext) -> Iterator:
+            source = getattr(context.resources, self.source_key).source
+            result = steps.stored_history(source, self.config, context.partition_key)
+            history = result.value
+            context.log.info(f"read {result.metadata['file']} ({result.metadata['format']} format): "
+                             f"{history.c_components} components, {history.n_iters} iterations")
+            yield from self.emit("merge_history", result, [])
+            yield checks.partition_sizes(history)
+
+        return stored_history
+
     def normalized_ensemble(self) -> AssetsDefinition:
         key = self.key
 
@@ -399,12 +426,18 @@ class _ExperimentAssetBuilder:
                    checks=[AssetCheckSpec("mdl_minimum_inside_the_merge", asset=self.key("consensus_clusters"),
                                           description="the MDL-minimum rule found minima, not the merges' last "
                                                       "iterations (else raise merge_config.iters)")],
-                   resources=[self.source_key])
+                   resources=[self.source_key, STORAGE_KEY])
         def consensus_clusters(context: AssetExecutionContext, ensemble: MemberEnsemble,
                                histories: dict[str, MergeHistory], distances: EnsembleDistances) -> Iterator:
             source = getattr(context.resources, self.source_key).source
             truth = source.planted_partition(ensemble.ensemble.labels) if self.has_planted_truth else None
             result = steps.consensus_clusters(ensemble, histories, distances, self.config, truth)
+            mapping = steps.spd_app_mapping(result.value, self.config, source)
+            if mapping is not None:  # the SPD app's JSON, for a source that names the wandb run the app loads
+                store = getattr(context.resources, STORAGE_KEY).store
+                path = original_export.write_json(store.exports_dir(self.name) / SPD_APP_MAPPING, mapping)
+                result.metadata["spd_app_mapping"] = path
+                context.log.info(f"SPD app cluster mapping for {mapping['spd_run']}: {path}")
             context.log.info(f"{result.metadata['clusters']} consensus clusters at iteration "
                              f"{result.value.iteration} ({result.value.rule})")
             consumed = [
@@ -449,6 +482,44 @@ class _ExperimentAssetBuilder:
 
         return cluster_explorer
 
+    def original_ensemble_folder(self) -> AssetsDefinition:
+        key = self.key
+
+        @asset(
+            key=key("original_ensemble_folder"),
+            ins={"ensemble": AssetIn(key=key("normalized_ensemble")), "histories": AssetIn(key=key("merge_history")),
+                 "distances": AssetIn(key=key("distance_matrices"))},
+            # The folder holds the distances the `distances` table is built from. Declaring that table also ranks this
+            # step after the distances step, so an asset backfill runs both in one tick.
+            deps=[key("distances"), key("ensemble_members")],
+            group_name=self.name,
+            kinds={"folder"},
+            code_version=CODE_VERSION,
+            required_resource_keys={self.source_key, STORAGE_KEY},
+            description="The original pipeline's ensemble folder, run folders and registry rows (under "
+                        f"spd_cluster/<experiment>/exports/{ORIGINAL_FOLDER}/, laid out as its SPD_OUT_DIR): what its "
+                        "get_cluster_mapping and calc_distances read.",
+        )
+        def original_ensemble_folder(context: AssetExecutionContext, ensemble: MemberEnsemble,
+                                     histories: dict[str, MergeHistory], distances: EnsembleDistances) -> MaterializeResult:
+            source = getattr(context.resources, self.source_key).source
+            out = getattr(context.resources, STORAGE_KEY).store.exports_dir(self.name) / ORIGINAL_FOLDER
+            result = steps.original_ensemble_folder(ensemble, histories, distances, self.config, source, out)
+            context.log.info(f"the original's ensemble folder: {result.metadata['path']}")
+            consumed = [
+                *self.consumed(context, "normalized_ensemble", {None: ensemble}),
+                *self.consumed(context, "merge_history", {member: histories[member] for member in ensemble.members}),
+                *self.consumed(context, "distance_matrices", {None: distances}),
+            ]
+            metadata = {
+                **_dagster_metadata(result.metadata),
+                CONFIG_HASH_METADATA_KEY: self.config.config_hash,
+                CONSUMED_METADATA_KEY: MetadataValue.json([item.to_json() for item in consumed]),
+            }
+            return MaterializeResult(metadata=metadata, data_version=DataVersion(fingerprint([ensemble, distances])))
+
+        return original_ensemble_folder
+
     def experiments(self) -> AssetsDefinition:
         config = self.config
 
@@ -470,7 +541,7 @@ class _ExperimentAssetBuilder:
     def lineage(self, recorded: list[AssetKey]) -> AssetsDefinition:
         # It reads every recorded asset's materializations from the event log, but depends only on the last steps
         # of the graph: that orders it after all of them without an edge from every asset in the lineage view.
-        last = {self.key("cluster_explorer"), self.key("experiments")}
+        last = {self.key("cluster_explorer"), self.key("original_ensemble_folder"), self.key("experiments")}
 
         @multi_asset(
             name=self.op_name("lineage"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,11 +21,12 @@ from spd_assets.analysis import explorer, plots
 from spd_assets.analysis.consensus import boundary_warning, co_association, ensemble_consensus
 from spd_assets.analysis.contexts import cluster_contexts
 from spd_assets.config import ExperimentConfig
-from spd_assets.errors import NoMembersError
+from spd_assets.errors import NoMembersError, SpdClusterError
 from spd_assets.sources import ActivationSource, ModelSource
 from spd_assets.sources.streaming import activations_from_chunks
-from spd_assets.storage import tables
+from spd_assets.storage import original_export, tables
 from spd_assets.storage.lineage import Consumed, fingerprint
+from spd_assets.storage.schemas import TABLE_SCHEMAS
 from spd_assets.storage.values import ConsensusClusters, EnsembleDistances, ExplorerPage, MemberEnsemble, TokenBatch
 from spd_math import (
     MergeHistory,
@@ -199,6 +201,34 @@ def merge_history(activations: ProcessedActivations, config: ExperimentConfig, m
     return StepResult(history, member_tables, metadata)
 
 
+def stored_history(source: ActivationSource, config: ExperimentConfig, member: str) -> StepResult:
+    """One member's merge history read from the source's file (a source with histories: no activations, no merge),
+    with its merge events and membership spans; `component_stats` is empty, as there are no activations."""
+    found = source.load_history(member)
+    history = found.history
+    mdl = history.mdl_losses.numpy() if history.mdl_losses is not None else None
+    metadata: dict[str, Any] = {
+        "file": str(source.history_file(member)),
+        "format": found.format,
+        "iterations": history.n_iters,
+        "components": history.c_components,
+        "final_k": int(history.k_groups[-1]) if history.n_iters else history.c_components,
+        "has_mdl_losses": mdl is not None,
+        **{key: value for key, value in found.extras.items() if value not in (None, {}, [])},
+    }
+    if mdl is not None and mdl.size:
+        best = int(np.argmin(mdl))
+        metadata.update(mdl_start=float(mdl[0]), mdl_end=float(mdl[-1]), mdl_min=float(mdl[best]),
+                        k_at_mdl_min=int(history.k_groups[best]))
+    member_tables = {
+        "merge_events": tables.merge_events(config.name, member, history),
+        "membership_spans": tables.membership_spans(config.name, member, history),
+        "component_stats": TABLE_SCHEMAS["component_stats"].empty(),
+    }
+    consumed = [Consumed(f"source:{source.kind}", member, fingerprint(history))]
+    return StepResult(history, member_tables, metadata, consumed)
+
+
 def normalized_ensemble(histories: Mapping[str, MergeHistory], members: list[str], config: ExperimentConfig) -> StepResult:
     """Every member history that exists, aligned on the union of labels (docs/math.md §8); missing members are
     listed, not fatal."""
@@ -326,3 +356,63 @@ def cluster_explorer(consensus: ConsensusClusters, ensemble: MemberEnsemble, com
     if found is not None:
         metadata["contexts"] = sum(len(shown) for shown in found.values())
     return StepResult(page, {}, metadata)
+
+
+def source_model_path(config: ExperimentConfig, source: ActivationSource | None) -> str | None:
+    """The experiment's SPD model: the source config's `model_path`, else what the source resolves (an `spd`
+    source's experiment_key, a `histories` source's recorded run config), else None."""
+    found = getattr(config.source, "model_path", None)
+    if found is None and source is not None:
+        try:
+            found = getattr(source, "model_path", None)
+        except (SpdClusterError, ImportError):
+            found = None
+    return None if found is None else str(found)
+
+
+def ensemble_export(config: ExperimentConfig, members: list[str], histories: Mapping[str, MergeHistory],
+                    distances: Mapping[str, torch.Tensor], source: ActivationSource | None, *,
+                    model_path: str | None = None) -> original_export.EnsembleExport:
+    """What the original's ensemble folder of an experiment holds: members in ensemble order, their histories and
+    batch seeds (the `spd` source's: dataset_seed + index, the original's rule), the distances, and as model_path
+    `model_path`, else the source's own (`spd`), else a note that there is no SPD run."""
+    if model_path is None:
+        model_path = source_model_path(config, source)
+    if model_path is None:
+        model_path = f"(spd-cluster {config.source.kind} source: no SPD run)"
+    try:
+        seeds = [int(source.batch_seed(member, config.member_seed(member))) for member in members]
+    except (SpdClusterError, OSError, AttributeError, ValueError):
+        seeds = [int(histories[member].seed or 0) for member in members]
+    return original_export.EnsembleExport(
+        experiment=config.name, ensemble_id=original_export.ensemble_id_for(config.name, config.config_hash),
+        members=list(members), histories=[histories[member] for member in members],
+        distances=dict(distances), merge_config=config.merge_config, model_path=str(model_path),
+        batch_size=getattr(config.source, "batch_size", None), dataset_seeds=seeds)
+
+
+def original_ensemble_folder(ensemble: MemberEnsemble, histories: Mapping[str, MergeHistory],
+                             distances: EnsembleDistances, config: ExperimentConfig, source: ActivationSource | None,
+                             out: Path) -> StepResult:
+    """The original pipeline's ensemble folder, run folders and registry rows of the experiment, under `out` (laid
+    out as the original's SPD_OUT_DIR)."""
+    export = ensemble_export(config, ensemble.members, histories, distances.by_method, source)
+    folder = original_export.write_original_ensemble(export, out)
+    command = (f"SPD_OUT_DIR={folder.root} python -m spd.clustering.scripts.get_cluster_mapping "
+               f"{folder.ensemble_dir} --n_iterations N --run_idx R")
+    metadata = {"path": folder.ensemble_dir, "ensemble_id": export.ensemble_id, "runs": len(folder.run_dirs),
+                "registry": folder.registry, "model_path": export.model_path,
+                "distance_methods": list(export.distances), "get_cluster_mapping": Markdown(f"`{command}`")}
+    return StepResult(folder, {}, metadata)
+
+
+def spd_app_mapping(consensus: ConsensusClusters, config: ExperimentConfig,
+                    source: ActivationSource | None) -> dict[str, Any] | None:
+    """The SPD app's cluster mapping of the consensus, for a source that names a wandb SPD run (else None)."""
+    spd_run = original_export.spd_run_of(source_model_path(config, source))
+    if spd_run is None:
+        return None
+    return original_export.consensus_mapping_file(
+        experiment=config.name, config_hash=config.config_hash, spd_run=spd_run, iteration=consensus.iteration,
+        rule=consensus.rule, threshold=consensus.threshold, n_members=len(consensus.members), labels=consensus.labels,
+        cluster_of=consensus.cluster_of)

@@ -79,7 +79,9 @@ class ExperimentPlan:
     pool_limit: int | None
     merges_at_once: int
     parallel: int
+    invocation: str  # this run's tag `spd_cluster/invocation`: a timestamp
     log_path: Path
+    run_config: dict | None  # of every run: how its steps execute
     instance_storage: str = "sqlite"  # the Dagster instance's storage: sqlite or postgres
     slurm_partition: str | None = None  # with executor slurm: where the members' jobs go (None: the default one)
 
@@ -214,15 +216,24 @@ def run_experiment(
         `only_members` names members the experiment does not have, or `parallel` is not positive.
     """
     progress = progress or Progress()
+    plan, notes = _prepare(config, Path(home).resolve(), parallel, only_members, replace, origin, progress)
+    progress.planned(plan)
+    return _execute(config, plan, notes, origin, progress)
+
+
+def _prepare(config: ExperimentConfig, home: Path, parallel: int | None, only_members: Sequence[str] | None,
+             replace: bool, origin: str, progress: Progress) -> tuple[ExperimentPlan, list[str]]:
+    """Steps 1 to 4: check the source and the arguments, prepare the instance, register, open the database."""
     checked = preflight(config, check_all=True)
     members = checked.members
     if only_members is not None:
         unknown = sorted(set(only_members) - set(members))
         if unknown:
             raise UsageError(f"--members: {unknown} are not members of {config.name!r}; expected some of {members}")
+        members = [member for member in members if member in only_members]
     if parallel is not None and parallel < 1:
         raise UsageError(f"--parallel: expected a positive number, got {parallel}")
-    home = prepare_instance(Path(home).resolve())
+    home = prepare_instance(home)
     store = results_store(home)
     settings = load_settings(home)
     devices = settings.device_names()
@@ -230,31 +241,34 @@ def run_experiment(
     with instance_at(home) as instance:
         for dead in reap_dead_runs(instance, reaper=origin):
             notes.append(f"  (run {dead.run_id[:8]}: its process {dead.pid} is gone; marked failed, pool slots freed)")
-        notes += register(store, instance, config, members, replace=replace)
+        notes += register(store, instance, config, checked.members, replace=replace)
         limit = pool_limit(instance)
     for line in notes:
         progress.note(line)
-    if only_members is not None:
-        members = [member for member in members if member in only_members]
     ensure_database(store)
-    at_once = leases_at_once(devices, limit)
     invocation = time.strftime("%Y%m%dT%H%M%S")
     log_path = store.logs_dir / f"{config.name}-{invocation}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     plan = ExperimentPlan(
         experiment=config.name, config_hash=config.config_hash, home=home, members=members,
         activation_shape=checked.activation_shape, activation_bytes=checked.activation_bytes,
-        memory_budgeted=checked.memory_budgeted, devices=devices,
-        executor=settings.executor, pool=DEVICE_POOL, pool_limit=limit, merges_at_once=at_once,
-        parallel=parallel or members_at_once(settings, devices, limit, len(members)), log_path=log_path,
-        instance_storage=settings.instance, slurm_partition=settings.slurm.partition,
+        memory_budgeted=checked.memory_budgeted, devices=devices, executor=settings.executor, pool=DEVICE_POOL,
+        pool_limit=limit, merges_at_once=leases_at_once(devices, limit),
+        parallel=parallel or members_at_once(settings, devices, limit, len(members)), invocation=invocation,
+        log_path=log_path, run_config=run_config_for(settings), instance_storage=settings.instance,
+        slurm_partition=settings.slurm.partition,
     )
-    progress.planned(plan)
-    tags = {RUN_TAG_EXPERIMENT: config.name, RUN_TAG_INVOCATION: invocation, RUN_TAG_ORIGIN: origin}
-    run_config = run_config_for(settings)
-    member_tasks = [RunTask(members_job_name(config.name), member, tags, run_config) for member in members]
-    ensemble_task = RunTask(ensemble_job_name(config.name), None, tags, run_config)
-    workers = Workers(min(plan.parallel, len(members)) or 1, str(log_path), str(home))
+    return plan, notes
+
+
+def _execute(config: ExperimentConfig, plan: ExperimentPlan, notes: list[str], origin: str,
+             progress: Progress) -> ExperimentRun:
+    """Steps 5 and 6: the member runs, `plan.parallel` at once, then the ensemble run; or the interruption."""
+    home, members = plan.home, plan.members
+    tags = {RUN_TAG_EXPERIMENT: config.name, RUN_TAG_INVOCATION: plan.invocation, RUN_TAG_ORIGIN: origin}
+    member_tasks = [RunTask(members_job_name(config.name), member, tags, plan.run_config) for member in members]
+    ensemble_task = RunTask(ensemble_job_name(config.name), None, tags, plan.run_config)
+    workers = Workers(min(plan.parallel, len(members)) or 1, str(plan.log_path), str(home))
     finished: list[RunOutcome] = []
     started = time.perf_counter()
 
@@ -269,13 +283,13 @@ def run_experiment(
         progress.ensemble_finished(ensemble)
     except (KeyboardInterrupt, Interrupted) as interruption:
         signum = getattr(interruption, "signum", signal.SIGINT)
-        stopped = _stop(workers, home, invocation, signum, members, finished)
-        _bring_lineage_up_to_date(home, config.name, tags, run_config, log_path)
+        stopped = _stop(workers, plan, signum, finished)
+        _bring_lineage_up_to_date(plan, tags)
         return ExperimentRun(plan, notes, finished, None, time.perf_counter() - started, stopped)
     workers.close()
     if not ensemble.success:
         # The ensemble run failed before its lineage step: the tables must still agree with what was recorded.
-        _bring_lineage_up_to_date(home, config.name, tags, run_config, log_path)
+        _bring_lineage_up_to_date(plan, tags)
     return ExperimentRun(plan, notes, outcomes, ensemble, time.perf_counter() - started)
 
 
@@ -285,36 +299,34 @@ def _reap(home: Path, origin: str) -> None:
         reap_dead_runs(instance, reaper=origin)
 
 
-def _stop(workers: Workers, home: Path, invocation: str, signum: int, members: list[str],
-          finished: list[RunOutcome]) -> Interruption:
+def _stop(workers: Workers, plan: ExperimentPlan, signum: int, finished: list[RunOutcome]) -> Interruption:
     """Stop the workers and mark their runs canceled; what was in flight, queued and finished."""
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
     try:
         in_flight = workers.busy_pids()
         workers.stop()
-        with instance_at(home) as instance:
-            canceled = cancel_runs_of(instance, invocation, set(in_flight))
+        with instance_at(plan.home) as instance:
+            canceled = cancel_runs_of(instance, plan.invocation, set(in_flight))
         # The workers' own clean-up never ran (SIGKILL): the SLURM jobs their runs wait for are canceled here.
-        canceled_jobs = cancel_jobs_of(canceled) if load_settings(home).executor == "slurm" else []
+        canceled_jobs = cancel_jobs_of(canceled) if load_settings(plan.home).executor == "slurm" else []
     finally:
         signal.signal(signal.SIGINT, previous)
     done = [outcome.label for outcome in finished]
-    flying = sorted(label for label in in_flight.values() if label in members)
-    queued = [member for member in members if member not in done and member not in flying]
+    flying = sorted(label for label in in_flight.values() if label in plan.members)
+    queued = [member for member in plan.members if member not in done and member not in flying]
     return Interruption(signal.Signals(signum).name, signum, flying, queued, done, canceled, canceled_jobs)
 
 
-def _bring_lineage_up_to_date(home: Path, experiment: str, tags: dict[str, str], run_config: dict | None,
-                              log_path: Path) -> None:
+def _bring_lineage_up_to_date(plan: ExperimentPlan, tags: dict[str, str]) -> None:
     """Rebuild the lineage tables from Dagster's event log (only that asset), so they list what did finish.
 
     Runs in a worker of its own (its log in the invocation's); a failure is left for `spd-cluster doctor`.
     """
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the clean-up of an interruption runs to its end
-    workers = Workers(1, str(log_path), str(home))
+    workers = Workers(1, str(plan.log_path), str(plan.home))
     try:
-        task = RunTask(ensemble_job_name(experiment), None, {**tags, RUN_TAG_LINEAGE: "catch-up"}, run_config,
-                       asset_selection=tuple((experiment, table) for table in LINEAGE_TABLES))
+        task = RunTask(ensemble_job_name(plan.experiment), None, {**tags, RUN_TAG_LINEAGE: "catch-up"},
+                       plan.run_config, asset_selection=tuple((plan.experiment, table) for table in LINEAGE_TABLES))
         workers.run([task], lambda outcome: None)
     finally:
         workers.close()

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from spd_assets.sources.base import ActivationSource, RunTimeNeed, SourceConfig, numbered_members
 from spd_assets.sources.files import FilesSource, FilesSourceConfig
+from spd_assets.sources.histories import HistoriesSource, HistoriesSourceConfig
 from spd_assets.sources.model_source import ModelSource
 from spd_assets.sources.spd import SpdSource, SpdSourceConfig
 from spd_assets.sources.synthetic import SyntheticSource, SyntheticSourceConfig
 from spd_assets.sources.torch_model import TorchSource, TorchSourceConfig
 
 SOURCES: dict[str, type[ActivationSource]] = {
-    source.kind: source for source in (SyntheticSource, FilesSource, TorchSource, SpdSource)
+    source.kind: source for source in (SyntheticSource, FilesSource, TorchSource, SpdSource, HistoriesSource)
 }
 
 
@@ -29,6 +30,8 @@ __all__ = [
     "ActivationSource",
     "FilesSource",
     "FilesSourceConfig",
+    "HistoriesSource",
+    "HistoriesSourceConfig",
     "ModelSource",
     "RunTimeNeed",
     "SourceConfig",

@@ -50,6 +50,8 @@ class ActivationSource(ABC, Generic[ConfigT]):
     has_token_batches: ClassVar[bool] = False
     #: The activations are computed on a device leased from the device pool (a GPU when there is one).
     needs_device: ClassVar[bool] = False
+    #: Members are stored merge histories (`load_history(member)`), read instead of computed: no activations, no merge.
+    has_histories: ClassVar[bool] = False
 
     def __init__(self, config: ConfigT) -> None:
         if not isinstance(config, self.config_type):

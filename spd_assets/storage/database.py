@@ -11,18 +11,22 @@ never opens it for writing, so users querying during a run never block it.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import duckdb
 
 from spd_assets.errors import DatabaseError
 from spd_assets.storage.atomic import atomic_path
+from spd_assets.storage.query_access import QueryAccess, attach_read_only, restrict
 from spd_assets.storage.schemas import TABLE_SCHEMAS
 from spd_assets.storage.store import ResultsStore
 
-SCHEMA_VERSION = 4
-# Files of this name hold no rows, only the schema, so every view works before any results exist.
-SCHEMA_FILE = "_schema.parquet"
+SCHEMA_VERSION = 5
+# Files of this name hold no rows, only the schema, so every view works before any results exist. The name carries
+# the version: a table that gained columns gets a new schema file (older data files then read them as null).
+SCHEMA_FILE = f"_schema_v{SCHEMA_VERSION}.parquet"
+OLD_SCHEMA_FILES = "_schema*.parquet"
 LOCK_TIMEOUT_S = 30.0
 
 # Views derived from the tables above (created after them, in this order).
@@ -71,6 +75,9 @@ def _ensure_schema_files(store: ResultsStore, connection: duckdb.DuckDBPyConnect
     missing = [table for table in TABLE_SCHEMAS.values() if not (store.table_dir(table.name) / SCHEMA_FILE).exists()]
     if not missing:
         return
+    for table in missing:  # older versions' schema files would bring back columns the tables no longer have
+        for old in store.table_dir(table.name).glob(OLD_SCHEMA_FILES):
+            old.unlink(missing_ok=True)
     writer = connection or duckdb.connect()
     try:
         for table in missing:
@@ -166,19 +173,33 @@ def _current_read_only(store: ResultsStore) -> bool:
         connection.close()
 
 
-def connect_read_only(store: ResultsStore) -> duckdb.DuckDBPyConnection:
-    """A read-only connection with the views ready; many may be open while pipelines run."""
+def connect_read_only(store: ResultsStore, *, allow_read: Sequence[str | Path] = (),
+                      scratch_files: Sequence[Path] = ()) -> duckdb.DuckDBPyConnection:
+    """A read-only connection with the views ready, which can read the result tables and nothing else.
+
+    Many may be open while pipelines run. What the connection may do is fixed by DuckDB's own settings
+    (`query_access`): it reads only `store.tables_dir` and the files or folders of `allow_read`, writes
+    only `scratch_files` (where spd-cluster, never a query, writes an answer), installs and loads no
+    extension, and cannot change its settings.
+
+    Raises
+    ------
+    UsageError
+        A path of `allow_read` does not exist.
+    """
+    access = QueryAccess.with_reads(store.tables_dir, allow_read, scratch_files)
     path = store.database_path
+    temporary_dir = path.with_name(path.name + ".tmp")
     _ensure_schema_files(store)
     if path.exists():
         # Opening the database is most of a short query's time: open it once when the views are current.
         try:
-            connection = duckdb.connect(str(path), read_only=True)
+            connection = attach_read_only(path)
         except duckdb.Error:
             connection = None
         if connection is not None:
             if _is_current(connection, store):
-                return connection
+                return restrict(connection, access, temporary_dir)
             connection.close()
     ensure_database(store)
-    return duckdb.connect(str(path), read_only=True)
+    return restrict(attach_read_only(path), access, temporary_dir)

@@ -27,6 +27,8 @@ from spd_assets.storage.atomic import atomic_path
 # Partition part of a table file name for assets that are not partitioned.
 WHOLE_EXPERIMENT = "all"
 TABLE_SUFFIX = ".parquet"
+# Inside an experiment's folder: what is written for other tools, not the value of any asset.
+EXPORTS = "exports"
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,11 @@ class ResultsStore:
     def experiment_dir(self, experiment: str) -> Path:
         return self.root / experiment
 
+    def exports_dir(self, experiment: str) -> Path:
+        """Where an experiment's results are also written for other tools (the original's folders, the SPD app's
+        mapping): inside its folder, so removing its results removes them, but no value file of an asset."""
+        return self.experiment_dir(experiment) / EXPORTS
+
     def value_path(self, experiment: str, asset: str, partition: str | None, suffix: str) -> Path:
         """The file of an asset's value: one per partition for partitioned assets."""
         base = self.experiment_dir(experiment)
@@ -101,8 +108,10 @@ class ResultsStore:
         base = self.experiment_dir(experiment)
         if not base.is_dir():
             return {}
+        exports = self.exports_dir(experiment)
         return {path: (path.stem if path.parent != base else None)
-                for path in base.rglob("*") if path.is_file() and not path.name.startswith(".")}
+                for path in base.rglob("*")
+                if path.is_file() and not path.name.startswith(".") and exports not in path.parents}
 
     def write_table(self, frame, table: str, experiment: str, part: str | None = None) -> Path:
         """Write (or replace) one experiment partition's rows of a table (a Polars DataFrame); readers never

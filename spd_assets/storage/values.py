@@ -30,6 +30,14 @@ class MemberEnsemble:
     members: list[str]
     missing: list[str]
 
+    def __post_init__(self) -> None:
+        # Only the aligned arrays are stored, and the value read back must fingerprint as the one written: a
+        # NormalizedHistories (what normalize_ensemble returns) keeps its arrays and leaves its metadata, which
+        # is derived from the member histories.
+        if type(self.ensemble) is not NormalizedEnsemble:
+            plain = NormalizedEnsemble(self.ensemble.merges, self.ensemble.labels, self.ensemble.present)
+            object.__setattr__(self, "ensemble", plain)
+
 
 @dataclass(frozen=True, eq=False)
 class TokenBatch:

@@ -84,6 +84,40 @@ def test_page_loads_searches_and_opens_a_cluster(browser, data, tmp_path):
     assert problems == []
 
 
+def test_a_cluster_the_search_removes_leaves_the_detail_too(browser, data, tmp_path):
+    explored, _, _ = data
+    page, problems = open_page(browser, write_page(tmp_path, explored))
+    opened, other = explored["clusters"][0], explored["clusters"][-1]
+    page.locator(f"#cluster-list li[data-cluster='{opened['id']}']").click()
+    assert page.locator("#detail h2").inner_text() == f"Cluster {opened['id']}"
+
+    # A search only the other cluster matches: the opened one leaves the list and the detail alike.
+    wanted = other["modules"][0]["components"][0]["label"]
+    assert not any(wanted in c["label"] for m in opened["modules"] for c in m["components"])
+    page.fill("#search", wanted)
+    listed = [int(page.locator("#cluster-list li").nth(i).get_attribute("data-cluster"))
+              for i in range(page.locator("#cluster-list li").count())]
+    assert opened["id"] not in listed and other["id"] in listed
+    assert page.locator("#detail h2").count() == 0 and page.locator("#components").count() == 0
+    assert f"Cluster {opened['id']} has no component matching" in page.locator("#detail .empty").inner_text()
+
+    # A search it matches brings it back, as does clearing the search.
+    own = opened["modules"][0]["components"][0]["label"]
+    page.fill("#search", own)
+    assert page.locator("#detail h2").inner_text() == f"Cluster {opened['id']}"
+    page.fill("#search", "no-such-component")
+    assert page.locator("#detail h2").count() == 0
+    page.fill("#search", "")
+    assert page.locator("#detail h2").inner_text() == f"Cluster {opened['id']}"
+    assert page.locator("#cluster-list li.selected").get_attribute("data-cluster") == str(opened["id"])
+
+    # Another cluster chosen from the filtered list opens as usual.
+    page.fill("#search", wanted)
+    page.locator(f"#cluster-list li[data-cluster='{other['id']}']").click()
+    assert page.locator("#detail h2").inner_text() == f"Cluster {other['id']}"
+    assert problems == []
+
+
 def test_contexts_are_shown_with_tokens_highlighted_and_text_kept_as_text(browser, data, tmp_path):
     explored, consensus, _ = data
     partitions = np.zeros((len(consensus.members), len(consensus.labels)), dtype=np.int64)

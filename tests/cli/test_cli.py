@@ -54,5 +54,5 @@ def test_invalid_config_is_rejected_before_any_work(tmp_path):
     stdout, stderr = process.communicate()
     assert process.returncode == 2
     assert "merge_config" in stderr and "sampler" in stderr
-    assert "source.synthetic.n_members" in stderr
+    assert "source.n_members" in stderr and "source.synthetic" not in stderr, "keys as written in the file"
     assert not (home / "spd_cluster").exists(), "nothing may be written for an invalid config"

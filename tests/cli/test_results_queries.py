@@ -1,11 +1,14 @@
 """SQL over results and lineage, the README's example queries, and the sql and clusters commands,
-all against real `spd-cluster run`s (the embedded default and an alpha sweep) in a temporary DAGSTER_HOME."""
+all against real `spd-cluster run`s in a temporary DAGSTER_HOME: the embedded default, an alpha sweep, and an
+experiment that differs from the default in more than alpha (so a query that mixes experiments shows it)."""
 
 from __future__ import annotations
 
+import csv as csv_module
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -20,12 +23,15 @@ from spd_assets.config import load_config
 from spd_assets.sources import source_for
 from spd_assets.storage.database import connect_read_only
 from spd_assets.storage.history_format import read_history_zip
-from spd_assets.storage.values import load_consensus, load_ensemble
+from spd_assets.storage.values import load_consensus, load_distances, load_ensemble
 from spd_math.consensus import consensus_clusters, partition_clusters
 from tests.pipeline_helpers import asset_path, instance_at, make_home, store_at
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 ALPHA_SWEEP = ["--set", "name=alpha_half", "--set", "merge_config.alpha=0.5"]
+# Alpha as in the sweep, and fewer members: not part of the sweep, and its members' rows differ from the default's.
+OTHER = ["--set", "name=two_members", "--set", "merge_config.alpha=0.5", "--set", "source.n_members=2"]
+EXPERIMENTS = ["alpha_half", "default", "two_members"]
 VALUE_ASSETS = ("('component_activations', 'merge_history', 'normalized_ensemble', 'distance_matrices', "
                 "'consensus_clusters', 'cluster_explorer')")
 
@@ -43,12 +49,43 @@ def home(tmp_path_factory) -> Path:
     home = make_home(tmp_path_factory.mktemp("results") / "home")
     cli(home, "run")
     cli(home, "run", *ALPHA_SWEEP)
+    cli(home, "run", *OTHER)
     return home
 
 
+def readme_section() -> str:
+    return README.read_text().split("## Querying results", 1)[1].split("\n## ", 1)[0]
+
+
 def readme_queries() -> list[str]:
-    section = README.read_text().split("## Querying results", 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"```sql\n(.*?)```", section, flags=re.DOTALL)
+    return re.findall(r"```sql\n(.*?)```", readme_section(), flags=re.DOTALL)
+
+
+def readme_commands() -> list[str]:
+    """The section's command lines that run `spd-cluster sql` (indented code)."""
+    return [line.strip() for line in readme_section().splitlines() if line.startswith("    ") and "spd-cluster sql" in line]
+
+
+def sql_answer(home: Path, statement: str, tmp_path: Path) -> pl.DataFrame:
+    """The answer of `spd-cluster sql`, through a Parquet file it writes (exact types)."""
+    output = tmp_path / "answer.parquet"
+    cli(home, "sql", statement, "--format", "parquet", "--output", str(output))
+    return pl.read_parquet(output)
+
+
+def members_of(home: Path, experiment: str) -> list[str]:
+    return load_ensemble(asset_path(experiment, "normalized_ensemble", None, home)).members
+
+
+def mdl_minima(home: Path, experiment: str) -> dict[str, tuple[int, float]]:
+    """Per member of `experiment`: (k groups at the MDL loss minimum, the minimum), from its merge history file."""
+    minima = {}
+    for member in members_of(home, experiment):
+        history = read_history_zip(asset_path(experiment, "merge_history", member, home))
+        losses = np.asarray(history.mdl_losses, dtype=np.float64)
+        best = int(np.argmin(losses))
+        minima[member] = (int(np.asarray(history.k_groups)[best]), float(losses[best]))
+    return minima
 
 
 def query(home: Path, sql: str, parameters: list | None = None) -> pl.DataFrame:
@@ -85,16 +122,74 @@ def test_readme_lineage_query_names_every_member_history_that_fed_the_distances(
             assert recorded == version, "DuckDB and Dagster disagree on the data version"
 
 
-def test_readme_alpha_comparison_returns_both_experiments(home):
-    answer = query(home, readme_queries()[2])
-    assert set(answer["alpha"]) == {0.5, 1.0}
+def test_readme_alpha_comparison_compares_only_the_sweep(home, tmp_path):
+    answer = sql_answer(home, readme_queries()[2], tmp_path)
+    # two_members has the sweep's alpha but fewer members: it is not part of the comparison.
     assert set(answer["experiment"]) == {"default", "alpha_half"}
+    assert set(answer["alpha"]) == {0.5, 1.0}
     assert answer.height == 2 * 2 * 3  # alphas x methods x iterations
+    for experiment in ("default", "alpha_half"):
+        stored = load_distances(asset_path(experiment, "distance_matrices", None, home))
+        rows = answer.filter(pl.col("experiment") == experiment)
+        for method, iteration, mean in zip(rows["method"], rows["iteration"], rows["mean_distance"]):
+            matrix = stored.by_method[method][iteration].numpy()
+            off_diagonal = matrix[~np.eye(len(matrix), dtype=bool)]
+            assert mean == pytest.approx(round(float(off_diagonal.mean()), 1), abs=0.051)
 
 
-def test_readme_mdl_minimum_query(home):
-    answer = query(home, readme_queries()[3])
-    assert answer.height == 12 and answer["k_at_min"].min() > 3
+def test_readme_mdl_minimum_query_answers_per_experiment(home, tmp_path):
+    answer = sql_answer(home, readme_queries()[3], tmp_path)
+    assert sorted(set(answer["experiment"])) == EXPERIMENTS
+    for experiment in EXPERIMENTS:
+        rows = answer.filter(pl.col("experiment") == experiment)
+        minima = mdl_minima(home, experiment)
+        assert rows["member"].to_list() == sorted(minima)
+        for member, k_at_min, min_mdl in zip(rows["member"], rows["k_at_min"], rows["min_mdl"]):
+            assert (k_at_min, min_mdl) == (minima[member][0], pytest.approx(round(minima[member][1]), abs=1))
+        assert rows["k_at_min"].min() > 3
+
+
+def test_every_readme_command_runs_as_written_and_answers_for_its_experiment(home, tmp_path):
+    commands = readme_commands()
+    assert len(commands) == 4
+    # What the commands name: a query file (the MDL query) and a file of one's own to join (--allow-read).
+    (tmp_path / "query.sql").write_text(readme_queries()[3])
+    (tmp_path / "labels.csv").write_text("member,note\nmember_000,first\nmember_001,second\n")
+    environment = {**os.environ, "DAGSTER_HOME": str(home),
+                   "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    outputs = {}
+    for command in commands:
+        result = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=environment, capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode == 0, f"{command}\n{result.stdout}{result.stderr}"
+        outputs[command] = result
+
+    best, settings, to_file, joined = commands
+    # The first: the default's members alone, each with its own minimum.
+    answer = sql_answer(home, shlex.split(best)[2], tmp_path)
+    minima = mdl_minima(home, "default")
+    assert answer["member"].to_list() == sorted(minima)
+    assert answer["best_mdl"].to_list() == pytest.approx([minima[m][1] for m in sorted(minima)], rel=1e-6)
+    assert answer["k_at_best"].to_list() == [minima[m][0] for m in sorted(minima)]
+    assert "member_000" in outputs[best].stdout
+    # experiment_settings: one row per experiment, with its own settings.
+    rows = list(csv_module.DictReader(outputs[settings].stdout.splitlines()))
+    assert {row["experiment"]: (float(row["alpha"]), int(row["n_members"])) for row in rows} == {
+        "default": (1.0, 6), "alpha_half": (0.5, 6), "two_members": (0.5, 2)}
+    # The query file's answer, written by spd-cluster.
+    written = pl.read_parquet(tmp_path / "result.parquet")
+    assert written.equals(sql_answer(home, readme_queries()[3], tmp_path))
+    # A file of one's own, opened with --allow-read, joined to the default's rows only.
+    assert f"--allow-read: the query may also read {tmp_path / 'labels.csv'}" in outputs[joined].stderr
+    exact = subprocess.run(["bash", "-c", f"{joined} --format parquet --output joined.parquet"], cwd=tmp_path,
+                           env=environment, capture_output=True, text=True, timeout=300)
+    assert exact.returncode == 0, exact.stderr
+    answer = pl.read_parquet(tmp_path / "joined.parquet")
+    assert set(answer["experiment"]) == {"default"}
+    assert dict(answer.select("member", "note").unique().iter_rows()) == {"member_000": "first", "member_001": "second"}
+    events = sql_answer(home, "SELECT count(*) AS n FROM merge_events WHERE experiment = 'default' "
+                              "AND member IN ('member_000', 'member_001')", tmp_path)
+    assert answer.height == events["n"][0]
 
 
 def test_every_partition_has_a_materialization_and_edges_connect_the_graph(home):
@@ -141,9 +236,9 @@ def test_sql_command_formats_and_errors(home, tmp_path):
     table = cli(home, "sql", statement).stdout
     assert "alpha_half" in table and "│" in table
     csv = cli(home, "sql", "--format", "csv", stdin=statement).stdout
-    assert csv.splitlines()[0] == "experiment,n" and len(csv.splitlines()) == 3
+    assert csv.splitlines()[0] == "experiment,n" and len(csv.splitlines()) == 1 + len(EXPERIMENTS)
     records = json.loads(cli(home, "sql", statement, "--format", "json").stdout)
-    assert [r["experiment"] for r in records] == ["alpha_half", "default"]
+    assert [r["experiment"] for r in records] == EXPERIMENTS
     query_file = tmp_path / "query.sql"
     query_file.write_text(statement)
     cli(home, "sql", "--file", str(query_file), "--format", "parquet", "--output", str(tmp_path / "out.parquet"))
@@ -152,7 +247,7 @@ def test_sql_command_formats_and_errors(home, tmp_path):
     bad = cli(home, "sql", "SELECT * FROM no_such_table", check=False)
     assert bad.returncode == 1 and "no_such_table" in bad.stderr and "Traceback" not in bad.stderr
     writing = cli(home, "sql", "DROP VIEW distances", check=False)
-    assert writing.returncode == 1 and "read-only" in writing.stderr.lower() and "Traceback" not in writing.stderr
+    assert writing.returncode == 1 and "refused `DROP VIEW distances`" in writing.stderr and "Traceback" not in writing.stderr
     assert cli(home, "sql", "SELECT count(*) FROM distances").returncode == 0
 
 

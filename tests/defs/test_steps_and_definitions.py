@@ -49,8 +49,8 @@ def test_every_result_table_is_an_asset_with_its_schema_downstream_of_its_produc
     graph = build_definitions([config]).resolve_asset_graph()
     producers = {"component_stats": "component_activations", "merge_events": "merge_history",
                  "membership_spans": "merge_history", "ensemble_members": "normalized_ensemble",
-                 "distances": "distance_matrices", "materializations": "distance_matrices",
-                 "lineage_edges": "distance_matrices", "consensus_components": "consensus_clusters", "experiments": None}
+                 "distances": "distance_matrices", "materializations": "cluster_explorer",
+                 "lineage_edges": "cluster_explorer", "consensus_components": "consensus_clusters", "experiments": None}
     assert set(producers) == set(TABLE_SCHEMAS)
     for table, producer in producers.items():
         node = graph.get(AssetKey([config.name, table]))
@@ -58,6 +58,24 @@ def test_every_result_table_is_an_asset_with_its_schema_downstream_of_its_produc
         assert [(c.name, c.type) for c in schema.columns] == [(n, t) for n, (t, _) in TABLE_SCHEMAS[table].columns.items()]
         if producer is not None:
             assert AssetKey([config.name, producer]) in node.parent_keys
+
+
+def test_the_lineage_tables_come_after_every_step_through_the_last_steps(config):
+    """They read every asset's materializations from the event log: each other step must run before them, which
+    their parents (the graph's last steps) ensure without an edge from every asset."""
+    graph = build_definitions([config]).resolve_asset_graph()
+    lineage = AssetKey([config.name, "lineage_edges"])
+    assert {key.path[-1] for key in graph.get(lineage).parent_keys} == {"cluster_explorer", "original_ensemble_folder",
+                                                                         "experiments"}
+    ancestors, frontier = set(), set(graph.get(lineage).parent_keys)
+    while frontier:
+        key = frontier.pop()
+        ancestors.add(key)
+        frontier |= set(graph.get(key).parent_keys) - ancestors
+    lineage_step = set(graph.get(lineage).execution_set_asset_keys)
+    for key in graph.get_all_asset_keys():
+        if key.path[0] == config.name and key not in lineage_step:
+            assert set(graph.get(key).execution_set_asset_keys) & ancestors, f"{key.path[-1]} may run after the lineage"
 
 
 def test_a_backfill_can_run_every_ensemble_asset_with_its_parents(config):

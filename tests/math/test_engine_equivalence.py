@@ -15,15 +15,20 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from spd_math import MergeConfig, ProcessedActivations, backend, merge_iteration, state
+from spd_math import MergeConfig, ProcessedActivations, backend, merge_iteration, state, store
 from tests.math.reference_engine import reference_merge
 
 
-@pytest.fixture(autouse=True, params=["scalable", "dense"])
+@pytest.fixture(autouse=True, params=["scalable", "dense", "switching"])
 def engine(request, monkeypatch):
-    """Every test runs on both states: the scalable one and the dense one used for small problems."""
+    """Every test runs on both states (the scalable one, and the dense one used for small problems) and on a run
+    that moves from the first to the second as soon as its candidate pool holds 2% of all pairs."""
     for limit in ("DENSE_MAX_COMPONENTS", "DENSE_MAX_COMPONENTS_CONTINUOUS"):
-        monkeypatch.setattr(state, limit, 0 if request.param == "scalable" else 1 << 20)
+        monkeypatch.setattr(state, limit, 1 << 20 if request.param == "dense" else 0)
+    if request.param == "scalable":
+        monkeypatch.setattr(state, "DENSE_MEMORY_SHARE", 0.0)  # the dense state never fits: no move
+    if request.param == "switching":
+        monkeypatch.setattr(state, "DENSE_SWITCH_SHARE", 0.02)
     return request.param
 
 
@@ -111,8 +116,8 @@ def test_identical_histories_with_small_blocks_and_pool(small_blocks, seed):
 @pytest.mark.parametrize("seed", range(6))
 def test_identical_histories_with_wide_groups(monkeypatch, seed):
     """16-bit counts with a tiny limit: groups active on more samples keep their mutual counts apart."""
-    monkeypatch.setattr(state, "NARROW_MAX", 40)
-    monkeypatch.setattr(state, "WIDE_SHARE", 1.0)
+    monkeypatch.setattr(store, "NARROW_MAX", 40)
+    monkeypatch.setattr(store, "WIDE_SHARE", 1.0)
     activations, config = random_problem(seed, n=300, c=30, density=0.3, threshold=0.2, alpha=1.0, iters=None,
                                          method="range", kwargs={"threshold": 0.1})
     assert_same_history(activations, config, seed)
@@ -126,6 +131,29 @@ def test_torch_primitives_give_identical_histories(problem):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(backend, "numpy_fast_path", lambda tensor: False)
         assert_same_history(activations, config, seed)
+
+
+@pytest.mark.parametrize("share", [0.0, 0.05])
+@pytest.mark.parametrize("seed", range(4))
+def test_identical_histories_when_the_run_moves_to_the_dense_state(engine, monkeypatch, share, seed):
+    """The move happens (at the first merge, or once the pool holds a share of the pairs) and changes nothing."""
+    if engine != "switching":
+        pytest.skip("the move is a property of the switching run")
+    monkeypatch.setattr(state, "DENSE_SWITCH_SHARE", share)
+    moves = []
+    original = state.DenseGroupState.from_scalable.__func__
+
+    def recorded(cls, scalable):
+        moves.append(scalable.k)
+        return original(cls, scalable)
+
+    monkeypatch.setattr(state.DenseGroupState, "from_scalable", classmethod(recorded))
+    method, kwargs = [("range", {"threshold": 0.05}), ("range", {"threshold": 0.3}), ("mcmc", {"temperature": 0.5}),
+                      ("range", {"threshold": 0.05})][seed]
+    activations, config = random_problem(seed, n=300, c=40, density=0.1, threshold=[0.1, 0.1, 0.1, None][seed],
+                                         alpha=1.0, iters=None, method=method, kwargs=kwargs)
+    assert_same_history(activations, config, seed)
+    assert len(moves) == 1 and moves[0] < 40
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -170,3 +198,18 @@ def test_cost_matrices_are_bit_identical(threshold, alpha):
     assert len(seen["new"]) == len(seen["old"]) == 27
     for new, old in zip(seen["new"], seen["old"]):
         np.testing.assert_array_equal(new.numpy(), old.numpy())
+
+
+def test_every_state_offers_what_the_samplers_and_the_loop_read():
+    from spd_math.cost_view import Candidates, CostView, MergeState
+    from spd_math.samplers import DenseCostView
+
+    activations, _ = random_problem(0, n=200, c=30, density=0.2, threshold=0.1, alpha=1.0, iters=None,
+                                    method="range", kwargs={"threshold": 0.05})
+    args = (activations.activations, activations.labels, 0.1, 1.0, torch.device("cpu"))
+    scalable = state.GroupState(*args)
+    for merge_state in (scalable, state.DenseGroupState(*args), state.SwitchingState(state.GroupState(*args), 1 << 30)):
+        assert isinstance(merge_state, MergeState)
+        assert isinstance(merge_state.candidates_at_most(merge_state.offdiagonal_max(), 0.0), Candidates)
+    assert isinstance(DenseCostView(torch.zeros((3, 3))), CostView)
+    assert not isinstance(DenseCostView(torch.zeros((3, 3))), MergeState)

@@ -290,4 +290,4 @@ def test_reprs_are_short_at_any_size():
     ensemble = normalize_ensemble([history, history])
     assert repr(processed) == "ProcessedActivations(40 samples x 2,000 components, compact, 0 dead)"
     assert repr(history) == "MergeHistory(2,000 components, 3 merges, k 1,999 -> 1,997, seed 4)"
-    assert repr(ensemble) == "NormalizedEnsemble(2 members, 3 iterations, 2,000 labels)"
+    assert repr(ensemble) == "NormalizedHistories(2 members, 3 iterations, 2,000 labels)"

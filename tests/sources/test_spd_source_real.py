@@ -26,7 +26,8 @@ from spd_assets.storage.values import TokenBatch, value_format
 from tests.pipeline_helpers import make_home, store_at
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-SPD_REAL = PROJECT_ROOT.parent / "shared" / "spd_real"
+# ../shared/spd_real beside the checkout; SPD_CLUSTER_SPD_REAL points elsewhere (e.g. from a second worktree).
+SPD_REAL = Path(os.environ.get("SPD_CLUSTER_SPD_REAL", PROJECT_ROOT.parent / "shared" / "spd_real"))
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "spd-cluster" / "spd-real"
 # spd's pinned wandb needs protobuf < 7; pip would otherwise pick 7 for spd-cluster's dependencies.
 EXTRA_PINS = ["protobuf<7"]

@@ -1,0 +1,406 @@
+"""An experiment's results as the original research pipeline writes them, and as the SPD app loads them.
+
+The original pipeline (`spd-clustering`) keeps everything under its output folder `SPD_OUT_DIR`:
+
+    clustering/
+      ensemble_registry.db                  SQLite: ensemble_runs(pipeline_run_id, idx, clustering_run_id)
+      runs/<clustering_run_id>/
+        clustering_run_config.json          the run's config (dataset_seed already offset by its index)
+        history.zip                         its merge history (`storage.history_format`)
+      ensembles/<pipeline_run_id>/
+        pipeline_config.yaml                the pipeline config
+        clustering_run_config.json          the base run config the pipeline config points at
+        ensemble_meta.json                  what `MergeHistoryEnsemble.normalized()` returns besides the array
+        ensemble_merge_array.npz            `merge_array`: int16 [n_runs, n_iterations, n_components]
+        distances_<method>.npz              `distances`: [n_iterations, n_runs, n_runs], NaN where not computed
+        plots/distances_<method>.png        the distances of every member pair against iteration
+
+`write_original_ensemble` writes that tree for one ensemble, so that the original's scripts
+(`get_cluster_mapping`, `calc_distances`) and readers (`MergeHistory.read`) work on it unchanged.
+The ensemble array follows the original's own rule, not spd_math's: a label a member lacks gets
+the group id `n_member_labels + k`, the k-th missing label (in sorted order; the original takes
+them in the iteration order of a Python set, which depends on string hashing, so only those
+ids may differ from a run of the original, never the partitions). The distances carry the
+original's layout: `perm_invariant_hamming` float64 filled below the diagonal,
+`matching_dist` float32 filled above it, NaN elsewhere; `matching_dist_vec` float32, full,
+counting each pair twice.
+
+`cluster_mapping_file` makes the JSON the SPD app loads (`ClusterMappingFile`) from one member
+at one iteration (as `get_cluster_mapping` does) or from the consensus clusters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import sqlite3
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from spd_assets.errors import ExportError
+from spd_assets.storage.atomic import atomic_path
+from spd_assets.storage.history_format import write_history_zip
+from spd_math import MergeConfig, MergeHistory
+
+CLUSTERING = "clustering"
+REGISTRY_DB = "ensemble_registry.db"
+RUN_CONFIG = "clustering_run_config.json"
+HISTORY = "history.zip"
+PIPELINE_CONFIG = "pipeline_config.yaml"
+ENSEMBLE_META = "ensemble_meta.json"
+ENSEMBLE_ARRAY = "ensemble_merge_array.npz"
+
+# The original's clustering run config: defaults of the keys it has that spd-cluster does not use.
+LOGGING_INTERVALS = {"stat": 1, "tensor": 100, "plot": 100, "artifact": 100}
+WANDB_ENTITY = "goodfire"
+
+# The original's wandb run references (spd.utils.wandb_utils.parse_wandb_run_path).
+_RUN_ID = r"(?:[a-z0-9]-)?[a-z0-9]{8}"
+_WANDB_FORMS = (
+    re.compile(rf"^([^/\s]+)/([^/\s]+)/({_RUN_ID})$"),
+    re.compile(rf"^([^/\s]+)/([^/\s]+)/runs/({_RUN_ID})$"),
+    re.compile(rf"^https://wandb\.ai/([^/]+)/([^/]+)/runs/({_RUN_ID})(?:/[^?]*)?(?:\?.*)?$"),
+)
+# The original's distance layouts: which triangle holds the values, and the dtype.
+_DISTANCE_LAYOUT = {
+    "perm_invariant_hamming": ("lower", np.float64),
+    "matching_dist": ("upper", np.float32),
+    "matching_dist_vec": ("full", np.float32),
+}
+
+
+def spd_run_of(model_path: str | None) -> str | None:
+    """`entity/project/run_id` of a wandb run reference in any form the original accepts, else None.
+
+    Examples
+    --------
+    >>> spd_run_of("wandb:goodfire/spd/runs/0d2lld8j")
+    'goodfire/spd/0d2lld8j'
+    >>> spd_run_of("./runs/local") is None
+    True
+    """
+    if model_path is None:
+        return None
+    text = model_path.strip().removeprefix("wandb:")
+    for form in _WANDB_FORMS:
+        match = form.match(text)
+        if match:
+            return "/".join(match.groups())
+    return None
+
+
+def ensemble_id_for(experiment: str, config_hash: str) -> str:
+    """The pipeline run id of an experiment's export: `e-` and 8 hex digits, as the original's, but stable, so that
+    exporting the same results again replaces the same folder."""
+    return "e-" + hashlib.sha256(f"{experiment}:{config_hash}".encode()).hexdigest()[:8]
+
+
+def run_id_for(ensemble_id: str, member: str) -> str:
+    """A member's clustering run id: `c-` and 8 hex digits, stable for the ensemble and member."""
+    return "c-" + hashlib.sha256(f"{ensemble_id}:{member}".encode()).hexdigest()[:8]
+
+
+def original_merge_array(histories: Sequence[MergeHistory]) -> tuple[np.ndarray, list[str]]:
+    """The original's `MergeHistoryEnsemble.normalized()` array and labels of `histories`.
+
+    Labels are the sorted union; iterations those every member completed; a member's missing
+    labels get ids `n_member_labels + k` (k-th missing label in sorted order). int16 like the
+    original, int32 when ids do not fit.
+    """
+    if not histories:
+        raise ExportError("an ensemble export needs at least one member history, got none")
+    labels = sorted({label for history in histories for label in history.labels})
+    position = {label: x for x, label in enumerate(labels)}
+    n_iters = min(history.n_iters for history in histories)
+    dtype = np.int16 if len(labels) <= np.iinfo(np.int16).max else np.int32
+    merges = np.full((len(histories), n_iters, len(labels)), -1, dtype=dtype)
+    for m, history in enumerate(histories):
+        columns = np.array([position[label] for label in history.labels], dtype=np.int64)
+        merges[m][:, columns] = history.group_idxs[:n_iters].numpy().astype(dtype)
+        missing = np.setdiff1d(np.arange(len(labels)), columns)  # sorted, so in label order
+        merges[m][:, missing] = (len(history.labels) + np.arange(missing.size)).astype(dtype)
+    return merges, labels
+
+
+def original_distances(distances: torch.Tensor | np.ndarray, method: str) -> np.ndarray:
+    """spd_math's symmetric `[n_iters, n, n]` distances in the layout the original's `compute_distances` gives.
+
+    `matching_dist_vec` is the original's vectorised matching distance, which counts each pair of
+    components twice: twice spd_math's `matching_dist`.
+    """
+    if method not in _DISTANCE_LAYOUT:
+        raise ExportError(f"distance method {method!r} has no original counterpart; expected one of {list(_DISTANCE_LAYOUT)}")
+    triangle, dtype = _DISTANCE_LAYOUT[method]
+    values = np.asarray(distances.numpy() if isinstance(distances, torch.Tensor) else distances).astype(dtype)
+    n = values.shape[-1]
+    if triangle == "full":
+        return values * dtype(2)
+    keep = np.tril(np.ones((n, n), dtype=bool), -1) if triangle == "lower" else np.triu(np.ones((n, n), dtype=bool), 1)
+    return np.where(keep, values, np.nan).astype(dtype)
+
+
+def history_metadata(history: MergeHistory) -> dict[str, Any]:
+    """The `metadata.json` a history's zip holds (what the original's `MergeHistory.read` keeps as `meta`)."""
+    metadata: dict[str, Any] = {
+        "merge_config": history.config.to_dict() if history.config is not None else None,
+        "c_components": history.c_components,
+        "n_iters_current": history.n_iters,
+        "labels": list(history.labels),
+    }
+    if history.seed is not None:
+        metadata["seed"] = int(history.seed)
+    return metadata
+
+
+@dataclass(frozen=True)
+class EnsembleExport:
+    """What one ensemble export is made of: members in ensemble order with their histories and dataset seeds, the
+    distances by method (spd_math's symmetric matrices), and the run config values the original records."""
+
+    experiment: str
+    ensemble_id: str
+    members: list[str]
+    histories: list[MergeHistory]
+    distances: Mapping[str, torch.Tensor]
+    merge_config: MergeConfig
+    model_path: str
+    batch_size: int | None
+    dataset_seeds: list[int]
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class OriginalFolder:
+    """Where an export was written: the output root (the original's `SPD_OUT_DIR`), the ensemble folder, each
+    member's run folder (ensemble order) and the registry."""
+
+    root: Path
+    ensemble_dir: Path
+    run_dirs: list[Path]
+    registry: Path
+
+
+def write_original_ensemble(export: EnsembleExport, out: str | os.PathLike[str]) -> OriginalFolder:
+    """Write `export` under `out` as the original pipeline lays out an ensemble (see the module docstring).
+
+    Earlier exports of the same ensemble are replaced (same ids); other ensembles and runs under
+    `out`, and their registry rows, are left as they are.
+    """
+    if len(export.histories) != len(export.members) or len(export.dataset_seeds) != len(export.members):
+        raise ExportError(f"{len(export.members)} members, {len(export.histories)} histories and "
+                          f"{len(export.dataset_seeds)} dataset seeds: expected one of each per member")
+    configs = {json.dumps(history.config.to_dict() if history.config else None, sort_keys=True)
+               for history in export.histories}
+    if len(configs) > 1:
+        raise ExportError(f"the members' histories were merged with {len(configs)} different merge configs; the "
+                          "original's ensemble (MergeHistoryEnsemble) requires one")
+    root = Path(out).resolve()
+    clustering = root / CLUSTERING
+    ensemble_dir = clustering / "ensembles" / export.ensemble_id
+    (ensemble_dir / "plots").mkdir(parents=True, exist_ok=True)
+    merge_config = export.histories[0].config or export.merge_config
+
+    run_ids = [run_id_for(export.ensemble_id, member) for member in export.members]
+    run_dirs = []
+    history_paths = []
+    for idx, (run_id, history, seed) in enumerate(zip(run_ids, export.histories, export.dataset_seeds)):
+        run_dir = clustering / "runs" / run_id
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_text(run_dir / RUN_CONFIG, json.dumps(
+            _run_config(export, merge_config, seed, export.ensemble_id), indent=2, ensure_ascii=False))
+        write_history_zip(history, run_dir / HISTORY)
+        run_dirs.append(run_dir)
+        history_paths.append(run_dir / HISTORY)
+
+    base_config = ensemble_dir / RUN_CONFIG
+    _write_text(base_config, json.dumps(_run_config(export, merge_config, export.dataset_seeds[0], None),
+                                        indent=2, ensure_ascii=False))
+    _write_text(ensemble_dir / PIPELINE_CONFIG, yaml.dump(_pipeline_config(export, base_config)))
+
+    merges, labels = original_merge_array(export.histories)
+    metadatas = [{**history_metadata(history), "origin_path": str(path)}
+                 for history, path in zip(export.histories, history_paths)]
+    n_rows = [history.n_iters for history in export.histories]
+    meta = {
+        "component_labels": labels,
+        "n_ensemble": len(export.histories),
+        "n_iters_min": min(n_rows),
+        "n_iters_max": max(n_rows),
+        "n_iters_range": [min(n_rows), max(n_rows)],
+        "c_components": len(labels),
+        "config": merge_config.to_dict(),
+        "history_metadatas": metadatas,
+    }
+    _write_text(ensemble_dir / ENSEMBLE_META, json.dumps(meta, indent=2))
+    _write_npz(ensemble_dir / ENSEMBLE_ARRAY, merge_array=merges)
+    for method, distances in export.distances.items():
+        values = original_distances(distances, method)
+        _write_npz(ensemble_dir / f"distances_{method}.npz", distances=values)
+        with atomic_path(ensemble_dir / "plots" / f"distances_{method}.png") as temporary:
+            Path(temporary).write_bytes(distances_plot(values, method))
+
+    registry = clustering / REGISTRY_DB
+    register_ensemble(registry, export.ensemble_id, run_ids)
+    return OriginalFolder(root, ensemble_dir, run_dirs, registry)
+
+
+def _run_config(export: EnsembleExport, merge_config: MergeConfig, dataset_seed: int,
+                ensemble_id: str | None) -> dict[str, Any]:
+    """The original's `ClusteringRunConfig`, keys in its field order."""
+    return {
+        "model_path": export.model_path,
+        "batch_size": export.batch_size,
+        "dataset_seed": dataset_seed,
+        "ensemble_id": ensemble_id,
+        "merge_config": merge_config.to_dict(),
+        "logging_intervals": dict(LOGGING_INTERVALS),
+        "wandb_project": None,
+        "wandb_entity": WANDB_ENTITY,
+        "dataset_streaming": False,
+    }
+
+
+def _pipeline_config(export: EnsembleExport, base_config: Path) -> dict[str, Any]:
+    """The original's `ClusteringPipelineConfig`. Its `clustering_run_config_path` is absolute: the original joins
+    it to its repository root, which leaves an absolute path as it is."""
+    return {
+        "clustering_run_config_path": str(base_config),
+        "n_runs": len(export.members),
+        "distances_methods": list(export.distances),
+        "slurm_job_name_prefix": None,
+        "slurm_partition": None,
+        "wandb_project": None,
+        "wandb_entity": WANDB_ENTITY,
+        "create_git_snapshot": False,
+    }
+
+
+def register_ensemble(registry: Path, ensemble_id: str, run_ids: Sequence[str]) -> None:
+    """The ensemble's rows in the original's registry (its schema; rows of other ensembles are kept)."""
+    registry.parent.mkdir(parents=True, exist_ok=True)
+    connection = sqlite3.connect(registry)
+    try:
+        with connection:
+            connection.execute("""
+                CREATE TABLE IF NOT EXISTS ensemble_runs (
+                    pipeline_run_id TEXT NOT NULL,
+                    idx INTEGER NOT NULL,
+                    clustering_run_id TEXT NOT NULL,
+                    PRIMARY KEY (pipeline_run_id, idx)
+                )
+            """)
+            connection.execute("CREATE INDEX IF NOT EXISTS idx_pipeline_run_id ON ensemble_runs (pipeline_run_id)")
+            connection.execute("DELETE FROM ensemble_runs WHERE pipeline_run_id = ?", (ensemble_id,))
+            connection.executemany(
+                "INSERT INTO ensemble_runs (pipeline_run_id, idx, clustering_run_id) VALUES (?, ?, ?)",
+                [(ensemble_id, idx, run_id) for idx, run_id in enumerate(run_ids)])
+    finally:
+        connection.close()
+
+
+def registry_runs(registry: Path, ensemble_id: str) -> list[tuple[int, str]]:
+    """(idx, clustering_run_id) of an ensemble in an original registry, by idx."""
+    connection = sqlite3.connect(f"file:{registry}?mode=ro", uri=True)
+    try:
+        return [(int(idx), str(run)) for idx, run in connection.execute(
+            "SELECT idx, clustering_run_id FROM ensemble_runs WHERE pipeline_run_id = ? ORDER BY idx", (ensemble_id,))]
+    finally:
+        connection.close()
+
+
+def distances_plot(distances: np.ndarray, method: str) -> bytes:
+    """PNG of every member pair's distance against iteration (the original's points plot, symlog y axis)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    n_iters, n_ens, _ = distances.shape
+    flat = distances.reshape(n_iters, -1)
+    figure, axes = plt.subplots(1, 1, figsize=(8, 5))
+    iterations = np.repeat(np.arange(n_iters), flat.shape[1])
+    axes.plot(iterations, flat.reshape(-1), marker="o", linestyle="", color="blue",
+              alpha=min(1.0, 10 / (n_ens * n_ens)), markersize=5, markeredgewidth=0, label=f"{method} distances")
+    axes.set_yscale("symlog", linthresh=1.0)
+    axes.set_xlabel("Iteration #")
+    axes.set_ylabel("distance")
+    axes.set_title(f"Distance Distribution ({method})")
+    axes.legend()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def member_clusters(merges: np.ndarray, labels: Sequence[str], run_idx: int, iteration: int) -> dict[str, int | None]:
+    """Label -> group id of one member after `iteration` in the original's ensemble array, None for a group of one
+    (the original's `get_cluster_mapping`)."""
+    n_runs, n_iters, _ = merges.shape
+    if not 0 <= run_idx < n_runs:
+        raise ExportError(f"run index {run_idx} is out of range; the ensemble has runs 0..{n_runs - 1}")
+    if not 0 <= iteration < n_iters:
+        raise ExportError(f"iteration {iteration} is out of range; the ensemble has iterations 0..{n_iters - 1}")
+    assignments = merges[run_idx, iteration]
+    ids, counts = np.unique(assignments, return_counts=True)
+    singletons = set(ids[counts == 1].tolist())
+    return {label: None if int(group) in singletons else int(group) for label, group in zip(labels, assignments)}
+
+
+def consensus_clusters_mapping(labels: Sequence[str], cluster_of: np.ndarray) -> dict[str, int | None]:
+    """Label -> consensus cluster, None for a component in no cluster of two or more."""
+    sizes = np.bincount(cluster_of[cluster_of >= 0], minlength=int(cluster_of.max(initial=-1)) + 1)
+    return {label: int(cluster) if cluster >= 0 and sizes[cluster] > 1 else None
+            for label, cluster in zip(labels, cluster_of)}
+
+
+def cluster_mapping_file(*, ensemble_id: str, notes: str, spd_run: str, n_iterations: int, run_idx: int,
+                         clusters: Mapping[str, int | None]) -> dict[str, Any]:
+    """The SPD app's `ClusterMappingFile`, keys in the order `get_cluster_mapping` writes them."""
+    if spd_run_of(spd_run) != spd_run:
+        raise ExportError(f"spd_run {spd_run!r} is not a wandb run as the SPD app names it; expected "
+                          "'<entity>/<project>/<run_id>' (e.g. goodfire/spd/0d2lld8j)")
+    return {"ensemble_id": ensemble_id, "notes": notes, "spd_run": spd_run, "n_iterations": int(n_iterations),
+            "run_idx": int(run_idx), "clusters": dict(clusters)}
+
+
+def write_json(path: str | os.PathLike[str], values: Any) -> Path:
+    """`values` as indented JSON at `path` (atomically), as the original writes its mapping files."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_text(path, json.dumps(values, indent=2))
+    return path
+
+
+def _write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as temporary:
+        Path(temporary).write_text(text)
+
+
+def _write_npz(path: Path, **arrays: np.ndarray) -> None:
+    # Through a buffer: np.savez_compressed on a path appends ".npz" to names lacking it (atomic temporaries do).
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    with atomic_path(path) as temporary:
+        Path(temporary).write_bytes(buffer.getvalue())
+
+
+def consensus_mapping_file(*, experiment: str, config_hash: str, spd_run: str, iteration: int, rule: str,
+                           threshold: float, n_members: int, labels: Sequence[str], cluster_of: np.ndarray,
+                           notes: str | None = None) -> dict[str, Any]:
+    """The SPD app's mapping of an experiment's consensus clusters. No single run made them, so `run_idx` is -1 and
+    the notes say how they were taken (unless `notes` is given)."""
+    if notes is None:
+        notes = (f"spd-cluster consensus clusters of experiment {experiment!r}: components together in at least "
+                 f"{threshold:g} of {n_members} members after iteration {iteration} ({rule})")
+    return cluster_mapping_file(ensemble_id=ensemble_id_for(experiment, config_hash), notes=notes, spd_run=spd_run,
+                                n_iterations=iteration, run_idx=-1,
+                                clusters=consensus_clusters_mapping(labels, cluster_of))

@@ -1,0 +1,232 @@
+"""The range sampler's candidate pool: pairs whose merge cost was at most a level, and the candidates in it.
+
+The scalable merge state (`state.GroupState`) keeps every ordered pair `(i, j)` whose cost was
+at most `level` when last evaluated, with the two parts its cost is made of (the α-term and
+`q_ij`), so that each iteration's cost of a pooled pair is one fused operation,
+`alpha_term − L·q`, the same float the full cost matrix holds (docs/math.md §4).
+
+The sampler draws uniformly among the candidates (cost `<= cutoff`) in row-major slot order, so
+only two things are asked of the pool: how many candidates there are, and the n-th of them in
+that order. On heterogeneous data the window can hold a large share of all k² pairs, so neither
+answer sorts: candidates are counted per row in one pass, and the n-th is found in its row. On
+the CPU (with Numba) the per-merge upkeep (forgetting the merged groups' pairs, renumbering the
+moved slot, dropping pairs that rose above the level, appending the merged group's pairs) is one
+compiled pass over buffers grown in place; other devices use the equivalent torch operations.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from spd_math import backend, kernels
+
+# Growth of the pool's buffers when pairs are appended (in place: no copy of the whole pool per merge).
+GROWTH = 1.5
+
+
+@kernels.compiled()
+def _forget_and_move(i, j, terms, q, size, keep, drop, source, target):  # pragma: no cover - compiled
+    """In place: drop entries touching `keep` or `drop`, rename slot `source` to `target`; the new size."""
+    kept = 0
+    for t in range(size):
+        a, b = i[t], j[t]
+        if a == keep or a == drop or b == keep or b == drop:
+            continue
+        if a == source:
+            a = target
+        if b == source:
+            b = target
+        i[kept], j[kept], terms[kept], q[kept] = a, b, terms[t], q[t]
+        kept += 1
+    return kept
+
+
+@kernels.compiled()
+def _keep_at_most(i, j, terms, q, costs, level):  # pragma: no cover - compiled
+    """In place: keep the entries whose cost is `<= level` (costs compacted alike); the new size."""
+    kept = 0
+    for t in range(costs.size):
+        if costs[t] <= level:
+            i[kept], j[kept], terms[kept], q[kept], costs[kept] = i[t], j[t], terms[t], q[t], costs[t]
+            kept += 1
+    return kept
+
+
+@kernels.compiled()
+def _row_counts(i, costs, cutoff, k):  # pragma: no cover - compiled
+    counts = np.zeros(k, np.int64)
+    for t in range(costs.size):
+        if costs[t] <= cutoff:
+            counts[i[t]] += 1
+    return counts
+
+
+@kernels.compiled()
+def _row_entries(i, j, costs, cutoff, row):  # pragma: no cover - compiled
+    """Columns and costs of the candidates of one row, in pool order."""
+    n = 0
+    for t in range(costs.size):
+        if i[t] == row and costs[t] <= cutoff:
+            n += 1
+    columns = np.empty(n, np.int64)
+    values = np.empty(n, np.float64)
+    n = 0
+    for t in range(costs.size):
+        if i[t] == row and costs[t] <= cutoff:
+            columns[n] = j[t]
+            values[n] = costs[t]
+            n += 1
+    return columns, values
+
+
+class CandidatePool:
+    """Ordered pairs (i, j) whose cost was at most `level` when evaluated, with their α-terms and q.
+
+    `level` is the cost at or below which every pair was collected, with L = `built_at`.
+    """
+
+    def __init__(self, i: torch.Tensor, j: torch.Tensor, alpha_term: torch.Tensor, q: torch.Tensor, level: float,
+                 built_at: float) -> None:
+        self.level, self.built_at = level, built_at
+        self.compiled = kernels.AVAILABLE and backend.numpy_fast_path(i)
+        self._i, self._j, self._terms, self._q = i, j, alpha_term, q
+        self.size = int(i.numel())
+
+    @property
+    def i(self) -> torch.Tensor:
+        return self._i[: self.size]
+
+    @property
+    def j(self) -> torch.Tensor:
+        return self._j[: self.size]
+
+    @property
+    def alpha_term(self) -> torch.Tensor:
+        return self._terms[: self.size]
+
+    @property
+    def q(self) -> torch.Tensor:
+        return self._q[: self.size]
+
+    def costs(self, log_k_minus_1: float) -> torch.Tensor:
+        """Scaled costs of the pooled pairs at L = `log_k_minus_1` (a fresh tensor)."""
+        return torch.add(self.alpha_term, self.q, alpha=-log_k_minus_1)
+
+    def keep_at_most(self, costs: torch.Tensor, level: float) -> torch.Tensor:
+        """Drop the pairs whose cost (`costs`, from `costs()`) is above `level`; returns the kept costs."""
+        if self.compiled:
+            self.size = int(_keep_at_most(self._i.numpy(), self._j.numpy(), self._terms.numpy(), self._q.numpy(),
+                                          costs.numpy(), level))
+            return costs[: self.size]
+        keep = costs <= level
+        if bool(keep.all()):
+            return costs
+        self._select(keep)
+        return torch.masked_select(costs, keep)
+
+    def forget_and_move(self, keep: int, drop: int, source: int, target: int) -> None:
+        """Forget the pairs of the merged groups `keep` and `drop`, then rename slot `source` to `target`."""
+        if self.compiled:
+            self.size = int(_forget_and_move(self._i.numpy(), self._j.numpy(), self._terms.numpy(), self._q.numpy(),
+                                             self.size, keep, drop, source, target))
+            return
+        i, j = self.i, self.j
+        touched = (i == keep) | (j == keep) | (i == drop) | (j == drop)
+        self._select(~touched)
+        if source != target:
+            self._i = torch.where(self._i == source, target, self._i)
+            self._j = torch.where(self._j == source, target, self._j)
+
+    def _select(self, keep: torch.Tensor) -> None:
+        index = torch.nonzero(keep).squeeze(1)  # (boolean-mask indexing is far slower on the CPU)
+        self._i, self._j = self.i.index_select(0, index), self.j.index_select(0, index)
+        self._terms, self._q = self.alpha_term.index_select(0, index), self.q.index_select(0, index)
+        self.size = int(index.numel())
+
+    def append(self, i: torch.Tensor, j: torch.Tensor, alpha_term: torch.Tensor, q: torch.Tensor) -> None:
+        added = int(i.numel())
+        if not self.compiled:
+            self._i, self._j = torch.cat([self.i, i]), torch.cat([self.j, j])
+            self._terms, self._q = torch.cat([self.alpha_term, alpha_term]), torch.cat([self.q, q])
+            self.size += added
+            return
+        end = self.size + added
+        if end > self._i.numel():
+            capacity = max(end, int(self._i.numel() * GROWTH), 1024)
+            self._i, self._j, self._terms, self._q = (
+                _grown(buffer, self.size, capacity) for buffer in (self._i, self._j, self._terms, self._q))
+        self._i[self.size : end] = i
+        self._j[self.size : end] = j
+        self._terms[self.size : end] = alpha_term
+        self._q[self.size : end] = q
+        self.size = end
+
+    def candidates(self, costs: torch.Tensor, cutoff: float, k: int):
+        """The pooled pairs with cost `<= cutoff` (`costs` from `costs()`), enumerable in row-major slot order."""
+        if self.compiled:
+            return RowSelectedCandidates(self.i.numpy(), self.j.numpy(), costs.numpy(), cutoff, k)
+        index = torch.nonzero(costs <= cutoff).squeeze(1)
+        keys = self.i.index_select(0, index) * k + self.j.index_select(0, index)
+        return SortedCandidates(keys, costs.index_select(0, index), k)
+
+
+def _grown(buffer: torch.Tensor, used: int, capacity: int) -> torch.Tensor:
+    bigger = torch.empty(capacity, dtype=buffer.dtype, device=buffer.device)
+    bigger[:used] = buffer[:used]
+    return bigger
+
+
+class RowSelectedCandidates:
+    """Candidates of a pool counted per row in one pass; the n-th (row-major) found within its row.
+
+    Equal to sorting the candidates by `i·k + j` and indexing, without the sort: the pool holds
+    each pair at most once, so a row's candidates sorted by column are its part of that order.
+    """
+
+    def __init__(self, i: np.ndarray, j: np.ndarray, costs: np.ndarray, cutoff: float, k: int) -> None:
+        self.i, self.j, self.costs, self.cutoff = i, j, costs, cutoff
+        self.cumulative = np.cumsum(_row_counts(i, costs, cutoff, k))
+        self.count = int(self.cumulative[-1]) if self.cumulative.size else 0
+
+    def nth(self, index: int) -> tuple[int, int, float]:
+        row = int(np.searchsorted(self.cumulative, index, side="right"))
+        before = int(self.cumulative[row - 1]) if row else 0
+        columns, values = _row_entries(self.i, self.j, self.costs, self.cutoff, row)
+        order = np.argsort(columns, kind="stable")
+        at = int(order[index - before])
+        return row, int(columns[at]), float(values[at])
+
+
+class SortedCandidates:
+    """Candidates as flat row-major slot keys `i·k + j`, ascending, with their scaled costs."""
+
+    def __init__(self, keys: torch.Tensor, costs: torch.Tensor, k: int) -> None:
+        order = torch.argsort(keys)
+        self.keys, self.costs, self.k = keys[order], costs[order], k
+        self.count = int(keys.numel())
+
+    def nth(self, index: int) -> tuple[int, int, float]:
+        i, j = divmod(int(self.keys[index]), self.k)
+        return i, j, float(self.costs[index])
+
+
+class RowCountedCandidates:
+    """Candidates counted row by row (rows ascending = row-major order) without storing them.
+
+    `state.offdiagonal_cost_rows(rows)` gives the exact scaled costs of some rows (+inf on the diagonal).
+    """
+
+    def __init__(self, state, rows: torch.Tensor, counts: torch.Tensor, cutoff: float) -> None:
+        self.state, self.rows, self.cutoff = state, rows, cutoff
+        self.cumulative = torch.cumsum(counts, 0).cpu().numpy()
+        self.count = int(self.cumulative[-1]) if self.cumulative.size else 0
+
+    def nth(self, index: int) -> tuple[int, int, float]:
+        position = int(np.searchsorted(self.cumulative, index, side="right"))
+        before = int(self.cumulative[position - 1]) if position else 0
+        row = self.rows[position : position + 1]
+        costs = self.state.offdiagonal_cost_rows(row)[0]
+        columns = torch.nonzero(costs <= self.cutoff).squeeze(1)
+        j = int(columns[index - before])
+        return int(row[0]), j, float(costs[j])
