@@ -43,7 +43,9 @@ def _imports_spd(python: Path) -> bool:
 
 
 def _environment(spd_out: Path) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "SPD_OUT_DIR": str(spd_out), "HF_HUB_OFFLINE": "1",
+    # Under CI=true the September 2025 spd takes its repository root from GITHUB_WORKSPACE (its own CI's): not ours.
+    inherited = {name: value for name, value in os.environ.items() if name != "CI"}
+    return {**inherited, "PYTHONPATH": str(PROJECT_ROOT), "SPD_OUT_DIR": str(spd_out), "HF_HUB_OFFLINE": "1",
             "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled"}
 
 
