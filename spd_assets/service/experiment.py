@@ -308,7 +308,7 @@ def _stop(workers: Workers, plan: ExperimentPlan, signum: int, finished: list[Ru
         with instance_at(plan.home) as instance:
             canceled = cancel_runs_of(instance, plan.invocation, set(in_flight))
         # The workers' own clean-up never ran (SIGKILL): the SLURM jobs their runs wait for are canceled here.
-        canceled_jobs = cancel_jobs_of(canceled) if load_settings(plan.home).executor == "slurm" else []
+        canceled_jobs = cancel_jobs_of(canceled) if plan.executor == "slurm" else []
     finally:
         signal.signal(signal.SIGINT, previous)
     done = [outcome.label for outcome in finished]
