@@ -3,15 +3,11 @@ device pool slot, and a run launched from the UI (its GraphQL API) then gets the
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 import yaml
@@ -19,36 +15,11 @@ from dagster import DagsterEventType, DagsterRunStatus, RunsFilter
 
 from spd_assets.defs.deployment import DEVICE_POOL
 from spd_assets.defs.devices import LEASE_LOG
+from tests.dagster_dev import LAUNCH, dagster_dev, graphql, wait_for
 from tests.pipeline_helpers import SMALL_SYNTHETIC, instance_at, make_home
 
-ROOT = Path(__file__).resolve().parents[2]
 SLOW = {**SMALL_SYNTHETIC, "n_members": 2, "batch_size": 48,
         "params": {**SMALL_SYNTHETIC["params"], "components_per_module": [150, 180], "seq_len": 64}}
-READY_TIMEOUT_S = 300
-LAUNCH = """mutation($params: ExecutionParams!) { launchRun(executionParams: $params) {
-  __typename ... on LaunchRunSuccess { run { runId } } ... on PythonError { message } } }"""
-REPOSITORIES = "{ repositoriesOrError { ... on RepositoryConnection { nodes { name location { name } } } } }"
-
-
-def graphql(port: int, query: str, variables: dict | None = None) -> dict:
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/graphql", headers={"Content-Type": "application/json"},
-                                     data=json.dumps({"query": query, "variables": variables or {}}).encode())
-    with urllib.request.urlopen(request, timeout=60) as response:
-        answer = json.loads(response.read())
-    assert not answer.get("errors"), answer["errors"]
-    return answer["data"]
-
-
-def wait_for(condition, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(1.0)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-
-
 @pytest.mark.slow  # the dead_runs sensor itself is tested in tests/defs/test_devices.py
 def test_dagster_dev_clears_a_dead_cli_run_and_a_ui_launch_then_runs(tmp_path):
     home = make_home(tmp_path / "home")
@@ -69,22 +40,7 @@ def test_dagster_dev_clears_a_dead_cli_run_and_a_ui_launch_then_runs(tmp_path):
         (dead,) = instance.get_runs(filters=RunsFilter(statuses=[DagsterRunStatus.STARTED]))
         assert instance.event_log_storage.get_concurrency_info(DEVICE_POOL).claimed_slots, "the dead run holds the slot"
 
-    port = socket.socket()
-    port.bind(("127.0.0.1", 0))
-    port_number = port.getsockname()[1]
-    port.close()
-    server = subprocess.Popen([sys.executable, "-m", "dagster", "dev", "-w", str(ROOT / "workspace.yaml"),
-                               "-p", str(port_number)], cwd=ROOT, env=environment, start_new_session=True,
-                              stdout=open(tmp_path / "dagster_dev.log", "w"), stderr=subprocess.STDOUT)
-    try:
-        def repository():
-            try:
-                nodes = graphql(port_number, REPOSITORIES)["repositoriesOrError"]["nodes"]
-            except OSError:
-                return None
-            return nodes[0] if nodes else None
-
-        found = wait_for(repository, READY_TIMEOUT_S, "dagster dev to serve the code location")
+    with dagster_dev(environment, tmp_path / "dagster_dev.log") as served:
         serving = time.monotonic()
         with instance_at(home) as instance:
             wait_for(lambda: instance.get_run_by_id(dead.run_id).status == DagsterRunStatus.FAILURE, 180,
@@ -93,11 +49,11 @@ def test_dagster_dev_clears_a_dead_cli_run_and_a_ui_launch_then_runs(tmp_path):
             failure = instance.all_logs(dead.run_id, of_type=DagsterEventType.RUN_FAILURE)[0]
             assert "marked by the dead_runs sensor" in failure.message
 
-        params = {"selector": {"repositoryLocationName": found["location"]["name"], "repositoryName": found["name"],
+        params = {"selector": {"repositoryLocationName": served.location, "repositoryName": served.repository,
                                "jobName": "blocked__members"},
                   "runConfigData": {},
                   "executionMetadata": {"tags": [{"key": "dagster/partition", "value": "member_001"}]}}
-        launched = graphql(port_number, LAUNCH, {"params": params})["launchRun"]
+        launched = graphql(served.port, LAUNCH, {"params": params})["launchRun"]
         assert launched["__typename"] == "LaunchRunSuccess", launched
         run_id = launched["run"]["runId"]
         launched_at = time.time()
@@ -109,9 +65,3 @@ def test_dagster_dev_clears_a_dead_cli_run_and_a_ui_launch_then_runs(tmp_path):
                                 if entry.step_key.endswith("merge_history"))
         print(f"\ndead run cleared {cleared - serving:.1f} s after dagster dev served the code location; "
               f"the UI-launched merge started {merge_started - launched_at:.1f} s after its launch")
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)

@@ -5,20 +5,14 @@ its job."""
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
-from pathlib import Path
 
 from dagster import DagsterRunStatus
 
 from spd_assets.defs.slurm import SLURM_JOB_TAG
-from tests.faults.test_dagster_dev import LAUNCH, READY_TIMEOUT_S, REPOSITORIES, graphql, wait_for
+from tests.dagster_dev import LAUNCH, dagster_dev, graphql, wait_for
 from tests.pipeline_helpers import instance_at
-from tests.slurm.servers import free_port
 from tests.slurm.test_slurm_executor import cli, finish, merging_jobs, slow_config, slurm_home
 
-ROOT = Path(__file__).resolve().parents[2]
 BACKFILL = """mutation($params: LaunchBackfillParams!) { launchPartitionBackfill(backfillParams: $params) {
   __typename ... on LaunchBackfillSuccess { backfillId } ... on PythonError { message } } }"""
 TERMINATE = """mutation($runId: String!) { terminateRun(runId: $runId) {
@@ -34,24 +28,11 @@ def test_a_ui_backfill_runs_on_slurm_and_terminate_cancels_the_job(tmp_path, slu
     output = finish(first)
     assert first.returncode == 0, output
 
-    port = free_port()
     environment = {**os.environ, "DAGSTER_HOME": str(home)}
-    server = subprocess.Popen([sys.executable, "-m", "dagster", "dev", "-w", str(ROOT / "workspace.yaml"),
-                               "-p", str(port)], cwd=ROOT, env=environment, start_new_session=True,
-                              stdout=open(tmp_path / "dagster_dev.log", "w"), stderr=subprocess.STDOUT)
-    try:
-        def repository():
-            try:
-                nodes = graphql(port, REPOSITORIES)["repositoriesOrError"]["nodes"]
-            except OSError:
-                return None
-            return nodes[0] if nodes else None
-
-        found = wait_for(repository, READY_TIMEOUT_S, "dagster dev to serve the code location")
-        location, repository_name = found["location"]["name"], found["name"]
+    with dagster_dev(environment, tmp_path / "dagster_dev.log") as served:
         params = {"assetSelection": [{"path": ["slow", asset]} for asset in MEMBER_ASSETS],
                   "partitionNames": ["member_001", "member_002"]}
-        launched = graphql(port, BACKFILL, {"params": params})["launchPartitionBackfill"]
+        launched = graphql(served.port, BACKFILL, {"params": params})["launchPartitionBackfill"]
         assert launched["__typename"] == "LaunchBackfillSuccess", launched
         backfill_id = launched["backfillId"]
         log = tmp_path / "dagster_dev.log"
@@ -64,15 +45,15 @@ def test_a_ui_backfill_runs_on_slurm_and_terminate_cancels_the_job(tmp_path, slu
             assert all(run.status == DagsterRunStatus.SUCCESS for run in runs), log.read_text()[-3000:]
             assert len({run.tags[SLURM_JOB_TAG] for run in runs}) == 2, "one SLURM job per member"
 
-        run_params = {"selector": {"repositoryLocationName": location, "repositoryName": repository_name,
+        run_params = {"selector": {"repositoryLocationName": served.location, "repositoryName": served.repository,
                                    "jobName": "slow__members"},
                       "runConfigData": {},
                       "executionMetadata": {"tags": [{"key": "dagster/partition", "value": "member_000"}]}}
-        launched = graphql(port, LAUNCH, {"params": run_params})["launchRun"]
+        launched = graphql(served.port, LAUNCH, {"params": run_params})["launchRun"]
         assert launched["__typename"] == "LaunchRunSuccess", launched
         run_id = launched["run"]["runId"]
         (job,) = wait_for(lambda: merging_jobs(home, slurm_cluster), 600, "the launched run's job to start merging")
-        terminated = graphql(port, TERMINATE, {"runId": run_id})["terminateRun"]
+        terminated = graphql(served.port, TERMINATE, {"runId": run_id})["terminateRun"]
         assert terminated["__typename"] == "TerminateRunSuccess", terminated
         with instance_at(home) as instance:
             final = wait_for(lambda: (run := instance.get_run_by_id(run_id)).is_finished and run, 120,
@@ -80,9 +61,3 @@ def test_a_ui_backfill_runs_on_slurm_and_terminate_cancels_the_job(tmp_path, slu
             assert final.status == DagsterRunStatus.CANCELED, log.read_text()[-3000:]
             assert final.tags[SLURM_JOB_TAG] == job
         wait_for(lambda: slurm_cluster.queue() == [], 60, f"job {job} to leave the queue")
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)

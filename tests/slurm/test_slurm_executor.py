@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import polars as pl
@@ -16,6 +15,7 @@ import yaml
 from dagster import DagsterEventType, DagsterRunStatus, RunsFilter
 
 from spd_assets.defs.slurm import SLURM_JOB_TAG
+from tests.dagster_dev import wait_for as shared_wait_for
 from tests.pipeline_helpers import instance_at, make_home, store_at
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,13 +52,8 @@ def table(home: Path, name: str, part: str) -> pl.DataFrame:
 
 
 def wait_for(condition, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+    """The shared wait, asking twice a second (jobs change state fast)."""
+    return shared_wait_for(condition, timeout_s, what, poll_s=0.5)
 
 
 def test_default_experiment_on_slurm_and_postgres_equals_a_local_run(tmp_path, slurm_cluster, postgres_server):
