@@ -12,9 +12,16 @@ answer sorts: candidates are counted per row in one pass, and the n-th is found 
 the CPU (with Numba) the per-merge upkeep (forgetting the merged groups' pairs, renumbering the
 moved slot, dropping pairs that rose above the level, appending the merged group's pairs) is one
 compiled pass over buffers grown in place; other devices use the equivalent torch operations.
+
+A pool may also leave out the pairs whose *ceiling* (`ceilings.py`: an upper bound of the cost that
+reads no coactivation) is at most its `floor`: while the cutoff stays at or above the floor, those
+pairs are candidates whatever their cost, and the merge state counts them from the sorted group
+counts instead. Each entry keeps its ceiling, so that pairs counted that way are not counted twice.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -26,7 +33,7 @@ GROWTH = 1.5
 
 
 @kernels.compiled()
-def _forget_and_move(i, j, terms, q, size, keep, drop, source, target):  # pragma: no cover - compiled
+def _forget_and_move(i, j, terms, q, ceiling, size, keep, drop, source, target):  # pragma: no cover - compiled
     """In place: drop entries touching `keep` or `drop`, rename slot `source` to `target`; the new size."""
     kept = 0
     for t in range(size):
@@ -37,18 +44,19 @@ def _forget_and_move(i, j, terms, q, size, keep, drop, source, target):  # pragm
             a = target
         if b == source:
             b = target
-        i[kept], j[kept], terms[kept], q[kept] = a, b, terms[t], q[t]
+        i[kept], j[kept], terms[kept], q[kept], ceiling[kept] = a, b, terms[t], q[t], ceiling[t]
         kept += 1
     return kept
 
 
 @kernels.compiled()
-def _keep_at_most(i, j, terms, q, costs, level):  # pragma: no cover - compiled
+def _keep_at_most(i, j, terms, q, ceiling, costs, level):  # pragma: no cover - compiled
     """In place: keep the entries whose cost is `<= level` (costs compacted alike); the new size."""
     kept = 0
     for t in range(costs.size):
         if costs[t] <= level:
             i[kept], j[kept], terms[kept], q[kept], costs[kept] = i[t], j[t], terms[t], q[t], costs[t]
+            ceiling[kept] = ceiling[t]
             kept += 1
     return kept
 
@@ -58,6 +66,16 @@ def _row_counts(i, costs, cutoff, k):  # pragma: no cover - compiled
     counts = np.zeros(k, np.int64)
     for t in range(costs.size):
         if costs[t] <= cutoff:
+            counts[i[t]] += 1
+    return counts
+
+
+@kernels.compiled()
+def _row_counts_above_ceiling(i, costs, ceiling, cutoff, k):  # pragma: no cover - compiled
+    """Per row, the entries with cost `<= cutoff` whose ceiling is above it."""
+    counts = np.zeros(k, np.int64)
+    for t in range(costs.size):
+        if costs[t] <= cutoff and ceiling[t] > cutoff:
             counts[i[t]] += 1
     return counts
 
@@ -81,16 +99,19 @@ def _row_entries(i, j, costs, cutoff, row):  # pragma: no cover - compiled
 
 
 class CandidatePool:
-    """Ordered pairs (i, j) whose cost was at most `level` when evaluated, with their α-terms and q.
+    """Ordered pairs (i, j) whose cost was at most `level` when evaluated, with their α-terms, q and ceilings.
 
-    `level` is the cost at or below which every pair was collected, with L = `built_at`.
+    `level` is the cost at or below which every pair was collected, with L = `built_at`, except
+    pairs whose ceiling is at most `floor` (-inf: none left out). `complete` says whether any pair
+    was left out that way.
     """
 
-    def __init__(self, i: torch.Tensor, j: torch.Tensor, alpha_term: torch.Tensor, q: torch.Tensor, level: float,
-                 built_at: float) -> None:
-        self.level, self.built_at = level, built_at
+    def __init__(self, i: torch.Tensor, j: torch.Tensor, alpha_term: torch.Tensor, q: torch.Tensor,
+                 ceiling: torch.Tensor, level: float, built_at: float, floor: float = -math.inf,
+                 complete: bool = True) -> None:
+        self.level, self.built_at, self.floor, self.complete = level, built_at, floor, complete
         self.compiled = kernels.AVAILABLE and backend.numpy_fast_path(i)
-        self._i, self._j, self._terms, self._q = i, j, alpha_term, q
+        self._i, self._j, self._terms, self._q, self._ceiling = i, j, alpha_term, q, ceiling
         self.size = int(i.numel())
 
     @property
@@ -109,6 +130,13 @@ class CandidatePool:
     def q(self) -> torch.Tensor:
         return self._q[: self.size]
 
+    @property
+    def ceiling(self) -> torch.Tensor:
+        return self._ceiling[: self.size]
+
+    def _buffers(self) -> tuple[np.ndarray, ...]:
+        return self._i.numpy(), self._j.numpy(), self._terms.numpy(), self._q.numpy(), self._ceiling.numpy()
+
     def costs(self, log_k_minus_1: float) -> torch.Tensor:
         """Scaled costs of the pooled pairs at L = `log_k_minus_1` (a fresh tensor)."""
         return torch.add(self.alpha_term, self.q, alpha=-log_k_minus_1)
@@ -116,8 +144,7 @@ class CandidatePool:
     def keep_at_most(self, costs: torch.Tensor, level: float) -> torch.Tensor:
         """Drop the pairs whose cost (`costs`, from `costs()`) is above `level`; returns the kept costs."""
         if self.compiled:
-            self.size = int(_keep_at_most(self._i.numpy(), self._j.numpy(), self._terms.numpy(), self._q.numpy(),
-                                          costs.numpy(), level))
+            self.size = int(_keep_at_most(*self._buffers(), costs.numpy(), level))
             return costs[: self.size]
         keep = costs <= level
         if bool(keep.all()):
@@ -128,8 +155,7 @@ class CandidatePool:
     def forget_and_move(self, keep: int, drop: int, source: int, target: int) -> None:
         """Forget the pairs of the merged groups `keep` and `drop`, then rename slot `source` to `target`."""
         if self.compiled:
-            self.size = int(_forget_and_move(self._i.numpy(), self._j.numpy(), self._terms.numpy(), self._q.numpy(),
-                                             self.size, keep, drop, source, target))
+            self.size = int(_forget_and_move(*self._buffers(), self.size, keep, drop, source, target))
             return
         i, j = self.i, self.j
         touched = (i == keep) | (j == keep) | (i == drop) | (j == drop)
@@ -142,24 +168,27 @@ class CandidatePool:
         index = torch.nonzero(keep).squeeze(1)  # (boolean-mask indexing is far slower on the CPU)
         self._i, self._j = self.i.index_select(0, index), self.j.index_select(0, index)
         self._terms, self._q = self.alpha_term.index_select(0, index), self.q.index_select(0, index)
+        self._ceiling = self.ceiling.index_select(0, index)
         self.size = int(index.numel())
 
-    def append(self, i: torch.Tensor, j: torch.Tensor, alpha_term: torch.Tensor, q: torch.Tensor) -> None:
+    def append(self, i: torch.Tensor, j: torch.Tensor, alpha_term: torch.Tensor, q: torch.Tensor,
+               ceiling: torch.Tensor) -> None:
         added = int(i.numel())
         if not self.compiled:
             self._i, self._j = torch.cat([self.i, i]), torch.cat([self.j, j])
             self._terms, self._q = torch.cat([self.alpha_term, alpha_term]), torch.cat([self.q, q])
+            self._ceiling = torch.cat([self.ceiling, ceiling])
             self.size += added
             return
         end = self.size + added
         if end > self._i.numel():
             capacity = max(end, int(self._i.numel() * GROWTH), 1024)
-            self._i, self._j, self._terms, self._q = (
-                _grown(buffer, self.size, capacity) for buffer in (self._i, self._j, self._terms, self._q))
-        self._i[self.size : end] = i
-        self._j[self.size : end] = j
-        self._terms[self.size : end] = alpha_term
-        self._q[self.size : end] = q
+            self._i, self._j, self._terms, self._q, self._ceiling = (
+                _grown(buffer, self.size, capacity)
+                for buffer in (self._i, self._j, self._terms, self._q, self._ceiling))
+        for buffer, values in ((self._i, i), (self._j, j), (self._terms, alpha_term), (self._q, q),
+                               (self._ceiling, ceiling)):
+            buffer[self.size : end] = values
         self.size = end
 
     def candidates(self, costs: torch.Tensor, cutoff: float, k: int):
@@ -169,6 +198,14 @@ class CandidatePool:
         index = torch.nonzero(costs <= cutoff).squeeze(1)
         keys = self.i.index_select(0, index) * k + self.j.index_select(0, index)
         return SortedCandidates(keys, costs.index_select(0, index), k)
+
+    def counts_above_ceiling(self, costs: torch.Tensor, cutoff: float, k: int) -> torch.Tensor:
+        """Per row (int64 `[k]`), the pooled pairs with cost `<= cutoff` whose ceiling is above `cutoff`."""
+        if self.compiled:
+            return torch.from_numpy(_row_counts_above_ceiling(self.i.numpy(), costs.numpy(), self.ceiling.numpy(),
+                                                               cutoff, k))
+        chosen = (costs <= cutoff) & (self.ceiling > cutoff)
+        return torch.bincount(self.i[chosen], minlength=k)
 
 
 def _grown(buffer: torch.Tensor, used: int, capacity: int) -> torch.Tensor:

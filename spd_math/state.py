@@ -44,6 +44,7 @@ import torch
 
 from spd_math import backend, coactivation, kernels
 from spd_math.bitsets import overlap_counts
+from spd_math.ceilings import CeilingIndex, pair_ceilings
 from spd_math.costs import log_factors
 from spd_math.pool import CandidatePool, RowCountedCandidates
 from spd_math.store import CoactivationStore, narrow_store
@@ -59,6 +60,9 @@ LAZY_BATCH_ENTRIES = 1 << 15
 BOUND_MARGIN = 1e-10
 # Share of the cost range above the minimum that a freshly built pool covers.
 POOL_SHARE = 0.06
+# Share of the range sampler's look-ahead below the cutoff down to which a pool holds pairs that its ceilings
+# would count (the rest are counted by ceiling): room for the cutoff to fall a little without a rebuild.
+FLOOR_SHARE = 0.02
 # Pool entries beyond which the range sampler counts candidates row by row instead.
 POOL_LIMIT = 1 << 25
 # After a pool overflowed, the range sampler counts row by row for this many iterations (doubling per overflow
@@ -200,6 +204,7 @@ class GroupState(_SlotState):
         self.last_full_passes = 0  # ... and in the iteration before it
         self._pool_costs_cache: torch.Tensor | None = None
         self._max_cache: float | None = None
+        self._ceilings_cache: CeilingIndex | None = None
         if c >= 2 and self.boolean:
             self._initial_bounds()
         elif c >= 2:
@@ -363,20 +368,24 @@ class GroupState(_SlotState):
 
     def offdiagonal_min(self) -> float:
         costs = self._pool_costs()
-        if costs is not None and costs.numel():
+        if costs is not None and costs.numel() and self.pool.complete:
             lowest = float(costs.min())
             if lowest <= self._pool_level():
                 return lowest
         # No pool holds the minimum: the best row's exact minimum bounds it from above, and a pool up
-        # to a little above that bound holds it (and, usually, this iteration's candidates too).
-        if self._pool_wait > 0:  # pools overflow lately: the lazy row search alone
+        # to a little above that bound holds it (and, usually, this iteration's candidates too) unless
+        # pairs under that level are counted by their ceilings; then the lazy row search finds it.
+        if self._pool_wait > 0 or self.pool is not None:
             return self._extreme(lowest=True)
         bounds = self._min_bounds()
         best = torch.argmin(bounds).reshape(1)
         self._scan(best)
         upper = float(self.row_min[best])
         highest = self.offdiagonal_max()
-        self._rebuild_pool(upper + POOL_SHARE * (highest - upper), upper)
+        level = upper + POOL_SHARE * (highest - upper)
+        if self._counts_ceilings(level) and self._ceiling_counts(level).any():
+            return self._extreme(lowest=True)
+        self._rebuild_pool(level, upper)
         costs = self._pool_costs()
         if costs is None or costs.numel() == 0:
             return self._extreme(lowest=True)
@@ -388,18 +397,53 @@ class GroupState(_SlotState):
         return self._max_cache
 
     def candidates_at_most(self, cutoff: float, slack: float):
-        """Every off-diagonal pair with scaled cost `<= cutoff`, enumerable in row-major slot order."""
-        if self.pool is None or cutoff > self._pool_level():
+        """Every off-diagonal pair with scaled cost `<= cutoff`, enumerable in row-major slot order.
+
+        Pairs whose ceiling is at most the cutoff are counted from the group counts alone
+        (`ceilings.ceiling_counts`); the pool holds the others that can be candidates.
+        """
+        if self.pool is None or cutoff > self._pool_level() or cutoff < self.pool.floor:
             if self._pool_wait > 0:
                 self._pool_wait -= 1
                 self.pool, self._pool_costs_cache = None, None
                 return self._counted_candidates(cutoff)
-            self._rebuild_pool(cutoff + max(slack, 0.0), cutoff)
+            slack = max(slack, 0.0)
+            floor = cutoff - FLOOR_SHARE * slack if self._counts_ceilings(cutoff) else -math.inf
+            self._rebuild_pool(cutoff + slack, cutoff, floor)
             self._pool_overflows = self._pool_overflows + 1 if self.pool is None else 0
             self._pool_wait = min(POOL_RETRY_CAP, 2**self._pool_overflows - 1) if self.pool is None else 0
         if self.pool is None:
             return self._counted_candidates(cutoff)
-        return self.pool.candidates(self._pool_costs(), cutoff, self.k)
+        costs = self._pool_costs()
+        if self.pool.complete or not self._counts_ceilings(cutoff):
+            return self.pool.candidates(costs, cutoff, self.k)
+        counts = self.pool.counts_above_ceiling(costs, cutoff, self.k).cpu()
+        counts += torch.from_numpy(self._ceiling_counts(cutoff))
+        return RowCountedCandidates(self, torch.arange(self.k, device=self.device), counts, cutoff)
+
+    # --- ceilings ------------------------------------------------------------------------------
+
+    def _counts_ceilings(self, cutoff: float) -> bool:
+        """Whether some pair may have a ceiling `<= cutoff` (ceilings bound costs in boolean mode only, and are >= 0)."""
+        return self.boolean and cutoff >= 0
+
+    def _ceiling_counts(self, cutoff: float) -> np.ndarray:
+        """Per slot, the pairs whose ceiling is `<= cutoff` (candidates whatever their coactivation)."""
+        return self._ceilings().counts(cutoff)
+
+    def _ceilings(self) -> CeilingIndex:
+        if self._ceilings_cache is None:
+            k = self.k
+            self._ceilings_cache = CeilingIndex(self.diag_host[:k], self.sizes_host[:k], self.alpha)
+        return self._ceilings_cache
+
+    def _pair_ceilings(self, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+        """Ceilings of the pairs (rows[b], columns[b]) (broadcastable, e.g. `[r, 1]` rows against `[c]` columns)."""
+        def take(vector, index):  # index_select: indexing with a tensor is ~100x slower on the CPU here
+            return vector.index_select(0, index.reshape(-1)).reshape(index.shape)
+
+        return pair_ceilings(take(self.diag, rows), take(self.sizes, rows), take(self.diag, columns),
+                             take(self.sizes, columns), self.alpha)
 
     def _counted_candidates(self, cutoff: float) -> RowCountedCandidates:
         self.full_passes += 1
@@ -431,9 +475,9 @@ class GroupState(_SlotState):
             self._pool_costs_cache = self.pool.keep_at_most(costs, self._pool_level())
         return self._pool_costs_cache
 
-    def _rebuild_pool(self, level: float, cutoff: float) -> None:
-        """Collect every pair with cost `<= level`: rows whose lower bound says they may hold one are
-        read; for unmerged rows a bound on the cost through q alone first discards most entries."""
+    def _rebuild_pool(self, level: float, cutoff: float, floor: float = -math.inf) -> None:
+        """Collect every pair with cost `<= level` and a ceiling above `floor`: rows whose lower bound says they
+        may hold one are read; for unmerged rows a bound on the cost through q alone first discards most entries."""
         self.pool = None
         self._pool_costs_cache = None
         rows = torch.nonzero(self._min_bounds() <= level).squeeze(1)
@@ -451,36 +495,39 @@ class GroupState(_SlotState):
             costs, q, terms = self._scan(block)
             costs[torch.arange(block.numel(), device=self.device), block] = float("inf")
             chosen = costs <= level
+            if floor > -math.inf:
+                chosen &= self._pair_ceilings(block[:, None], torch.arange(self.k, device=self.device)) > floor
             local, j = torch.nonzero(chosen, as_tuple=True)
             parts.append((block[local], j, torch.masked_select(terms, chosen), torch.masked_select(q, chosen)))
             if sum(part[0].numel() for part in parts) > POOL_LIMIT:
-                return self._pool_overflow(level, cutoff)
+                return self._pool_overflow(level, cutoff, floor)
         if plain.any():
             plain_rows = torch.from_numpy(rows_host[plain]).to(self.device)
             for first in range(0, plain_rows.numel(), step):
-                parts.extend(self._filtered_entries(plain_rows[first : first + step], level))
+                parts.extend(self._filtered_entries(plain_rows[first : first + step], level, floor))
                 if sum(part[0].numel() for part in parts) > POOL_LIMIT:
-                    return self._pool_overflow(level, cutoff)
+                    return self._pool_overflow(level, cutoff, floor)
         if parts:
             i, j, terms, q = (torch.cat(items) for items in zip(*parts))
         else:
             empty = torch.zeros(0, dtype=torch.int64, device=self.device)
             i, j, terms, q = empty, empty, empty.to(FLOAT), empty.to(FLOAT)
-        self.pool = CandidatePool(i, j, terms, q, level, L)
+        complete = floor == -math.inf or not self._ceiling_counts(floor).any()
+        self.pool = CandidatePool(i, j, terms, q, self._pair_ceilings(i, j), level, L, floor, complete)
 
-    def _pool_overflow(self, level: float, cutoff: float) -> None:
+    def _pool_overflow(self, level: float, cutoff: float, floor: float) -> None:
         if level > cutoff:
-            self._rebuild_pool(cutoff, cutoff)
+            self._rebuild_pool(cutoff, cutoff, floor)
         else:
             self.pool = None
 
-    def _filtered_entries(self, block: torch.Tensor, level: float) -> list[tuple[torch.Tensor, ...]]:
+    def _filtered_entries(self, block: torch.Tensor, level: float, floor: float) -> list[tuple[torch.Tensor, ...]]:
         """Pairs with cost `<= level` in rows of unmerged, narrow groups (boolean mode).
 
         For unmerged i and j, `cost_ij ≥ α·s_i + α·min s − (2α + L)·q_ij`, so only entries with
         `q_ij ≥ (α·s_i + α·min s − level)/(2α + L)` (less a margin) can qualify: one integer
         comparison per entry, and exact costs for the few that pass. Columns of merged groups
-        are evaluated exactly.
+        are evaluated exactly. Pairs with a ceiling at most `floor` are left out.
         """
         k, alpha, L = self.k, self.alpha, self.log_k_minus_1
         unmerged_cols = self.sizes_host[:k] == 1
@@ -488,33 +535,64 @@ class GroupState(_SlotState):
         s_min = float(self.diag_host[:k][unmerged_cols].min()) if unmerged_cols.any() else 0.0
         s_top = float(self.diag_host[:k].max())
         margin = BOUND_MARGIN * (abs(level) + alpha * 2 * s_top + L * s_top + 1.0)
-        s_rows = self.diag[block]
+        s_rows = self.diag.index_select(0, block)
         needed = torch.floor((alpha * s_rows + alpha * s_min - level - margin) / (2 * alpha + L))
-        counts = self.store.matrix.index_select(0, block)[:, :k]
-        top = torch.iinfo(counts.dtype).max
-        passes = counts >= needed.clamp(0, top).to(counts.dtype)[:, None]
-        rows = torch.arange(block.numel(), device=self.device)
-        passes[rows, block] = False
+        top = torch.iinfo(self.store.matrix.dtype).max
+        needed = needed.clamp(0, top).to(self.store.matrix.dtype)
         parts = []
+        if floor == -math.inf:
+            counts = self.store.matrix.index_select(0, block)[:, :k]
+            passes = counts >= needed[:, None]
+            rows = torch.arange(block.numel(), device=self.device)
+            passes[rows, block] = False
         if merged_cols.size:
             cols = torch.from_numpy(merged_cols).to(self.device)
-            passes[:, cols] = False
-            q = counts.index_select(1, cols).to(FLOAT)
-            terms = self._merged_terms(q, s_rows, self.sizes[block], self.diag[cols], self.sizes[cols])
+            if floor == -math.inf:
+                passes[:, cols] = False
+            matrix = self.store.matrix
+            flat = (block[:, None] * matrix.shape[1] + cols[None, :]).reshape(-1)
+            q = matrix.reshape(-1).index_select(0, flat).reshape(block.numel(), cols.numel()).to(FLOAT)
+            terms = self._merged_terms(q, s_rows, self.sizes.index_select(0, block), self.diag.index_select(0, cols),
+                                       self.sizes.index_select(0, cols))
             costs = torch.add(terms, q, alpha=-L)
             chosen = costs <= level
+            if floor > -math.inf:
+                chosen &= self._pair_ceilings(block[:, None], cols) > floor
             local, j = torch.nonzero(chosen, as_tuple=True)
             parts.append((block[local], cols[j], torch.masked_select(terms, chosen), torch.masked_select(q, chosen)))
-        local, j = torch.nonzero(passes, as_tuple=True)
-        i = block[local]
-        q = counts[local, j].to(FLOAT)
+        if floor > -math.inf:
+            i, j, q = self._band_entries(block, needed, floor)
+        else:
+            local, j = torch.nonzero(passes, as_tuple=True)
+            i = block[local]
+            q = counts[local, j].to(FLOAT)
         terms = q * (-2 * alpha)
-        terms += self.diag[i] * alpha
-        terms += self.diag[j] * alpha
+        terms += self.diag.index_select(0, i) * alpha
+        terms += self.diag.index_select(0, j) * alpha
         costs = torch.add(terms, q, alpha=-L)
         chosen = torch.nonzero(costs <= level).squeeze(1)
-        parts.append((i[chosen], j[chosen], terms[chosen], q[chosen]))
+        parts.append(tuple(values.index_select(0, chosen) for values in (i, j, terms, q)))
         return parts
+
+    def _band_entries(self, block: torch.Tensor, needed: torch.Tensor, floor: float):
+        """`(i, j, q)` of the pairs of unmerged, narrow rows `block` with unmerged columns whose ceiling is above
+        `floor` and whose coactivation is at least the row's `needed`: per row a suffix of the unmerged groups
+        sorted by count (`ceilings.CeilingIndex`), read without touching the columns before it."""
+        index = self._ceilings()
+        prefixes = np.zeros(self.k, dtype=np.int64)
+        prefixes[index.unmerged] = index.unmerged_prefixes(floor)
+        device = self.device
+        starts = torch.from_numpy(prefixes).to(device).index_select(0, block)
+        sorted_columns = torch.from_numpy(index.sorted_unmerged).to(device)
+        lengths = sorted_columns.numel() - starts
+        total = int(lengths.sum())
+        i = torch.repeat_interleave(block, lengths, output_size=total)
+        shift = torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths - starts, lengths, output_size=total)
+        j = sorted_columns.index_select(0, torch.arange(total, device=device) - shift)
+        matrix = self.store.matrix
+        q = matrix.reshape(-1).index_select(0, i * matrix.shape[1] + j)
+        keep = torch.nonzero((q >= torch.repeat_interleave(needed, lengths, output_size=total)) & (i != j)).squeeze(1)
+        return i.index_select(0, keep), j.index_select(0, keep), q.index_select(0, keep).to(FLOAT)
 
     # --- merging -----------------------------------------------------------------------------
 
@@ -534,6 +612,7 @@ class GroupState(_SlotState):
         self.exact_host[:] = False
         self._pool_costs_cache = None
         self._max_cache = None
+        self._ceilings_cache = None
         self.last_full_passes, self.full_passes = self.full_passes, 0
         if self.component_slot is not None:
             self.component_slot[self.component_slot == drop] = keep
@@ -589,10 +668,17 @@ class GroupState(_SlotState):
         self.lowest_q = min(self.lowest_q, float(self.row_q_min[merged]))
         if self.pool is not None:
             chosen = others & (costs <= self._pool_level())
+            ceilings = None
+            if self.pool.floor > -math.inf:
+                ceilings = self._pair_ceilings(slot, torch.arange(k, device=self.device))
+                above = ceilings > self.pool.floor
+                self.pool.complete &= bool(above[others].all())
+                chosen &= above
             j = torch.nonzero(chosen).squeeze(1)
             i = torch.full_like(j, merged)
+            ceilings = self._pair_ceilings(i, j) if ceilings is None else ceilings.index_select(0, j)
             self.pool.append(torch.cat([i, j]), torch.cat([j, i]), terms.index_select(0, j).repeat(2),
-                             q.index_select(0, j).repeat(2))
+                             q.index_select(0, j).repeat(2), ceilings.repeat(2))
 
     def _move_slot(self, source: int, target: int) -> None:
         if source == target:

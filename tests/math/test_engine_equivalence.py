@@ -2,9 +2,11 @@
 
 Same seed, same sampler: the same pairs, partitions, pair costs and MDL losses, on random
 problems covering boolean and continuous mode, both samplers, ties (threshold 0), the whole
-range (threshold 1), never-active components, and the engine's internal regimes (several
-row blocks, the candidate pool overflowing into row counting, 16-bit counts with wide
-groups, the torch primitives other devices use).
+range (threshold 1), never-active components, the kinds of activations the benchmarks use
+(uniform rates, heterogeneous power-law rates with a few dense components, planted groups),
+and the engine's internal regimes (several row blocks, the candidate pool overflowing into
+row counting, pairs counted by their cost ceilings, 16-bit counts with wide groups, the
+torch primitives other devices use).
 """
 
 from __future__ import annotations
@@ -32,9 +34,26 @@ def engine(request, monkeypatch):
     return request.param
 
 
-def random_problem(seed: int, n: int, c: int, density: float, threshold, alpha: float, iters, method: str, kwargs):
+DATA_KINDS = ("uniform", "zipf", "planted")
+
+
+def component_rates(rng, c: int, density: float, data: str) -> np.ndarray:
+    """Per-component firing rates: all `density` (uniform), or a power law with mean `density` and a few
+    components active on up to half the samples (zipf)."""
+    if data != "zipf":
+        return np.full(c, density)
+    shape = np.arange(1, c + 1) ** -1.1
+    return np.minimum(0.5, density * c * shape / shape.sum())[rng.permutation(c)]
+
+
+def random_problem(seed: int, n: int, c: int, density: float, threshold, alpha: float, iters, method: str, kwargs,
+                   data: str = "uniform"):
     rng = np.random.default_rng(seed)
-    values = rng.random((n, c)) * (rng.random((n, c)) < density)
+    active = rng.random((n, c)) < component_rates(rng, c, density, data)
+    if data == "planted":  # groups of 4 that also fire together on a shared feature
+        features = rng.random((n, c // 4 + 1)) < density
+        active |= np.repeat(features, 4, axis=1)[:, :c]
+    values = rng.random((n, c)) * active
     values[:, rng.random(c) < 0.15] = 0.0  # never-active components
     if c >= 4 and rng.random() < 0.5:  # duplicated columns: exact cost ties
         values[:, 1] = values[:, 0]
@@ -84,6 +103,7 @@ def problems(draw, max_n: int = 300, max_c: int = 40):
         iters=draw(st.sampled_from([None, 1, 5, 60])),
         method=method,
         kwargs=kwargs,
+        data=draw(st.sampled_from(DATA_KINDS)),
     ), draw(st.integers(0, 2**31))
 
 
@@ -92,6 +112,27 @@ def problems(draw, max_n: int = 300, max_c: int = 40):
 def test_identical_histories_to_the_reference_engine(problem):
     (activations, config), seed = problem
     assert_same_history(activations, config, seed)
+
+
+@pytest.mark.parametrize("data", DATA_KINDS)
+@pytest.mark.parametrize("seed", range(4))
+def test_identical_histories_where_ceilings_count_most_candidates(engine, monkeypatch, data, seed):
+    """Heterogeneous rates: once the strongest pairs are merged nearly every pair is in the range sampler's
+    window, and the scalable state counts most of them by their ceilings."""
+    counted = []
+    original = state.GroupState._ceiling_counts
+
+    def recorded(self, cutoff):
+        counts = original(self, cutoff)
+        counted.append(int(counts.sum()))
+        return counts
+
+    monkeypatch.setattr(state.GroupState, "_ceiling_counts", recorded)
+    activations, config = random_problem(seed, n=600, c=80, density=0.04, threshold=0.1, alpha=1.0, iters=70,
+                                         method="range", kwargs={"threshold": 0.05}, data=data)
+    assert_same_history(activations, config, seed)
+    if engine == "scalable" and data == "zipf":
+        assert max(counted) > 80 * 79 // 2  # more than half of all pairs counted without their costs
 
 
 @pytest.fixture
@@ -109,7 +150,7 @@ def test_identical_histories_with_small_blocks_and_pool(small_blocks, seed):
                       ("mcmc", {"temperature": 0.5})][seed % 4]
     activations, config = random_problem(seed, n=int(rng.integers(50, 400)), c=int(rng.integers(20, 60)), density=0.1,
                                          threshold=[0.1, None][seed % 2 if method == "range" else 0], alpha=1.0,
-                                         iters=None, method=method, kwargs=kwargs)
+                                         iters=None, method=method, kwargs=kwargs, data=DATA_KINDS[seed % 3])
     assert_same_history(activations, config, seed)
 
 
