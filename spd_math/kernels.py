@@ -8,7 +8,10 @@ made with `compiled` then run as plain Python (same results, far slower).
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
+import torch
 
 try:  # pragma: no cover - exercised wherever numba is installed
     import numba
@@ -20,12 +23,30 @@ except ImportError:  # pragma: no cover
 
 
 def compiled(**options):
-    """`numba.njit` (cached, releasing the GIL) with `options`, or the plain function without Numba."""
+    """`numba.njit` (cached, releasing the GIL) with `options`, or the plain function without Numba.
+
+    A parallel kernel runs on as many threads as torch's CPU operations may use here (a worker's
+    share of the cores), and leaves torch's thread count as it found it: Numba's OpenMP layer sets
+    the process-wide OpenMP thread count, which torch shares.
+    """
 
     def wrap(function):
         if not AVAILABLE:
             return function
-        return numba.njit(cache=True, nogil=True, **options)(function)
+        kernel = numba.njit(cache=True, nogil=True, **options)(function)
+        if not options.get("parallel"):
+            return kernel
+
+        @functools.wraps(function)
+        def on_torch_threads(*args):
+            threads = torch.get_num_threads()
+            numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+            try:
+                return kernel(*args)
+            finally:
+                torch.set_num_threads(threads)
+
+        return on_torch_threads
 
     return wrap
 
