@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from spd_math import kernels
+
 
 def pair_ceilings(s_i, r_i, s_j, r_j, alpha: float):
     """Ceilings of the pairs `(i, j)`, elementwise (NumPy arrays or torch tensors of float64, broadcastable)."""
@@ -103,10 +105,30 @@ class CeilingIndex:
                 place = np.empty(unmerged.size, dtype=np.int64)
                 place[self._order] = np.searchsorted(sorted_s, sorted_s, side="right")
                 counts[unmerged] += merged.size - np.searchsorted(np.sort(lengths), place, side="left")
-            ceilings = (s_merged[:, None] * r_merged[None, :] + s_merged[None, :] * r_merged[:, None]) * alpha
-            under = ceilings <= cutoff
-            counts[merged] += under.sum(axis=1) - under.diagonal()
+            counts[merged] += _merged_counts(s_merged, r_merged, alpha, cutoff)
         return counts
+
+
+def _merged_counts(s: np.ndarray, r: np.ndarray, alpha: float, cutoff: float) -> np.ndarray:
+    """Per merged group, the other merged groups it pairs with at a ceiling `<= cutoff`."""
+    if kernels.AVAILABLE:
+        return _merged_counts_compiled(s, r, alpha, cutoff)
+    ceilings = (s[:, None] * r[None, :] + s[None, :] * r[:, None]) * alpha
+    under = ceilings <= cutoff
+    return under.sum(axis=1) - under.diagonal()
+
+
+@kernels.compiled()
+def _merged_counts_compiled(s, r, alpha, cutoff):  # pragma: no cover - compiled
+    # One pass over the pairs i < j, with the rounding of the NumPy expression (no contraction into FMA).
+    m = s.size
+    counts = np.zeros(m, np.int64)
+    for i in range(m):
+        for j in range(i + 1, m):
+            if (s[i] * r[j] + s[j] * r[i]) * alpha <= cutoff:
+                counts[i] += 1
+                counts[j] += 1
+    return counts
 
 
 def ceiling_counts(s: np.ndarray, r: np.ndarray, alpha: float, cutoff: float) -> np.ndarray:

@@ -245,3 +245,17 @@ def gather_active(array, threshold, offsets, indices, values):  # pragma: no cov
                 indices[t] = j
                 values[t] = value
                 t += 1
+
+
+@compiled()
+def slot_counts_of_samples(indptr, indices, slot_of_component, samples, k):  # pragma: no cover - compiled
+    """Per slot below k, how many of its components' activations fall on the given samples (rows of a CSR
+    structure); activations of components whose slot is k or above are not counted."""
+    counts = np.zeros(k, np.int64)
+    for sample in samples:
+        for position in range(indptr[sample], indptr[sample + 1]):
+            slot = slot_of_component[indices[position]]
+            if slot < k:
+                counts[slot] += 1
+    return counts
+

@@ -33,6 +33,14 @@ pairs whose cost was at most a level when last evaluated: while the window's cut
 at or below that level, the pool holds every candidate; otherwise it is rebuilt from the
 rows whose lower bound is at most the new level. Continuous mode allows negative
 coactivations; there the bounds include the drift of negative entries and a safety margin.
+
+Ceilings instead of a pool of everything. On heterogeneous activations (rates spread over an
+order of magnitude, a few dense components), once the strongly coactivating groups are merged
+the window holds nearly every pair. In boolean mode a pair's cost is at most its *ceiling*, its
+cost without coactivation (`ceilings.py`), which reads only the two groups' counts and sizes:
+the pairs with a ceiling under the cutoff are counted per row from the sorted counts, and the
+pool then keeps only pairs with a ceiling above a *floor* just under the cutoff. The n-th
+candidate is found in its row, evaluated exactly.
 """
 
 from __future__ import annotations
@@ -55,7 +63,7 @@ BLOCK_ENTRIES = 1 << 22
 # Stale rows scanned per round while looking for the global min or max: at most this many costs,
 # torch's grain size, so that per-iteration work never pays for waking threads (which costs
 # milliseconds on a loaded machine).
-LAZY_BATCH_ENTRIES = 1 << 15
+LAZY_BATCH_ENTRIES = 1 << 13
 # Relative safety margin on bounds that drift (rounding of a few float64 operations is ~1e-16).
 BOUND_MARGIN = 1e-10
 # Share of the cost range above the minimum that a freshly built pool covers.
@@ -63,6 +71,11 @@ POOL_SHARE = 0.06
 # Share of the range sampler's look-ahead below the cutoff down to which a pool holds pairs that its ceilings
 # would count (the rest are counted by ceiling): room for the cutoff to fall a little without a rebuild.
 FLOOR_SHARE = 0.02
+# Pairs with a ceiling between a pool's floor and its level (all in the pool) per live group, at most (and at
+# least this many in all): the level comes down where ceilings crowd, found in this many bisection steps.
+POOL_BAND_PER_GROUP = 4
+POOL_BAND_MIN = 1 << 16
+LEVEL_BISECTIONS = 12
 # Pool entries beyond which the range sampler counts candidates row by row instead.
 POOL_LIMIT = 1 << 25
 # After a pool overflowed, the range sampler counts row by row for this many iterations (doubling per overflow
@@ -407,9 +420,8 @@ class GroupState(_SlotState):
                 self._pool_wait -= 1
                 self.pool, self._pool_costs_cache = None, None
                 return self._counted_candidates(cutoff)
-            slack = max(slack, 0.0)
-            floor = cutoff - FLOOR_SHARE * slack if self._counts_ceilings(cutoff) else -math.inf
-            self._rebuild_pool(cutoff + slack, cutoff, floor)
+            floor, level = self._pool_bounds(cutoff, max(slack, 0.0))
+            self._rebuild_pool(level, cutoff, floor)
             self._pool_overflows = self._pool_overflows + 1 if self.pool is None else 0
             self._pool_wait = min(POOL_RETRY_CAP, 2**self._pool_overflows - 1) if self.pool is None else 0
         if self.pool is None:
@@ -420,6 +432,34 @@ class GroupState(_SlotState):
         counts = self.pool.counts_above_ceiling(costs, cutoff, self.k).cpu()
         counts += torch.from_numpy(self._ceiling_counts(cutoff))
         return RowCountedCandidates(self, torch.arange(self.k, device=self.device), counts, cutoff)
+
+    def _pool_bounds(self, cutoff: float, slack: float) -> tuple[float, float]:
+        """`(floor, level)` of a new pool for `cutoff`: up to `slack` above it, and a little under it.
+
+        Every pair with a ceiling in (floor, level] belongs in the pool whatever its coactivation;
+        where ceilings crowd (most pairs of rare groups share a few small counts) the level is
+        lowered until at most `POOL_BAND_PER_GROUP · k` of them are, and the floor raised to the cutoff.
+        """
+        if not self.boolean:
+            return -math.inf, cutoff + slack
+        index = self._ceilings()
+
+        def under(value: float) -> int:  # pairs (ordered) with a ceiling <= value; every ceiling is >= 0
+            return int(index.counts(value).sum()) if value >= 0 else 0
+
+        budget = max(POOL_BAND_MIN, POOL_BAND_PER_GROUP * self.k)
+        floor = cutoff - FLOOR_SHARE * slack
+        if under(cutoff) - under(floor) > budget // 4:
+            floor = cutoff
+        below = under(floor)
+        level = cutoff + slack
+        if under(level) - below > budget:
+            low, high = cutoff, level
+            for _ in range(LEVEL_BISECTIONS):
+                middle = (low + high) / 2
+                low, high = (middle, high) if under(middle) - below <= budget else (low, middle)
+            level = low
+        return (floor if below else -math.inf), level
 
     # --- ceilings ------------------------------------------------------------------------------
 
@@ -638,10 +678,13 @@ class GroupState(_SlotState):
         word_index, bit = np.nonzero(bits)
         samples = words[word_index] * 64 + bit
         indptr, indices = self.structure.indptr, self.structure.indices
-        starts, lengths = indptr[samples], indptr[samples + 1] - indptr[samples]
-        first_of_sample = np.cumsum(lengths) - lengths
-        positions = np.repeat(starts - first_of_sample, lengths) + np.arange(int(lengths.sum()))
-        counts = np.bincount(self.component_slot[indices[positions]], minlength=k)[:k]
+        if kernels.AVAILABLE:  # one pass, no temporaries: merges of dense groups cover most samples
+            counts = kernels.slot_counts_of_samples(indptr, indices, self.component_slot, samples, k)
+        else:
+            starts, lengths = indptr[samples], indptr[samples + 1] - indptr[samples]
+            first_of_sample = np.cumsum(lengths) - lengths
+            positions = np.repeat(starts - first_of_sample, lengths) + np.arange(int(lengths.sum()))
+            counts = np.bincount(self.component_slot[indices[positions]], minlength=k)[:k]
         merged = np.flatnonzero(self.sizes_host[:k] != 1)
         if merged.size:
             rows = self.masks.numpy()[np.ix_(words, merged)] & words_np[words][:, None]
