@@ -154,6 +154,22 @@ def _chunks(args, n_samples: int, n_components: int):
     return source_chunks(model, n_samples, args.seed), list(model.labels), DEAD_FILTER
 
 
+# Where making the input went, seconds: generating the chunks, `builder.add`, `builder.build()`.
+INPUT_SECONDS = {"generate": 0.0, "add": 0.0, "build": 0.0}
+
+
+def timed_chunks(chunks):
+    """The chunks, with the time spent making each added to `INPUT_SECONDS["generate"]`."""
+    iterator = iter(chunks)
+    while True:
+        started = time.perf_counter()
+        chunk = next(iterator, None)
+        INPUT_SECONDS["generate"] += time.perf_counter() - started
+        if chunk is None:
+            return
+        yield chunk
+
+
 def make_activations(args, n_samples: int, n_components: int) -> ProcessedActivations:
     """The activations of `args.data` at the given size, compact or dense (`args.compact`)."""
     from spd_math import CompactActivationsBuilder
@@ -164,12 +180,17 @@ def make_activations(args, n_samples: int, n_components: int) -> ProcessedActiva
     chunks, labels, dead_filter = _chunks(args, n_samples, n_components)
     if args.compact:
         builder = CompactActivationsBuilder(labels, activation_threshold=args.threshold, filter_dead_threshold=dead_filter)
-        for chunk in chunks:
+        for chunk in timed_chunks(chunks):
+            started = time.perf_counter()
             builder.add(chunk)
-        return builder.build()
+            INPUT_SECONDS["add"] += time.perf_counter() - started
+        started = time.perf_counter()
+        processed = builder.build()
+        INPUT_SECONDS["build"] += time.perf_counter() - started
+        return processed
     data = torch.empty((n_samples, len(labels)), dtype=torch.float32)
     start = 0
-    for chunk in chunks:
+    for chunk in timed_chunks(chunks):
         data[start : start + chunk.shape[0]] = chunk
         start += chunk.shape[0]
     processed = ProcessedActivations(activations=data, labels=labels)
@@ -274,6 +295,14 @@ def warm_up(choices: dict, states: list[str], args) -> None:
         merge_module.group_state = original
 
 
+def input_line(seconds: float, input_mb: float, rss_mb: float) -> str:
+    """The input's line: seconds to make it, split into generating the data, `add` and `build()`."""
+    parts = INPUT_SECONDS
+    split = f"generate {parts['generate']:.2f} s, add {parts['add']:.2f} s, build {parts['build']:.2f} s"
+    return (f"  input                {seconds:8.2f} s to make ({split}); {input_mb:,.0f} MB; "
+            f"peak RSS after it {rss_mb:,.0f} MB")
+
+
 def digest(group_idxs: np.ndarray) -> int:
     return int(np.bitwise_xor.reduce((group_idxs.astype(np.int64) * 2654435761).ravel() % (1 << 61)))
 
@@ -296,6 +325,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--input-only", action="store_true", help="make the input, print its line, and stop")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     args = parser.parse_args()
     if args.threads:
@@ -322,6 +352,11 @@ def main() -> None:
         cutoff = 0 if args.continuous else args.threshold
         density = sum(int((rows > cutoff).sum()) for rows in stored.split(8192)) / stored.numel()
     rss_data = peak_rss_mb()
+    if args.input_only:
+        print(f"input: {args.data} data, {n:,} samples x {c:,} components, density {density:.4f}, "
+              f"{'compact' if activations.is_compact else 'dense'} input, {torch.get_num_threads()} threads")
+        print(input_line(generate_s, input_mb, rss_data))
+        return
     warm_up(choices, states, args)
     marks = timed_state_class()
     results: dict[str, dict[str, list]] = {name: {"setup": [], "iteration": [], "total": [], "digest": []} for name in states}
@@ -356,7 +391,7 @@ def main() -> None:
           f"{'continuous' if args.continuous else f'threshold {args.threshold}'}, sampler {args.sampler}, "
           f"density {density:.4f}, {'compact' if activations.is_compact else 'dense'} input, device {args.device}, "
           f"{torch.get_num_threads()} threads")
-    print(f"  input                {generate_s:8.2f} s to make; {input_mb:,.0f} MB; peak RSS after it {rss_data:,.0f} MB")
+    print(input_line(generate_s, input_mb, rss_data))
     for name in states:
         result = results[name]
         history = histories[name]
