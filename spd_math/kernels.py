@@ -224,3 +224,51 @@ def gather_active(array, threshold, offsets, indices, values):  # pragma: no cov
                 indices[t] = j
                 values[t] = value
                 t += 1
+
+
+@compiled(parallel=True)
+def chunk_statistics(array, threshold, block, group, counts, sums, maxima, group_counts):  # pragma: no cover - compiled
+    """`column_statistics` that also counts, per row and per `group` consecutive columns, the entries `> threshold`.
+
+    One pass over the chunk gives everything but the kept entries themselves: `group_counts[r, g]` (uint8)
+    says where in row r they are, so `gather_groups` reads only the groups that hold any. `block` is a
+    multiple of `group`, so each group belongs to one thread's block.
+    """
+    rows, c = array.shape
+    n_blocks = (c + block - 1) // block
+    for b in parallel_range(n_blocks):
+        start, stop = b * block, min(c, (b + 1) * block)
+        for j in range(start, stop):
+            counts[j] = 0
+            sums[j] = 0.0
+            maxima[j] = -np.inf
+        for r in range(rows):
+            for g in range(start // group, (stop + group - 1) // group):
+                n = 0
+                for j in range(g * group, min(stop, (g + 1) * group)):
+                    value = array[r, j]
+                    if value > threshold:
+                        counts[j] += 1
+                        n += 1
+                    sums[j] += value
+                    if value > maxima[j]:
+                        maxima[j] = value
+                group_counts[r, g] = n
+
+
+@compiled(parallel=True)
+def gather_groups(array, threshold, group, group_counts, offsets, indices, values):  # pragma: no cover - compiled
+    """`gather_active`, reading only the groups of columns that `chunk_statistics` found entries in."""
+    rows, c = array.shape
+    n_groups = group_counts.shape[1]
+    for r in parallel_range(rows):
+        t = offsets[r]
+        for g in range(n_groups):
+            if group_counts[r, g] == 0:
+                continue
+            for j in range(g * group, min(c, (g + 1) * group)):
+                value = array[r, j]
+                if value > threshold:
+                    indices[t] = j
+                    values[t] = value
+                    t += 1
