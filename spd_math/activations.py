@@ -25,8 +25,7 @@ SEQ_MODES = ("concat", "seq_mean", None)
 STATS_CHUNK_ENTRIES = 1 << 26
 REMAP_BLOCK = 1 << 24  # column indices remapped at a time when dead components are dropped
 MIN_CAPACITY = 1 << 16  # kept entries a compact builder makes room for at first
-STATISTICS_BLOCK = 64  # columns per work item of the compiled column statistics
-GATHER_GROUP = 16  # columns whose kept entries per row are counted together (a 64-byte line of float32)
+STATISTICS_BLOCK = 1024  # fewest columns per work item of the compiled chunk statistics
 ROW_ORDER_SUM_ENTRIES = 1 << 24  # entries a device chunk's row-order sums scan at a time
 
 
@@ -359,22 +358,24 @@ class CompactActivationsBuilder:
         self._rows += array.shape[0]
 
     def _add_compiled(self, array: np.ndarray) -> None:
-        """`add` in one multithreaded pass over the chunk (statistics, and per row which groups of columns
-        hold kept entries) and a second over those groups only, written straight into the buffers; the same
-        numbers as the NumPy path. Nothing changes when NaN/inf is refused."""
+        """`add` in two multithreaded passes over the chunk (statistics and row counts, then the kept entries),
+        written straight into the buffers; the same numbers as the NumPy path. Nothing changes when NaN/inf
+        is refused."""
         c = len(self.labels)
         threshold = array.dtype.type(self.threshold)  # compared in the chunk's precision, as NumPy and torch do
         counts, sums, maxima = np.empty(c, np.int64), np.empty(c, np.float64), np.empty(c, np.float64)
-        group_counts = np.empty((array.shape[0], -(-c // GATHER_GROUP)), np.uint8)
-        kernels.chunk_statistics(array, threshold, STATISTICS_BLOCK, GATHER_GROUP, counts, sums, maxima, group_counts)
+        # A block of columns per thread (at least STATISTICS_BLOCK): long stretches of each row to read.
+        block = max(STATISTICS_BLOCK, -(-c // kernels.max_threads()))
+        block_row_counts = np.empty((-(-c // block), array.shape[0]), np.int64)
+        kernels.chunk_statistics(array, threshold, block, counts, sums, maxima, block_row_counts)
         if not np.isfinite(sums).all():  # NaN/inf propagate into the sums; an exact look only then
             self._refuse_nonfinite(np.flatnonzero(~np.isfinite(array).all(axis=0)).tolist())
-        row_counts = group_counts.sum(axis=1, dtype=np.int64)
+        row_counts = block_row_counts.sum(axis=0)
         offsets = np.zeros(array.shape[0], np.int64)
         np.cumsum(row_counts[:-1], out=offsets[1:])
         end = self._reserve(int(offsets[-1] + row_counts[-1]))
-        kernels.gather_groups(array, threshold, GATHER_GROUP, group_counts, offsets,
-                              self._indices[self._stored : end], self._values[self._stored : end])
+        kernels.gather_active(array, threshold, offsets, self._indices[self._stored : end],
+                              self._values[self._stored : end])
         self._accumulate(counts, sums, maxima, row_counts, end, array.shape[0])
 
     def _add_tensor(self, values: torch.Tensor) -> None:

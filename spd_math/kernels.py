@@ -167,31 +167,6 @@ def pair_score_extremes(matrix, diag, alpha, slope):  # pragma: no cover - compi
 
 
 @compiled(parallel=True)
-def column_statistics(array, threshold, block, counts, sums, maxima):  # pragma: no cover - compiled
-    """Per column of a `[rows, c]` chunk: entries `> threshold`, the float64 sum (in row order) and the maximum.
-
-    Columns are dealt out a block at a time, so each thread reads contiguous stretches of every row and the
-    sums add in the same order as a row-by-row NumPy reduction, whatever the number of threads.
-    """
-    rows, c = array.shape
-    n_blocks = (c + block - 1) // block
-    for b in numba.prange(n_blocks):
-        start, stop = b * block, min(c, (b + 1) * block)
-        for j in range(start, stop):
-            counts[j] = 0
-            sums[j] = 0.0
-            maxima[j] = -np.inf
-        for r in range(rows):
-            for j in range(start, stop):
-                value = array[r, j]
-                if value > threshold:
-                    counts[j] += 1
-                sums[j] += value
-                if value > maxima[j]:
-                    maxima[j] = value
-
-
-@compiled(parallel=True)
 def active_row_counts(array, threshold, row_counts):  # pragma: no cover - compiled
     """How many entries of each row of `array` are `> threshold`."""
     rows, c = array.shape
@@ -226,13 +201,16 @@ def gather_active(array, threshold, offsets, indices, values):  # pragma: no cov
                 t += 1
 
 
-@compiled(parallel=True)
-def chunk_statistics(array, threshold, block, group, counts, sums, maxima, group_counts):  # pragma: no cover - compiled
-    """`column_statistics` that also counts, per row and per `group` consecutive columns, the entries `> threshold`.
 
-    One pass over the chunk gives everything but the kept entries themselves: `group_counts[r, g]` (uint8)
-    says where in row r they are, so `gather_groups` reads only the groups that hold any. `block` is a
-    multiple of `group`, so each group belongs to one thread's block.
+@compiled(parallel=True)
+def chunk_statistics(array, threshold, block, counts, sums, maxima, block_row_counts):  # pragma: no cover - compiled
+    """Per column of a `[rows, c]` chunk: entries `> threshold`, the float64 sum (in row order) and the maximum;
+    and per block of columns and row, the entries `> threshold` (the rows' counts: `block_row_counts.sum(0)`).
+
+    One pass over the chunk gives everything but the kept entries themselves. Columns are dealt out a
+    block at a time; each block's columns add in row order whatever the block size or the number of
+    threads, so the sums are those of a row-by-row NumPy reduction. Wide blocks read long stretches
+    of each row (blocks of 64 columns, a 256-byte read per row, ran several times slower).
     """
     rows, c = array.shape
     n_blocks = (c + block - 1) // block
@@ -243,32 +221,12 @@ def chunk_statistics(array, threshold, block, group, counts, sums, maxima, group
             sums[j] = 0.0
             maxima[j] = -np.inf
         for r in range(rows):
-            for g in range(start // group, (stop + group - 1) // group):
-                n = 0
-                for j in range(g * group, min(stop, (g + 1) * group)):
-                    value = array[r, j]
-                    if value > threshold:
-                        counts[j] += 1
-                        n += 1
-                    sums[j] += value
-                    if value > maxima[j]:
-                        maxima[j] = value
-                group_counts[r, g] = n
-
-
-@compiled(parallel=True)
-def gather_groups(array, threshold, group, group_counts, offsets, indices, values):  # pragma: no cover - compiled
-    """`gather_active`, reading only the groups of columns that `chunk_statistics` found entries in."""
-    rows, c = array.shape
-    n_groups = group_counts.shape[1]
-    for r in parallel_range(rows):
-        t = offsets[r]
-        for g in range(n_groups):
-            if group_counts[r, g] == 0:
-                continue
-            for j in range(g * group, min(c, (g + 1) * group)):
+            n = 0
+            for j in range(start, stop):
                 value = array[r, j]
-                if value > threshold:
-                    indices[t] = j
-                    values[t] = value
-                    t += 1
+                active = value > threshold
+                counts[j] += active
+                n += active
+                sums[j] += value
+                maxima[j] = max(maxima[j], value)  # the first of equal maxima, as `if value > maxima[j]`
+            block_row_counts[b, r] = n

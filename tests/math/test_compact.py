@@ -120,11 +120,15 @@ def test_builder_reports_nan_with_the_component_label():
         CompactActivationsBuilder(["a:0"], activation_threshold=-0.1)
 
 
+@pytest.mark.parametrize("block", [16, 1024], ids=["blocks", "one-block"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_builder_compiled_and_numpy_paths_agree_exactly(monkeypatch, dtype):
-    """The compiled single-pass chunk path keeps exactly the entries, statistics and errors of the NumPy one,
-    including values equal to the threshold in the chunk's precision."""
-    from spd_math import kernels
+def test_builder_compiled_and_numpy_paths_agree_exactly(monkeypatch, dtype, block):
+    """The compiled chunk path keeps exactly the entries, statistics and errors of the NumPy one, including
+    values equal to the threshold in the chunk's precision, however the columns are split between threads."""
+    from spd_math import activations, kernels
+
+    monkeypatch.setattr(activations, "STATISTICS_BLOCK", block)
+    monkeypatch.setattr(kernels, "max_threads", lambda: 4)  # 130 columns: 4 blocks of 33, or 1 of 1024
 
     values = sparse_values(5, n=900, c=130).astype(dtype)
     values[:, 11:13] = 0
