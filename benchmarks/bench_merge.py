@@ -30,7 +30,10 @@ geometric gaps), so making the data costs little more than zeroing each chunk. S
 as drawing every entry (what this benchmark did before 2026-12), but other values from a seed:
 partition digests of older runs do not carry over. `--compact`
 streams the same rows, a chunk at a time, through `CompactActivationsBuilder`, so the dense float
-matrix never exists (the form the model sources produce; `minilm` is always compact).
+matrix never exists (the form the model sources produce; `minilm` is always compact);
+`--chunk-device cuda:0` hands the builder each chunk on the GPU, as a model source there does.
+The input's line splits its seconds into generating the data (and moving it to `--chunk-device`),
+`builder.add` and `build()`; `--input-only` stops there.
 
 Prints the setup (masks, exact coactivation counts and the first cost bounds: everything before
 the first merge), seconds per iteration after it, and the process's peak RSS. `--states` runs
@@ -211,12 +214,17 @@ def _chunks(args, n_samples: int, n_components: int):
 INPUT_SECONDS = {"generate": 0.0, "add": 0.0, "build": 0.0}
 
 
-def timed_chunks(chunks):
-    """The chunks, with the time spent making each added to `INPUT_SECONDS["generate"]`."""
+def timed_chunks(chunks, device: torch.device = torch.device("cpu")):
+    """The chunks, moved to `device`, with the time spent making (and moving) each added to
+    `INPUT_SECONDS["generate"]`: a model source on that device would have made them there."""
     iterator = iter(chunks)
     while True:
         started = time.perf_counter()
         chunk = next(iterator, None)
+        if chunk is not None and chunk.device != device:
+            chunk = chunk.to(device)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
         INPUT_SECONDS["generate"] += time.perf_counter() - started
         if chunk is None:
             return
@@ -228,12 +236,13 @@ def make_activations(args, n_samples: int, n_components: int) -> ProcessedActiva
     from spd_math import CompactActivationsBuilder
     from spd_math.activations import drop_dead
 
+    INPUT_SECONDS.update(generate=0.0, add=0.0, build=0.0)
     if args.data == "minilm":
         return minilm_activations(n_samples, n_components, args.threshold)
     chunks, labels, dead_filter = _chunks(args, n_samples, n_components)
     if args.compact:
         builder = CompactActivationsBuilder(labels, activation_threshold=args.threshold, filter_dead_threshold=dead_filter)
-        for chunk in timed_chunks(chunks):
+        for chunk in timed_chunks(chunks, torch.device(getattr(args, "chunk_device", None) or "cpu")):
             started = time.perf_counter()
             builder.add(chunk)
             INPUT_SECONDS["add"] += time.perf_counter() - started
@@ -378,6 +387,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--chunk-device", help="with --compact: the device the builder gets each chunk on "
+                        "(as a model source there gives them; default cpu)")
     parser.add_argument("--input-only", action="store_true", help="make the input, print its line, and stop")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     args = parser.parse_args()
