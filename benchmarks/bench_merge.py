@@ -99,14 +99,32 @@ def bernoulli_positions(generator: torch.Generator, n: int, p: float) -> torch.T
     return torch.cat(pieces)
 
 
-def _scatter(rows: int, n_components: int, positions: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    chunk = torch.zeros((rows, n_components), dtype=torch.float32)
-    chunk.view(-1)[positions] = values
-    return chunk
+class _ChunkBuffer:
+    """One `[CHUNK_ROWS, c]` float32 buffer that every chunk of a generator is written into: only the
+    entries written for the chunk before are cleared, so a chunk costs its active entries, not a fresh
+    allocation and zeroing (the consumers here copy what they need before asking for the next)."""
+
+    def __init__(self, n_components: int) -> None:
+        self.flat = torch.zeros(CHUNK_ROWS * n_components, dtype=torch.float32)
+        self.n_components = n_components
+        self.written: list[torch.Tensor] = []
+
+    def clear(self) -> None:
+        for positions in self.written:
+            self.flat[positions] = 0.0
+        self.written = []
+
+    def write(self, positions: torch.Tensor, values: torch.Tensor) -> None:
+        self.flat[positions] = values
+        self.written.append(positions)
+
+    def rows(self, rows: int) -> torch.Tensor:
+        return self.flat[: rows * self.n_components].view(rows, self.n_components)
 
 
 def synthetic_chunks(n_samples: int, n_components: int, density: float, group_size: int, seed: int):
-    """`[rows, n_components]` float32 chunks of the planted data, in order (same data for any consumer).
+    """`[rows, n_components]` float32 chunks of the planted data, in order (same data for any consumer;
+    each chunk is overwritten by the next: copy what you keep).
 
     Only the active entries are drawn (the planted features densely, they are few; the noise as a
     Bernoulli process), so making a chunk costs little more than zeroing it.
@@ -117,16 +135,18 @@ def synthetic_chunks(n_samples: int, n_components: int, density: float, group_si
     feature_rate = density / 2
     noise_rate = density - feature_rate
     members = torch.arange(group_size)
+    buffer = _ChunkBuffer(n_components)
     for start in range(0, n_samples, CHUNK_ROWS):
         rows = min(CHUNK_ROWS, n_samples - start)
         feature_rows, groups = torch.nonzero(torch.rand((rows, n_groups), generator=generator) < feature_rate).unbind(1)
         # Every member of a firing group, row-major: a row's flat start plus the group's columns.
         planted = ((feature_rows * n_components + groups * group_size)[:, None] + members).reshape(-1)
         noise = bernoulli_positions(generator, rows * n_components, noise_rate)
-        chunk = _scatter(rows, n_components, planted, torch.rand(planted.numel(), generator=generator) * 0.9 + 0.1)
+        buffer.clear()
+        buffer.write(planted, torch.rand(planted.numel(), generator=generator) * 0.9 + 0.1)
         # Written second, so an entry active both ways takes one uniform value like any other.
-        chunk.view(-1)[noise] = torch.rand(noise.numel(), generator=generator) * 0.9 + 0.1
-        yield chunk
+        buffer.write(noise, torch.rand(noise.numel(), generator=generator) * 0.9 + 0.1)
+        yield buffer.rows(rows)
 
 
 def zipf_rates(n_components: int, density: float, seed: int) -> torch.Tensor:
@@ -145,7 +165,7 @@ def zipf_rates(n_components: int, density: float, seed: int) -> torch.Tensor:
 
 
 def zipf_chunks(n_samples: int, n_components: int, density: float, seed: int, threshold: float):
-    """`[rows, n_components]` float32 chunks of the zipf data, in order.
+    """`[rows, n_components]` float32 chunks of the zipf data, in order (each overwritten by the next).
 
     Only the active entries are drawn: the components are binned by rate (within a factor of 2), a
     Bernoulli process at the bin's highest rate proposes entries, and each is kept with probability
@@ -156,6 +176,7 @@ def zipf_chunks(n_samples: int, n_components: int, density: float, seed: int, th
     bins = torch.floor(torch.log2(rates)).to(torch.int64)
     members = [torch.nonzero(bins == b).squeeze(1) for b in torch.unique(bins).tolist()]
     low = max(threshold, 0.0)
+    buffer = _ChunkBuffer(n_components)
     for start in range(0, n_samples, CHUNK_ROWS):
         rows = min(CHUNK_ROWS, n_samples - start)
         positions = []
@@ -168,7 +189,9 @@ def zipf_chunks(n_samples: int, n_components: int, density: float, seed: int, th
         flat = torch.cat(positions)
         values = low + torch.rand(flat.numel(), generator=generator) * (1 - low)
         values = torch.where(values > low, values, torch.ones_like(values))  # strictly above the threshold
-        yield _scatter(rows, n_components, flat, values)
+        buffer.clear()
+        buffer.write(flat, values)
+        yield buffer.rows(rows)
 
 
 def source_model(n_components: int):
