@@ -206,17 +206,17 @@ def source_model(n_components: int):
 
 
 def source_chunks(model, n_samples: int, seed: int):
-    """`[rows, all components]` float32 chunks of the source's batches (dead components included), in order."""
-    from spd_assets.sources.synthetic import generate_batch
+    """`[rows, all components]` float32 chunks of the source's batches (dead components included), in order:
+    its `generate_rows`, the values of `generate_batch` with the modules side by side (no per-module copies)."""
+    from spd_assets.sources.synthetic import generate_rows
 
     seq_len = model.params.seq_len
     sequences = math.ceil(n_samples / seq_len)
     per_piece = max(1, min(sequences, SOURCE_PIECE_ENTRIES // (seq_len * model.n_components)))
     done = 0
     for piece, first in enumerate(range(0, sequences, per_piece)):
-        batch = generate_batch(model, seed=seed + piece, batch_size=min(per_piece, sequences - first))
-        rows = torch.cat([values.reshape(-1, values.shape[-1]) for values in batch.values()], dim=1)
-        rows = rows[: n_samples - done]
+        rows = generate_rows(model, seed=seed + piece, batch_size=min(per_piece, sequences - first))
+        rows = torch.from_numpy(rows[: n_samples - done])
         done += rows.shape[0]
         yield rows
 
