@@ -145,9 +145,13 @@ def generate_rows(model: SyntheticModel, *, seed: int, batch_size: int) -> np.nd
     fires[:, members] |= feature_on[:, model.planted_group[members]] & reliable
 
     # One draw decides the floor and its value: below FLOOR_RATE it is uniform on [0, FLOOR_RATE).
-    floor_draw = rng.random((n_tokens, n_components), dtype=np.float32)
+    values = rng.random((n_tokens, n_components), dtype=np.float32)
+    floored = values < FLOOR_RATE
     floor_ceiling = np.where(model.dead, DEAD_FLOOR_CEILING, LIVE_FLOOR_CEILING).astype(np.float32)
-    values = np.where(floor_draw < FLOOR_RATE, floor_draw * (floor_ceiling / FLOOR_RATE), np.float32(0))
+    # The draw becomes the values in place: `where(floored, draw * ceiling / FLOOR_RATE, 0)` exactly (the
+    # products are >= 0: times 1 or 0), without that expression's full-size temporaries (most of the time).
+    np.multiply(values, floor_ceiling / FLOOR_RATE, out=values)
+    np.multiply(values, floored, out=values)
     values[fires] = rng.uniform(*ACTIVE_RANGE, size=int(fires.sum())).astype(np.float32)
     return values
 
