@@ -24,9 +24,16 @@
   at `--threshold` (1.0 keeps about 1.7% of entries); `--components` keeps the first layers (1,536 units
   each), `--samples` tokens.
 
-Values of active entries are uniform in (threshold, 1] for `planted` and `zipf`. `--compact`
+Values of active entries are uniform in [0.1, 1) for `planted` and in (threshold, 1] for `zipf`;
+both draw only the active entries (the noise and the zipf firings as Bernoulli processes, by
+geometric gaps), so making the data costs little more than zeroing each chunk. Same distributions
+as drawing every entry (what this benchmark did before 2026-12), but other values from a seed:
+partition digests of older runs do not carry over. `--compact`
 streams the same rows, a chunk at a time, through `CompactActivationsBuilder`, so the dense float
-matrix never exists (the form the model sources produce; `minilm` is always compact).
+matrix never exists (the form the model sources produce; `minilm` is always compact);
+`--chunk-device cuda:0` hands the builder each chunk on the GPU, as a model source there does.
+The input's line splits its seconds into generating the data (and moving it to `--chunk-device`),
+`builder.add` and `build()`; `--input-only` stops there.
 
 Prints the setup (masks, exact coactivation counts and the first cost bounds: everything before
 the first merge), seconds per iteration after it, and the process's peak RSS. `--states` runs
@@ -64,28 +71,82 @@ SOURCE_SPREAD = 10  # components_per_module = (m - SPREAD, m + SPREAD)
 DEAD_FILTER = 0.001  # the product's default filter_dead_threshold
 # Entries generated at once by the synthetic source (its arrays are several times this in bytes).
 SOURCE_PIECE_ENTRIES = 1 << 26
+DENSE_RATE = 0.05  # Bernoulli processes at least this likely are drawn a uniform per position
 ZIPF_EXPONENT = 1.1
 ZIPF_CAP = 0.5
 MINILM_SEQ_LEN = 64
 MINILM_UNITS = 1536
 
 
+def bernoulli_positions(generator: torch.Generator, n: int, p: float) -> torch.Tensor:
+    """The sorted positions in `[0, n)` of a Bernoulli(`p`) process (each one independently), int64.
+
+    Drawn as geometric gaps between successive positions (below `DENSE_RATE`): work in proportion
+    to the positions drawn, not to `n`, with the same distribution as `torch.rand(n) < p`.
+    """
+    if n == 0 or p <= 0:
+        return torch.empty(0, dtype=torch.int64)
+    if p >= DENSE_RATE:  # most positions fire: a uniform per position is cheaper than a gap per firing
+        return torch.nonzero(torch.rand(n, generator=generator) < p).squeeze(1)
+    pieces, last = [], -1
+    while last < n - 1:
+        expected = (n - 1 - last) * p
+        gaps = torch.empty(int(expected + 6 * math.sqrt(expected)) + 16, dtype=torch.float64)
+        gaps.geometric_(p, generator=generator)  # trials up to and including the next success: >= 1
+        positions = last + torch.cumsum(gaps, dim=0).to(torch.int64)
+        pieces.append(positions[positions < n])
+        last = int(positions[-1])
+    return torch.cat(pieces)
+
+
+class _ChunkBuffer:
+    """One `[CHUNK_ROWS, c]` float32 buffer that every chunk of a generator is written into: only the
+    entries written for the chunk before are cleared, so a chunk costs its active entries, not a fresh
+    allocation and zeroing (the consumers here copy what they need before asking for the next)."""
+
+    def __init__(self, n_components: int) -> None:
+        self.flat = torch.zeros(CHUNK_ROWS * n_components, dtype=torch.float32)
+        self.n_components = n_components
+        self.written: list[torch.Tensor] = []
+
+    def clear(self) -> None:
+        for positions in self.written:
+            self.flat[positions] = 0.0
+        self.written = []
+
+    def write(self, positions: torch.Tensor, values: torch.Tensor) -> None:
+        self.flat[positions] = values
+        self.written.append(positions)
+
+    def rows(self, rows: int) -> torch.Tensor:
+        return self.flat[: rows * self.n_components].view(rows, self.n_components)
+
+
 def synthetic_chunks(n_samples: int, n_components: int, density: float, group_size: int, seed: int):
-    """`[rows, n_components]` float32 chunks of the planted data, in order (same data for any consumer)."""
+    """`[rows, n_components]` float32 chunks of the planted data, in order (same data for any consumer;
+    each chunk is overwritten by the next: copy what you keep).
+
+    Only the active entries are drawn (the planted features densely, they are few; the noise as a
+    Bernoulli process), so making a chunk costs little more than zeroing it.
+    """
     generator = torch.Generator().manual_seed(seed)
     n_groups = n_components // group_size
     # Half of each component's firing comes from its planted group's latent feature.
     feature_rate = density / 2
     noise_rate = density - feature_rate
+    members = torch.arange(group_size)
+    buffer = _ChunkBuffer(n_components)
     for start in range(0, n_samples, CHUNK_ROWS):
         rows = min(CHUNK_ROWS, n_samples - start)
-        features = torch.rand((rows, n_groups), generator=generator) < feature_rate
-        active = features.repeat_interleave(group_size, dim=1)
-        if active.shape[1] < n_components:
-            active = torch.cat([active, torch.zeros((rows, n_components - active.shape[1]), dtype=torch.bool)], dim=1)
-        active |= torch.rand((rows, n_components), generator=generator) < noise_rate
-        values = torch.rand((rows, n_components), generator=generator) * 0.9 + 0.1
-        yield values * active
+        feature_rows, groups = torch.nonzero(torch.rand((rows, n_groups), generator=generator) < feature_rate).unbind(1)
+        # Every member of a firing group, row-major: a row's flat start plus the group's columns.
+        planted = ((feature_rows * n_components + groups * group_size)[:, None] + members).reshape(-1)
+        noise = bernoulli_positions(generator, rows * n_components, noise_rate)
+        buffer.clear()
+        buffer.write(planted, torch.rand(planted.numel(), generator=generator) * 0.9 + 0.1)
+        # Written second, so an entry active both ways takes one uniform value like any other.
+        buffer.write(noise, torch.rand(noise.numel(), generator=generator) * 0.9 + 0.1)
+        yield buffer.rows(rows)
 
 
 def zipf_rates(n_components: int, density: float, seed: int) -> torch.Tensor:
@@ -104,15 +165,33 @@ def zipf_rates(n_components: int, density: float, seed: int) -> torch.Tensor:
 
 
 def zipf_chunks(n_samples: int, n_components: int, density: float, seed: int, threshold: float):
+    """`[rows, n_components]` float32 chunks of the zipf data, in order (each overwritten by the next).
+
+    Only the active entries are drawn: the components are binned by rate (within a factor of 2), a
+    Bernoulli process at the bin's highest rate proposes entries, and each is kept with probability
+    its component's rate over that (thinning: exactly its component's rate in all).
+    """
     generator = torch.Generator().manual_seed(seed)
-    rates = zipf_rates(n_components, density, seed)
+    rates = zipf_rates(n_components, density, seed).double()
+    bins = torch.floor(torch.log2(rates)).to(torch.int64)
+    members = [torch.nonzero(bins == b).squeeze(1) for b in torch.unique(bins).tolist()]
     low = max(threshold, 0.0)
+    buffer = _ChunkBuffer(n_components)
     for start in range(0, n_samples, CHUNK_ROWS):
         rows = min(CHUNK_ROWS, n_samples - start)
-        active = torch.rand((rows, n_components), generator=generator) < rates
-        values = low + torch.rand((rows, n_components), generator=generator) * (1 - low)
+        positions = []
+        for columns in members:
+            most = float(rates[columns].max())
+            proposed = bernoulli_positions(generator, rows * columns.numel(), most)
+            row, index = proposed // columns.numel(), proposed % columns.numel()
+            kept = torch.rand(proposed.numel(), generator=generator, dtype=torch.float64) * most < rates[columns[index]]
+            positions.append(row[kept] * n_components + columns[index[kept]])
+        flat = torch.cat(positions)
+        values = low + torch.rand(flat.numel(), generator=generator) * (1 - low)
         values = torch.where(values > low, values, torch.ones_like(values))  # strictly above the threshold
-        yield values * active
+        buffer.clear()
+        buffer.write(flat, values)
+        yield buffer.rows(rows)
 
 
 def source_model(n_components: int):
@@ -127,17 +206,17 @@ def source_model(n_components: int):
 
 
 def source_chunks(model, n_samples: int, seed: int):
-    """`[rows, all components]` float32 chunks of the source's batches (dead components included), in order."""
-    from spd_assets.sources.synthetic import generate_batch
+    """`[rows, all components]` float32 chunks of the source's batches (dead components included), in order:
+    its `generate_rows`, the values of `generate_batch` with the modules side by side (no per-module copies)."""
+    from spd_assets.sources.synthetic import generate_rows
 
     seq_len = model.params.seq_len
     sequences = math.ceil(n_samples / seq_len)
     per_piece = max(1, min(sequences, SOURCE_PIECE_ENTRIES // (seq_len * model.n_components)))
     done = 0
     for piece, first in enumerate(range(0, sequences, per_piece)):
-        batch = generate_batch(model, seed=seed + piece, batch_size=min(per_piece, sequences - first))
-        rows = torch.cat([values.reshape(-1, values.shape[-1]) for values in batch.values()], dim=1)
-        rows = rows[: n_samples - done]
+        rows = generate_rows(model, seed=seed + piece, batch_size=min(per_piece, sequences - first))
+        rows = torch.from_numpy(rows[: n_samples - done])
         done += rows.shape[0]
         yield rows
 
@@ -154,22 +233,49 @@ def _chunks(args, n_samples: int, n_components: int):
     return source_chunks(model, n_samples, args.seed), list(model.labels), DEAD_FILTER
 
 
+# Where making the input went, seconds: generating the chunks, `builder.add`, `builder.build()`.
+INPUT_SECONDS = {"generate": 0.0, "add": 0.0, "build": 0.0}
+
+
+def timed_chunks(chunks, device: torch.device = torch.device("cpu")):
+    """The chunks, moved to `device`, with the time spent making (and moving) each added to
+    `INPUT_SECONDS["generate"]`: a model source on that device would have made them there."""
+    iterator = iter(chunks)
+    while True:
+        started = time.perf_counter()
+        chunk = next(iterator, None)
+        if chunk is not None and chunk.device != device:
+            chunk = chunk.to(device)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        INPUT_SECONDS["generate"] += time.perf_counter() - started
+        if chunk is None:
+            return
+        yield chunk
+
+
 def make_activations(args, n_samples: int, n_components: int) -> ProcessedActivations:
     """The activations of `args.data` at the given size, compact or dense (`args.compact`)."""
     from spd_math import CompactActivationsBuilder
     from spd_math.activations import drop_dead
 
+    INPUT_SECONDS.update(generate=0.0, add=0.0, build=0.0)
     if args.data == "minilm":
         return minilm_activations(n_samples, n_components, args.threshold)
     chunks, labels, dead_filter = _chunks(args, n_samples, n_components)
     if args.compact:
         builder = CompactActivationsBuilder(labels, activation_threshold=args.threshold, filter_dead_threshold=dead_filter)
-        for chunk in chunks:
+        for chunk in timed_chunks(chunks, torch.device(getattr(args, "chunk_device", None) or "cpu")):
+            started = time.perf_counter()
             builder.add(chunk)
-        return builder.build()
+            INPUT_SECONDS["add"] += time.perf_counter() - started
+        started = time.perf_counter()
+        processed = builder.build()
+        INPUT_SECONDS["build"] += time.perf_counter() - started
+        return processed
     data = torch.empty((n_samples, len(labels)), dtype=torch.float32)
     start = 0
-    for chunk in chunks:
+    for chunk in timed_chunks(chunks):
         data[start : start + chunk.shape[0]] = chunk
         start += chunk.shape[0]
     processed = ProcessedActivations(activations=data, labels=labels)
@@ -274,6 +380,14 @@ def warm_up(choices: dict, states: list[str], args) -> None:
         merge_module.group_state = original
 
 
+def input_line(seconds: float, input_mb: float, rss_mb: float) -> str:
+    """The input's line: seconds to make it, split into generating the data, `add` and `build()`."""
+    parts = INPUT_SECONDS
+    split = f"generate {parts['generate']:.2f} s, add {parts['add']:.2f} s, build {parts['build']:.2f} s"
+    return (f"  input                {seconds:8.2f} s to make ({split}); {input_mb:,.0f} MB; "
+            f"peak RSS after it {rss_mb:,.0f} MB")
+
+
 def digest(group_idxs: np.ndarray) -> int:
     return int(np.bitwise_xor.reduce((group_idxs.astype(np.int64) * 2654435761).ravel() % (1 << 61)))
 
@@ -296,6 +410,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--chunk-device", help="with --compact: the device the builder gets each chunk on "
+                        "(as a model source there gives them; default cpu)")
+    parser.add_argument("--input-only", action="store_true", help="make the input, print its line, and stop")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     args = parser.parse_args()
     if args.threads:
@@ -322,6 +439,11 @@ def main() -> None:
         cutoff = 0 if args.continuous else args.threshold
         density = sum(int((rows > cutoff).sum()) for rows in stored.split(8192)) / stored.numel()
     rss_data = peak_rss_mb()
+    if args.input_only:
+        print(f"input: {args.data} data, {n:,} samples x {c:,} components, density {density:.4f}, "
+              f"{'compact' if activations.is_compact else 'dense'} input, {torch.get_num_threads()} threads")
+        print(input_line(generate_s, input_mb, rss_data))
+        return
     warm_up(choices, states, args)
     marks = timed_state_class()
     results: dict[str, dict[str, list]] = {name: {"setup": [], "iteration": [], "total": [], "digest": []} for name in states}
@@ -356,7 +478,7 @@ def main() -> None:
           f"{'continuous' if args.continuous else f'threshold {args.threshold}'}, sampler {args.sampler}, "
           f"density {density:.4f}, {'compact' if activations.is_compact else 'dense'} input, device {args.device}, "
           f"{torch.get_num_threads()} threads")
-    print(f"  input                {generate_s:8.2f} s to make; {input_mb:,.0f} MB; peak RSS after it {rss_data:,.0f} MB")
+    print(input_line(generate_s, input_mb, rss_data))
     for name in states:
         result = results[name]
         history = histories[name]

@@ -9,7 +9,8 @@ partitions; prints the seconds of each (setup and per iteration), peak GPU memor
 `--data` takes the kinds of `bench_merge.py` (planted, source, zipf, minilm; see there) at each size.
 
 `--sizes` takes SAMPLESxCOMPONENTSxITERS triples (comma-separated). `--compact` streams the
-rows into compact (sparse) activations, as the model sources do; otherwise the input is a
+rows into compact (sparse) activations, as the model sources do (`--chunk-device cuda:0`: each
+chunk handed over on the GPU, reduced there); otherwise the input is a
 dense float32 matrix (skipped, with a note, when it would not fit in host memory). Every
 size runs in its own try block: an out-of-memory error is reported and the next size runs.
 `--cpu-limit` skips the CPU comparison above that many components (the GPU figures are
@@ -28,7 +29,7 @@ import time
 
 import numpy as np
 import torch
-from bench_merge import DATA_KINDS, make_activations, synthetic_activations, timed_state_class
+from bench_merge import DATA_KINDS, INPUT_SECONDS, make_activations, synthetic_activations, timed_state_class
 
 from spd_math import MergeConfig, ProcessedActivations, merge_iteration
 
@@ -72,7 +73,8 @@ def check_size(n: int, c: int, iters: int, args, marks: list[float]) -> bool | N
             print(f"  skipped: a dense input of {needed_gb:.0f} GB does not fit in host memory (use --compact)")
             return None
     activations = make_activations(args, n, c)
-    print(f"  input made in {time.perf_counter() - started:.1f} s: {activations.n_samples:,} x "
+    split = ", ".join(f"{part} {seconds:.1f} s" for part, seconds in INPUT_SECONDS.items())
+    print(f"  input made in {time.perf_counter() - started:.1f} s ({split}): {activations.n_samples:,} x "
           f"{activations.n_components:,}", flush=True)
     config = MergeConfig(activation_threshold=threshold, iters=iters)
     torch.cuda.reset_peak_memory_stats(args.device)
@@ -106,6 +108,8 @@ def main() -> int:
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--continuous", action="store_true", help="continuous mode (activation_threshold: null)")
     parser.add_argument("--compact", action="store_true", help="compact (sparse) input built by streaming rows")
+    parser.add_argument("--chunk-device", help="with --compact: the device the builder gets each chunk on "
+                        "(e.g. cuda:0, as a model source on the GPU gives them; default cpu)")
     parser.add_argument("--cpu-limit", type=int, default=70_000, help="compare with the CPU up to this many components")
     parser.add_argument("--device", default="cuda:0")
     parser.add_argument("--seed", type=int, default=0)

@@ -25,7 +25,8 @@ SEQ_MODES = ("concat", "seq_mean", None)
 STATS_CHUNK_ENTRIES = 1 << 26
 REMAP_BLOCK = 1 << 24  # column indices remapped at a time when dead components are dropped
 MIN_CAPACITY = 1 << 16  # kept entries a compact builder makes room for at first
-STATISTICS_BLOCK = 64  # columns per work item of the compiled column statistics
+STATISTICS_BLOCK = 1024  # fewest columns per work item of the compiled chunk statistics
+ROW_ORDER_SUM_ENTRIES = 1 << 24  # entries a device chunk's row-order sums scan at a time
 
 
 @dataclass(frozen=True)
@@ -325,46 +326,88 @@ class CompactActivationsBuilder:
         return ColumnStats(self._rows, self._counts.copy(), self._sums.copy(), self._maxima.copy(), self.threshold)
 
     def add(self, chunk) -> None:
-        """Append `[rows, c]` dense values (tensor or array, any float dtype)."""
-        values = as_tensor("chunk", chunk, ActivationsError).detach().cpu()
+        """Append `[rows, c]` dense values (tensor or array, any float dtype, on any device).
+
+        A chunk on an accelerator is reduced there: only its kept entries and the per-component
+        statistics come to the host, never the dense values.
+        """
+        values = as_tensor("chunk", chunk, ActivationsError).detach()
         c = len(self.labels)
         if values.ndim != 2 or values.shape[1] != c:
             raise ActivationsError(f"chunk: expected shape [rows, {c}], got {tuple(values.shape)}")
         if not values.is_floating_point():
             values = values.float()
+        if values.shape[0] == 0:
+            self._row_counts.append(np.zeros(0, dtype=np.int64))
+            return
+        if values.device.type != "cpu" or values.dtype == torch.bfloat16:  # NumPy has no bfloat16
+            self._add_tensor(values)
+            return
         array = values.numpy()
-        if kernels.AVAILABLE and array.shape[0] and array.dtype in (np.float32, np.float64):
-            self._add_compiled(np.ascontiguousarray(array))
+        if kernels.AVAILABLE and array.dtype in (np.float32, np.float64):
+            self._add_compiled(np.ascontiguousarray(array))  # a no-op for the usual contiguous chunk
             return
         self._refuse_nonfinite(nonfinite_columns(values).tolist())
         active = array > self.threshold
         self._counts += active.sum(axis=0)
         self._sums += array.sum(axis=0, dtype=np.float64)
-        if array.shape[0]:
-            self._maxima = np.maximum(self._maxima, array.max(axis=0).astype(np.float64))
+        self._maxima = np.maximum(self._maxima, array.max(axis=0).astype(np.float64))
         rows, columns = np.nonzero(active)
         self._row_counts.append(np.bincount(rows, minlength=array.shape[0]))
         self._append(columns, array[rows, columns])
         self._rows += array.shape[0]
 
     def _add_compiled(self, array: np.ndarray) -> None:
-        """`add` in three multithreaded passes over the chunk (statistics, row counts, kept entries), written
-        straight into the buffers; the same numbers as the NumPy path. Nothing changes when NaN/inf is refused."""
+        """`add` in two multithreaded passes over the chunk (statistics and row counts, then the kept entries),
+        written straight into the buffers; the same numbers as the NumPy path. Nothing changes when NaN/inf
+        is refused."""
         c = len(self.labels)
         threshold = array.dtype.type(self.threshold)  # compared in the chunk's precision, as NumPy and torch do
         counts, sums, maxima = np.empty(c, np.int64), np.empty(c, np.float64), np.empty(c, np.float64)
-        kernels.column_statistics(array, threshold, STATISTICS_BLOCK, counts, sums, maxima)
+        # A block of columns per thread (at least STATISTICS_BLOCK): long stretches of each row to read.
+        block = max(STATISTICS_BLOCK, -(-c // kernels.max_threads()))
+        block_row_counts = np.empty((-(-c // block), array.shape[0]), np.int64)
+        kernels.chunk_statistics(array, threshold, block, counts, sums, maxima, block_row_counts)
         if not np.isfinite(sums).all():  # NaN/inf propagate into the sums; an exact look only then
             self._refuse_nonfinite(np.flatnonzero(~np.isfinite(array).all(axis=0)).tolist())
-        row_counts, offsets = kernels.active_rows(array, threshold)
-        end = self._reserve(int(row_counts.sum()))
-        kernels.gather_active(array, threshold, offsets, self._indices[self._stored : end], self._values[self._stored : end])
+        row_counts = block_row_counts.sum(axis=0)
+        offsets = np.zeros(array.shape[0], np.int64)
+        np.cumsum(row_counts[:-1], out=offsets[1:])
+        end = self._reserve(int(offsets[-1] + row_counts[-1]))
+        kernels.gather_active(array, threshold, offsets, self._indices[self._stored : end],
+                              self._values[self._stored : end])
+        self._accumulate(counts, sums, maxima, row_counts, end, array.shape[0])
+
+    def _add_tensor(self, values: torch.Tensor) -> None:
+        """`add` with torch operations where the chunk is (the path of accelerator chunks): the statistics and
+        the kept entries are made on the chunk's device and only they are copied to the host. The same numbers
+        as the compiled path, bit for bit: the sums add in row order too (see `_row_order_sums`)."""
+        threshold = torch.tensor(self.threshold, dtype=values.dtype, device=values.device)  # the chunk's precision
+        active = values > threshold
+        sums = _row_order_sums(values)
+        if not bool(torch.isfinite(sums).all()):  # NaN/inf propagate into the sums; an exact look only then
+            self._refuse_nonfinite(nonfinite_columns(values).tolist())
+        counts = active.sum(dim=0)
+        maxima = values.amax(dim=0).to(torch.float64)
+        row_counts = active.sum(dim=1)
+        # Row-major, as the compiled path writes them: flat positions of the kept entries, then their columns.
+        flat = torch.nonzero(active.reshape(-1)).squeeze(1)
+        end = self._reserve(flat.numel())
+        c = values.shape[1]
+        torch.from_numpy(self._indices[self._stored : end]).copy_(torch.remainder(flat, c).to(torch.int32))
+        kept = values.reshape(-1)[flat] if values.is_contiguous() else values[active]  # no dense copy either way
+        torch.from_numpy(self._values[self._stored : end]).copy_(kept.to(torch.float32))
+        self._accumulate(counts.cpu().numpy(), sums.cpu().numpy(), maxima.cpu().numpy(),
+                         row_counts.cpu().numpy(), end, values.shape[0])
+
+    def _accumulate(self, counts, sums, maxima, row_counts, end: int, rows: int) -> None:
+        """Take in one chunk's statistics, row counts and the kept entries written up to `end`."""
         self._counts += counts
         self._sums += sums
         np.maximum(self._maxima, maxima, out=self._maxima)
-        self._row_counts.append(row_counts)
+        self._row_counts.append(row_counts.astype(np.int64, copy=False))
         self._stored = end
-        self._rows += array.shape[0]
+        self._rows += rows
 
     def _refuse_nonfinite(self, columns: list[int]) -> None:
         if columns:
@@ -424,6 +467,25 @@ class CompactActivationsBuilder:
             stats = stats.select(np.flatnonzero(alive))
         activations = csr_tensor(indptr, indices, values, (self._rows, len(labels)))
         return ProcessedActivations(activations, labels, dead, dropped_at_or_below=self.threshold, stats=stats)
+
+
+def _row_order_sums(values: torch.Tensor) -> torch.Tensor:
+    """Per column of a `[rows, c]` tensor, the float64 sum of its values added one row after another.
+
+    The compiled and NumPy paths add in row order, and float64 sums depend on the order; a cumulative
+    sum along rows is a sequential scan per column in torch (CPU, and CUDA's kernel for a dimension
+    other than the last), so its last row is that same sum. Scanned a slab of rows at a time, the
+    running sum carried in as the slab's first row, to bound the float64 temporaries.
+    """
+    rows, c = values.shape
+    if c == 1:  # a one-column scan is of a single dimension, which CUDA scans in parallel: add on the CPU
+        values = values.cpu()
+    slab = max(1, ROW_ORDER_SUM_ENTRIES // c)
+    total = torch.zeros((1, c), dtype=torch.float64, device=values.device)
+    for start in range(0, rows, slab):
+        part = values[start : start + slab].to(torch.float64)
+        total = torch.cat([total, part]).cumsum(dim=0)[-1:]
+    return total[0]
 
 
 def _accepts(module_filter: ModuleFilter) -> Callable[[str], bool]:

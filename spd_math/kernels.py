@@ -188,31 +188,6 @@ def pair_score_extremes(matrix, diag, alpha, slope):  # pragma: no cover - compi
 
 
 @compiled(parallel=True)
-def column_statistics(array, threshold, block, counts, sums, maxima):  # pragma: no cover - compiled
-    """Per column of a `[rows, c]` chunk: entries `> threshold`, the float64 sum (in row order) and the maximum.
-
-    Columns are dealt out a block at a time, so each thread reads contiguous stretches of every row and the
-    sums add in the same order as a row-by-row NumPy reduction, whatever the number of threads.
-    """
-    rows, c = array.shape
-    n_blocks = (c + block - 1) // block
-    for b in numba.prange(n_blocks):
-        start, stop = b * block, min(c, (b + 1) * block)
-        for j in range(start, stop):
-            counts[j] = 0
-            sums[j] = 0.0
-            maxima[j] = -np.inf
-        for r in range(rows):
-            for j in range(start, stop):
-                value = array[r, j]
-                if value > threshold:
-                    counts[j] += 1
-                sums[j] += value
-                if value > maxima[j]:
-                    maxima[j] = value
-
-
-@compiled(parallel=True)
 def active_row_counts(array, threshold, row_counts):  # pragma: no cover - compiled
     """How many entries of each row of `array` are `> threshold`."""
     rows, c = array.shape
@@ -247,6 +222,36 @@ def gather_active(array, threshold, offsets, indices, values):  # pragma: no cov
                 t += 1
 
 
+@compiled(parallel=True)
+def chunk_statistics(array, threshold, block, counts, sums, maxima, block_row_counts):  # pragma: no cover - compiled
+    """Per column of a `[rows, c]` chunk: entries `> threshold`, the float64 sum (in row order) and the maximum;
+    and per block of columns and row, the entries `> threshold` (the rows' counts: `block_row_counts.sum(0)`).
+
+    One pass over the chunk gives everything but the kept entries themselves. Columns are dealt out a
+    block at a time; each block's columns add in row order whatever the block size or the number of
+    threads, so the sums are those of a row-by-row NumPy reduction. Wide blocks read long stretches
+    of each row (blocks of 64 columns, a 256-byte read per row, ran several times slower).
+    """
+    rows, c = array.shape
+    n_blocks = (c + block - 1) // block
+    for b in parallel_range(n_blocks):
+        start, stop = b * block, min(c, (b + 1) * block)
+        for j in range(start, stop):
+            counts[j] = 0
+            sums[j] = 0.0
+            maxima[j] = -np.inf
+        for r in range(rows):
+            n = 0
+            for j in range(start, stop):
+                value = array[r, j]
+                active = value > threshold
+                counts[j] += active
+                n += active
+                sums[j] += value
+                maxima[j] = max(maxima[j], value)  # the first of equal maxima, as `if value > maxima[j]`
+            block_row_counts[b, r] = n
+
+
 @compiled()
 def slot_counts_of_samples(indptr, indices, slot_of_component, samples, k):  # pragma: no cover - compiled
     """Per slot below k, how many of its components' activations fall on the given samples (rows of a CSR
@@ -258,4 +263,3 @@ def slot_counts_of_samples(indptr, indices, slot_of_component, samples, k):  # p
             if slot < k:
                 counts[slot] += 1
     return counts
-

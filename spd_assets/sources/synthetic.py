@@ -115,6 +115,19 @@ def build_model(params: SyntheticParams) -> SyntheticModel:
 
 def generate_batch(model: SyntheticModel, *, seed: int, batch_size: int) -> dict[str, torch.Tensor]:
     """module name -> float32 [batch_size, seq_len, C] in [0, 1]; deterministic in (model, seed, batch_size)."""
+    values = generate_rows(model, seed=seed, batch_size=batch_size)
+    batch: dict[str, torch.Tensor] = {}
+    start = 0
+    for name, size in model.module_sizes.items():
+        module_values = np.ascontiguousarray(values[:, start : start + size])
+        batch[name] = torch.from_numpy(module_values).reshape(batch_size, model.params.seq_len, size)
+        start += size
+    return batch
+
+
+def generate_rows(model: SyntheticModel, *, seed: int, batch_size: int) -> np.ndarray:
+    """The values of `generate_batch` as one float32 `[batch_size * seq_len, all components]` array (modules
+    side by side in `module_sizes` order), for consumers that want the rows whole rather than per module."""
     if not isinstance(model, SyntheticModel):
         raise TypeError(f"model: expected SyntheticModel, got {type(model).__name__}")
     check_int("seed", seed, 0)
@@ -132,18 +145,15 @@ def generate_batch(model: SyntheticModel, *, seed: int, batch_size: int) -> dict
     fires[:, members] |= feature_on[:, model.planted_group[members]] & reliable
 
     # One draw decides the floor and its value: below FLOOR_RATE it is uniform on [0, FLOOR_RATE).
-    floor_draw = rng.random((n_tokens, n_components), dtype=np.float32)
+    values = rng.random((n_tokens, n_components), dtype=np.float32)
+    floored = values < FLOOR_RATE
     floor_ceiling = np.where(model.dead, DEAD_FLOOR_CEILING, LIVE_FLOOR_CEILING).astype(np.float32)
-    values = np.where(floor_draw < FLOOR_RATE, floor_draw * (floor_ceiling / FLOOR_RATE), np.float32(0))
+    # The draw becomes the values in place: `where(floored, draw * ceiling / FLOOR_RATE, 0)` exactly (the
+    # products are >= 0: times 1 or 0), without that expression's full-size temporaries (most of the time).
+    np.multiply(values, floor_ceiling / FLOOR_RATE, out=values)
+    np.multiply(values, floored, out=values)
     values[fires] = rng.uniform(*ACTIVE_RANGE, size=int(fires.sum())).astype(np.float32)
-
-    batch: dict[str, torch.Tensor] = {}
-    start = 0
-    for name, size in model.module_sizes.items():
-        module_values = np.ascontiguousarray(values[:, start : start + size])
-        batch[name] = torch.from_numpy(module_values).reshape(batch_size, params.seq_len, size)
-        start += size
-    return batch
+    return values
 
 
 @lru_cache(maxsize=8)

@@ -120,11 +120,15 @@ def test_builder_reports_nan_with_the_component_label():
         CompactActivationsBuilder(["a:0"], activation_threshold=-0.1)
 
 
+@pytest.mark.parametrize("block", [16, 1024], ids=["blocks", "one-block"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_builder_compiled_and_numpy_paths_agree_exactly(monkeypatch, dtype):
-    """The compiled single-pass chunk path keeps exactly the entries, statistics and errors of the NumPy one,
-    including values equal to the threshold in the chunk's precision."""
-    from spd_math import kernels
+def test_builder_compiled_and_numpy_paths_agree_exactly(monkeypatch, dtype, block):
+    """The compiled chunk path keeps exactly the entries, statistics and errors of the NumPy one, including
+    values equal to the threshold in the chunk's precision, however the columns are split between threads."""
+    from spd_math import activations, kernels
+
+    monkeypatch.setattr(activations, "STATISTICS_BLOCK", block)
+    monkeypatch.setattr(kernels, "max_threads", lambda: 4)  # 130 columns: 4 blocks of 33, or 1 of 1024
 
     values = sparse_values(5, n=900, c=130).astype(dtype)
     values[:, 11:13] = 0
@@ -148,7 +152,7 @@ def test_builder_compiled_and_numpy_paths_agree_exactly(monkeypatch, dtype):
     assert torch.equal(mine.values(), theirs.values())
     assert (compiled_stats.active_counts == plain_stats.active_counts).all()
     assert (compiled_stats.maxima == plain_stats.maxima).all()
-    np.testing.assert_allclose(compiled_stats.sums, plain_stats.sums, rtol=1e-12)
+    assert (compiled_stats.sums == plain_stats.sums).all()  # both add in row order
     assert int(compiled_stats.active_counts[11]) == 0 and int(compiled_stats.active_counts[12]) > 0
 
     bad = values[:256].copy()
@@ -159,3 +163,117 @@ def test_builder_compiled_and_numpy_paths_agree_exactly(monkeypatch, dtype):
         with pytest.raises(ActivationsError, match="NaN or inf in component.s. m:7"):
             builder.add(bad)
         assert builder.n_samples == 0 and builder.stored_bytes == 0
+
+
+def built_with(values: np.ndarray, chunk_rows: int, as_chunk, threshold: float = 0.05, dead: float = 0.005):
+    """The builder's output and statistics after adding `values` a chunk of rows at a time through `as_chunk`."""
+    width = as_chunk(values[:1]).shape[1]
+    builder = CompactActivationsBuilder([f"m:{j}" for j in range(width)], activation_threshold=threshold,
+                                        filter_dead_threshold=dead)
+    for start in range(0, len(values), chunk_rows):
+        builder.add(as_chunk(values[start : start + chunk_rows]))
+    stats = builder.stats
+    return builder.build(), stats
+
+
+def assert_built_identically(first, second) -> None:
+    """Same CSR (row pointers, column indices, values), labels, dead filter and statistics, bit for bit."""
+    (mine, my_stats), (theirs, their_stats) = first, second
+    assert mine.labels == theirs.labels and mine.dead_labels == theirs.dead_labels
+    for part in ("crow_indices", "col_indices", "values"):
+        assert torch.equal(getattr(mine.activations, part)(), getattr(theirs.activations, part)())
+    for name in ("active_counts", "sums", "maxima"):
+        assert getattr(my_stats, name).tobytes() == getattr(their_stats, name).tobytes(), name
+    assert my_stats.n_samples == their_stats.n_samples
+
+
+def torch_path_chunk(chunk: np.ndarray) -> torch.Tensor:
+    """A CPU bfloat16-free chunk the builder sends down its torch path (the one of accelerator chunks)."""
+    return torch.from_numpy(chunk)
+
+
+@pytest.fixture
+def torch_path(monkeypatch):
+    """Routes every tensor chunk through `_add_tensor`, as chunks on an accelerator are: the device-agnostic
+    torch operations run here on the CPU, so they are checked without a GPU."""
+    original = CompactActivationsBuilder.add
+
+    def add(self, chunk):
+        if isinstance(chunk, torch.Tensor) and chunk.shape[0] and chunk.is_floating_point() and chunk.ndim == 2:
+            return self._add_tensor(chunk)
+        return original(self, chunk)
+
+    monkeypatch.setattr(CompactActivationsBuilder, "add", add)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("chunk_rows", [1, 97, 256, 5000])
+def test_builder_torch_path_equals_the_compiled_path_bit_for_bit(torch_path, dtype, chunk_rows):
+    values = sparse_values(7, n=900, c=130).astype(dtype)
+    values[:, 40] = np.random.default_rng(1).random(900).astype(dtype) * 1e-3  # below the threshold, in the sums
+    values[::7, 11] = dtype(0.05)  # exactly the threshold: not active
+    values[::5, 12] = np.nextafter(dtype(0.05), dtype(1))  # just above: active
+    values[:, 90:] = np.random.default_rng(2).normal(size=(900, 40)).astype(dtype)  # negatives, other magnitudes
+    compiled = built_with(values, chunk_rows, np.asarray)
+    on_torch = built_with(values, chunk_rows, torch_path_chunk)
+    assert_built_identically(on_torch, compiled)
+    assert compiled[0].dead_labels  # the dead filter dropped something
+    # A chunk that is a view (every other column of a wider one) gives the same as a contiguous copy.
+    wide = np.repeat(values, 2, axis=1)
+    strided = built_with(wide, chunk_rows, lambda chunk: torch.from_numpy(chunk)[:, ::2])
+    assert_built_identically(strided, compiled)
+
+
+def test_builder_torch_path_one_column_and_empty_chunks(torch_path):
+    rng = np.random.default_rng(3)
+    values = (rng.random((300, 1)) * (rng.random((300, 1)) < 0.3) + 1e-4).astype(np.float32)
+    assert_built_identically(built_with(values, 64, torch_path_chunk, dead=0.0), built_with(values, 64, np.asarray, dead=0.0))
+    builder = CompactActivationsBuilder(["m:0", "m:1"], activation_threshold=0.1)
+    builder.add(torch.zeros((0, 2)))
+    builder.add(torch.tensor([[0.5, 0.0]]))
+    assert builder.n_samples == 1 and builder.build().to_scipy_csr().toarray().tolist() == [[0.5, 0.0]]
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_builder_torch_path_refuses_nonfinite_like_the_compiled_path(torch_path, bad):
+    values = sparse_values(5, n=300, c=30)
+    labels = [f"m:{j}" for j in range(30)]
+    chunk = values[:128].copy()
+    chunk[3, 7] = bad
+    chunk[100, 22] = bad
+    messages = []
+    for as_chunk in (np.asarray, torch_path_chunk):
+        builder = CompactActivationsBuilder(labels, activation_threshold=0.05)
+        builder.add(as_chunk(values[128:]))
+        stored, stats = builder.stored_bytes, builder.stats
+        with pytest.raises(ActivationsError, match=r"chunk at row 172: .*NaN or inf in component.s. m:7, m:22$") as error:
+            builder.add(as_chunk(chunk))
+        messages.append(str(error.value))
+        # Nothing of the refused chunk was taken in.
+        assert builder.n_samples == 172 and builder.stored_bytes == stored
+        assert builder.stats.sums.tobytes() == stats.sums.tobytes()
+    assert messages[0] == messages[1]
+
+
+def test_builder_bfloat16_chunks_take_the_torch_path():
+    values = torch.from_numpy(sparse_values(2, n=200, c=20)).to(torch.bfloat16)
+    builder = CompactActivationsBuilder([f"m:{j}" for j in range(20)], activation_threshold=0.05)
+    builder.add(values)
+    kept = builder.build().to_scipy_csr().toarray()
+    expected = values.float().numpy()
+    cut = float(torch.tensor(0.05, dtype=torch.bfloat16))  # compared in the chunk's precision
+    np.testing.assert_array_equal(kept, np.where(expected > cut, expected, 0))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("chunk_rows", [1, 256, 5000])
+def test_builder_cuda_chunks_equal_host_chunks_bit_for_bit(chunk_rows):
+    values = sparse_values(7, n=900, c=130)
+    values[:, 90:] = np.random.default_rng(2).normal(size=(900, 40)).astype(np.float32)
+    on_device = built_with(values, chunk_rows, lambda chunk: torch.from_numpy(chunk).cuda())
+    assert_built_identically(on_device, built_with(values, chunk_rows, np.asarray))
+    bad = values[:64].copy()
+    bad[5, 9] = np.nan
+    builder = CompactActivationsBuilder([f"m:{j}" for j in range(130)], activation_threshold=0.05)
+    with pytest.raises(ActivationsError, match="NaN or inf in component.s. m:9$"):
+        builder.add(torch.from_numpy(bad).cuda())

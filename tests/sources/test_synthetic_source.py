@@ -16,6 +16,7 @@ from spd_assets.sources.synthetic import (
     SyntheticParams,
     build_model,
     generate_batch,
+    generate_rows,
 )
 from spd_math.partitions import adjusted_rand_index
 
@@ -117,6 +118,12 @@ def test_batch_is_deterministic_in_seed_and_batch_size(default_model, default_ba
     smaller = generate_batch(default_model, seed=0, batch_size=2)
     assert torch.equal(all_values(smaller), all_values(generate_batch(default_model, seed=0, batch_size=2)))
     assert next(iter(smaller.values())).shape[0] == 2
+
+
+def test_rows_are_the_batch_with_its_modules_side_by_side(default_model, default_batch):
+    rows = generate_rows(default_model, seed=0, batch_size=BATCH_SIZE)
+    assert rows.dtype == np.float32 and rows.flags.c_contiguous
+    assert torch.equal(torch.from_numpy(rows), all_values(default_batch))
 
 
 def test_batch_values_look_like_causal_importances(default_model, default_batch):
