@@ -866,11 +866,12 @@ class DenseGroupState(_SlotState):
         self._move_group(source, target, ())
 
 
-# Up to this many components the dense state is used (24·c² bytes). Measured with 100k samples at 3% density
-# over 500 merges, boolean mode: dense 2.2 s vs scalable 2.9 s at 1,000 components, but 4.8 vs 3.7 s at 1,500,
-# 6.7 vs 4.6 s at 2,000 and 13.7 vs 5.3 s (300 merges) at 4,000. Continuous mode has no counts to bound costs
-# with: 12.0 s dense vs 38.6 s scalable at 2,000 (300 merges), so it keeps the dense state up to 4,096 (400 MB).
-DENSE_MAX_COMPONENTS = 1024
+# Up to this many components the dense state is used (24·c² bytes). Measured in ms per merge over 1,000 merges
+# (`bench_merge.py --states dense,picked`, 24,576 samples), dense vs scalable, on planted / source / zipf data:
+# 1.1/1.6, 1.3/2.0, 1.2/2.3 at 1,100 components; 1.9/1.6, 2.4/2.5, 3.0/3.0 at 1,400; 4.4/1.9, 4.3/2.6,
+# 3.7/2.6 at 1,700. Continuous mode has no counts to bound costs with: 12.0 s dense vs 38.6 s scalable at
+# 2,000 (300 merges), so it keeps the dense state up to 4,096 (400 MB).
+DENSE_MAX_COMPONENTS = 1536
 DENSE_MAX_COMPONENTS_CONTINUOUS = 4096
 # Above this many pooled pairs per k² pairs, upkeep of the pool (several passes over 32 bytes a pair) costs
 # more than the dense state's passes over every cost (8 bytes a pair): the run moves to the dense state
