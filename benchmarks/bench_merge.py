@@ -3,6 +3,7 @@
     python benchmarks/bench_merge.py --samples 100000 --components 16000 --iters 1000 --density 0.03
     python benchmarks/bench_merge.py --samples 100000 --components 65536 --iters 1000 --density 0.01 --compact
     python benchmarks/bench_merge.py --data source --samples 24576 --components 4000 --iters 300 --states dense,scalable,picked
+    python benchmarks/bench_merge.py --data planted,source,zipf --samples 24576 --components 4000 --density 0.008 --states dense,picked
     python benchmarks/bench_merge.py --data zipf --samples 100000 --components 16000 --density 0.01 --compact
     python benchmarks/bench_merge.py --data minilm --samples 24576 --components 4608 --iters 300 --threshold 1.0
 
@@ -41,7 +42,8 @@ the named merge states on the same input in one process, round-robin over `--rep
 the median of each side by side: `dense` (full k x k matrices), `scalable` (bounds and a candidate
 pool) and `picked` (whichever the engine chooses). Run it with an older checkout of spd_math on
 PYTHONPATH to compare engines: the setup is measured by wrapping whichever state class the engine
-constructs.
+constructs. Several comma-separated `--data` kinds run one after another in one process and end
+with a table of each kind's seconds per iteration against the first kind's, state by state.
 """
 
 from __future__ import annotations
@@ -394,7 +396,8 @@ def digest(group_idxs: np.ndarray) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", choices=DATA_KINDS, default="planted", help="what the activations are (see above)")
+    parser.add_argument("--data", default="planted",
+                        help=f"what the activations are, comma-separated to run several in one process: {', '.join(DATA_KINDS)}")
     parser.add_argument("--samples", type=int, default=100_000)
     parser.add_argument("--components", type=int, default=2_000)
     parser.add_argument("--iters", type=int, default=1_000)
@@ -417,14 +420,29 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.continuous and (args.compact or args.data == "minilm"):
+    kinds = [name.strip() for name in args.data.split(",") if name.strip()]
+    if not kinds or any(kind not in DATA_KINDS for kind in kinds):
+        parser.error(f"--data: expected names among {', '.join(DATA_KINDS)}, got {args.data!r}")
+    if args.continuous and (args.compact or "minilm" in kinds):
         parser.error("--continuous needs dense values: not with --compact or --data minilm")
     choices = state_choices()
     states = [name.strip() for name in args.states.split(",") if name.strip()]
     unknown = [name for name in states if name not in choices]
     if unknown or not states:
         parser.error(f"--states: expected names among {sorted(choices)}, got {args.states!r}")
+    if not args.input_only:
+        warm_up(choices, states, args)
+    marks = timed_state_class()
+    summary = {}
+    for kind in kinds:
+        args.data = kind
+        summary[kind] = run_kind(args, choices, states, marks)
+    if len(kinds) > 1 and not args.input_only:
+        print_summary(summary, states)
 
+
+def run_kind(args, choices: dict, states: list[str], marks: list[float]) -> dict[str, float]:
+    """Make one kind's input, run the states on it, print its block; the median seconds per iteration by state."""
     started = time.perf_counter()
     activations = make_activations(args, args.samples, args.components)
     generate_s = time.perf_counter() - started
@@ -443,9 +461,7 @@ def main() -> None:
         print(f"input: {args.data} data, {n:,} samples x {c:,} components, density {density:.4f}, "
               f"{'compact' if activations.is_compact else 'dense'} input, {torch.get_num_threads()} threads")
         print(input_line(generate_s, input_mb, rss_data))
-        return
-    warm_up(choices, states, args)
-    marks = timed_state_class()
+        return {}
     results: dict[str, dict[str, list]] = {name: {"setup": [], "iteration": [], "total": [], "digest": []} for name in states}
     histories = {}
     original = merge_module.group_state
@@ -492,13 +508,24 @@ def main() -> None:
               f"{float(history.mdl_losses[-1]):.4g}")
         print(f"    partitions digest    {digest(history.group_idxs.numpy()):x}   (equal digests: identical partitions)")
     print(f"  peak RSS             {peak_rss_mb():8,.0f} MB   ({peak_rss_mb() - rss_data:,.0f} MB above the input)")
+    medians = {name: statistics.median(results[name]["iteration"]) for name in states}
     if len(states) > 1:
         common = min(h.n_iters for h in histories.values())
         first = histories[states[0]].group_idxs[:common]
         same = all(torch.equal(first, histories[name].group_idxs[:common]) for name in states[1:])
         print(f"  identical partitions over the first {common} iterations: {same}")
-        medians = {name: statistics.median(results[name]["iteration"]) for name in states}
         print("  per iteration side by side: " + ", ".join(f"{name} {medians[name]:.4f} s" for name in states))
+    return medians
+
+
+def print_summary(summary: dict[str, dict[str, float]], states: list[str]) -> None:
+    """Seconds per iteration by data kind and state, and each kind's over the first kind's (same state)."""
+    first = next(iter(summary))
+    print(f"\nseconds per iteration (median), and x {first} in the same state:")
+    print("  " + f"{'data':10s}" + "".join(f"{name:>22s}" for name in states))
+    for kind, medians in summary.items():
+        cells = "".join(f"{medians[name]:>12.4f} ({medians[name] / summary[first][name]:5.2f}x)" for name in states)
+        print(f"  {kind:10s}{cells}")
 
 
 if __name__ == "__main__":

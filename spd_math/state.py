@@ -873,10 +873,10 @@ class DenseGroupState(_SlotState):
 # 2,000 (300 merges), so it keeps the dense state up to 4,096 (400 MB).
 DENSE_MAX_COMPONENTS = 1536
 DENSE_MAX_COMPONENTS_CONTINUOUS = 4096
-# Above this many pooled pairs per k² pairs, upkeep of the pool (several passes over 32 bytes a pair) costs
+# Above this many pooled pairs per k² pairs, upkeep of the pool (several passes over 40 bytes a pair) costs
 # more than the dense state's passes over every cost (8 bytes a pair): the run moves to the dense state
-# where it fits. Heterogeneous data gets there once its planted structure is merged (most pairs of rare
-# components then sit in the range sampler's window); so does any run whose sampler reads every cost (mcmc).
+# where it fits. Continuous runs, whose costs have no ceilings, can get there once most pairs sit in the range
+# sampler's window; so does any run whose sampler reads every cost (mcmc).
 DENSE_SWITCH_SHARE = 0.25
 # Share of the memory available at the start that the dense state may take when the run moves to it.
 DENSE_MEMORY_SHARE = 0.5
