@@ -21,6 +21,7 @@ counted this way; only pairs with a ceiling above the cutoff need their exact co
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from spd_math import kernels
 
@@ -32,8 +33,6 @@ def pair_ceilings(s_i, r_i, s_j, r_j, alpha: float):
     merged = (s_i * r_j + s_j * r_i) * alpha
     if isinstance(unmerged, np.ndarray):
         return np.where(unmerged, initial, merged)
-    import torch  # noqa: PLC0415 (NumPy callers need no torch here)
-
     return torch.where(unmerged, initial, merged)
 
 
