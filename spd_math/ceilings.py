@@ -69,13 +69,15 @@ class CeilingIndex:
         self._sorted_a = self._sorted_s * alpha  # fl(α·s) is monotone in s: still sorted
         self._a = s_unmerged * alpha
 
-    def unmerged_prefixes(self, cutoff: float) -> np.ndarray:
+    def unmerged_prefixes(self, cutoff) -> np.ndarray:
         """Per unmerged group (in `unmerged` order), how many of `sorted_unmerged` pair with it at a ceiling
-        `<= cutoff` (itself included where its own pair would): its other unmerged partners lie beyond."""
-        a, cutoff = self._a, float(cutoff)
+        `<= cutoff` (itself included where its own pair would): its other unmerged partners lie beyond.
+        `cutoff`: one for all, or one per unmerged group."""
+        a = self._a
+        cutoffs = np.broadcast_to(np.asarray(cutoff, dtype=np.float64), a.shape)
         if self.alpha == 0:
-            return np.full(a.size, a.size if cutoff >= 0 else 0, dtype=np.int64)
-        return _prefix_lengths(self._sorted_a, cutoff - a, lambda rows, values: a[rows] + values <= cutoff)
+            return np.where(cutoffs >= 0, a.size, 0).astype(np.int64)
+        return _prefix_lengths(self._sorted_a, cutoffs - a, lambda rows, values: a[rows] + values <= cutoffs[rows])
 
     def counts(self, cutoff: float) -> np.ndarray:
         """Per slot, the number of other groups it pairs with at a ceiling `<= cutoff` (int64 `[k]`)."""

@@ -74,6 +74,9 @@ FLOOR_SHARE = 0.02
 # Pairs with a ceiling between a pool's floor and its level (all in the pool) per live group, at most (and at
 # least this many in all): the level comes down where ceilings crowd, found in this many bisection steps.
 POOL_BAND_PER_GROUP = 4
+# Rows of a pool rebuild are read through their ceiling windows (gathers) rather than whole (one contiguous
+# read each) where the windows hold at most this share of the rows' entries.
+WINDOW_READ_SHARE = 0.25
 POOL_BAND_MIN = 1 << 16
 LEVEL_BISECTIONS = 12
 # Pool entries beyond which the range sampler counts candidates row by row instead.
@@ -529,6 +532,7 @@ class GroupState(_SlotState):
             plain = (self.sizes_host[rows_host] == 1) & (self.store.wide_of_slot[rows_host] < 0)
         parts: list[tuple[torch.Tensor, ...]] = []
         step = max(1, BLOCK_ENTRIES // self.k)
+        windows = self._ceiling_windows(level, floor) if plain.any() else None
         exact_rows = torch.from_numpy(rows_host[~plain]).to(self.device)
         for first in range(0, exact_rows.numel(), step):
             block = exact_rows[first : first + step]
@@ -544,7 +548,7 @@ class GroupState(_SlotState):
         if plain.any():
             plain_rows = torch.from_numpy(rows_host[plain]).to(self.device)
             for first in range(0, plain_rows.numel(), step):
-                parts.extend(self._filtered_entries(plain_rows[first : first + step], level, floor))
+                parts.extend(self._filtered_entries(plain_rows[first : first + step], level, floor, windows))
                 if sum(part[0].numel() for part in parts) > POOL_LIMIT:
                     return self._pool_overflow(level, cutoff, floor)
         if parts:
@@ -561,13 +565,33 @@ class GroupState(_SlotState):
         else:
             self.pool = None
 
-    def _filtered_entries(self, block: torch.Tensor, level: float, floor: float) -> list[tuple[torch.Tensor, ...]]:
+    def _ceiling_windows(self, level: float, floor: float) -> tuple[np.ndarray, np.ndarray]:
+        """Per slot (unmerged groups only), the positions `[start, end)` in `CeilingIndex.sorted_unmerged` of the
+        unmerged partners that can pair with it at a cost `<= level` and a ceiling above `floor`.
+
+        A cost is at least its ceiling less `(2α + L)·q`, and `q` is at most the row's bound `row_q_max`: past
+        a ceiling of `level + (2α + L)·row_q_max` (and a rounding margin) no partner qualifies.
+        """
+        k, alpha, L = self.k, self.alpha, self.log_k_minus_1
+        index = self._ceilings()
+        starts, ends = np.zeros(k, dtype=np.int64), np.zeros(k, dtype=np.int64)
+        if index.unmerged.size:
+            s_top = float(self.diag_host[:k].max())
+            margin = BOUND_MARGIN * (abs(level) + alpha * 2 * s_top + L * s_top + 1.0)
+            q_bound = self.row_q_max[:k].cpu().numpy()[index.unmerged]
+            ends[index.unmerged] = index.unmerged_prefixes(level + (2 * alpha + L) * q_bound + margin)
+            if floor > -math.inf:
+                starts[index.unmerged] = index.unmerged_prefixes(floor)
+        return starts, np.maximum(starts, ends)
+
+    def _filtered_entries(self, block: torch.Tensor, level: float, floor: float, windows) -> list[tuple[torch.Tensor, ...]]:
         """Pairs with cost `<= level` in rows of unmerged, narrow groups (boolean mode).
 
         For unmerged i and j, `cost_ij ≥ α·s_i + α·min s − (2α + L)·q_ij`, so only entries with
         `q_ij ≥ (α·s_i + α·min s − level)/(2α + L)` (less a margin) can qualify: one integer
-        comparison per entry, and exact costs for the few that pass. Columns of merged groups
-        are evaluated exactly. Pairs with a ceiling at most `floor` are left out.
+        comparison per entry, and exact costs for the few that pass. Where the rows' ceiling
+        windows (`_ceiling_windows`) are short, only the partners in them are read. Columns of
+        merged groups are evaluated exactly. Pairs with a ceiling at most `floor` are left out.
         """
         k, alpha, L = self.k, self.alpha, self.log_k_minus_1
         unmerged_cols = self.sizes_host[:k] == 1
@@ -580,14 +604,16 @@ class GroupState(_SlotState):
         top = torch.iinfo(self.store.matrix.dtype).max
         needed = needed.clamp(0, top).to(self.store.matrix.dtype)
         parts = []
-        if floor == -math.inf:
+        starts, ends = (torch.from_numpy(bounds).to(self.device).index_select(0, block) for bounds in windows)
+        by_window = floor > -math.inf or int((ends - starts).sum()) <= WINDOW_READ_SHARE * block.numel() * k
+        if not by_window:
             counts = self.store.matrix.index_select(0, block)[:, :k]
             passes = counts >= needed[:, None]
             rows = torch.arange(block.numel(), device=self.device)
             passes[rows, block] = False
         if merged_cols.size:
             cols = torch.from_numpy(merged_cols).to(self.device)
-            if floor == -math.inf:
+            if not by_window:
                 passes[:, cols] = False
             matrix = self.store.matrix
             flat = (block[:, None] * matrix.shape[1] + cols[None, :]).reshape(-1)
@@ -600,8 +626,8 @@ class GroupState(_SlotState):
                 chosen &= self._pair_ceilings(block[:, None], cols) > floor
             local, j = torch.nonzero(chosen, as_tuple=True)
             parts.append((block[local], cols[j], torch.masked_select(terms, chosen), torch.masked_select(q, chosen)))
-        if floor > -math.inf:
-            i, j, q = self._band_entries(block, needed, floor)
+        if by_window:
+            i, j, q = self._window_entries(block, needed, starts, ends)
         else:
             local, j = torch.nonzero(passes, as_tuple=True)
             i = block[local]
@@ -614,17 +640,13 @@ class GroupState(_SlotState):
         parts.append(tuple(values.index_select(0, chosen) for values in (i, j, terms, q)))
         return parts
 
-    def _band_entries(self, block: torch.Tensor, needed: torch.Tensor, floor: float):
-        """`(i, j, q)` of the pairs of unmerged, narrow rows `block` with unmerged columns whose ceiling is above
-        `floor` and whose coactivation is at least the row's `needed`: per row a suffix of the unmerged groups
-        sorted by count (`ceilings.CeilingIndex`), read without touching the columns before it."""
-        index = self._ceilings()
-        prefixes = np.zeros(self.k, dtype=np.int64)
-        prefixes[index.unmerged] = index.unmerged_prefixes(floor)
+    def _window_entries(self, block: torch.Tensor, needed: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor):
+        """`(i, j, q)` of the pairs of unmerged, narrow rows `block` with the unmerged columns in their windows
+        (positions `[start, end)` in the groups sorted by count, `ceilings.CeilingIndex`) whose coactivation is
+        at least the row's `needed`, read without touching the columns outside the windows."""
         device = self.device
-        starts = torch.from_numpy(prefixes).to(device).index_select(0, block)
-        sorted_columns = torch.from_numpy(index.sorted_unmerged).to(device)
-        lengths = sorted_columns.numel() - starts
+        sorted_columns = torch.from_numpy(self._ceilings().sorted_unmerged).to(device)
+        lengths = ends - starts
         total = int(lengths.sum())
         i = torch.repeat_interleave(block, lengths, output_size=total)
         shift = torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths - starts, lengths, output_size=total)
