@@ -76,7 +76,7 @@ FLOOR_SHARE = 0.02
 POOL_BAND_PER_GROUP = 4
 # Rows of a pool rebuild are read through their ceiling windows (gathers) rather than whole (one contiguous
 # read each) where the windows hold at most this share of the rows' entries.
-WINDOW_READ_SHARE = 0.25
+WINDOW_READ_SHARE = 0.1
 POOL_BAND_MIN = 1 << 16
 LEVEL_BISECTIONS = 12
 # Pool entries beyond which the range sampler counts candidates row by row instead.
