@@ -102,8 +102,8 @@ class CandidatePool:
     """Ordered pairs (i, j) whose cost was at most `level` when evaluated, with their α-terms, q and ceilings.
 
     `level` is the cost at or below which every pair was collected, with L = `built_at`, except
-    pairs whose ceiling is at most `floor` (-inf: none left out). `complete` says whether any pair
-    was left out that way.
+    pairs whose ceiling is at most `floor` (-inf: none left out). `complete`: no pair was left
+    out that way.
     """
 
     def __init__(self, i: torch.Tensor, j: torch.Tensor, alpha_term: torch.Tensor, q: torch.Tensor,
