@@ -102,17 +102,20 @@ class CandidatePool:
     """Ordered pairs (i, j) whose cost was at most `level` when evaluated, with their α-terms, q and ceilings.
 
     `level` is the cost at or below which every pair was collected, with L = `built_at`, except
-    pairs whose ceiling is at most `floor` (-inf: none left out). `complete`: no pair was left
-    out that way.
+    pairs whose ceiling is at most `floor`: a finite floor is only set where some pair lies under it.
     """
 
     def __init__(self, i: torch.Tensor, j: torch.Tensor, alpha_term: torch.Tensor, q: torch.Tensor,
-                 ceiling: torch.Tensor, level: float, built_at: float, floor: float = -math.inf,
-                 complete: bool = True) -> None:
-        self.level, self.built_at, self.floor, self.complete = level, built_at, floor, complete
+                 ceiling: torch.Tensor, level: float, built_at: float, floor: float = -math.inf) -> None:
+        self.level, self.built_at, self.floor = level, built_at, floor
         self.compiled = kernels.AVAILABLE and backend.numpy_fast_path(i)
         self._i, self._j, self._terms, self._q, self._ceiling = i, j, alpha_term, q, ceiling
         self.size = int(i.numel())
+
+    @property
+    def complete(self) -> bool:
+        """Whether the pool holds every pair with cost `<= level` (no pair left out under a floor)."""
+        return self.floor == -math.inf
 
     @property
     def i(self) -> torch.Tensor:

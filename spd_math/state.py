@@ -452,9 +452,9 @@ class GroupState(_SlotState):
 
         budget = max(POOL_BAND_MIN, POOL_BAND_PER_GROUP * self.k)
         floor = cutoff - FLOOR_SHARE * slack
-        if under(cutoff) - under(floor) > budget // 4:
-            floor = cutoff
-        below = under(floor)
+        below, at_cutoff = under(floor), under(cutoff)
+        if at_cutoff - below > budget // 4:
+            floor, below = cutoff, at_cutoff
         level = cutoff + slack
         if under(level) - below > budget:
             low, high = cutoff, level
@@ -556,8 +556,7 @@ class GroupState(_SlotState):
         else:
             empty = torch.zeros(0, dtype=torch.int64, device=self.device)
             i, j, terms, q = empty, empty, empty.to(FLOAT), empty.to(FLOAT)
-        complete = floor == -math.inf or not self._ceiling_counts(floor).any()
-        self.pool = CandidatePool(i, j, terms, q, self._pair_ceilings(i, j), level, L, floor, complete)
+        self.pool = CandidatePool(i, j, terms, q, self._pair_ceilings(i, j), level, L, floor)
 
     def _pool_overflow(self, level: float, cutoff: float, floor: float) -> None:
         if level > cutoff:
@@ -736,9 +735,7 @@ class GroupState(_SlotState):
             ceilings = None
             if self.pool.floor > -math.inf:
                 ceilings = self._pair_ceilings(slot, torch.arange(k, device=self.device))
-                above = ceilings > self.pool.floor
-                self.pool.complete &= bool(above[others].all())
-                chosen &= above
+                chosen &= ceilings > self.pool.floor
             j = torch.nonzero(chosen).squeeze(1)
             i = torch.full_like(j, merged)
             ceilings = self._pair_ceilings(i, j) if ceilings is None else ceilings.index_select(0, j)
