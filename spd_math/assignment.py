@@ -365,6 +365,101 @@ def _matched_totals(merges, n_ids, first, second, n_threads):  # pragma: no cove
     return out
 
 
+@compiled()
+def _merge_step(side, u, v, rep, next_item, changed, old_rep):  # pragma: no cover - compiled
+    """Side `side` merges the groups of items u and v: their ascending item lists become one, every item of both
+    is listed in `changed[side]` (ascending, with its previous representative in `old_rep[side]`) and takes the
+    smaller representative. Returns how many items changed."""
+    a = rep[side, u]
+    b = rep[side, v]
+    new_rep = min(a, b)
+    m = 0
+    previous = -1
+    while a >= 0 or b >= 0:
+        if b < 0 or (a >= 0 and a < b):
+            x = a
+            a = next_item[side, a]
+        else:
+            x = b
+            b = next_item[side, b]
+        changed[side, m] = x
+        old_rep[side, m] = rep[side, x]
+        rep[side, x] = new_rep
+        if previous >= 0:
+            next_item[side, previous] = x
+        previous = x
+        m += 1
+    next_item[side, previous] = -1
+    return m
+
+
+@compiled()
+def _pair_replay(items_a, items_b, n, out):  # pragma: no cover - compiled
+    """`out[t]`: W of two members' partitions after merge t of each, from every item alone (W = n: each item's
+    group matched with itself, prices 1 on side 0 and 0 on side 1, which is optimal)."""
+    y = np.zeros((2, n), np.int64)
+    mate = np.zeros((2, n), np.int64)
+    weight = np.ones((2, n), np.int64)
+    alive = np.ones((2, n), np.uint8)
+    rep = np.zeros((2, n), np.int64)
+    next_item = np.full((2, n), -1, np.int64)
+    for x in range(n):
+        y[0, x] = 1
+        mate[0, x] = x
+        mate[1, x] = x
+        rep[0, x] = x
+        rep[1, x] = x
+    n_changed = np.zeros(2, np.int64)
+    changed = np.zeros((2, n), np.int64)
+    old_rep = np.zeros((2, n), np.int64)
+    dist = np.full((2, n), UNREACHED, np.int64)
+    pred = np.zeros(n, np.int64)
+    pred_weight = np.zeros(n, np.int64)
+    settled = np.zeros(n, np.uint8)
+    reached = np.zeros((2, n), np.int64)
+    counts = np.zeros(n, np.int64)
+    cells = np.zeros(n, np.int64)
+    heap_keys = np.zeros(2 * n + 2, np.int64)
+    heap_values = np.zeros(2 * n + 2, np.int64)
+    violations = np.zeros(4 * n, np.int64)
+    total = n
+    for t in range(items_a.shape[0]):
+        n_changed[0] = _merge_step(0, items_a[t, 0], items_a[t, 1], rep, next_item, changed, old_rep)
+        n_changed[1] = _merge_step(1, items_b[t, 0], items_b[t, 1], rep, next_item, changed, old_rep)
+        total += _pair_step(y, mate, weight, alive, rep, next_item, 0, 1, n_changed, changed, old_rep, violations,
+                            dist, pred, pred_weight, settled, reached, counts, cells, heap_keys, heap_values)
+        out[t] = total
+
+
+@compiled(parallel=True)
+def _pairs_replay(items, n, first, second, out):  # pragma: no cover - compiled
+    for p in parallel_range(first.size):
+        _pair_replay(items[first[p]], items[second[p]], n, out[:, p])
+
+
+def matched_totals_of_merges(items: np.ndarray, n: int, first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """`[n_iters, n_pairs]`: `W` of members `first[p]` and `second[p]` after every merge, replayed from their merges.
+
+    `items[m, t]` are two items, one in each of the groups member m merges at t (every item starts alone).
+    The same values as `matched_totals` on the partitions the merges make, at the cost of what the merges
+    change: per step, the two merged groups' items and the searches they start.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> items = np.array([[[0, 1], [1, 2]], [[1, 2], [0, 3]]])  # {0,1} then {0,1,2}; {1,2} then {0,3} too
+    >>> matched_totals_of_merges(items, 4, np.array([0]), np.array([1])).tolist()
+    [[3], [3]]
+    """
+    first = np.asarray(first, dtype=np.int64)
+    second = np.asarray(second, dtype=np.int64)
+    out = np.zeros((items.shape[1], first.size), dtype=np.int64)
+    if first.size and items.shape[1]:
+        # Each pair replays on its own (its state, ~200 bytes per item, lives while its thread replays it).
+        _pairs_replay(np.ascontiguousarray(items, dtype=np.int64), int(n), first, second, out)
+    return out
+
+
 def matched_totals(merges: np.ndarray, n_ids: int, first: np.ndarray, second: np.ndarray) -> np.ndarray:
     """`[n_iters, n_pairs]`: `W` (the maximum matched weight) of members `first[p]` and `second[p]` at every iteration.
 
@@ -407,4 +502,4 @@ def matched_totals(merges: np.ndarray, n_ids: int, first: np.ndarray, second: np
     return totals
 
 
-__all__ = ["AVAILABLE", "matched_totals"]
+__all__ = ["AVAILABLE", "matched_totals", "matched_totals_of_merges"]

@@ -6,20 +6,24 @@
 - `perm_invariant_hamming = n − max Σ C[p,σ(p)]`: a maximum-weight matching of the two
   labellings' groups, kept optimal from one iteration to the next (`spd_math.assignment`).
 
-A merge history changes little from one iteration to the next. For `matching_dist` each
-member pair keeps its cells, and per iteration only the cells touching a changed item (an
-item whose group changed as a set of items) are recomputed. Both are exact on every input:
-an arbitrary relabelling just marks every item changed and recomputes everything.
+A merge history changes little from one iteration to the next. An ensemble kept as merges (what
+`normalize_ensemble` makes) is replayed: each member pair follows both members' merges, and each
+merge updates what it changes (`spd_math.contingency`, `spd_math.assignment`), so no partition is
+ever materialized. Partitions given as arrays are compared row by row: for `matching_dist` each
+member pair keeps its cells, and per iteration only the cells touching a changed item (an item
+whose group changed as a set of items) are recomputed. Every path is exact on every input: an
+arbitrary relabelling just marks every item changed and recomputes everything.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from spd_math import assignment
+from spd_math import assignment, contingency
 from spd_math.ensemble import NormalizedEnsemble
 from spd_math.errors import DistanceError
 from spd_math.registry import Registry
@@ -118,10 +122,31 @@ def compute_distances(ensemble_or_merges_array, method: str) -> torch.Tensor:
     """
     DISTANCE_METHODS.lookup(method, DistanceError, "method")
     if isinstance(ensemble_or_merges_array, NormalizedEnsemble):
-        merges = _validated_labels(ensemble_or_merges_array.merges, "ensemble.merges", ndim=3)
+        ensemble = ensemble_or_merges_array
+        if ensemble.is_compact:  # replayed from the members' merges, without their partitions
+            return _replayed_matrices(ensemble, method)
+        merges = _validated_labels(ensemble.merges, "ensemble.merges", ndim=3)
     else:
         merges = _validated_labels(ensemble_or_merges_array, "ensemble_or_merges_array", ndim=3)
     return _distance_matrices(merges, method)
+
+
+def _replayed_matrices(ensemble: NormalizedEnsemble, method: str) -> torch.Tensor:
+    """`[n_iters, n_ens, n_ens]` distances of an ensemble kept as merges: every member pair replays both members'
+    merges, updating only what each merge changes."""
+    if ensemble.n_members == 0:
+        raise DistanceError("ensemble: expected at least one ensemble member, got none")
+    items = ensemble.replay_items()
+    first, second = np.triu_indices(ensemble.n_members, 1)
+    per_pair = DISTANCE_METHODS.lookup(method).on_merges(items, len(ensemble.labels), first, second)
+    return _symmetric(per_pair, ensemble.n_iters, ensemble.n_members, first, second)
+
+
+def _symmetric(per_pair: np.ndarray, n_iters: int, n_ens: int, first: np.ndarray, second: np.ndarray) -> torch.Tensor:
+    matrices = np.zeros((n_iters, n_ens, n_ens), dtype=np.int64)
+    matrices[:, first, second] = per_pair
+    matrices[:, second, first] = per_pair
+    return torch.from_numpy(matrices)
 
 
 def _validated_labels(value, name: str, ndim: int) -> np.ndarray:
@@ -137,16 +162,23 @@ def _distance_matrices(merges: np.ndarray, method: str) -> torch.Tensor:
     n_ens, n_iters, n = merges.shape
     merges, n_ids = _compact_ids(merges)
     first, second = np.triu_indices(n_ens, 1)
-    per_pair = DISTANCE_METHODS.lookup(method, DistanceError, "method")(merges, n_ids, first, second)
-    matrices = np.zeros((n_iters, n_ens, n_ens), dtype=np.int64)
-    matrices[:, first, second] = per_pair
-    matrices[:, second, first] = per_pair
-    return torch.from_numpy(matrices)
+    per_pair = DISTANCE_METHODS.lookup(method, DistanceError, "method").on_partitions(merges, n_ids, first, second)
+    return _symmetric(per_pair, n_iters, n_ens, first, second)
 
 
 def _perm_invariant_hamming(merges: np.ndarray, n_ids: int, first: np.ndarray, second: np.ndarray) -> np.ndarray:
     """`[n_iters, n_pairs]`: n minus the best group matching of members first[p] and second[p]."""
     return merges.shape[2] - assignment.matched_totals(merges, n_ids, first, second)
+
+
+def _perm_invariant_hamming_of_merges(items: np.ndarray, n: int, first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    return n - assignment.matched_totals_of_merges(items, n, first, second)
+
+
+def _matching_dist_of_merges(items: np.ndarray, n: int, first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    together = contingency.pairs_together(items, n)  # [n_ens, n_iters]
+    together_in_both = contingency.pairs_together_in_both(items, n, first, second)
+    return together[first].T + together[second].T - 2 * together_in_both
 
 
 def _matching_dist(merges: np.ndarray, n_ids: int, first: np.ndarray, second: np.ndarray) -> np.ndarray:
@@ -275,13 +307,22 @@ def _cell_blocks(pair: np.ndarray, a: np.ndarray, b: np.ndarray, n_ids: int) -> 
     return item_cell, counts * (counts - 1) // 2
 
 
-# method name -> `(merges, n_ids, first, second) -> [n_iters, n_pairs]` distances of member pairs
-# (first[p], second[p]) on compacted ids. A tuple of the names, as configs use it; a new method is
-# one function and one line here.
-DISTANCE_METHODS: Registry[Callable[[np.ndarray, int, np.ndarray, np.ndarray], np.ndarray]] = Registry(
+@dataclass(frozen=True)
+class DistanceMethod:
+    """One distance, computed two ways with the same values: `on_partitions(merges, n_ids, first, second)` over
+    `[n_ens, n_iters, n]` group ids (compacted), and `on_merges(items, n, first, second)` replaying merges
+    (`NormalizedEnsemble.replay_items`); each gives `[n_iters, n_pairs]` for member pairs (first[p], second[p])."""
+
+    on_partitions: Callable[[np.ndarray, int, np.ndarray, np.ndarray], np.ndarray]
+    on_merges: Callable[[np.ndarray, int, np.ndarray, np.ndarray], np.ndarray]
+
+
+# method name -> its `DistanceMethod`. A tuple of the names, as configs use it; a new method is two functions and
+# one line here.
+DISTANCE_METHODS: Registry[DistanceMethod] = Registry(
     "method",
     {
-        "perm_invariant_hamming": _perm_invariant_hamming,
-        "matching_dist": _matching_dist,
+        "perm_invariant_hamming": DistanceMethod(_perm_invariant_hamming, _perm_invariant_hamming_of_merges),
+        "matching_dist": DistanceMethod(_matching_dist, _matching_dist_of_merges),
     },
 )

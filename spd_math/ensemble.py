@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from spd_math import replay
 from spd_math.errors import EnsembleError
 from spd_math.history import MergeHistory
 from spd_math.validation import as_tensor
@@ -17,13 +18,18 @@ from spd_math.validation import as_tensor
 __all__ = ["EnsembleError", "MergeHistoryEnsemble", "NormalizedEnsemble", "NormalizedHistories", "normalize_ensemble"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False, eq=False)
 class NormalizedEnsemble:
     """Every member of an ensemble on one sorted set of labels (docs/math.md §8).
 
     `merges[m, i, x]`: group of `labels[x]` in member m after iteration i. Labels a member
     lacks sit in singleton groups of their own; `present[m, x]` says whether member m had label
     x. Group ids are arbitrary: compare partitions up to relabelling.
+
+    An ensemble aligned from merge histories (`normalize_ensemble`) keeps only the alignment and
+    each member's merges, O(members x (c + iters)): `partitions_at(i)` gives one iteration's
+    `[n_ens, c]` ids, `replay_items()` what the distances replay, and `merges` the whole
+    `[n_ens, n_iters, c]` array (made, and kept, only when asked for). One made from an array keeps it.
 
     Parameters
     ----------
@@ -33,6 +39,15 @@ class NormalizedEnsemble:
         `[c]` labels.
     present : torch.Tensor or numpy.ndarray
         `[n_ens, c]` booleans.
+
+    Attributes
+    ----------
+    member_columns : tuple of numpy.ndarray, or None
+        Per member, the position in `labels` of each of its own components (in its history's order); None
+        for an ensemble made from an array.
+    member_merges : torch.Tensor or None
+        `[n_ens, n_iters, 2]` int64: each member's merges, (lower, higher) group ids before the merge in
+        its own numbering (docs/math.md §6); None for an ensemble made from an array.
 
     Raises
     ------
@@ -48,41 +63,155 @@ class NormalizedEnsemble:
     (2, 3)
     """
 
-    merges: torch.Tensor
     labels: list[str]
     present: torch.Tensor
+    member_columns: tuple[np.ndarray, ...] | None
+    member_merges: torch.Tensor | None
+    dense_merges: torch.Tensor | None  # the array an ensemble was made from (None when made from merges)
+
+    def __init__(self, merges: Any = None, labels: Sequence[str] | None = None, present: Any = None, *,
+                 member_columns: Sequence[Any] | None = None, member_merges: Any = None) -> None:
+        if labels is None or present is None:
+            raise EnsembleError("expected labels and present (and merges, or member_columns with member_merges)")
+        present = as_tensor("present", present, EnsembleError, allow_sequence=True)
+        if present.dtype != torch.bool:
+            present = present.to(torch.bool)
+        if not isinstance(labels, list):
+            labels = [str(label) for label in np.asarray(labels).reshape(-1)]
+        object.__setattr__(self, "labels", labels)
+        object.__setattr__(self, "present", present)
+        object.__setattr__(self, "_cache", {})
+        if merges is not None:
+            merges = as_tensor("merges", merges, EnsembleError, allow_sequence=True)
+            if merges.is_floating_point():
+                raise EnsembleError(f"merges: expected integer group ids, got dtype {merges.dtype}")
+            if merges.ndim != 3:
+                raise EnsembleError(f"merges: expected [n_ens, n_iters, c], got shape {tuple(merges.shape)}")
+            if merges.shape[2] != len(labels):
+                raise EnsembleError(f"labels: expected {merges.shape[2]} labels, got {len(labels)}")
+            object.__setattr__(self, "member_columns", None)
+            object.__setattr__(self, "member_merges", None)
+            object.__setattr__(self, "dense_merges", merges)
+            n_members = merges.shape[0]
+        else:
+            if member_columns is None or member_merges is None:
+                raise EnsembleError("expected merges, or member_columns with member_merges")
+            columns = tuple(np.asarray(column, dtype=np.int64) for column in member_columns)
+            member_merges = as_tensor("member_merges", member_merges, EnsembleError, allow_sequence=True).to(torch.int64)
+            if member_merges.ndim != 3 or member_merges.shape[2] != 2 or member_merges.shape[0] != len(columns):
+                raise EnsembleError(f"member_merges: expected [{len(columns)} members, n_iters, 2], got shape "
+                                    f"{tuple(member_merges.shape)}")
+            for m, column in enumerate(columns):
+                if column.size and (column.min() < 0 or column.max() >= len(labels)):
+                    raise EnsembleError(f"member_columns[{m}]: expected positions in 0..{len(labels) - 1}")
+            object.__setattr__(self, "member_columns", columns)
+            object.__setattr__(self, "member_merges", member_merges)
+            object.__setattr__(self, "dense_merges", None)
+            n_members = len(columns)
+        if tuple(self.present.shape) != (n_members, len(labels)):
+            raise EnsembleError(f"present: expected shape {(n_members, len(labels))}, got {tuple(self.present.shape)}")
+
+    def __getstate__(self) -> dict:  # what is derived (and may be large) is made again after unpickling
+        return {name: value for name, value in self.__dict__.items() if name != "_cache"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        object.__setattr__(self, "_cache", {})
 
     def __repr__(self) -> str:  # short: no tensors or label lists
         return f"NormalizedEnsemble({self.n_members} members, {self.n_iters:,} iterations, {len(self.labels):,} labels)"
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "merges", as_tensor("merges", self.merges, EnsembleError, allow_sequence=True))
-        object.__setattr__(self, "present", as_tensor("present", self.present, EnsembleError, allow_sequence=True))
-        if not isinstance(self.labels, list):
-            object.__setattr__(self, "labels", [str(label) for label in np.asarray(self.labels).reshape(-1)])
-        if self.merges.is_floating_point():
-            raise EnsembleError(f"merges: expected integer group ids, got dtype {self.merges.dtype}")
-        if self.present.dtype != torch.bool:
-            object.__setattr__(self, "present", self.present.to(torch.bool))
-        if self.merges.ndim != 3:
-            raise EnsembleError(f"merges: expected [n_ens, n_iters, c], got shape {tuple(self.merges.shape)}")
-        if self.merges.shape[2] != len(self.labels):
-            raise EnsembleError(f"labels: expected {self.merges.shape[2]} labels, got {len(self.labels)}")
-        if tuple(self.present.shape) != (self.merges.shape[0], self.merges.shape[2]):
-            raise EnsembleError(
-                f"present: expected shape {(self.merges.shape[0], self.merges.shape[2])}, got {tuple(self.present.shape)}"
-            )
-
     @property
     def n_members(self) -> int:
-        return self.merges.shape[0]
+        return int(self.present.shape[0])
 
     @property
     def n_iters(self) -> int:
-        return self.merges.shape[1]
+        return int((self.dense_merges if self.dense_merges is not None else self.member_merges).shape[1])
+
+    @property
+    def is_compact(self) -> bool:
+        """Made from merges (partitions are replayed), not from an array."""
+        return self.dense_merges is None
+
+    def _member_reps(self) -> list[np.ndarray]:
+        """Per member, the smallest component (its own numbering) of the two groups each merge joined."""
+        if "reps" not in self._cache:
+            reps = []
+            for m, columns in enumerate(self.member_columns):
+                found, invalid = replay.representatives(self.member_merges[m].numpy(), columns.size)
+                if invalid != replay.ALL_VALID:
+                    raise EnsembleError(f"member_merges[{m}, {invalid}]: not two different groups of the "
+                                        f"{columns.size - invalid} before that merge")
+                reps.append(found)
+            self._cache["reps"] = reps
+        return self._cache["reps"]
+
+    def _placed(self, m: int, member_ids: np.ndarray, out: np.ndarray) -> None:
+        """Member m's own group ids put on the union labels (docs/math.md §8): each missing label a singleton
+        with an id above every real one."""
+        columns = self.member_columns[m]
+        out[..., columns] = member_ids
+        missing = np.flatnonzero(~self.present[m].numpy())
+        # Ids after the first merge are 0..c_m - 2, so c_m - 1 and up are free (as the dense alignment finds them).
+        out[..., missing] = columns.size - 1 + np.arange(missing.size)
+
+    def partitions_at(self, iteration: int) -> np.ndarray:
+        """`[n_ens, c]` int64 group ids of every member after `iteration` (`merges[:, iteration]`, without the rest).
+
+        Raises
+        ------
+        EnsembleError
+            An iteration outside 0..n_iters - 1 (negative ones count from the end).
+        """
+        index = int(iteration) + (self.n_iters if int(iteration) < 0 else 0)
+        if not 0 <= index < self.n_iters:
+            raise EnsembleError(f"iteration: expected 0..{self.n_iters - 1} (the ensemble has {self.n_iters} "
+                                f"iterations), got {iteration}")
+        if self.dense_merges is not None:
+            return self.dense_merges[:, index, :].numpy().astype(np.int64)
+        out = np.empty((self.n_members, len(self.labels)), dtype=np.int64)
+        for m, reps in enumerate(self._member_reps()):
+            self._placed(m, replay.partition_at(reps, self.member_columns[m].size, index), out[m])
+        return out
+
+    def member_partitions(self, m: int, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """`[stop - start, c]` int64 group ids of member m after iterations `start .. stop - 1`."""
+        stop = self.n_iters if stop is None else min(int(stop), self.n_iters)
+        if self.dense_merges is not None:
+            return self.dense_merges[m, start:stop].numpy().astype(np.int64)
+        columns = self.member_columns[m]
+        own = replay.dense_partitions(self.member_merges[m].numpy(), self._member_reps()[m], columns.size, start, stop)
+        out = np.empty((own.shape[0], len(self.labels)), dtype=np.int64)
+        self._placed(m, own, out)
+        return out
+
+    def replay_items(self) -> np.ndarray:
+        """`[n_ens, n_iters, 2]` int64: for every member and merge, one label position in each of the two groups
+        it joined (the replay the distances make). Raises EnsembleError for an ensemble made from an array."""
+        if self.dense_merges is not None:
+            raise EnsembleError("this ensemble was made from an array of partitions, not from merges: it has no "
+                                "merges to replay")
+        items = np.empty((self.n_members, self.n_iters, 2), dtype=np.int64)
+        for m, reps in enumerate(self._member_reps()):
+            items[m] = self.member_columns[m][reps]
+        return items
+
+    @property
+    def merges(self) -> torch.Tensor:
+        """`[n_ens, n_iters, c]` int64 group ids: made on first use and kept (n_ens x n_iters x c x 8 bytes;
+        `partitions_at` and `member_partitions` give parts without it)."""
+        if self.dense_merges is not None:
+            return self.dense_merges
+        if "merges" not in self._cache:
+            out = np.empty((self.n_members, self.n_iters, len(self.labels)), dtype=np.int64)
+            for m in range(self.n_members):
+                out[m] = self.member_partitions(m)
+            self._cache["merges"] = torch.from_numpy(out)
+        return self._cache["merges"]
 
 
-@dataclass(frozen=True, init=False, repr=False, eq=False)
+@dataclass(frozen=True, init=False, eq=False)
 class NormalizedHistories(NormalizedEnsemble):
     """An aligned ensemble (docs/math.md §8) under the names of the original research code: `merges_array`,
     `component_labels` and `metadata` (what its `MergeHistoryEnsemble.normalized()` returns, and its
@@ -131,23 +260,31 @@ class NormalizedHistories(NormalizedEnsemble):
             if merges.ndim != 3:
                 raise EnsembleError(f"merges_array: expected [n_ens, n_iters, c], got shape {tuple(merges.shape)}")
             present = torch.ones((merges.shape[0], merges.shape[2]), dtype=torch.bool)
-        if metadata is not None and not isinstance(metadata, Mapping):
-            raise EnsembleError(f"metadata: expected a mapping, got {type(metadata).__name__}")
-        object.__setattr__(self, "merges", merges)
-        object.__setattr__(self, "labels", component_labels)
-        object.__setattr__(self, "present", present)
-        object.__setattr__(self, "metadata", MappingProxyType(dict(metadata or {})))
-        self.__post_init__()
+        super().__init__(merges, component_labels, present)
+        object.__setattr__(self, "metadata", _read_only_metadata(metadata))
 
-    def __reduce__(self):  # the read-only metadata view cannot be pickled itself: rebuilt from a dict
-        return _normalized_histories, (self.merges, self.labels, dict(self.metadata), self.present)
+    @classmethod
+    def aligned(cls, ensemble: NormalizedEnsemble, metadata: Mapping[str, Any] | None) -> NormalizedHistories:
+        """`ensemble` as it is (compact or not) under the original's names, with `metadata`."""
+        normalized = cls.__new__(cls)
+        normalized.__setstate__({**ensemble.__getstate__(), "metadata": _read_only_metadata(metadata)})
+        return normalized
+
+    def __getstate__(self) -> dict:  # the read-only metadata view cannot be pickled itself: kept as a dict
+        state = super().__getstate__()
+        state["metadata"] = dict(self.metadata)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__({**state, "metadata": _read_only_metadata(state.get("metadata"))})
 
     def __repr__(self) -> str:  # short: no tensors or label lists
         return f"NormalizedHistories({self.n_members} members, {self.n_iters:,} iterations, {len(self.labels):,} labels)"
 
     @property
     def merges_array(self) -> np.ndarray:
-        """`[n_ens, n_iters, c]` group ids as a NumPy array (sharing memory with `merges`)."""
+        """`[n_ens, n_iters, c]` group ids as a NumPy array (sharing memory with `merges`; made when first asked
+        for: at real scale that is gigabytes)."""
         return self.merges.detach().cpu().numpy()
 
     @property
@@ -172,12 +309,13 @@ class NormalizedHistories(NormalizedEnsemble):
         if union != list(ensemble.labels):
             raise EnsembleError("histories: their labels are not the ensemble's labels; expected the histories the "
                                 "ensemble was aligned from, in its member order")
-        return cls(ensemble.merges, ensemble.labels, _metadata(histories, ensemble.labels), present=ensemble.present)
+        return cls.aligned(ensemble, _metadata(histories, ensemble.labels))
 
 
-def _normalized_histories(merges: torch.Tensor, labels: list[str], metadata: dict[str, Any],
-                          present: torch.Tensor) -> NormalizedHistories:
-    return NormalizedHistories(merges, labels, metadata, present=present)
+def _read_only_metadata(metadata: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    if metadata is not None and not isinstance(metadata, Mapping):
+        raise EnsembleError(f"metadata: expected a mapping, got {type(metadata).__name__}")
+    return MappingProxyType(dict(metadata or {}))
 
 
 @dataclass(frozen=True)
@@ -321,16 +459,26 @@ def normalize_ensemble(histories: Sequence[MergeHistory] | MergeHistoryEnsemble)
     labels = sorted({label for history in histories for label in history.labels})
     position = {label: x for x, label in enumerate(labels)}
     n_iters = min(history.n_iters for history in histories)
-    merges = np.empty((len(histories), n_iters, len(labels)), dtype=np.int64)
     present = np.zeros((len(histories), len(labels)), dtype=bool)
+    member_columns = []
     for m, history in enumerate(histories):
         columns = np.fromiter((position[label] for label in history.labels), dtype=np.int64, count=len(history.labels))
         present[m, columns] = True
+        member_columns.append(columns)
+    metadata = _metadata(histories, labels)
+    if all(history.is_merge_sequence for history in histories):
+        member_merges = torch.stack([history.merge_pairs[:n_iters] for history in histories])
+        ensemble = NormalizedEnsemble(labels=labels, present=torch.from_numpy(present), member_columns=member_columns,
+                                      member_merges=member_merges)
+        return NormalizedHistories.aligned(ensemble, metadata)
+    # Partitions given as they are (no merges to keep): aligned as one array.
+    merges = np.empty((len(histories), n_iters, len(labels)), dtype=np.int64)
+    for m, history in enumerate(histories):
+        columns = member_columns[m]
         missing = np.flatnonzero(~present[m])
-        member_merges = history.group_idxs[:n_iters].numpy()
+        member_merges = history.dense_group_idxs(0, n_iters)
         merges[m][:, columns] = member_merges
         # Ids above every real group id of this member are free for the missing labels' singletons.
         first_free = int(member_merges.max()) + 1 if member_merges.size else 0
         merges[m][:, missing] = first_free + np.arange(missing.size)
-    return NormalizedHistories(torch.from_numpy(merges), labels, _metadata(histories, labels),
-                               present=torch.from_numpy(present))
+    return NormalizedHistories(torch.from_numpy(merges), labels, metadata, present=torch.from_numpy(present))

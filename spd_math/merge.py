@@ -18,7 +18,9 @@ the histories, are bit-identical to evaluating the full cost matrix every iterat
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -32,6 +34,18 @@ from spd_math.samplers import SAMPLERS
 from spd_math.state import group_state
 
 PairSampler = Callable[[torch.Tensor], tuple[int, int]]
+
+
+@dataclass(frozen=True)
+class MergeProgress:
+    """Where a running merge is: `done` of at most `total` merges, `k` groups and the MDL loss after the last one,
+    and `seconds` since the merge state was set up."""
+
+    done: int
+    total: int
+    k: int
+    mdl_loss: float
+    seconds: float
 
 # Below this many groups the loop stops after a merge (docs/math.md §7, as is).
 MIN_GROUPS = 3
@@ -54,6 +68,7 @@ def merge_iteration(
     pair_sampler: PairSampler | None = None,
     seed: int | None = None,
     device: torch.device | str | None = None,
+    progress: Callable[[MergeProgress], None] | None = None,
 ) -> MergeHistory:
     """Run the greedy MDL merge on one batch of processed activations (docs/math.md §2-§7).
 
@@ -69,6 +84,9 @@ def merge_iteration(
         recorded in the history). The same seed gives the same history on any device.
     device : torch.device or str, optional
         Where the merge state lives; defaults to the device of the activations.
+    progress : callable, optional
+        Called after every merge with a `MergeProgress` (merges done and planned, k, MDL loss, seconds
+        since the merge state was ready); cheap calls only: it runs once per merge.
 
     Returns
     -------
@@ -115,16 +133,16 @@ def merge_iteration(
     state: MergeState = group_state(activations.activations, activations.labels, config.activation_threshold, config.alpha, device)
 
     max_iters = c - 1 if config.iters is None else min(config.iters, c - 1)
-    group_idxs = np.empty((max_iters, c), dtype=np.int64)
+    # The history is its merges (O(c + iters)); partitions are replayed from them when asked for.
     selected_pairs = np.empty((max_iters, 2), dtype=np.int64)
     pair_costs = np.empty(max_iters, dtype=np.float64)
     mdl_losses = np.empty(max_iters, dtype=np.float64)
-    partition = np.arange(c)  # group of each component, groups ordered by smallest member
-    slot_of_group = np.arange(c)  # slot holding each group
+    slot_of_group = np.arange(c)  # slot holding each group (groups ordered by smallest member, docs/math.md §6)
     sampler = SAMPLERS.lookup(config.merge_pair_sampling_method, ConfigError)
     sampler_kwargs = config.merge_pair_sampling_kwargs
 
     n_done = 0
+    started = time.perf_counter()
     for iteration in range(max_iters):
         k = state.k
         offset = state.cost_offset()
@@ -146,20 +164,19 @@ def merge_iteration(
         state.merge(keep, drop)
         slot_of_group[moved_group] = drop
         slot_of_group = np.delete(slot_of_group, high)
-        partition[partition == high] = low
-        partition[partition > high] -= 1
 
         selected_pairs[iteration] = pair
-        group_idxs[iteration] = partition
         mdl_losses[iteration] = state.mdl_loss()
         n_done = iteration + 1
+        if progress is not None:
+            progress(MergeProgress(n_done, max_iters, state.k, float(mdl_losses[iteration]),
+                                   time.perf_counter() - started))
         if state.k <= MIN_GROUPS:
             break
 
     k_groups = np.arange(c - 1, c - 1 - n_done, -1, dtype=np.int64)
     return MergeHistory(
         labels=list(activations.labels),
-        group_idxs=torch.from_numpy(group_idxs[:n_done].copy()),
         selected_pairs=torch.from_numpy(selected_pairs[:n_done].copy()),
         k_groups=torch.from_numpy(k_groups),
         pair_costs=torch.from_numpy(pair_costs[:n_done].copy()),

@@ -99,7 +99,8 @@ def test_numpy_inputs_are_accepted_everywhere_and_equal_torch_inputs():
 def test_distance_methods_is_a_tuple_of_names_and_a_registry():
     assert DISTANCE_METHODS == ("perm_invariant_hamming", "matching_dist")
     assert isinstance(DISTANCE_METHODS, tuple) and "matching_dist" in DISTANCE_METHODS
-    assert callable(DISTANCE_METHODS.lookup("matching_dist"))
+    method = DISTANCE_METHODS.lookup("matching_dist")
+    assert callable(method.on_partitions) and callable(method.on_merges)
     with pytest.raises(DistanceError, match="method: expected one of"):
         DISTANCE_METHODS.lookup("euclid", DistanceError, "method")
 
