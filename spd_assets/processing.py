@@ -38,6 +38,7 @@ from spd_assets.sources.spd import causal_importances
 from spd_assets.sources.streaming import activations_from_chunks
 from spd_assets.sources.torch_model import hooked_forward, match_modules
 from spd_assets.storage.history_format import read_history_zip, write_history_zip
+from spd_assets.storage.values import load_history
 from spd_math import (
     MergeHistory,
     MergeHistoryEnsemble,
@@ -55,7 +56,8 @@ __all__ = [
 ]
 
 PathLike = str | os.PathLike[str]
-HISTORY_FILE_GLOB = "*.zip"
+# History files: the original zip format, and the results store's own (merges only).
+HISTORY_FILE_SUFFIXES = (".zip", ".npz")
 
 
 ConfigLike = ExperimentConfig | Mapping[str, Any] | str | os.PathLike[str]
@@ -293,8 +295,9 @@ def load_merge_histories(paths: PathLike | Iterable[PathLike]) -> MergeHistoryEn
     Parameters
     ----------
     paths : str or path, or iterable of them
-        History files in member order, or one folder: its `*.zip` files in name order (e.g. an
-        experiment's `merge_history` folder in the results store).
+        History files in member order (the original's `.zip`, or the results store's `.npz`), or one
+        folder: its history files in name order (e.g. an experiment's `merge_history` folder in the
+        results store).
 
     Returns
     -------
@@ -315,10 +318,11 @@ def load_merge_histories(paths: PathLike | Iterable[PathLike]) -> MergeHistoryEn
     """
     if isinstance(paths, (str, os.PathLike)):
         single = Path(paths)
-        paths = sorted(single.glob(HISTORY_FILE_GLOB)) if single.is_dir() else [single]
+        paths = sorted(p for p in single.iterdir() if p.suffix in HISTORY_FILE_SUFFIXES) if single.is_dir() else [single]
         if not paths:
-            raise StorageError(f"{single}: holds no {HISTORY_FILE_GLOB} merge history files")
+            raise StorageError(f"{single}: holds no merge history files ({', '.join(HISTORY_FILE_SUFFIXES)})")
     files = [Path(path) for path in paths]
     if not files:
         raise StorageError("paths: expected at least one merge history file, got none")
-    return MergeHistoryEnsemble([read_history_zip(path) for path in files])
+    return MergeHistoryEnsemble([read_history_zip(path) if path.suffix == ".zip" else load_history(path)
+                                 for path in files])

@@ -38,7 +38,8 @@ from spd_math import MergeHistory, NormalizedHistories
 
 
 def _value_path(store: ResultsStore, experiment: str, asset: str, value_type: type, partition: str | None = None) -> Path:
-    path = store.value_path(experiment, asset, partition, VALUE_FORMATS[value_type].suffix)
+    value_format = VALUE_FORMATS[value_type]
+    path = value_format.stored_path(store.value_path(experiment, asset, partition, value_format.suffix))
     if not path.exists():
         raise StorageError(f"experiment {experiment!r} has no {asset} in {store.root} ({path} is missing); "
                            "materialize the experiment first (spd-cluster run, the UI, or cluster_analysis_pipeline)")

@@ -102,7 +102,9 @@ class MergeHistory:
 
     def __init__(self, labels: Any, group_idxs: Any = None, selected_pairs: Any = None, k_groups: Any = None,
                  pair_costs: Any = None, mdl_losses: Any = None, config: MergeConfig | None = None,
-                 seed: int | None = None, *, merge_pairs: Any = None) -> None:
+                 seed: int | None = None, *, merge_pairs: Any = None, partitions: Any = None) -> None:
+        if group_idxs is None:
+            group_idxs = partitions  # the field's name (`dataclasses.replace` passes every field)
         if not isinstance(labels, list):
             labels = [str(label) for label in np.asarray(labels).reshape(-1)]
         if config is not None and not isinstance(config, MergeConfig):

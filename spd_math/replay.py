@@ -181,11 +181,10 @@ def iter_partitions(merge_pairs: np.ndarray, reps: np.ndarray, c: int, start: in
 
 
 @compiled()
-def _pairs_of_partitions(rows, out):  # pragma: no cover - compiled
-    """`out[t] = (low, high)` merged between row t - 1 (row -1: every component alone) and row t; returns the
-    first row that is not its predecessor with one pair merged (in the numbering of §6), or -1."""
+def _pairs_of_partitions(rows, previous, out):  # pragma: no cover - compiled
+    """`out[t] = (low, high)` merged between row t - 1 (row -1: `previous`, which ends as the last row) and row
+    t; returns the first row that is not its predecessor with one pair merged (in the numbering of §6), or -1."""
     c = rows.shape[1]
-    previous = np.arange(c)
     for t in range(rows.shape[0]):
         row = rows[t]
         # The first component whose id changed is the smallest of the vanishing group (groups are ordered by
@@ -210,9 +209,12 @@ def _pairs_of_partitions(rows, out):  # pragma: no cover - compiled
     return ALL_VALID
 
 
-def merge_pairs_of_partitions(rows: np.ndarray) -> tuple[np.ndarray, int]:
+def merge_pairs_of_partitions(rows: np.ndarray, previous: np.ndarray | None = None) -> tuple[np.ndarray, int]:
     """The merges `[iters, 2]` (low, high) that give the partitions `rows` `[iters, c]` from every component
     alone, and the first row that is not its predecessor with one pair merged (-1 when every row is).
+
+    `previous`, when given, is the partition before `rows[0]` (int64, updated in place to the last row), so
+    that long histories can be read block by block.
 
     Examples
     --------
@@ -223,6 +225,76 @@ def merge_pairs_of_partitions(rows: np.ndarray) -> tuple[np.ndarray, int]:
     0
     """
     rows = np.ascontiguousarray(rows, dtype=np.int64)
+    if previous is None:
+        previous = np.arange(rows.shape[1], dtype=np.int64)
     out = np.zeros((rows.shape[0], 2), dtype=np.int64)
-    invalid = _pairs_of_partitions(rows, out) if rows.size else ALL_VALID
+    invalid = _pairs_of_partitions(rows, previous, out) if rows.size else ALL_VALID
     return out, int(invalid)
+
+
+@compiled()
+def _spans(reps, c, n_iters, out_item, out_rep, out_first, out_last):  # pragma: no cover - compiled
+    """Fill the spans (see `representative_spans`); returns how many there are."""
+    current = np.arange(c)
+    start = np.zeros(c, np.int64)
+    next_item = np.full(c, -1, np.int64)
+    tail = np.arange(c)
+    m = 0
+    for t in range(n_iters):
+        low, high = reps[t, 0], reps[t, 1]
+        x = high
+        while x >= 0:  # every component of the higher group now has the lower group's smallest as representative
+            if t > 0:  # before merge 0 is no iteration: nothing to close
+                out_item[m] = x
+                out_rep[m] = current[x]
+                out_first[m] = start[x]
+                out_last[m] = t - 1
+                m += 1
+            current[x] = low
+            start[x] = t
+            x = next_item[x]
+        next_item[tail[low]] = high
+        tail[low] = tail[high]
+    for x in range(c):
+        out_item[m] = x
+        out_rep[m] = current[x]
+        out_first[m] = start[x]
+        out_last[m] = n_iters - 1
+        m += 1
+    return m
+
+
+def representative_spans(reps: np.ndarray, c: int, n_iters: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Each component's group representative (its smallest component) over the merges, as spans: component
+    `item[i]` has representative `rep[i]` after every merge from `first[i]` to `last[i]`. Ordered by component,
+    then merge; a component has a new span only when its group joins one with a smaller component.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> item, rep, first, last = representative_spans(np.array([[1, 2], [0, 1]]), 4, 2)
+    >>> np.stack([item, rep, first, last], axis=1).tolist()
+    [[0, 0, 0, 1], [1, 1, 0, 0], [1, 0, 1, 1], [2, 1, 0, 0], [2, 0, 1, 1], [3, 3, 0, 1]]
+    """
+    if n_iters == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, empty, empty
+    reps = np.ascontiguousarray(reps[:n_iters], dtype=np.int64)
+    # A merge closes one span per component of its higher group: counted first, to allocate once.
+    moved = _moved_count(reps, c)
+    size = moved + c
+    item, rep, first, last = (np.empty(size, dtype=np.int64) for _ in range(4))
+    m = _spans(reps, c, n_iters, item, rep, first, last)
+    order = np.lexsort((first[:m], item[:m]))
+    return item[:m][order], rep[:m][order], first[:m][order], last[:m][order]
+
+
+@compiled()
+def _moved_count(reps, c):  # pragma: no cover - compiled
+    """Σ over merges of the size of the higher group (the spans merges close)."""
+    size = np.ones(c, np.int64)
+    moved = 0
+    for t in range(reps.shape[0]):
+        moved += size[reps[t, 1]]
+        size[reps[t, 0]] += size[reps[t, 1]]
+    return moved

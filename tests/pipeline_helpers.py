@@ -73,6 +73,18 @@ def materialize_experiment(defs: Definitions, instance: DagsterInstance, config:
     return member_results, ensemble_result
 
 
+def materialize_original_folder(home: Path, experiment: str):
+    """The experiment's `original_ensemble_folder` asset (with the lineage tables), as the UI materializes it when
+    asked: in-process, from the experiments registered in `home`."""
+    from spd_assets.defs.jobs import original_folder_job_name
+    from spd_assets.storage.experiments import registered_experiments
+
+    configs = registered_experiments(store_at(home)).configs
+    defs = definitions_for(*configs)
+    with instance_at(home) as instance:
+        return defs.resolve_job_def(original_folder_job_name(experiment)).execute_in_process(instance=instance)
+
+
 def definitions_for(*configs: ExperimentConfig) -> Definitions:
     return build_definitions(list(configs))
 

@@ -121,7 +121,7 @@ def ensemble_consensus(stored: MemberEnsemble, histories: Sequence[MergeHistory]
     """The consensus clusters of `stored` at the iteration `config` chooses (`histories` in ensemble order)."""
     ensemble = stored.ensemble
     iteration, rule, choices = choose_iteration(config, histories, stored.members, ensemble.n_iters)
-    partitions = ensemble.merges[:, iteration, :].numpy()
+    partitions = ensemble.partitions_at(iteration)
     clusters = consensus_clusters(partitions, threshold=config.threshold)
     return ConsensusClusters(
         iteration=iteration,

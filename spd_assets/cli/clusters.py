@@ -121,7 +121,7 @@ def _computed(store: ResultsStore, experiment: str, iteration: int, threshold: f
         raise StorageError(f"experiment {experiment!r} has no normalized ensemble yet ({path}); materialize it first")
     stored = load_ensemble(path)
     _check_iteration(iteration, stored.ensemble.n_iters, "the ensemble")
-    partitions = stored.ensemble.merges[:, iteration, :].numpy()
+    partitions = stored.ensemble.partitions_at(iteration)
     clusters = consensus_clusters(partitions, threshold=threshold)
     by_component = component_stability(partitions, clusters.cluster_of)
     return _report(experiment, iteration, threshold, f"--iteration {iteration}", stored.members, stored.ensemble.labels,

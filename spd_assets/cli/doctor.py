@@ -57,6 +57,7 @@ from spd_assets.sources import source_for
 from spd_assets.storage.atomic import leftover_temporaries
 from spd_assets.storage.experiments import pending_replacements, registered_experiments
 from spd_assets.storage.lineage import fingerprint, lineage_tables
+from spd_assets.storage.previous_layout import is_previous_layout, previous_fingerprint
 from spd_assets.storage.schemas import TABLE_SCHEMAS
 from spd_assets.storage.store import ResultsStore
 from spd_assets.storage.values import value_format
@@ -81,6 +82,7 @@ class Finding:
     repair: str | None = None  # None: nothing the doctor can do without recomputing
     experiment: str | None = None
     recompute: str | None = None  # the member to recompute; "" for the experiment's ensemble
+    note: bool = False  # something to know, not a problem (nothing to repair)
 
 
 def _plain(value):
@@ -108,7 +110,8 @@ def _check_value(path: Path, value_type: str, record: EventLogRecord) -> str | N
     """Why the value file does not hold the recorded materialization, or None when it does."""
     recorded = record.asset_materialization.tags.get(DATA_VERSION_TAG)
     try:
-        content = fingerprint(value_format(value_type).load(path))
+        value = value_format(value_type).load(path)
+        content = previous_fingerprint(value) if is_previous_layout(path) else fingerprint(value)
     except Exception as error:  # any reader failure on a damaged file
         return f"is unreadable ({type(error).__name__}: {error})"
     if recorded is not None and content != recorded:
@@ -153,7 +156,8 @@ def examine_experiment(store: ResultsStore, instance: DagsterInstance, config: E
 
         def path_of(partition: str | None) -> Path:
             if value_type is not None:
-                return store.value_path(name, asset, partition, value_format(value_type).suffix)
+                stored = value_format(value_type)
+                return stored.stored_path(store.value_path(name, asset, partition, stored.suffix))
             return store.table_file(asset, name, partition)
 
         for partition in members if partitioned else [None]:
@@ -183,6 +187,14 @@ def examine_experiment(store: ResultsStore, instance: DagsterInstance, config: E
                 if path.exists():
                     findings.append(Finding(f"{_label(name, asset, partition)}: {partition} is no longer a member of "
                                             f"{name!r} (members: {', '.join(members)})", _remove(path, repair), name))
+    previous = [path for path in store.value_files(name) if is_previous_layout(path)]
+    if previous:
+        size = sum(path.stat().st_size for path in previous)
+        findings.append(Finding(f"{name}: {len(previous)} result file(s) ({size / 1e6:,.1f} MB) are in the previous "
+                                "layout, with every partition stored (the member histories in the original zip format, "
+                                "the normalized ensemble as one array); they are read as they are, and the next "
+                                "`spd-cluster run` of the experiment writes its results as merges", None, name,
+                                note=True))
     findings += _examine_lineage(store, instance, name, [s.key for s in specs if s.key not in lineage_keys],
                                  members, repair=repair)
     return findings
@@ -288,15 +300,18 @@ def recompute_commands(store: ResultsStore, findings: list[Finding]) -> list[str
 def report(store: ResultsStore, findings: list[Finding], *, repair: bool) -> int:
     """Print the findings and what to recompute; 0 when nothing is left to do."""
     for finding in findings:
-        status = "to do    " if finding.repair is None else ("repaired " if repair else "found    ")
+        status = "note     " if finding.note else (
+            "to do    " if finding.repair is None else ("repaired " if repair else "found    "))
         print(f"  {status} {finding.problem}" + (f": {finding.repair}" if finding.repair else ""))
     commands = recompute_commands(store, findings)
     for command in commands:
         print(f"recompute: {command}")
+    notes = [f for f in findings if f.note]
+    findings = [f for f in findings if not f.note]
     left = [f for f in findings if f.repair is None or not repair]
     repaired = len(findings) - len(left)
     if not findings:
-        print("doctor: no problems found")
+        print("doctor: no problems found" + (f" ({len(notes)} note(s) above)" if notes else ""))
     else:
         print(f"doctor: {len(findings)} problem(s), {repaired} repaired, {len(left)} left"
               + (" (run without --dry-run to repair)" if not repair else ""))

@@ -48,7 +48,8 @@ def run_export(args: argparse.Namespace) -> int:
     home = point_at_instance()
     try:
         if args.target == "original":
-            folder = export_original(args.experiment, args.out, spd_run=args.spd_run, home=home)
+            folder = export_original(args.experiment, args.out, spd_run=args.spd_run, home=home,
+                                     announce=lambda line: print(line, flush=True))
             print(f"spd-cluster export: the original's ensemble folder of {args.experiment!r}: {folder.ensemble_dir}")
             print(f"  runs: {folder.run_dirs[0].parent} ({len(folder.run_dirs)}); registry: {folder.registry}")
             return 0
@@ -67,13 +68,20 @@ def run_export(args: argparse.Namespace) -> int:
         return 1
 
 
-def export_original(experiment: str, out: Path, *, spd_run: str | None = None, home: Path | None = None):
-    """Write the experiment's stored results as the original pipeline's folders under `out`."""
+def export_original(experiment: str, out: Path, *, spd_run: str | None = None, home: Path | None = None,
+                    announce=lambda line: None):
+    """Write the experiment's stored results as the original pipeline's folders under `out`, after announcing
+    their size (the original stores every partition of every member: iterations x components per member)."""
     from spd_assets.results import ClusteringResults
-    from spd_assets.storage.original_export import write_original_ensemble
+    from spd_assets.storage.original_export import original_folder_bytes, write_original_ensemble
 
     results = ClusteringResults.load(experiment, home=home)
-    return write_original_ensemble(ensemble_export(results, spd_run), out)
+    export = ensemble_export(results, spd_run)
+    sizes = original_folder_bytes(export.histories)
+    announce(f"spd-cluster export: writing every partition of {len(export.histories)} members in the original's "
+             f"format under {out}: run histories {sizes['runs'] / 1e6:,.1f} MB, ensemble array "
+             f"{sizes['ensemble'] / 1e6:,.1f} MB before compression")
+    return write_original_ensemble(export, out)
 
 
 def ensemble_export(results, spd_run: str | None = None):
@@ -114,11 +122,11 @@ def export_spd_app(experiment: str, out: Path, *, member: str | None = None, ite
         if member not in members:
             raise ExportError(f"--member: {member!r} is not a member of the ensemble of {experiment!r}; "
                               f"expected one of {members}")
-        merges, labels = original.original_merge_array([results.histories[m] for m in members])
+        row, labels = original.original_member_row([results.histories[m] for m in members], members.index(member),
+                                                   iteration)
         mapping = original.cluster_mapping_file(
             ensemble_id=original.ensemble_id_for(config.name, config.config_hash), notes=notes or "", spd_run=run,
-            n_iterations=iteration, run_idx=members.index(member),
-            clusters=original.member_clusters(merges, labels, members.index(member), iteration))
+            n_iterations=iteration, run_idx=members.index(member), clusters=original.row_clusters(row, labels))
     return original.write_json(out, mapping), mapping
 
 

@@ -126,6 +126,7 @@ class ExperimentAssets:
     assets: list[AssetsDefinition]
     member_keys: list[AssetKey]
     ensemble_keys: list[AssetKey]
+    export_keys: list[AssetKey]  # the original-format folder (and the lineage tables it updates)
 
 
 def experiment_assets(
@@ -146,14 +147,17 @@ def experiment_assets(
         member_assets = [*([build.token_batches()] if build.has_token_batches else []),
                          build.component_activations(), build.merge_history()]
     ensemble_assets = [build.normalized_ensemble(), build.distance_matrices(), build.consensus_clusters(),
-                       build.cluster_explorer(), build.original_ensemble_folder(), build.experiments()]
+                       build.cluster_explorer(), build.experiments()]
+    # Written when asked for (every partition of every member: iterations x components per member), not by every run.
+    export_assets = [build.original_ensemble_folder()]
     # Every asset above is recorded: values with what they consumed, tables with their files.
-    recorded = [key for asset in [*member_assets, *ensemble_assets] for key in asset.keys]
-    ensemble_assets.append(build.lineage(recorded))
+    recorded = [key for asset in [*member_assets, *ensemble_assets, *export_assets] for key in asset.keys]
+    lineage = build.lineage(recorded)
     return ExperimentAssets(
-        assets=[*member_assets, *ensemble_assets],
+        assets=[*member_assets, *ensemble_assets, *export_assets, lineage],
         member_keys=[key for asset in member_assets for key in asset.keys],
-        ensemble_keys=[key for asset in ensemble_assets for key in asset.keys],
+        ensemble_keys=[key for asset in [*ensemble_assets, lineage] for key in asset.keys],
+        export_keys=[key for asset in [*export_assets, lineage] for key in asset.keys],
     )
 
 
@@ -498,13 +502,15 @@ class _ExperimentAssetBuilder:
             required_resource_keys={self.source_key, STORAGE_KEY},
             description="The original pipeline's ensemble folder, run folders and registry rows (under "
                         f"spd_cluster/<experiment>/exports/{ORIGINAL_FOLDER}/, laid out as its SPD_OUT_DIR): what its "
-                        "get_cluster_mapping and calc_distances read.",
+                        "get_cluster_mapping and calc_distances read. Every partition of every member (iterations x "
+                        "components each): materialized when asked for, not by the ensemble run.",
         )
         def original_ensemble_folder(context: AssetExecutionContext, ensemble: MemberEnsemble,
                                      histories: dict[str, MergeHistory], distances: EnsembleDistances) -> MaterializeResult:
             source = getattr(context.resources, self.source_key).source
             out = getattr(context.resources, STORAGE_KEY).store.exports_dir(self.name) / ORIGINAL_FOLDER
-            result = steps.original_ensemble_folder(ensemble, histories, distances, self.config, source, out)
+            result = steps.original_ensemble_folder(ensemble, histories, distances, self.config, source, out,
+                                                    announce=context.log.info)
             context.log.info(f"the original's ensemble folder: {result.metadata['path']}")
             consumed = [
                 *self.consumed(context, "normalized_ensemble", {None: ensemble}),

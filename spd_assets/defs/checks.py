@@ -14,10 +14,17 @@ PLANTED_ARI_MINIMUM = 0.9
 
 
 def partition_sizes(history: MergeHistory) -> AssetCheckResult:
-    """The partition after iteration i has c - i - 1 groups."""
+    """The partition after iteration i has c - i - 1 groups.
+
+    A history kept as merges has them when every merge joins two different groups of those before it (what
+    replaying it checks); partitions given as they are are counted."""
     c = history.c_components
-    counts = np.array([len(np.unique(row)) for row in history.group_idxs.numpy()])
     expected = c - 1 - np.arange(history.n_iters)
+    if history.is_merge_sequence:
+        history.merge_representatives()  # raises for a merge that is not two different groups
+        counts = expected
+    else:
+        counts = np.array([len(np.unique(row)) for row in history.partitions_between()], dtype=np.int64)
     wrong = np.flatnonzero(counts != expected)
     return AssetCheckResult(
         check_name="partition_sizes",
@@ -40,7 +47,7 @@ def planted_truth_recovered(history: MergeHistory, truth: np.ndarray) -> AssetCh
             "raise merge_config.iters (or set it to null) to check recovery",
         )
     iteration = int(reached[0])
-    ari = adjusted_rand_index(history.group_idxs[iteration].numpy(), truth)
+    ari = adjusted_rand_index(history.partition_at(iteration), truth)
     return AssetCheckResult(
         check_name="planted_truth_recovered",
         passed=ari >= PLANTED_ARI_MINIMUM,
@@ -62,7 +69,11 @@ def mdl_minimum_inside_the_merge(warning: str | None) -> AssetCheckResult:
 
 def every_component_assigned(ensemble: MemberEnsemble) -> AssetCheckResult:
     """Every component of every member has a group at every iteration (no -1)."""
-    unassigned = int((ensemble.ensemble.merges < 0).sum())
+    aligned = ensemble.ensemble
+    if aligned.is_compact:  # each member's own components on distinct labels; its missing labels get singletons
+        unassigned = sum(aligned.n_iters * (columns.size - np.unique(columns).size) for columns in aligned.member_columns)
+    else:
+        unassigned = int((aligned.merges < 0).sum())
     return AssetCheckResult(check_name="every_component_assigned", passed=unassigned == 0,
                             metadata={"unassigned_entries": unassigned})
 

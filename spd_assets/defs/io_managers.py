@@ -51,7 +51,7 @@ class ValueIOManager(ConfigurableIOManager):
         experiment, asset = _names(context.asset_key)
         value_format_ = self._format(type(obj), context.asset_key)
         path = self.storage.store.value_path(experiment, asset, _partition(context), value_format_.suffix)
-        value_format_.save(path, obj)
+        value_format_.replace(path, obj)
         context.add_output_metadata({"path": MetadataValue.path(str(path)), "bytes": path.stat().st_size})
 
     def load_input(self, context: InputContext) -> Any:
@@ -63,7 +63,9 @@ class ValueIOManager(ConfigurableIOManager):
         value_format_ = self._format(_plain(value_type), context.asset_key)
 
         def path_of(partition: str | None):
-            return self.storage.store.value_path(experiment, asset, partition, value_format_.suffix)
+            # A file of the previous layout is read as it is, where the value has not been written since.
+            return value_format_.stored_path(self.storage.store.value_path(experiment, asset, partition,
+                                                                          value_format_.suffix))
 
         if not context.has_asset_partitions:
             return value_format_.load(path_of(None))

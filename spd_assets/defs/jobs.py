@@ -17,8 +17,13 @@ def ensemble_job_name(experiment: str) -> str:
     return f"{experiment}__ensemble"
 
 
+def original_folder_job_name(experiment: str) -> str:
+    """The job that writes the original-format folder of `experiment` (and updates its lineage tables)."""
+    return f"{experiment}__original_folder"
+
+
 def experiment_jobs(experiment: str, assets: ExperimentAssets) -> list:
-    """The member job and the ensemble job of one experiment."""
+    """The member job, the ensemble job and the original-format folder's job of one experiment."""
     return [
         define_asset_job(
             members_job_name(experiment),
@@ -29,5 +34,10 @@ def experiment_jobs(experiment: str, assets: ExperimentAssets) -> list:
             ensemble_job_name(experiment),
             selection=AssetSelection.assets(*assets.ensemble_keys),
             description=f"{experiment}: normalized ensemble, distance matrices, settings and lineage tables",
+        ),
+        define_asset_job(
+            original_folder_job_name(experiment),
+            selection=AssetSelection.assets(*assets.export_keys),
+            description=f"{experiment}: the original pipeline's folder (every partition of every member), on request",
         ),
     ]

@@ -337,7 +337,7 @@ def _co_association_plot(consensus: ConsensusClusters, ensemble: MemberEnsemble,
         members = np.flatnonzero(consensus.cluster_of == cluster)
         order.extend(members[np.argsort(-consensus.component_stability[members], kind="stable")])
         shown.append(int(sizes[cluster]))
-    partitions = ensemble.ensemble.merges[:, consensus.iteration, :].numpy()
+    partitions = ensemble.ensemble.partitions_at(consensus.iteration)
     matrix = co_association(partitions, np.array(order))
     return plots.co_association_heatmap(matrix, shown, consensus.iteration, len(consensus.members), consensus.n_clusters)
 
@@ -347,7 +347,7 @@ def cluster_explorer(consensus: ConsensusClusters, ensemble: MemberEnsemble, com
                      batches: Mapping[str, TokenBatch] | None = None) -> StepResult:
     """The self-contained HTML cluster explorer of the consensus clusters; with the members' activations and token
     batches (a source with token batches), each cluster's top-activating token contexts too (seq_mode concat)."""
-    partitions = ensemble.ensemble.merges[:, consensus.iteration, :].numpy()
+    partitions = ensemble.ensemble.partitions_at(consensus.iteration)
     found = (cluster_contexts(consensus, activations, batches, config.seq_mode)
              if activations is not None and batches is not None else None)
     data = explorer.explorer_data(config.name, consensus, partitions, component_stats, contexts=found)
@@ -393,14 +393,19 @@ def ensemble_export(config: ExperimentConfig, members: list[str], histories: Map
 
 def original_ensemble_folder(ensemble: MemberEnsemble, histories: Mapping[str, MergeHistory],
                              distances: EnsembleDistances, config: ExperimentConfig, source: ActivationSource | None,
-                             out: Path) -> StepResult:
+                             out: Path, announce=lambda line: None) -> StepResult:
     """The original pipeline's ensemble folder, run folders and registry rows of the experiment, under `out` (laid
-    out as the original's SPD_OUT_DIR)."""
+    out as the original's SPD_OUT_DIR); its size is announced before anything is written."""
     export = ensemble_export(config, ensemble.members, histories, distances.by_method, source)
+    sizes = original_export.original_folder_bytes(export.histories)
+    announce(f"writing every partition of {len(export.histories)} members in the original's format under {out}: "
+             f"run histories {sizes['runs'] / 1e6:,.1f} MB, ensemble array {sizes['ensemble'] / 1e6:,.1f} MB "
+             "before compression")
     folder = original_export.write_original_ensemble(export, out)
     command = (f"SPD_OUT_DIR={folder.root} python -m spd.clustering.scripts.get_cluster_mapping "
                f"{folder.ensemble_dir} --n_iterations N --run_idx R")
     metadata = {"path": folder.ensemble_dir, "ensemble_id": export.ensemble_id, "runs": len(folder.run_dirs),
+                "dense_bytes": sizes["runs"] + sizes["ensemble"],
                 "registry": folder.registry, "model_path": export.model_path,
                 "distance_methods": list(export.distances), "get_cluster_mapping": Markdown(f"`{command}`")}
     return StepResult(folder, {}, metadata)

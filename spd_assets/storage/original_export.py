@@ -37,6 +37,7 @@ import json
 import os
 import re
 import sqlite3
+import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +49,7 @@ import yaml
 
 from spd_assets.errors import ExportError
 from spd_assets.storage.atomic import atomic_path
-from spd_assets.storage.history_format import write_history_zip
+from spd_assets.storage.history_format import PARTITION_BLOCK_IDS, dense_bytes, write_history_zip
 from spd_math import MergeConfig, MergeHistory
 
 CLUSTERING = "clustering"
@@ -109,26 +110,89 @@ def run_id_for(ensemble_id: str, member: str) -> str:
     return "c-" + hashlib.sha256(f"{ensemble_id}:{member}".encode()).hexdigest()[:8]
 
 
+def _union_labels(histories: Sequence[MergeHistory]) -> list[str]:
+    if not histories:
+        raise ExportError("an ensemble export needs at least one member history, got none")
+    return sorted({label for history in histories for label in history.labels})
+
+
+def _merge_array_dtype(n_labels: int) -> type[np.integer]:
+    return np.int16 if n_labels <= np.iinfo(np.int16).max else np.int32
+
+
+class _MemberPlacement:
+    """Where one member's components sit among the union's labels, and the ids its missing labels get."""
+
+    def __init__(self, history: MergeHistory, labels: Sequence[str], position: Mapping[str, int]) -> None:
+        self.history = history
+        self.columns = np.fromiter((position[label] for label in history.labels), dtype=np.int64,
+                                   count=len(history.labels))
+        self.missing = np.setdiff1d(np.arange(len(labels)), self.columns)  # sorted, so in label order
+        self.width = len(labels)
+
+    def rows(self, start: int, stop: int, dtype) -> np.ndarray:
+        """`[stop - start, labels]` ids after iterations start .. stop - 1, in the original's numbering."""
+        out = np.empty((stop - start, self.width), dtype=dtype)
+        out[:, self.columns] = self.history.dense_group_idxs(start, stop).astype(dtype)
+        out[:, self.missing] = (len(self.history.labels) + np.arange(self.missing.size)).astype(dtype)
+        return out
+
+
+def _placements(histories: Sequence[MergeHistory]) -> tuple[list[_MemberPlacement], list[str]]:
+    labels = _union_labels(histories)
+    position = {label: x for x, label in enumerate(labels)}
+    return [_MemberPlacement(history, labels, position) for history in histories], labels
+
+
 def original_merge_array(histories: Sequence[MergeHistory]) -> tuple[np.ndarray, list[str]]:
-    """The original's `MergeHistoryEnsemble.normalized()` array and labels of `histories`.
+    """The original's `MergeHistoryEnsemble.normalized()` array and labels of `histories`, as one array (members x
+    iterations x labels: `write_original_ensemble` streams it instead).
 
     Labels are the sorted union; iterations those every member completed; a member's missing
     labels get ids `n_member_labels + k` (k-th missing label in sorted order). int16 like the
     original, int32 when ids do not fit.
     """
-    if not histories:
-        raise ExportError("an ensemble export needs at least one member history, got none")
-    labels = sorted({label for history in histories for label in history.labels})
-    position = {label: x for x, label in enumerate(labels)}
+    placements, labels = _placements(histories)
     n_iters = min(history.n_iters for history in histories)
-    dtype = np.int16 if len(labels) <= np.iinfo(np.int16).max else np.int32
-    merges = np.full((len(histories), n_iters, len(labels)), -1, dtype=dtype)
-    for m, history in enumerate(histories):
-        columns = np.array([position[label] for label in history.labels], dtype=np.int64)
-        merges[m][:, columns] = history.group_idxs[:n_iters].numpy().astype(dtype)
-        missing = np.setdiff1d(np.arange(len(labels)), columns)  # sorted, so in label order
-        merges[m][:, missing] = (len(history.labels) + np.arange(missing.size)).astype(dtype)
-    return merges, labels
+    dtype = _merge_array_dtype(len(labels))
+    return np.stack([placement.rows(0, n_iters, dtype) for placement in placements]), labels
+
+
+def original_member_row(histories: Sequence[MergeHistory], run_idx: int, iteration: int) -> tuple[np.ndarray, list[str]]:
+    """One member's row of `original_merge_array` (its ids after `iteration`) and the labels, without the rest."""
+    placements, labels = _placements(histories)
+    n_iters = min(history.n_iters for history in histories)
+    if not 0 <= run_idx < len(placements):
+        raise ExportError(f"run index {run_idx} is out of range; the ensemble has runs 0..{len(placements) - 1}")
+    if not 0 <= iteration < n_iters:
+        raise ExportError(f"iteration {iteration} is out of range; the ensemble has iterations 0..{n_iters - 1}")
+    return placements[run_idx].rows(iteration, iteration + 1, _merge_array_dtype(len(labels)))[0], labels
+
+
+def original_folder_bytes(histories: Sequence[MergeHistory]) -> dict[str, int]:
+    """What the original's folder of `histories` holds, uncompressed, in bytes: every history's partitions (`runs`)
+    and the ensemble array (`ensemble`, written compressed)."""
+    labels = _union_labels(histories)
+    n_iters = min(history.n_iters for history in histories)
+    return {"runs": sum(dense_bytes(history) for history in histories),
+            "ensemble": len(histories) * n_iters * len(labels) * np.dtype(_merge_array_dtype(len(labels))).itemsize}
+
+
+def _write_merge_array(path: Path, histories: Sequence[MergeHistory]) -> None:
+    """`ensemble_merge_array.npz` as `np.savez_compressed(merge_array=original_merge_array(...))` writes it, streamed
+    a block of iterations of one member at a time."""
+    placements, labels = _placements(histories)
+    n_iters = min(history.n_iters for history in histories)
+    dtype = _merge_array_dtype(len(labels))
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+              "shape": (len(placements), n_iters, len(labels))}
+    block = max(1, PARTITION_BLOCK_IDS // max(len(labels), 1))
+    with atomic_path(path) as temporary, zipfile.ZipFile(temporary, "w", zipfile.ZIP_DEFLATED, allowZip64=True) as archive:
+        with archive.open("merge_array.npy", "w", force_zip64=True) as entry:
+            np.lib.format.write_array_header_1_0(entry, header)
+            for placement in placements:
+                for start in range(0, n_iters, block):
+                    entry.write(placement.rows(start, min(start + block, n_iters), dtype).tobytes())
 
 
 def original_distances(distances: torch.Tensor | np.ndarray, method: str) -> np.ndarray:
@@ -226,7 +290,7 @@ def write_original_ensemble(export: EnsembleExport, out: str | os.PathLike[str])
                                         indent=2, ensure_ascii=False))
     _write_text(ensemble_dir / PIPELINE_CONFIG, yaml.dump(_pipeline_config(export, base_config)))
 
-    merges, labels = original_merge_array(export.histories)
+    labels = _union_labels(export.histories)
     metadatas = [{**history_metadata(history), "origin_path": str(path)}
                  for history, path in zip(export.histories, history_paths)]
     n_rows = [history.n_iters for history in export.histories]
@@ -241,7 +305,7 @@ def write_original_ensemble(export: EnsembleExport, out: str | os.PathLike[str])
         "history_metadatas": metadatas,
     }
     _write_text(ensemble_dir / ENSEMBLE_META, json.dumps(meta, indent=2))
-    _write_npz(ensemble_dir / ENSEMBLE_ARRAY, merge_array=merges)
+    _write_merge_array(ensemble_dir / ENSEMBLE_ARRAY, export.histories)
     for method, distances in export.distances.items():
         values = original_distances(distances, method)
         _write_npz(ensemble_dir / f"distances_{method}.npz", distances=values)
@@ -349,7 +413,12 @@ def member_clusters(merges: np.ndarray, labels: Sequence[str], run_idx: int, ite
         raise ExportError(f"run index {run_idx} is out of range; the ensemble has runs 0..{n_runs - 1}")
     if not 0 <= iteration < n_iters:
         raise ExportError(f"iteration {iteration} is out of range; the ensemble has iterations 0..{n_iters - 1}")
-    assignments = merges[run_idx, iteration]
+    return row_clusters(merges[run_idx, iteration], labels)
+
+
+def row_clusters(assignments: np.ndarray, labels: Sequence[str]) -> dict[str, int | None]:
+    """Label -> group id of one row of the original's ensemble array (`original_member_row`), None for a group of
+    one (the original's `get_cluster_mapping`)."""
     ids, counts = np.unique(assignments, return_counts=True)
     singletons = set(ids[counts == 1].tolist())
     return {label: None if int(group) in singletons else int(group) for label, group in zip(labels, assignments)}

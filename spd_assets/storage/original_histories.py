@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from spd_assets.errors import HistoryFormatError
-from spd_assets.storage.history_format import read_history_zip
+from spd_assets.storage.history_format import PartitionsEntry, read_history_zip
 from spd_math import MergeHistory
 from spd_math.config import ConfigError, MergeConfig
 
@@ -90,47 +90,90 @@ def read_labels(path: str | os.PathLike[str]) -> list[str]:
 
 
 def read_september_history(path: str | os.PathLike[str]) -> OriginalHistory:
-    """Read a September 2025 history, rows moved to 'after merge i' (the last one made from the last pair)."""
+    """Read a September 2025 history, rows moved to 'after merge i' (the last one made from the last pair).
+
+    Its rows are read a block at a time and checked against the merges its pairs make, so memory stays bounded
+    whatever the history's length; a file whose first row is not every component alone is kept as it is.
+    """
     try:
         with zipfile.ZipFile(path) as archive:
             missing = [name for name in ENTRIES if name not in archive.namelist()]
             if missing:
                 raise HistoryFormatError(f"{path}: missing entries {missing}; a September 2025 history holds {list(ENTRIES)}")
-            rows = _array(archive, path, "merge.group_idxs.npy", 2)
             k_groups = _array(archive, path, "merge.k_groups.npy", 1)
             pairs = _array(archive, path, "selected_pairs.npy", 2)
             labels = archive.read("labels.txt").decode("utf-8").splitlines()
             metadata = json.loads(archive.read("metadata.json").decode("utf-8"))
+            c, n = metadata["c_components"], metadata["n_iters_current"]
+            if not (isinstance(c, int) and isinstance(n, int) and c >= 0 and n >= 0):
+                raise HistoryFormatError(f"{path}: c_components and n_iters_current must be non-negative integers, "
+                                         f"got {c!r} and {n!r}")
+            rows = PartitionsEntry(archive, path, "merge.group_idxs.npy")
+            if len(labels) != c or rows.shape[1:] != (c,):
+                raise HistoryFormatError(f"{path}: {len(labels)} labels and group_idxs of shape {rows.shape}, but "
+                                         f"c_components is {c}")
+            if not rows.shape[0] == k_groups.shape[0] == pairs.shape[0] >= n or pairs.shape[1:] != (2,):
+                raise HistoryFormatError(f"{path}: n_iters_current is {n} but group_idxs, k_groups and selected_pairs "
+                                         f"have shapes {rows.shape}, {k_groups.shape}, {pairs.shape}")
+            config = _merge_config(metadata["config"], path)
+            pairs = pairs[:n].astype(np.int64)
+            if n and not np.array_equal(k_groups[:n], c - np.arange(n)):
+                raise HistoryFormatError(f"{path}: k_groups must count c_components - i groups before merge i; got "
+                                         f"{k_groups[:n][:5].tolist()}... for c_components {c}")
+            k_after = torch.from_numpy(c - 1 - np.arange(n, dtype=np.int64))
+            first = next(rows.blocks(1), None) if n else None
+            if first is None or np.array_equal(first[0], np.arange(c)):
+                history = _merge_sequence(path, rows, labels, pairs, k_after, config)
+            else:  # partitions that do not start from every component alone: kept as they are
+                history = _dense_history(path, rows, labels, pairs, k_after, config)
     except (zipfile.BadZipFile, zlib.error, EOFError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise HistoryFormatError(f"{path}: not a readable September 2025 history ({error})") from error
+    run_keys = {key: value for key, value in metadata["config"].items()
+                if key not in MERGE_KEYS and key != "pop_component_prob"}
+    return OriginalHistory(history, SEPTEMBER_2025, {"wandb_url": metadata.get("wandb_url"), "run_config": run_keys})
 
-    c, n = metadata["c_components"], metadata["n_iters_current"]
-    if not (isinstance(c, int) and isinstance(n, int) and c >= 0 and n >= 0):
-        raise HistoryFormatError(f"{path}: c_components and n_iters_current must be non-negative integers, "
-                                 f"got {c!r} and {n!r}")
-    if len(labels) != c or rows.shape[1:] != (c,):
-        raise HistoryFormatError(f"{path}: {len(labels)} labels and group_idxs of shape {rows.shape}, but "
-                                 f"c_components is {c}")
-    if not rows.shape[0] == k_groups.shape[0] == pairs.shape[0] >= n or pairs.shape[1:] != (2,):
-        raise HistoryFormatError(f"{path}: n_iters_current is {n} but group_idxs, k_groups and selected_pairs have "
-                                 f"shapes {rows.shape}, {k_groups.shape}, {pairs.shape}")
-    config = _merge_config(metadata["config"], path)
-    before = rows[:n].astype(np.int64)
-    pairs = pairs[:n].astype(np.int64)
-    if n and not np.array_equal(k_groups[:n], c - np.arange(n)):
-        raise HistoryFormatError(f"{path}: k_groups must count c_components - i groups before merge i; got "
-                                 f"{k_groups[:n][:5].tolist()}... for c_components {c}")
+
+def _check_pairs(path, pairs: np.ndarray, c: int) -> None:
+    k = c - np.arange(pairs.shape[0])
+    bad = np.flatnonzero((pairs.min(axis=1) < 0) | (pairs.max(axis=1) >= k) | (pairs[:, 0] == pairs[:, 1]))
+    if bad.size:
+        i = int(bad[0])
+        raise HistoryFormatError(f"{path}: selected_pairs[{i}] is {pairs[i].tolist()}; expected two different groups "
+                                 f"of the {int(k[i])} before merge {i}")
+
+
+def _merge_sequence(path, rows: PartitionsEntry, labels, pairs: np.ndarray, k_after, config) -> MergeHistory:
+    """Row 0 is every component alone: the history is the pairs' merges, and every later row must be the
+    partition they make (checked block by block)."""
+    _check_pairs(path, pairs, len(labels))
+    history = MergeHistory(labels=labels, selected_pairs=torch.from_numpy(pairs), k_groups=k_after, config=config)
+    n = pairs.shape[0]
+    start = 0
+    for block in rows.blocks(n):  # rows 0..n-1; row i + 1 must be the partition after merge i
+        stop = start + block.shape[0]
+        expected = history.dense_group_idxs(max(start - 1, 0), stop - 1)
+        given = block[1:] if start == 0 else block
+        different = np.flatnonzero((given != expected).any(axis=1))
+        if different.size:
+            i = int(different[0]) + max(start - 1, 0)
+            raise HistoryFormatError(f"{path}: row {i + 1} of group_idxs is not row {i} with pair "
+                                     f"{pairs[i].tolist()} merged; not a September 2025 history without popping")
+        start = stop
+    return history
+
+
+def _dense_history(path, rows: PartitionsEntry, labels, pairs: np.ndarray, k_after, config) -> MergeHistory:
+    """Rows that do not start from every component alone, moved to 'after merge i' as they are."""
+    n, c = pairs.shape[0], len(labels)
+    before = np.concatenate([block.astype(np.int64) for block in rows.blocks(n)])
     after = np.empty_like(before)
     for i in range(n):
         after[i] = _merged(before[i], pairs[i], c - i, path, i)
         if i + 1 < n and not np.array_equal(after[i], before[i + 1]):
             raise HistoryFormatError(f"{path}: row {i + 1} of group_idxs is not row {i} with pair "
                                      f"{pairs[i].tolist()} merged; not a September 2025 history without popping")
-    history = MergeHistory(labels=labels, group_idxs=torch.from_numpy(after), selected_pairs=torch.from_numpy(pairs),
-                           k_groups=torch.from_numpy(c - 1 - np.arange(n, dtype=np.int64)), config=config)
-    run_keys = {key: value for key, value in metadata["config"].items()
-                if key not in MERGE_KEYS and key != "pop_component_prob"}
-    return OriginalHistory(history, SEPTEMBER_2025, {"wandb_url": metadata.get("wandb_url"), "run_config": run_keys})
+    return MergeHistory(labels=labels, group_idxs=torch.from_numpy(after), selected_pairs=torch.from_numpy(pairs),
+                        k_groups=k_after, config=config)
 
 
 def _merged(row: np.ndarray, pair: np.ndarray, k: int, path, i: int) -> np.ndarray:

@@ -17,7 +17,7 @@ import torch
 from spd_assets.config import ExperimentConfig
 from spd_assets.storage.schemas import TABLE_SCHEMAS
 from spd_assets.storage.values import ConsensusClusters
-from spd_math import MergeHistory, NormalizedEnsemble, ProcessedActivations
+from spd_math import MergeHistory, NormalizedEnsemble, ProcessedActivations, replay
 
 # Columns of activations summarised at once: bounds temporaries for large batches.
 STATS_CHUNK_ROWS = 16_384
@@ -123,11 +123,21 @@ def membership_spans(experiment: str, member: str, history: MergeHistory) -> pl.
     A group keeps its representative until it merges with a group holding a smaller member, so a
     component has few spans and the table stays small; `memberships_at(...)` in DuckDB expands it.
     """
-    group_idxs = history.group_idxs.numpy()
-    n_iters, c = group_idxs.shape
     labels = np.array(history.labels, dtype=object)
-    if n_iters == 0:
+    if history.n_iters == 0:
         return TABLE_SCHEMAS["membership_spans"].empty()
+    if history.is_merge_sequence:  # replayed: work in proportion to the rows
+        components, representative, first, last = replay.representative_spans(
+            history.merge_representatives(), history.c_components, history.n_iters)
+        return _conformed("membership_spans", {
+                "experiment": experiment,
+                "member": member,
+                "label": labels[components].tolist(),
+                "group_label": labels[representative].tolist(),
+                "first_iteration": first.astype(np.int32),
+                "last_iteration": last.astype(np.int32),
+        })
+    group_idxs = history.group_idxs.numpy()
     representatives = group_representatives(group_idxs)
     starts = np.ones_like(representatives, dtype=bool)
     starts[1:] = representatives[1:] != representatives[:-1]

@@ -7,6 +7,7 @@ here, and a new type is one class plus one `VALUE_FORMATS` entry.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,8 +19,11 @@ import torch
 
 from spd_assets.errors import StorageError
 from spd_assets.storage.atomic import atomic_path
-from spd_assets.storage.history_format import read_history_zip, write_history_zip
-from spd_math import ColumnStats, MergeHistory, NormalizedEnsemble, ProcessedActivations
+from spd_assets.storage.history_format import read_history_zip
+from spd_math import ColumnStats, MergeConfig, MergeHistory, NormalizedEnsemble, ProcessedActivations
+
+# The previous layout stored merge histories in the original zip format.
+HISTORY_ZIP_SUFFIX = ".zip"
 
 
 @dataclass(frozen=True)
@@ -31,11 +35,16 @@ class MemberEnsemble:
     missing: list[str]
 
     def __post_init__(self) -> None:
-        # Only the aligned arrays are stored, and the value read back must fingerprint as the one written: a
-        # NormalizedHistories (what normalize_ensemble returns) keeps its arrays and leaves its metadata, which
+        # Only the alignment is stored, and the value read back must fingerprint as the one written: a
+        # NormalizedHistories (what normalize_ensemble returns) keeps its alignment and leaves its metadata, which
         # is derived from the member histories.
         if type(self.ensemble) is not NormalizedEnsemble:
-            plain = NormalizedEnsemble(self.ensemble.merges, self.ensemble.labels, self.ensemble.present)
+            ensemble = self.ensemble
+            if ensemble.is_compact:
+                plain = NormalizedEnsemble(labels=ensemble.labels, present=ensemble.present,
+                                           member_columns=ensemble.member_columns, member_merges=ensemble.member_merges)
+            else:
+                plain = NormalizedEnsemble(ensemble.merges, ensemble.labels, ensemble.present)
             object.__setattr__(self, "ensemble", plain)
 
 
@@ -196,26 +205,113 @@ def load_activations(path: Path) -> ProcessedActivations:
 
 
 def save_ensemble(path: Path, value: MemberEnsemble) -> None:
-    """Write a member ensemble (aligned histories, members used and missing)."""
-    _save_npz(
-        path,
-        merges=value.ensemble.merges.numpy(),
-        labels=np.array(value.ensemble.labels, dtype=str),
-        present=value.ensemble.present.numpy(),
-        members=np.array(value.members, dtype=str),
-        missing=np.array(value.missing, dtype=str),
-    )
+    """Write a member ensemble: the alignment (labels, which member has which) and each member's merges,
+    O(members x (c + iters)); an ensemble made from an array of partitions keeps its array."""
+    ensemble = value.ensemble
+    if ensemble.is_compact:
+        columns = ensemble.member_columns
+        arrays = {"member_columns": np.concatenate(columns) if columns else np.zeros(0, dtype=np.int64),
+                  "member_sizes": np.array([column.size for column in columns], dtype=np.int64),
+                  "member_merges": _narrow_ids(ensemble.member_merges.numpy(), len(ensemble.labels))}
+    else:
+        arrays = {"merges": ensemble.merges.numpy()}
+    _save_npz(path, labels=_text_array(ensemble.labels), present=ensemble.present.numpy(),
+              members=np.array(value.members, dtype=str), missing=np.array(value.missing, dtype=str), **arrays)
 
 
 def load_ensemble(path: Path) -> MemberEnsemble:
-    """A member ensemble written by `save_ensemble`."""
+    """A member ensemble written by `save_ensemble` (or, as it is, one of the previous layout: the whole
+    `[members, iterations, components]` array)."""
     data = load_npz(path)
-    ensemble = NormalizedEnsemble(
-        merges=torch.from_numpy(data["merges"]),
-        labels=data["labels"].tolist(),
-        present=torch.from_numpy(data["present"]),
-    )
+    labels = _text_list(data["labels"])
+    present = torch.from_numpy(data["present"])
+    if "merges" in data:
+        ensemble = NormalizedEnsemble(torch.from_numpy(data["merges"]), labels, present)
+    else:
+        columns = np.split(data["member_columns"].astype(np.int64), np.cumsum(data["member_sizes"])[:-1])
+        ensemble = NormalizedEnsemble(labels=labels, present=present, member_columns=columns,
+                                      member_merges=torch.from_numpy(data["member_merges"].astype(np.int64)))
     return MemberEnsemble(ensemble=ensemble, members=data["members"].tolist(), missing=data["missing"].tolist())
+
+
+def _narrow_ids(values: np.ndarray, bound: int) -> np.ndarray:
+    """Ids below `bound` in 32 bits where they fit (they always do but for more than 2**31 components)."""
+    return values.astype(np.int32) if bound <= np.iinfo(np.int32).max else values
+
+
+def _text_array(texts: list[str]) -> np.ndarray:
+    """Labels as UTF-8 bytes joined by newlines: a quarter of NumPy's fixed-width UTF-32 strings."""
+    multiline = [text for text in texts if "\n" in text]
+    if multiline:
+        raise StorageError(f"labels cannot contain newlines: {multiline[:3]}")
+    return np.frombuffer("\n".join(texts).encode("utf-8"), dtype=np.uint8)
+
+
+def _text_list(array: np.ndarray) -> list[str]:
+    """Labels stored by `_text_array`, or as NumPy strings (the previous layout)."""
+    if array.dtype == np.uint8:
+        text = array.tobytes().decode("utf-8")
+        return text.split("\n") if text else []
+    return array.tolist()
+
+
+# Marks a merge history stored as its merges (`save_history`).
+HISTORY_LAYOUT = "spd-cluster merge sequence 1"
+
+
+def save_history(path: Path, history: MergeHistory) -> None:
+    """Write a merge history as what it is: labels, merges and per-merge diagnostics, O(c + iters). (The original
+    research format, with every partition, is what `export` and the original-format folder write.)"""
+    c = history.c_components
+    arrays: dict[str, np.ndarray] = {"layout": np.array(HISTORY_LAYOUT), "labels": _text_array(history.labels),
+                                     "k_groups": _narrow_ids(history.k_groups.numpy(), c)}
+    if history.selected_pairs is not None:
+        arrays["selected_pairs"] = _narrow_ids(history.selected_pairs.numpy(), c)
+    if history.is_merge_sequence:
+        sampled = history.selected_pairs
+        if sampled is None or not torch.equal(torch.sort(sampled, dim=1).values, history.merge_pairs):
+            arrays["merge_pairs"] = _narrow_ids(history.merge_pairs.numpy(), c)
+    else:
+        arrays["partitions"] = history.partitions.numpy()
+    for name in ("pair_costs", "mdl_losses"):
+        values = getattr(history, name)
+        if values is not None:
+            arrays[name] = values.numpy().astype(np.float64)
+    if history.config is not None:
+        arrays["config"] = np.array(json.dumps(history.config.to_dict()))
+    if history.seed is not None:
+        arrays["seed"] = np.array(int(history.seed), dtype=np.uint64)
+    _save_npz(path, **arrays)
+
+
+def load_history(path: Path) -> MergeHistory:
+    """A merge history written by `save_history`, or (read as it is) one in the original zip format, which the
+    previous layout stored."""
+    if path.suffix == HISTORY_ZIP_SUFFIX:
+        try:
+            return read_history_zip(path)
+        except FileNotFoundError:
+            raise StorageError(f"{path} does not exist (was the upstream asset materialized?)") from None
+    data = load_npz(path)
+    if str(data.get("layout", "")) != HISTORY_LAYOUT:
+        raise StorageError(f"{path} is not a merge history of this version (layout {str(data.get('layout'))!r}, "
+                           f"expected {HISTORY_LAYOUT!r})")
+
+    def tensor(name: str, dtype) -> torch.Tensor | None:
+        return torch.from_numpy(data[name].astype(dtype)) if name in data else None
+
+    config = MergeConfig.from_dict(json.loads(str(data["config"]))) if "config" in data else None
+    return MergeHistory(
+        labels=_text_list(data["labels"]),
+        group_idxs=tensor("partitions", np.int64),
+        selected_pairs=tensor("selected_pairs", np.int64),
+        merge_pairs=tensor("merge_pairs", np.int64),
+        k_groups=tensor("k_groups", np.int64),
+        pair_costs=tensor("pair_costs", np.float64),
+        mdl_losses=tensor("mdl_losses", np.float64),
+        config=config,
+        seed=int(data["seed"]) if "seed" in data else None,
+    )
 
 
 def save_distances(path: Path, value: EnsembleDistances) -> None:
@@ -289,26 +385,36 @@ def load_token_batch(path: Path) -> TokenBatch:
     return TokenBatch(inputs=data["inputs"], vocab_ids=data["vocab_ids"], vocab_strings=tuple(data["vocab_strings"].tolist()))
 
 
-def load_history(path: Path) -> MergeHistory:
-    """A merge history stored in the original zip format."""
-    try:
-        return read_history_zip(path)
-    except FileNotFoundError:
-        raise StorageError(f"{path} does not exist (was the upstream asset materialized?)") from None
-
-
 @dataclass(frozen=True)
 class ValueFormat:
-    """How one kind of value is stored: its file suffix, writer and reader."""
+    """How one kind of value is stored: its file suffix, writer and reader, and the suffixes of the files of the
+    previous layout that the reader also reads (a value written now replaces such a file)."""
 
     suffix: str
     save: Callable[[Path, Any], None]
     load: Callable[[Path], Any]
+    previous_suffixes: tuple[str, ...] = ()
+
+    def stored_path(self, path: Path) -> Path:
+        """`path` (the value's file, with `suffix`), or the file of the previous layout that holds the value
+        instead when only that exists."""
+        if not path.exists():
+            for suffix in self.previous_suffixes:
+                previous = path.with_suffix(suffix)
+                if previous.exists():
+                    return previous
+        return path
+
+    def replace(self, path: Path, value: Any) -> None:
+        """Write `value` to `path` and remove a file of the previous layout that held the value before."""
+        self.save(path, value)
+        for suffix in self.previous_suffixes:
+            path.with_suffix(suffix).unlink(missing_ok=True)
 
 
 VALUE_FORMATS: dict[type, ValueFormat] = {
     ProcessedActivations: ValueFormat(".npz", save_activations, load_activations),
-    MergeHistory: ValueFormat(".zip", lambda path, history: write_history_zip(history, path), load_history),
+    MergeHistory: ValueFormat(".npz", save_history, load_history, previous_suffixes=(HISTORY_ZIP_SUFFIX,)),
     MemberEnsemble: ValueFormat(".npz", save_ensemble, load_ensemble),
     EnsembleDistances: ValueFormat(".npz", save_distances, load_distances),
     ConsensusClusters: ValueFormat(".npz", save_consensus, load_consensus),

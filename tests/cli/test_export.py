@@ -11,7 +11,7 @@ import pytest
 from spd_assets.cli.main import main as spd_cluster
 from spd_assets.notebook import cluster_analysis_pipeline
 from spd_assets.storage.original_export import ensemble_id_for, original_merge_array
-from tests.pipeline_helpers import SMALL_SYNTHETIC
+from tests.pipeline_helpers import SMALL_SYNTHETIC, materialize_original_folder
 
 
 @pytest.fixture(scope="module")
@@ -94,10 +94,18 @@ def test_export_of_an_unknown_experiment(experiment, tmp_path, monkeypatch, caps
     assert "no experiment 'nothing' is registered" in capsys.readouterr().err
 
 
-def test_the_ensemble_run_writes_the_original_folder_as_an_asset(experiment):
+def test_the_original_folder_is_an_asset_written_when_asked_for(experiment):
     home, results = experiment
     ensemble_id = ensemble_id_for("small", results.config.config_hash)
     folder = home / "spd_cluster" / "small" / "exports" / "original" / "clustering"
+    assert not folder.exists()  # not a cost every run pays
+    result = materialize_original_folder(home, "small")
+    assert result.success
+    announced = result.asset_materializations_for_node("small__original_ensemble_folder")[0].metadata["dense_bytes"]
+    histories = [results.histories[m] for m in results.ensemble.members]
+    union = {label for history in histories for label in history.labels}
+    # int16 ids: every partition of every run history, and of every member on the union of labels.
+    assert announced.value == sum(30 * h.c_components * 2 for h in histories) + 3 * 30 * len(union) * 2
     assert (folder / "ensembles" / ensemble_id / "ensemble_merge_array.npz").is_file()
     assert len(list((folder / "runs").glob("c-*/history.zip"))) == 3
     assert not (home / "spd_cluster" / "small" / "exports" / "spd_app_cluster_mapping.json").exists()  # no wandb run named

@@ -22,8 +22,7 @@ from dagster import AssetKey, AssetRecordsFilter
 from spd_assets.config import load_config
 from spd_assets.sources import source_for
 from spd_assets.storage.database import connect_read_only
-from spd_assets.storage.history_format import read_history_zip
-from spd_assets.storage.values import load_consensus, load_distances, load_ensemble
+from spd_assets.storage.values import load_consensus, load_distances, load_ensemble, load_history
 from spd_math.consensus import consensus_clusters, partition_clusters
 from tests.pipeline_helpers import asset_path, instance_at, make_home, store_at
 
@@ -81,7 +80,7 @@ def mdl_minima(home: Path, experiment: str) -> dict[str, tuple[int, float]]:
     """Per member of `experiment`: (k groups at the MDL loss minimum, the minimum), from its merge history file."""
     minima = {}
     for member in members_of(home, experiment):
-        history = read_history_zip(asset_path(experiment, "merge_history", member, home))
+        history = load_history(asset_path(experiment, "merge_history", member, home))
         losses = np.asarray(history.mdl_losses, dtype=np.float64)
         best = int(np.argmin(losses))
         minima[member] = (int(np.asarray(history.k_groups)[best]), float(losses[best]))
@@ -270,7 +269,7 @@ def test_sql_command_while_a_pipeline_runs(home):
 def test_clusters_of_a_member_come_from_the_tables_and_equal_the_history(home):
     member = json.loads(cli(home, "clusters", "--iteration", "300", "--member", "member_001").stdout)
     assert member["experiment"] == "default" and member["iteration"] == 300 and member["member"] == "member_001"
-    history = read_history_zip(asset_path("default", "merge_history", "member_001", home))
+    history = load_history(asset_path("default", "merge_history", "member_001", home))
     expected = partition_clusters(history.group_idxs[300])
     assert member["clusters"] == {label: int(c) if c >= 0 else None for label, c in zip(history.labels, expected.cluster_of)}
     assert member["k_groups"] == int(history.k_groups[300]) and member["n_clusters"] == expected.stability.size

@@ -15,8 +15,7 @@ from dagster import AssetCheckKey, AssetKey, DagsterInstance
 
 from spd_assets.sources import source_for
 from spd_assets.storage.database import connect_read_only
-from spd_assets.storage.history_format import read_history_zip
-from spd_assets.storage.values import load_activations, load_consensus, load_distances, load_ensemble
+from spd_assets.storage.values import load_activations, load_consensus, load_distances, load_ensemble, load_history
 from spd_math import (
     compute_distances,
     drop_dead,
@@ -130,7 +129,7 @@ def test_stored_results_equal_direct_spd_math(pipeline):
         assert torch.equal(stored_activations.activations, processed.activations)
 
         direct = merge_iteration(processed, config.merge_config, seed=seed)
-        stored = read_history_zip(asset_path(config.name, "merge_history", member, home))
+        stored = load_history(asset_path(config.name, "merge_history", member, home))
         assert stored.labels == direct.labels
         assert torch.equal(stored.group_idxs, direct.group_idxs)
         assert torch.equal(stored.selected_pairs, direct.selected_pairs)
@@ -155,7 +154,7 @@ def test_duckdb_answers_with_the_expected_rows(pipeline):
                 "SELECT member, count(*) FROM merge_events WHERE experiment = ? GROUP BY member", [config.name]
             ).fetchall()
         )
-        histories = {m: read_history_zip(asset_path(config.name, "merge_history", m, pipeline["home"])) for m in members}
+        histories = {m: load_history(asset_path(config.name, "merge_history", m, pipeline["home"])) for m in members}
         assert iterations == {m: h.n_iters for m, h in histories.items()}
 
         # Memberships at an iteration, expanded from spans, agree with the stored partitions.

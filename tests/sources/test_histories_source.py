@@ -26,7 +26,14 @@ from spd_assets.storage.original_histories import (
     read_original_history,
 )
 from spd_math import MergeConfig, merge_iteration, process_activations
-from tests.pipeline_helpers import definitions_for, instance_at, make_home, materialize_experiment, store_at
+from tests.pipeline_helpers import (
+    definitions_for,
+    instance_at,
+    make_home,
+    materialize_experiment,
+    materialize_original_folder,
+    store_at,
+)
 
 MERGE = MergeConfig(iters=10, merge_pair_sampling_kwargs={"threshold": 0.0})
 MODULES = {"layers.0.mlp_in": 6, "layers.0.mlp_out": 8}
@@ -195,6 +202,7 @@ def test_an_imported_original_ensemble_gets_the_apps_mapping_and_its_own_origina
     assert {label for label, cluster in mapping["clusters"].items() if cluster is not None} == clustered
 
     ensemble_id = original_export.ensemble_id_for("imported", results.config.config_hash)
+    assert materialize_original_folder(home, "imported").success  # written when asked for
     again = exports / "original" / "clustering"
     meta = json.loads((again / "ensembles" / ensemble_id / "ensemble_meta.json").read_text())
     assert meta["n_ensemble"] == 3 and meta["component_labels"] == sorted({x for h in histories for x in h.labels})

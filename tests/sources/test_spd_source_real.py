@@ -111,11 +111,16 @@ def test_causal_importances_are_spds_own(spd_python, real_runs, tmp_path):
 
     lm = found["lm"]
     assert lm["batch_shape"] == [16, 8] and lm["importances_equal_spd"]
+    assert lm["chunked_max_abs_difference"] < 1e-5
     assert lm["modules"] == ["transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj",
                              "transformer.h.1.mlp.c_fc", "transformer.h.1.mlp.c_proj"]
-    for mode, samples in (("processed_concat", 128), ("processed_seq_mean", 16)):
-        assert all(lm[mode][check] for check in ("labels_equal", "dead_equal", "matrix_equal", "compact_equal")), (mode, lm[mode])
-        assert lm[mode]["shape"][0] == samples
+    concat, seq_mean = lm["processed_concat"], lm["processed_seq_mean"]
+    assert all(concat[check] for check in ("labels_equal", "dead_equal", "matrix_equal", "compact_equal")), concat
+    assert concat["shape"][0] == 128
+    # Means over the sequence of each chunk of 6 sequences, against spd's over all 16 at once: torch may reduce
+    # tensors of other shapes in another order (the last bit of a float32 mean), on some CPUs.
+    assert seq_mean["labels_equal"] and seq_mean["dead_equal"] and seq_mean["shape"][0] == 16, seq_mean
+    assert seq_mean["matrix_max_abs_difference"] < 1e-6 and seq_mean["compact_max_abs_difference"] < 1e-6, seq_mean
     assert "expected token ids of shape [sequences, 8]" in lm["too_long_error"]
     assert "does not exist; expected an SPD run directory" in lm["missing_run_error"]
 

@@ -92,7 +92,7 @@ def test_ensemble_and_distances_round_trip(tmp_path):
 
 
 def test_value_formats_by_class_and_by_name_and_unknown_types_named():
-    assert value_format(MergeHistory).suffix == ".zip"
+    assert value_format(MergeHistory).suffix == ".npz" and value_format(MergeHistory).previous_suffixes == (".zip",)
     assert value_format("MemberEnsemble") is VALUE_FORMATS[MemberEnsemble]
     with pytest.raises(StorageError, match="no storage format for values of type 'dict'.*MergeHistory"):
         value_format(dict)
@@ -109,7 +109,7 @@ def test_missing_and_corrupt_value_files_name_the_file(tmp_path):
 def test_value_paths_use_each_types_suffix(tmp_path):
     store = ResultsStore(tmp_path)
     suffixes = {cls.__name__: value_format(cls).suffix for cls in VALUE_FORMATS}
-    assert suffixes == {"ProcessedActivations": ".npz", "MergeHistory": ".zip", "MemberEnsemble": ".npz", "EnsembleDistances": ".npz",
+    assert suffixes == {"ProcessedActivations": ".npz", "MergeHistory": ".npz", "MemberEnsemble": ".npz", "EnsembleDistances": ".npz",
                         "ConsensusClusters": ".npz", "ExplorerPage": ".html",
                         "TokenBatch": ".npz"}
     assert np.all([store.value_path("e", "x", None, s).suffix == s for s in suffixes.values()])
