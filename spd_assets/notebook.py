@@ -19,6 +19,7 @@ from spd_assets.errors import PipelineError
 from spd_assets.results import ClusteringResults
 from spd_assets.service.experiment import ExperimentPlan, Progress, run_experiment
 from spd_assets.service.runs import RunOutcome
+from spd_assets.storage.progress import ProgressLines
 
 
 def _as_config(config: ExperimentConfig | Mapping[str, Any] | str | os.PathLike[str] | None) -> ExperimentConfig:
@@ -30,10 +31,16 @@ def _as_config(config: ExperimentConfig | Mapping[str, Any] | str | os.PathLike[
 
 
 class _NotebookProgress(Progress):
-    """One line per member as it finishes, and one for the ensemble; silent with `verbose=False`."""
+    """One line per member as it finishes, one about every ten seconds per member in flight (how far its merge or
+    activations are, and the time left), and one for the ensemble; silent with `verbose=False`."""
 
     def __init__(self, verbose: bool) -> None:
         self.verbose = verbose
+        self.lines = ProgressLines()
+
+    def running(self, steps) -> None:
+        for line in self.lines.due(steps):
+            self._say(line)
 
     def _say(self, line: str) -> None:
         if self.verbose:

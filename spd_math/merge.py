@@ -38,8 +38,8 @@ PairSampler = Callable[[torch.Tensor], tuple[int, int]]
 
 @dataclass(frozen=True)
 class MergeProgress:
-    """Where a running merge is: `done` of at most `total` merges, `k` groups and the MDL loss after the last one,
-    and `seconds` since the merge state was set up."""
+    """Where a running merge is: `done` of `total` merges (`iters`, or until 3 groups are left), `k` groups and the
+    MDL loss after the last one, and `seconds` since the merge state was set up."""
 
     done: int
     total: int
@@ -142,6 +142,8 @@ def merge_iteration(
     sampler_kwargs = config.merge_pair_sampling_kwargs
 
     n_done = 0
+    # The loop ends after max_iters merges, or once at most MIN_GROUPS groups are left.
+    planned = min(max_iters, max(c - MIN_GROUPS, 1))
     started = time.perf_counter()
     for iteration in range(max_iters):
         k = state.k
@@ -169,7 +171,7 @@ def merge_iteration(
         mdl_losses[iteration] = state.mdl_loss()
         n_done = iteration + 1
         if progress is not None:
-            progress(MergeProgress(n_done, max_iters, state.k, float(mdl_losses[iteration]),
+            progress(MergeProgress(n_done, planned, state.k, float(mdl_losses[iteration]),
                                    time.perf_counter() - started))
         if state.k <= MIN_GROUPS:
             break

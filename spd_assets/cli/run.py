@@ -9,6 +9,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from spd_assets.cli.progress_view import ProgressView
 from spd_assets.cli.validate import describe_loaded, storage_of
 from spd_assets.config import ExperimentConfig, load_config_file
 from spd_assets.defs.deployment import SLURM_SETTING_ENVS
@@ -34,35 +35,43 @@ def outcome_line(outcome: RunOutcome, done: int, total: int) -> str:
 
 
 class _Printer(Progress):
-    """Prints each step of the run as it happens."""
+    """Prints each step of the run as it happens, with the members in flight below (bars on a terminal)."""
+
+    def __init__(self) -> None:
+        self.view = ProgressView()
 
     def note(self, line: str) -> None:
-        print(line, flush=True)
+        self.view.print(line)
 
     def planned(self, plan: ExperimentPlan) -> None:
-        print(f"spd-cluster: experiment {plan.experiment!r} (config {plan.config_hash}), {len(plan.members)} members, "
-              f"DAGSTER_HOME={plan.home}")
+        lines = [f"spd-cluster: experiment {plan.experiment!r} (config {plan.config_hash}), {len(plan.members)} "
+                 f"members, DAGSTER_HOME={plan.home}"]
         if plan.activation_shape is not None:
             samples, components = plan.activation_shape
-            print(f"activations: {samples:,} samples x {components:,} components per member "
-                  f"({storage_of(plan.activation_bytes, plan.memory_budgeted)})")
+            lines.append(f"activations: {samples:,} samples x {components:,} components per member "
+                         f"({storage_of(plan.activation_bytes, plan.memory_budgeted)})")
         limit = plan.pool_limit if plan.pool_limit is not None else "none"
         if plan.executor == "slurm":
-            print(f"devices: on SLURM nodes (executor slurm, partition {plan.slurm_partition or 'the default'}); one "
-                  f"job per member's merge; instance storage {plan.instance_storage}")
+            lines.append(f"devices: on SLURM nodes (executor slurm, partition {plan.slurm_partition or 'the default'}); "
+                         f"one job per member's merge; instance storage {plan.instance_storage}")
         else:
-            print(f"devices: {', '.join(plan.devices)} (executor {plan.executor}); at most {plan.merges_at_once} "
-                  f"merges at once (pool {plan.pool!r} limit {limit}, across runs)")
-        print(f"members ({plan.parallel} at a time): activations and merge history per member", flush=True)
+            lines.append(f"devices: {', '.join(plan.devices)} (executor {plan.executor}); at most "
+                         f"{plan.merges_at_once} merges at once (pool {plan.pool!r} limit {limit}, across runs)")
+        lines.append(f"members ({plan.parallel} at a time): activations and merge history per member")
+        self.view.print("\n".join(lines))
+
+    def running(self, steps) -> None:
+        self.view.update(steps)
 
     def member_finished(self, outcome: RunOutcome, done: int, total: int) -> None:
-        print(outcome_line(outcome, done, total), flush=True)
+        self.view.print(outcome_line(outcome, done, total))
 
     def ensemble_started(self) -> None:
-        print("ensemble: normalized ensemble, distances, consensus clusters and the cluster explorer", flush=True)
+        self.view.close()
+        self.view.print("ensemble: normalized ensemble, distances, consensus clusters and the cluster explorer")
 
     def ensemble_finished(self, outcome: RunOutcome) -> None:
-        print(outcome_line(outcome, 1, 1), flush=True)
+        self.view.print(outcome_line(outcome, 1, 1))
 
 
 def check_summary(checks: list[CheckOutcome]) -> list[str]:
@@ -172,11 +181,13 @@ def run_and_print(config: ExperimentConfig, *, parallel: int | None, only_member
     0 when every member and the ensemble succeeded, 1 when some failed, 130/143 after Ctrl-C/SIGTERM.
     """
     previous = signal.signal(signal.SIGTERM, _raise_interrupted)  # SIGTERM stops the run as Ctrl-C does
+    printer = _Printer()
     try:
         run = run_experiment(config, home=dagster_home(), parallel=parallel, only_members=only_members,
-                             replace=replace, origin=program, progress=_Printer())
+                             replace=replace, origin=program, progress=printer)
     finally:
         signal.signal(signal.SIGTERM, previous)
+        printer.view.close()
     if run.interruption is not None:
         print(interruption_line(run), file=sys.stderr, flush=True)
         return INTERRUPTED_EXIT.get(run.interruption.signum, 130)

@@ -61,6 +61,7 @@ from spd_assets.defs.resources import ActivationSourceResource, DevicePoolResour
 from spd_assets.sources import SOURCES
 from spd_assets.storage import original_export, tables
 from spd_assets.storage.lineage import Consumed, fingerprint, lineage_tables
+from spd_assets.storage.progress import PROGRESS_UNITS, ProgressReporter, progress_path
 from spd_assets.storage.schemas import TABLE_SCHEMAS
 from spd_assets.storage.values import (
     ConsensusClusters,
@@ -248,6 +249,19 @@ class _ExperimentAssetBuilder:
         return consumed_inputs(context.instance, self.key(upstream), fingerprints)
 
     @contextmanager
+    def progress(self, context: AssetExecutionContext, step: str) -> Iterator[ProgressReporter]:
+        """A reporter of this member's `step` ("merge" or "activations"): its progress file, for whoever started the
+        run, and a line in the run's log about every ten seconds."""
+        store = getattr(context.resources, STORAGE_KEY).store
+        member = context.partition_key
+        reporter = ProgressReporter(progress_path(store, self.name, member), context.log.info, experiment=self.name,
+                                    member=member, step=step, unit=PROGRESS_UNITS[step])
+        try:
+            yield reporter
+        finally:
+            reporter.close()
+
+    @contextmanager
     def device(self, context: AssetExecutionContext, step_key: str) -> Iterator[tuple[str, torch.device]]:
         """A device leased from the pool when the source computes on one, else the CPU."""
         if not self.needs_device:
@@ -276,18 +290,21 @@ class _ExperimentAssetBuilder:
         @self.step("component_activations", ProcessedActivations,
                    "One member's causal importances, processed (seq mode, module filter, dead filter).", {"torch"},
                    tables=["component_stats"], ins={"batch": "token_batches"} if has_token_batches else None,
-                   partitioned=True, on_device=needs_device, resources=[self.source_key])
+                   partitioned=True, on_device=needs_device, resources=[self.source_key, STORAGE_KEY])
         def component_activations(context: AssetExecutionContext, **batch: TokenBatch) -> Iterator:
             resource: ActivationSourceResource = getattr(context.resources, self.source_key)
             member = context.partition_key
             if not has_token_batches:
-                result = steps.component_activations(resource.source, self.config, member)
+                with self.progress(context, "activations") as progress:
+                    result = steps.component_activations(resource.source, self.config, member, progress)
                 yield from self.emit("component_activations", result, [])
                 return
             token_batch = batch["batch"]
             with self.device(context, self.op_name("component_activations")) as (device, torch_device):
-                with _retry_on_out_of_memory(device, f"running the model on {token_batch.n_sequences} sequences"):
-                    result = steps.model_activations(resource.source, token_batch, self.config, member, torch_device)
+                with (_retry_on_out_of_memory(device, f"running the model on {token_batch.n_sequences} sequences"),
+                      self.progress(context, "activations") as progress):
+                    result = steps.model_activations(resource.source, token_batch, self.config, member, torch_device,
+                                                     progress)
             result.metadata["device"] = device
             context.log.info(f"{member}: activations of {result.metadata['samples']} samples x "
                              f"{result.metadata['components']} components in {result.metadata['forward_seconds']:.2f} s "
@@ -309,7 +326,7 @@ class _ExperimentAssetBuilder:
                    {"torch"}, tables=["merge_events", "membership_spans"], ins={"activations": "component_activations"},
                    checks=history_checks, partitioned=True,
                    # On SLURM the device is on the node the job gets: no local lease, no pool.
-                   on_device=not self.slurm, resources=[self.source_key, *([STORAGE_KEY] if self.slurm else [])])
+                   on_device=not self.slurm, resources=[self.source_key, STORAGE_KEY])
         def merge_history(context: AssetExecutionContext, activations: ProcessedActivations) -> Iterator:
             member = context.partition_key
             if self.slurm:
@@ -320,8 +337,9 @@ class _ExperimentAssetBuilder:
                 with pool.lease(context, step_key=self.op_name("merge_history")) as lease:
                     context.log.info(f"leased {lease.device} after waiting {lease.waited_s:.1f} s")
                     merging = f"merging {activations.n_samples} samples x {activations.n_components} components"
-                    with _retry_on_out_of_memory(lease.device, merging):
-                        result = steps.merge_history(activations, self.config, member, lease.torch_device)
+                    context.log.info(f"{member}: {merging} on {lease.device}")
+                    with _retry_on_out_of_memory(lease.device, merging), self.progress(context, "merge") as progress:
+                        result = steps.merge_history(activations, self.config, member, lease.torch_device, progress)
                 history = result.value
                 context.log.info(f"merged {history.c_components} components over {history.n_iters} iterations "
                                  f"in {result.metadata['seconds']:.2f} s on {lease.device}")

@@ -69,6 +69,7 @@ def run_remote_step(pipes) -> None:
     from spd_assets.config import ExperimentConfig
     from spd_assets.defs import steps
     from spd_assets.defs.slurm import DONE_FILE
+    from spd_assets.storage.progress import PROGRESS_UNITS, ProgressReporter, progress_path
     from spd_assets.storage.store import ResultsStore
     from spd_assets.storage.values import value_format
     from spd_math import MergeHistory, ProcessedActivations
@@ -89,7 +90,12 @@ def run_remote_step(pipes) -> None:
     activations = activations_format.load(store.value_path(config.name, input_asset, member, activations_format.suffix))
     pipes.log.info(f"{member}: merging {activations.n_samples} samples x {activations.n_components} components on "
                    f"{device} of {socket.gethostname()} (SLURM job {os.environ.get('SLURM_JOB_ID', '?')})")
-    result = steps.merge_history(activations, config, member, device)
+    reporter = ProgressReporter(progress_path(store, config.name, member), pipes.log.info, experiment=config.name,
+                                member=member, step="merge", unit=PROGRESS_UNITS["merge"])
+    try:
+        result = steps.merge_history(activations, config, member, device, reporter)
+    finally:
+        reporter.close()
     history = result.value
     pipes.log.info(f"merged {history.c_components} components over {history.n_iters} iterations in "
                    f"{result.metadata['seconds']:.2f} s on {device}")

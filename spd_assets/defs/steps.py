@@ -21,11 +21,14 @@ from spd_assets.analysis import explorer, plots
 from spd_assets.analysis.consensus import boundary_warning, co_association, ensemble_consensus
 from spd_assets.analysis.contexts import cluster_contexts
 from spd_assets.config import ExperimentConfig
+from spd_assets.config.sources import DEFAULT_MEMORY_BUDGET_GB
 from spd_assets.errors import NoMembersError, SpdClusterError
 from spd_assets.sources import ActivationSource, ModelSource
+from spd_assets.sources.model_source import BYTES_PER_GB
 from spd_assets.sources.streaming import activations_from_chunks
 from spd_assets.storage import original_export, tables
 from spd_assets.storage.lineage import Consumed, fingerprint
+from spd_assets.storage.progress import ProgressReporter
 from spd_assets.storage.schemas import TABLE_SCHEMAS
 from spd_assets.storage.values import ConsensusClusters, EnsembleDistances, ExplorerPage, MemberEnsemble, TokenBatch
 from spd_math import (
@@ -84,11 +87,15 @@ def markdown_table(header: list[str], rows: list[list[object]]) -> Markdown:
     return Markdown("\n".join(lines))
 
 
-def component_activations(source: ActivationSource, config: ExperimentConfig, member: str) -> StepResult:
+def component_activations(source: ActivationSource, config: ExperimentConfig, member: str,
+                          progress: ProgressReporter | None = None) -> StepResult:
     """One member's batch from the source, processed (seq mode, module filter, dead filter), with per-component
-    statistics."""
+    statistics. A source that streams its batches, with an activation threshold, goes straight into compact form
+    a few sequences at a time (`progress` is told how many are done); otherwise the batch is processed whole."""
     merge_config = config.merge_config
     seed = config.member_seed(member)
+    if source.streams_batches and merge_config.activation_threshold is not None:
+        return _streamed_activations(source, config, member, seed, progress)
     batch = source.load_batch(member, seed)
     every_component = process_activations(
         batch, filter_dead_threshold=0.0, seq_mode=config.seq_mode, module_filter=merge_config.module_name_filter
@@ -101,6 +108,33 @@ def component_activations(source: ActivationSource, config: ExperimentConfig, me
     metadata = {**_activation_metadata(processed, stats, n_modules=len(batch)), "seed": seed}
     consumed = [Consumed(f"source:{source.kind}", member, fingerprint(dict(batch)))]
     return StepResult(processed, {"component_stats": stats}, metadata, consumed)
+
+
+def _streamed_activations(source: ActivationSource, config: ExperimentConfig, member: str, seed: int,
+                          progress: ProgressReporter | None) -> StepResult:
+    """`component_activations` of a source that streams its batch: the same values, never whole in memory."""
+    dims = source.activation_dims()
+    streamed = activations_from_chunks(
+        _counted(source.batch_chunks(member, seed), dims[0], progress), module_widths=source.module_widths(),
+        activation_dims=dims, merge_config=config.merge_config, seq_mode=config.seq_mode,
+        memory_budget_bytes=int(DEFAULT_MEMORY_BUDGET_GB * BYTES_PER_GB))
+    processed, statistics = streamed.processed, streamed.statistics
+    stats = tables.component_stats_table(
+        config.name, member, streamed.labels, activation_frequency=statistics.activation_frequency,
+        mean_activation=statistics.mean, max_activation=statistics.maxima, dead_labels=processed.dead_labels)
+    metadata = {**_activation_metadata(processed, stats, n_modules=len(streamed.modules)), "seed": seed}
+    consumed = [Consumed(f"source:{source.kind}", member, fingerprint(source.batch_identity(member, seed)))]
+    return StepResult(processed, {"component_stats": stats}, metadata, consumed)
+
+
+def _counted(chunks, total: int, progress: ProgressReporter | None):
+    """The chunks as they come, telling `progress` how many of `total` sequences (or rows) are done."""
+    done = 0
+    for chunk in chunks:
+        yield chunk
+        done += len(next(iter(chunk.values())))
+        if progress is not None:
+            progress.update(done, total)
 
 
 def _activation_metadata(processed: ProcessedActivations, stats: pl.DataFrame, *, n_modules: int) -> dict[str, Any]:
@@ -144,14 +178,16 @@ def _table_cell(text: str) -> str:
 
 
 def model_activations(
-    source: ModelSource, batch: TokenBatch, config: ExperimentConfig, member: str, device: torch.device
+    source: ModelSource, batch: TokenBatch, config: ExperimentConfig, member: str, device: torch.device,
+    progress: ProgressReporter | None = None,
 ) -> StepResult:
     """One member's activations from the model's forward pass on its token batch (on `device`, in chunks),
-    processed and summarised as they stream; refused before the forward pass when over the memory budget."""
+    processed and summarised as they stream (`progress` is told how many sequences are done); refused before the
+    forward pass when over the memory budget."""
     merge_config = config.merge_config
     started = time.perf_counter()
     streamed = activations_from_chunks(
-        source.activation_chunks(batch, device),
+        _counted(source.activation_chunks(batch, device), batch.n_sequences, progress),
         module_widths=source.module_widths(),
         activation_dims=batch.sample_dims,
         merge_config=merge_config,
@@ -173,11 +209,15 @@ def model_activations(
     return StepResult(processed, {"component_stats": stats}, metadata)
 
 
-def merge_history(activations: ProcessedActivations, config: ExperimentConfig, member: str, device) -> StepResult:
-    """The greedy MDL merge of one member on `device`, with its merge events and membership spans."""
+def merge_history(activations: ProcessedActivations, config: ExperimentConfig, member: str, device,
+                  progress: ProgressReporter | None = None) -> StepResult:
+    """The greedy MDL merge of one member on `device`, with its merge events and membership spans; `progress` is
+    told where the merge is after every merge."""
     seed = config.member_seed(member)
     started = time.perf_counter()
-    history = merge_iteration(activations, config.merge_config, seed=seed, device=device)
+    report = None if progress is None else (
+        lambda where: progress.update(where.done, where.total, k=where.k, mdl_loss=where.mdl_loss))
+    history = merge_iteration(activations, config.merge_config, seed=seed, device=device, progress=report)
     seconds = time.perf_counter() - started
     mdl = history.mdl_losses.numpy()
     best = int(np.argmin(mdl)) if mdl.size else -1

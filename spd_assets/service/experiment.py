@@ -46,6 +46,7 @@ from spd_assets.service.runs import (
 )
 from spd_assets.service.workers import RunTask, Workers
 from spd_assets.storage.database import ensure_database
+from spd_assets.storage.progress import StepProgress, read_progress
 
 # Names the face that ran an experiment, in each of its runs' tags.
 RUN_TAG_ORIGIN = "spd_cluster/origin"
@@ -156,6 +157,10 @@ class Progress:
 
     def member_finished(self, outcome: RunOutcome, done: int, total: int) -> None:
         """A member's run ended (successfully or not)."""
+
+    def running(self, steps: dict[str, StepProgress]) -> None:
+        """Where the members in flight are, about twice a second while they run: member -> its long step's
+        progress (its activations or its merge; members in a shorter step are not listed)."""
 
     def ensemble_started(self) -> None:
         """The ensemble's run is about to start."""
@@ -271,13 +276,20 @@ def _execute(config: ExperimentConfig, plan: ExperimentPlan, notes: list[str], o
     workers = Workers(min(plan.parallel, len(members)) or 1, str(plan.log_path), str(home))
     finished: list[RunOutcome] = []
     started = time.perf_counter()
+    store, since = results_store(home), time.time()
+
+    def show_progress() -> None:
+        in_flight = set(workers.busy_labels())
+        found = read_progress(store, config.name, since)
+        progress.running({member: step for member, step in found.items() if member in in_flight})
 
     def member_finished(outcome: RunOutcome) -> None:
         finished.append(outcome)
         progress.member_finished(outcome, len(finished), len(members))
 
     try:
-        outcomes = workers.run(member_tasks, member_finished, on_worker_death=lambda pid: _reap(home, origin))
+        outcomes = workers.run(member_tasks, member_finished, on_worker_death=lambda pid: _reap(home, origin),
+                               on_tick=show_progress)
         progress.ensemble_started()
         ensemble = workers.run([ensemble_task], lambda outcome: None)[0]
         progress.ensemble_finished(ensemble)

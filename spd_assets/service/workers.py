@@ -27,6 +27,8 @@ from spd_assets.service.runs import RunOutcome, execute_run
 
 PR_SET_PDEATHSIG = 1  # from <sys/prctl.h>
 PARENT_WATCH_INTERVAL_S = 0.5
+# How often `Workers.run` looks up from waiting on its workers (its `on_tick`).
+TICK_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -124,8 +126,10 @@ class Workers:
         self._workers: list[_Worker] = []
 
     def run(self, tasks: Sequence[RunTask], report: Callable[[RunOutcome], None],
-            on_worker_death: Callable[[int], None] = lambda pid: None) -> list[RunOutcome]:
-        """Execute `tasks`, at most `size` at once; a worker that dies fails its task, and another takes its place."""
+            on_worker_death: Callable[[int], None] = lambda pid: None,
+            on_tick: Callable[[], None] = lambda: None) -> list[RunOutcome]:
+        """Execute `tasks`, at most `size` at once; a worker that dies fails its task, and another takes its place.
+        `on_tick` is called about every `TICK_S` while tasks run (e.g. to show their progress)."""
         pending = deque(tasks)
         outcomes = []
         while len(self._workers) < min(self._size, len(tasks)):
@@ -145,7 +149,8 @@ class Workers:
             if not busy:
                 continue  # a worker was replaced before it took its task
             ready = set(multiprocessing.connection.wait(
-                [w.connection for w in busy] + [w.process.sentinel for w in busy]))
+                [w.connection for w in busy] + [w.process.sentinel for w in busy], timeout=TICK_S))
+            on_tick()
             for worker in busy:
                 if worker.connection not in ready and worker.process.sentinel not in ready:
                     continue
@@ -163,6 +168,10 @@ class Workers:
                 outcomes.append(outcome)
                 report(outcome)
         return outcomes
+
+    def busy_labels(self) -> list[str]:
+        """The labels (members) of the tasks being executed."""
+        return [worker.task.label for worker in self._workers if worker.task is not None]
 
     def busy_pids(self) -> dict[int, str]:
         """pid -> label of the task of every worker executing one."""

@@ -10,7 +10,7 @@ What a source can do beyond that is said by its capabilities (`has_planted_truth
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -52,6 +52,9 @@ class ActivationSource(ABC, Generic[ConfigT]):
     needs_device: ClassVar[bool] = False
     #: Members are stored merge histories (`load_history(member)`), read instead of computed: no activations, no merge.
     has_histories: ClassVar[bool] = False
+    #: A member's batch also comes a few sequences at a time (`batch_chunks`), the same values as `load_batch`, so
+    #: that a member with an activation threshold goes into compact form without the whole batch in memory.
+    streams_batches: ClassVar[bool] = False
 
     def __init__(self, config: ConfigT) -> None:
         if not isinstance(config, self.config_type):
@@ -82,6 +85,15 @@ class ActivationSource(ABC, Generic[ConfigT]):
     @abstractmethod
     def load_batch(self, member: str, seed: int) -> Mapping[str, torch.Tensor]:
         """Module name -> causal importances `[batch, seq, C]` or `[samples, C]` of one member."""
+
+    def batch_chunks(self, member: str, seed: int) -> Iterator[Mapping[str, torch.Tensor]]:
+        """`load_batch(member, seed)` a few sequences at a time: module name -> `[sequences, seq, C]` (only where
+        `streams_batches`)."""
+        raise NotImplementedError(f"the {self.kind} source gives its batches whole")
+
+    def batch_identity(self, member: str, seed: int) -> Any:
+        """What a streamed batch is a function of (it is fingerprinted as the batch the step consumed)."""
+        raise NotImplementedError(f"the {self.kind} source gives its batches whole")
 
     def module_widths(self) -> dict[str, int] | None:
         """Components of each module, where known before any batch is loaded (None: not known)."""

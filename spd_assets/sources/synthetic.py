@@ -14,7 +14,8 @@ Everything is deterministic in its arguments: the model in `SyntheticParams`, a 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -34,6 +35,8 @@ FLOOR_RATE = 0.02
 # and below the usual dead-filter threshold (0.001) for dead ones.
 LIVE_FLOOR_CEILING = 0.005
 DEAD_FLOOR_CEILING = 0.0009
+# Values generated at once when a batch streams (`batch_chunks`): 64 MB of float32 and its masks.
+CHUNK_VALUES = 1 << 24
 # First words of the seed sequences, so the model and the batches draw independent streams.
 MODEL_STREAM = 0
 BATCH_STREAM = 1
@@ -116,11 +119,16 @@ def build_model(params: SyntheticParams) -> SyntheticModel:
 def generate_batch(model: SyntheticModel, *, seed: int, batch_size: int) -> dict[str, torch.Tensor]:
     """module name -> float32 [batch_size, seq_len, C] in [0, 1]; deterministic in (model, seed, batch_size)."""
     values = generate_rows(model, seed=seed, batch_size=batch_size)
+    return _per_module(model, values, batch_size)
+
+
+def _per_module(model: SyntheticModel, values: np.ndarray, sequences: int) -> dict[str, torch.Tensor]:
+    """`[sequences * seq_len, all components]` rows as module name -> `[sequences, seq_len, C]` tensors."""
     batch: dict[str, torch.Tensor] = {}
     start = 0
     for name, size in model.module_sizes.items():
         module_values = np.ascontiguousarray(values[:, start : start + size])
-        batch[name] = torch.from_numpy(module_values).reshape(batch_size, model.params.seq_len, size)
+        batch[name] = torch.from_numpy(module_values).reshape(sequences, model.params.seq_len, size)
         start += size
     return batch
 
@@ -128,32 +136,93 @@ def generate_batch(model: SyntheticModel, *, seed: int, batch_size: int) -> dict
 def generate_rows(model: SyntheticModel, *, seed: int, batch_size: int) -> np.ndarray:
     """The values of `generate_batch` as one float32 `[batch_size * seq_len, all components]` array (modules
     side by side in `module_sizes` order), for consumers that want the rows whole rather than per module."""
-    if not isinstance(model, SyntheticModel):
-        raise TypeError(f"model: expected SyntheticModel, got {type(model).__name__}")
-    check_int("seed", seed, 0)
-    check_int("batch_size", batch_size, 1)
-    params = model.params
-    rng = np.random.default_rng([BATCH_STREAM, params.model_seed, seed])
-    n_tokens = batch_size * params.seq_len
-    n_components = model.n_components
+    stream = _RowStream(model, seed=seed, batch_size=batch_size)
+    return stream.next_rows(stream.n_tokens)
 
-    feature_on = rng.random((n_tokens, model.n_planted_groups)) < model.feature_rates
-    noise_rates = np.where(model.dead, 0.0, params.noise_rate).astype(np.float32)
-    fires = rng.random((n_tokens, n_components), dtype=np.float32) < noise_rates
-    members = np.flatnonzero(model.planted_group >= 0)
-    reliable = rng.random((n_tokens, members.size), dtype=np.float32) < params.member_reliability
-    fires[:, members] |= feature_on[:, model.planted_group[members]] & reliable
 
-    # One draw decides the floor and its value: below FLOOR_RATE it is uniform on [0, FLOOR_RATE).
-    values = rng.random((n_tokens, n_components), dtype=np.float32)
-    floored = values < FLOOR_RATE
-    floor_ceiling = np.where(model.dead, DEAD_FLOOR_CEILING, LIVE_FLOOR_CEILING).astype(np.float32)
-    # The draw becomes the values in place: `where(floored, draw * ceiling / FLOOR_RATE, 0)` exactly (the
-    # products are >= 0: times 1 or 0), without that expression's full-size temporaries (most of the time).
-    np.multiply(values, floor_ceiling / FLOOR_RATE, out=values)
-    np.multiply(values, floored, out=values)
-    values[fires] = rng.uniform(*ACTIVE_RANGE, size=int(fires.sum())).astype(np.float32)
-    return values
+def generate_chunks(model: SyntheticModel, *, seed: int, batch_size: int,
+                    chunk_sequences: int) -> Iterator[dict[str, torch.Tensor]]:
+    """`generate_batch`'s values, `chunk_sequences` sequences at a time (the same numbers: each draw of the batch
+    comes from where it lies in the batch's random stream), so a batch of any size is never whole in memory."""
+    check_int("chunk_sequences", chunk_sequences, 1)
+    stream = _RowStream(model, seed=seed, batch_size=batch_size)
+    for first in range(0, batch_size, chunk_sequences):
+        sequences = min(chunk_sequences, batch_size - first)
+        yield _per_module(model, stream.next_rows(sequences * model.params.seq_len), sequences)
+
+
+def _positioned(seed_words: list[int], outputs: int, buffered: bool) -> np.random.Generator:
+    """A generator `outputs` 64-bit outputs into the stream of `seed_words`; `buffered`: holding the upper half of
+    the last one, as a generator does after an odd number of 32-bit draws (float32 values use 32 bits each)."""
+    rng = np.random.default_rng(seed_words)
+    bits = rng.bit_generator
+    if buffered:
+        bits.advance(outputs - 1)
+        last = int(bits.random_raw())
+        state = bits.state
+        state["has_uint32"], state["uinteger"] = 1, last >> 32
+        bits.state = state
+    else:
+        bits.advance(outputs)
+    return rng
+
+
+def _after_uint32(outputs: int, buffered: bool, count: int) -> tuple[int, bool]:
+    """Where the stream is after `count` 32-bit draws from (`outputs`, `buffered`)."""
+    if count and buffered:
+        count, buffered = count - 1, False
+    if count:
+        outputs, buffered = outputs + (count + 1) // 2, count % 2 == 1
+    return outputs, buffered
+
+
+class _RowStream:
+    """The batch's rows in order, chunk by chunk. The batch is drawn from one random stream in five parts, each
+    over every token: feature firings (float64), spontaneous firings, member reliability, floors (float32 each),
+    then the values of the firing entries (float64). Each part gets a generator placed where it starts in the
+    stream, so the next rows of every part can be drawn in turn."""
+
+    def __init__(self, model: SyntheticModel, *, seed: int, batch_size: int) -> None:
+        if not isinstance(model, SyntheticModel):
+            raise TypeError(f"model: expected SyntheticModel, got {type(model).__name__}")
+        check_int("seed", seed, 0)
+        check_int("batch_size", batch_size, 1)
+        params = model.params
+        self.model = model
+        self.n_tokens = batch_size * params.seq_len
+        self.members = np.flatnonzero(model.planted_group >= 0)
+        words = [BATCH_STREAM, params.model_seed, seed]
+        n, groups, components = self.n_tokens, model.n_planted_groups, model.n_components
+        features_end = n * groups  # float64 draws: one output each
+        fires_end = _after_uint32(features_end, False, n * components)
+        reliable_end = _after_uint32(*fires_end, n * self.members.size)
+        floors_end = _after_uint32(*reliable_end, n * components)
+        self.features = _positioned(words, 0, False)
+        self.fires = _positioned(words, features_end, False)
+        self.reliable = _positioned(words, *fires_end)
+        self.floors = _positioned(words, *reliable_end)
+        self.active_values = _positioned(words, floors_end[0], False)  # float64 draws: the buffered half is unused
+        self.noise_rates = np.where(model.dead, 0.0, params.noise_rate).astype(np.float32)
+        self.floor_scale = (np.where(model.dead, DEAD_FLOOR_CEILING, LIVE_FLOOR_CEILING).astype(np.float32)
+                            / FLOOR_RATE)
+
+    def next_rows(self, n_tokens: int) -> np.ndarray:
+        """The next `n_tokens` rows, float32 `[n_tokens, components]`."""
+        model, params = self.model, self.model.params
+        feature_on = self.features.random((n_tokens, model.n_planted_groups)) < model.feature_rates
+        fires = self.fires.random((n_tokens, model.n_components), dtype=np.float32) < self.noise_rates
+        reliable = self.reliable.random((n_tokens, self.members.size), dtype=np.float32) < params.member_reliability
+        fires[:, self.members] |= feature_on[:, model.planted_group[self.members]] & reliable
+
+        # One draw decides the floor and its value: below FLOOR_RATE it is uniform on [0, FLOOR_RATE).
+        values = self.floors.random((n_tokens, model.n_components), dtype=np.float32)
+        floored = values < FLOOR_RATE
+        # The draw becomes the values in place: `where(floored, draw * ceiling / FLOOR_RATE, 0)` exactly (the
+        # products are >= 0: times 1 or 0), without that expression's full-size temporaries (most of the time).
+        np.multiply(values, self.floor_scale, out=values)
+        np.multiply(values, floored, out=values)
+        values[fires] = self.active_values.uniform(*ACTIVE_RANGE, size=int(fires.sum())).astype(np.float32)
+        return values
 
 
 @lru_cache(maxsize=8)
@@ -184,6 +253,7 @@ class SyntheticSource(ActivationSource[SyntheticSourceConfig]):
     kind = "synthetic"
     config_type = SyntheticSourceConfig
     has_planted_truth = True
+    streams_batches = True
 
     @property
     def model(self) -> SyntheticModel:
@@ -196,6 +266,14 @@ class SyntheticSource(ActivationSource[SyntheticSourceConfig]):
 
     def load_batch(self, member: str, seed: int) -> dict[str, torch.Tensor]:
         return generate_batch(self.model, seed=seed, batch_size=self.config.batch_size)
+
+    def batch_chunks(self, member: str, seed: int) -> Iterator[dict[str, torch.Tensor]]:
+        model = self.model
+        sequences = max(1, CHUNK_VALUES // (model.params.seq_len * model.n_components))
+        return generate_chunks(model, seed=seed, batch_size=self.config.batch_size, chunk_sequences=sequences)
+
+    def batch_identity(self, member: str, seed: int) -> dict[str, Any]:
+        return {"params": dataclasses.asdict(self.model.params), "seed": seed, "batch_size": self.config.batch_size}
 
     def module_widths(self) -> dict[str, int]:
         return dict(self.model.module_sizes)
