@@ -121,14 +121,43 @@ def _merged_counts(s: np.ndarray, r: np.ndarray, alpha: float, cutoff: float) ->
 
 @kernels.compiled()
 def _merged_counts_compiled(s, r, alpha, cutoff):  # pragma: no cover - compiled
-    # One pass over the pairs i < j, with the rounding of the NumPy expression (no contraction into FMA).
+    """The merged groups by size, each size's counts sorted: for a row i and the groups j of one size, the
+    ceiling fl(fl(fl(s_i·r_j) + fl(s_j·r_i))·α) is monotone in s_j, so the pairs under the cutoff are a prefix,
+    found by bisection on the exact float predicate (the rounding of the NumPy expression: no FMA). Merged groups
+    come in few sizes, so a row costs a few bisections, not a pass over every merged group."""
     m = s.size
     counts = np.zeros(m, np.int64)
+    by_count = np.argsort(s, kind="mergesort")
+    order = by_count[np.argsort(r[by_count], kind="mergesort")]  # by size, then count
+    sorted_s = s[order]
+    sorted_r = r[order]
+    starts = [0]
+    for position in range(1, m):
+        if sorted_r[position] != sorted_r[position - 1]:
+            starts.append(position)
+    starts.append(m)
     for i in range(m):
-        for j in range(i + 1, m):
-            if (s[i] * r[j] + s[j] * r[i]) * alpha <= cutoff:
-                counts[i] += 1
-                counts[j] += 1
+        s_i, r_i = s[i], r[i]
+        total = 0
+        for c in range(len(starts) - 1):
+            first, stop = starts[c], starts[c + 1]
+            r_j = sorted_r[first]
+            if (s_i * r_j + sorted_s[first] * r_i) * alpha > cutoff:
+                continue
+            if (s_i * r_j + sorted_s[stop - 1] * r_i) * alpha <= cutoff:
+                total += stop - first
+                continue
+            low, high = first + 1, stop - 1  # the predicate holds at first, fails at stop - 1
+            while low < high:
+                middle = (low + high) // 2
+                if (s_i * r_j + sorted_s[middle] * r_i) * alpha <= cutoff:
+                    low = middle + 1
+                else:
+                    high = middle
+            total += low - first
+        if (s_i * r_i + s_i * r_i) * alpha <= cutoff:
+            total -= 1  # the pair of i with itself is no candidate
+        counts[i] = total
     return counts
 
 

@@ -33,32 +33,48 @@ GROWTH = 1.5
 
 
 @kernels.compiled()
-def _forget_and_move(i, j, terms, q, ceiling, size, keep, drop, source, target):  # pragma: no cover - compiled
-    """In place: drop entries touching `keep` or `drop`, rename slot `source` to `target`; the new size."""
+def _forget_and_move(i, j, terms, q, ceiling, size, stale_end, keep, drop, source, target):  # pragma: no cover
+    """In place: of the entries before `stale_end`, drop those touching `keep` or `drop` and rename slot `source` to
+    `target` (later entries are kept as they are); the new size."""
     kept = 0
     for t in range(size):
         a, b = i[t], j[t]
-        if a == keep or a == drop or b == keep or b == drop:
-            continue
-        if a == source:
-            a = target
-        if b == source:
-            b = target
+        if t < stale_end:
+            if a == keep or a == drop or b == keep or b == drop:
+                continue
+            if a == source:
+                a = target
+            if b == source:
+                b = target
         i[kept], j[kept], terms[kept], q[kept], ceiling[kept] = a, b, terms[t], q[t], ceiling[t]
         kept += 1
     return kept
 
 
 @kernels.compiled()
-def _keep_at_most(i, j, terms, q, ceiling, costs, level):  # pragma: no cover - compiled
-    """In place: keep the entries whose cost is `<= level` (costs compacted alike); the new size."""
+def _keep_at_most(i, j, terms, q, ceiling, costs, level, stale_end, keep, drop, source, target):  # pragma: no cover
+    """In place, in one pass: a merge's deferred upkeep of the entries before `stale_end` (as `_forget_and_move`),
+    then only the entries whose cost is `<= level` kept (costs compacted alike). Returns the new size and the
+    lowest kept cost (+inf when none)."""
     kept = 0
+    lowest = np.inf
     for t in range(costs.size):
-        if costs[t] <= level:
-            i[kept], j[kept], terms[kept], q[kept], costs[kept] = i[t], j[t], terms[t], q[t], costs[t]
+        a, b = i[t], j[t]
+        if t < stale_end:
+            if a == keep or a == drop or b == keep or b == drop:
+                continue
+            if a == source:
+                a = target
+            if b == source:
+                b = target
+        cost = costs[t]
+        if cost <= level:
+            i[kept], j[kept], terms[kept], q[kept], costs[kept] = a, b, terms[t], q[t], cost
             ceiling[kept] = ceiling[t]
+            if cost < lowest:
+                lowest = cost
             kept += 1
-    return kept
+    return kept, lowest
 
 
 @kernels.compiled()
@@ -111,43 +127,63 @@ class CandidatePool:
         self.compiled = kernels.AVAILABLE and backend.numpy_fast_path(i)
         self._i, self._j, self._terms, self._q, self._ceiling = i, j, alpha_term, q, ceiling
         self.size = int(i.numel())
+        # A merge's upkeep not yet done (compiled pools): (keep, drop, source, target, entries it applies to). The
+        # next `keep_at_most` does it in its own pass; anything else reading the entries does it first.
+        self._pending: tuple[int, int, int, int, int] | None = None
+        self.lowest: float | None = None  # the lowest cost `keep_at_most` kept (compiled pools)
 
     @property
     def complete(self) -> bool:
         """Whether the pool holds every pair with cost `<= level` (no pair left out under a floor)."""
         return self.floor == -math.inf
 
+    def _settle(self) -> None:
+        """Do a merge's pending upkeep now (a pass over the pool)."""
+        if self._pending is not None:
+            keep, drop, source, target, stale_end = self._pending
+            self._pending = None
+            self.size = int(_forget_and_move(*self._buffers(), self.size, stale_end, keep, drop, source, target))
+
     @property
     def i(self) -> torch.Tensor:
+        self._settle()
         return self._i[: self.size]
 
     @property
     def j(self) -> torch.Tensor:
+        self._settle()
         return self._j[: self.size]
 
     @property
     def alpha_term(self) -> torch.Tensor:
+        self._settle()
         return self._terms[: self.size]
 
     @property
     def q(self) -> torch.Tensor:
+        self._settle()
         return self._q[: self.size]
 
     @property
     def ceiling(self) -> torch.Tensor:
+        self._settle()
         return self._ceiling[: self.size]
 
     def _buffers(self) -> tuple[np.ndarray, ...]:
         return self._i.numpy(), self._j.numpy(), self._terms.numpy(), self._q.numpy(), self._ceiling.numpy()
 
     def costs(self, log_k_minus_1: float) -> torch.Tensor:
-        """Scaled costs of the pooled pairs at L = `log_k_minus_1` (a fresh tensor)."""
-        return torch.add(self.alpha_term, self.q, alpha=-log_k_minus_1)
+        """Scaled costs of the pooled pairs at L = `log_k_minus_1` (a fresh tensor). Only for `keep_at_most`, which
+        does a pending upkeep in its pass: entries it drops have costs here too."""
+        return torch.add(self._terms[: self.size], self._q[: self.size], alpha=-log_k_minus_1)
 
     def keep_at_most(self, costs: torch.Tensor, level: float) -> torch.Tensor:
         """Drop the pairs whose cost (`costs`, from `costs()`) is above `level`; returns the kept costs."""
         if self.compiled:
-            self.size = int(_keep_at_most(*self._buffers(), costs.numpy(), level))
+            keep, drop, source, target, stale_end = self._pending or (-1, -1, -1, -1, 0)
+            self._pending = None
+            size, lowest = _keep_at_most(*self._buffers(), costs.numpy(), level, stale_end, keep, drop, source, target)
+            self.size, self.lowest = int(size), float(lowest)
             return costs[: self.size]
         keep = costs <= level
         if bool(keep.all()):
@@ -157,8 +193,9 @@ class CandidatePool:
 
     def forget_and_move(self, keep: int, drop: int, source: int, target: int) -> None:
         """Forget the pairs of the merged groups `keep` and `drop`, then rename slot `source` to `target`."""
-        if self.compiled:
-            self.size = int(_forget_and_move(*self._buffers(), self.size, keep, drop, source, target))
+        if self.compiled:  # done in the next `keep_at_most`'s pass (or before anything else reads the entries)
+            self._settle()
+            self._pending = (keep, drop, source, target, self.size)
             return
         i, j = self.i, self.j
         touched = (i == keep) | (j == keep) | (i == drop) | (j == drop)
