@@ -49,6 +49,7 @@ with a table of each kind's seconds per iteration against the first kind's, stat
 from __future__ import annotations
 
 import argparse
+import inspect
 import math
 import os
 import resource
@@ -390,8 +391,29 @@ def input_line(seconds: float, input_mb: float, rss_mb: float) -> str:
             f"peak RSS after it {rss_mb:,.0f} MB")
 
 
-def digest(group_idxs: np.ndarray) -> int:
-    return int(np.bitwise_xor.reduce((group_idxs.astype(np.int64) * 2654435761).ravel() % (1 << 61)))
+def digest(history) -> int:
+    """Of every partition after every merge, streamed (an engine whose histories keep only their merges never
+    holds the [iters, c] ids); an older engine's `group_idxs` hash the same."""
+    rows = history.partitions_between() if hasattr(history, "partitions_between") else history.group_idxs.numpy()
+    value = 0
+    for row in rows:
+        value ^= int(np.bitwise_xor.reduce((np.asarray(row, dtype=np.int64) * 2654435761) % (1 << 61)))
+    return value
+
+
+def same_merges(first, second, common: int) -> bool:
+    """Identical partitions over the first `common` merges (equal merges make equal partitions)."""
+    if hasattr(first, "merge_pairs") and first.merge_pairs is not None and second.merge_pairs is not None:
+        return torch.equal(first.merge_pairs[:common], second.merge_pairs[:common])
+    return torch.equal(first.group_idxs[:common], second.group_idxs[:common])
+
+
+def thirds(merge_times: list[float]) -> tuple[float, float, float] | None:
+    """Seconds per merge over the first, middle and last third of the merges (from each merge's end time)."""
+    if len(merge_times) < 6:
+        return None
+    bounds = [0, len(merge_times) // 3, 2 * len(merge_times) // 3, len(merge_times) - 1]
+    return tuple((merge_times[bounds[i + 1]] - merge_times[bounds[i]]) / (bounds[i + 1] - bounds[i]) for i in range(3))
 
 
 def main() -> None:
@@ -476,8 +498,11 @@ def run_kind(args, choices: dict, states: list[str], marks: list[float]) -> dict
                     merge_pair_sampling_kwargs={},
                 )
                 merge_module.group_state = choices[name]
+                merge_times: list[float] = []
+                timing = ({"progress": lambda where: merge_times.append(time.perf_counter())}
+                          if "progress" in inspect.signature(merge_iteration).parameters else {})
                 started = time.perf_counter()
-                history = merge_iteration(activations, config, seed=args.seed + repeat, device=args.device)
+                history = merge_iteration(activations, config, seed=args.seed + repeat, device=args.device, **timing)
                 if args.device.startswith("cuda"):
                     torch.cuda.synchronize()
                 ended = time.perf_counter()
@@ -486,6 +511,7 @@ def run_kind(args, choices: dict, states: list[str], marks: list[float]) -> dict
                 result["setup"].append(marks[-1] - started)
                 result["iteration"].append((ended - marks[-1]) / history.n_iters)
                 result["total"].append(ended - started)
+                result.setdefault("thirds", []).append(thirds(merge_times))
                 histories[name] = history
     finally:
         merge_module.group_state = original
@@ -504,15 +530,19 @@ def run_kind(args, choices: dict, states: list[str], marks: list[float]) -> dict
         print(f"    per iteration        {statistics.median(result['iteration']):8.4f} s   "
               f"(runs: {', '.join(f'{s:.4f}' for s in result['iteration'])})")
         print(f"    total, median        {statistics.median(result['total']):8.2f} s")
+        measured = [split for split in result["thirds"] if split is not None]
+        if measured:
+            first, middle, last = (statistics.median(split[i] for split in measured) for i in range(3))
+            print(f"    per merge by thirds  {first:.4f} / {middle:.4f} / {last:.4f} s   (first / middle / last third of "
+                  f"the merges; last / first {last / first:.2f}x)")
         print(f"    final k {int(history.k_groups[-1])}, MDL {float(history.mdl_losses[0]):.4g} -> "
               f"{float(history.mdl_losses[-1]):.4g}")
-        print(f"    partitions digest    {digest(history.group_idxs.numpy()):x}   (equal digests: identical partitions)")
+        print(f"    partitions digest    {digest(history):x}   (equal digests: identical partitions)")
     print(f"  peak RSS             {peak_rss_mb():8,.0f} MB   ({peak_rss_mb() - rss_data:,.0f} MB above the input)")
     medians = {name: statistics.median(results[name]["iteration"]) for name in states}
     if len(states) > 1:
         common = min(h.n_iters for h in histories.values())
-        first = histories[states[0]].group_idxs[:common]
-        same = all(torch.equal(first, histories[name].group_idxs[:common]) for name in states[1:])
+        same = all(same_merges(histories[states[0]], histories[name], common) for name in states[1:])
         print(f"  identical partitions over the first {common} iterations: {same}")
         print("  per iteration side by side: " + ", ".join(f"{name} {medians[name]:.4f} s" for name in states))
     return medians

@@ -86,7 +86,7 @@ def check_size(n: int, c: int, iters: int, args, marks: list[float]) -> bool | N
         print(f"  cpu   skipped (more than --cpu-limit {args.cpu_limit} components)")
         return None
     on_cpu, cpu_setup, cpu_iteration = timed_merge(activations, config, args.seed, "cpu", marks)
-    same_partitions = torch.equal(on_gpu.group_idxs, on_cpu.group_idxs)
+    same_partitions = torch.equal(on_gpu.merge_pairs, on_cpu.merge_pairs)  # equal merges make equal partitions
     same_pairs = torch.equal(on_gpu.selected_pairs, on_cpu.selected_pairs)
     gap = np.abs(on_gpu.mdl_losses.numpy() - on_cpu.mdl_losses.numpy()) / np.maximum(np.abs(on_cpu.mdl_losses.numpy()), 1e-300)
     print(f"  cpu   setup {cpu_setup:8.2f} s   {cpu_iteration:.4f} s/iteration   "
@@ -94,7 +94,9 @@ def check_size(n: int, c: int, iters: int, args, marks: list[float]) -> bool | N
     print(f"  identical partitions: {same_partitions}, identical pairs: {same_pairs}, "
           f"max relative MDL difference {float(gap.max()):.2e}")
     if not same_partitions:
-        first = int(torch.nonzero((on_gpu.group_idxs != on_cpu.group_idxs).any(dim=1))[0])
+        common = min(on_gpu.n_iters, on_cpu.n_iters)
+        differing = torch.nonzero((on_gpu.merge_pairs[:common] != on_cpu.merge_pairs[:common]).any(dim=1))
+        first = int(differing[0]) if differing.numel() else common
         print(f"  first differing iteration: {first}", file=sys.stderr)
     return same_partitions
 

@@ -43,6 +43,10 @@ class DeviceError(SpdClusterError, RuntimeError):
     """A device specification is invalid or no device could be leased; the message says which and why."""
 
 
+class MemoryFitError(SpdClusterError, ValueError):
+    """A member (or as many as asked for at once) would not fit in the memory available; nothing was started."""
+
+
 class UsageError(SpdClusterError, ValueError):
     """A command-line argument is out of range for the stored results; the message names the argument."""
 

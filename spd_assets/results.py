@@ -14,6 +14,7 @@ from functools import cached_property
 from pathlib import Path
 from types import MappingProxyType
 
+import numpy as np
 import polars as pl
 import torch
 
@@ -70,7 +71,8 @@ class ClusteringResults:
     home : Path
         The Dagster instance (DAGSTER_HOME) they live in.
     histories : mapping of str to spd_math.MergeHistory
-        Each member's merge history, in ensemble order.
+        Each member's merge history, in ensemble order: its merges (partitions are replayed from them;
+        `partition(member, iteration)` gives one).
     ensemble : MemberEnsemble
         The histories aligned on the union of labels (`ensemble.ensemble`), the members used and missing.
     normalized : spd_math.NormalizedHistories
@@ -131,6 +133,28 @@ class ClusteringResults:
         """The stored aligned ensemble with the metadata of its members' histories (nothing is aligned again)."""
         return NormalizedHistories.from_ensemble(self.ensemble.ensemble,
                                                  [self.histories[member] for member in self.ensemble.members])
+
+    def partition(self, member: str, iteration: int) -> np.ndarray:
+        """One member's group ids after merge `iteration`, for `histories[member].labels` (groups numbered by their
+        smallest member): replayed from that member's merges alone, nothing else made.
+
+        Raises
+        ------
+        StorageError
+            `member` is not a member of the ensemble.
+        HistoryError
+            `iteration` is outside the member's merges.
+
+        Examples
+        --------
+        >>> results = ClusteringResults.load("default")                   # doctest: +SKIP
+        >>> groups = results.partition("member_000", 400)                 # doctest: +SKIP
+        >>> dict(zip(results.histories["member_000"].labels, groups))     # doctest: +SKIP
+        """
+        if member not in self.histories:
+            raise StorageError(f"member {member!r} is not in the ensemble of {self.experiment!r}; expected one of "
+                               f"{list(self.histories)}")
+        return self.histories[member].partition_at(iteration)
 
     @property
     def explorer_path(self) -> Path:

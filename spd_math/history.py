@@ -16,9 +16,6 @@ from spd_math.validation import as_tensor
 
 __all__ = ["HistoryError", "MergeHistory"]
 
-_TENSOR_FIELDS = ("merge_pairs", "selected_pairs", "k_groups", "pair_costs", "mdl_losses", "partitions")
-
-
 def _check_rows(name: str, value: torch.Tensor | None, n_iters: int, trailing: tuple[int, ...] = ()) -> None:
     if value is None:
         return
@@ -88,6 +85,8 @@ class MergeHistory:
     >>> compact = MergeHistory(labels=["a:0", "a:1", "a:2", "b:0"], selected_pairs=[[2, 1], [0, 1]])
     >>> compact.partition_at(0).tolist(), compact.partition_at(-1).tolist()
     ([0, 1, 1, 2], [0, 0, 0, 1])
+    >>> compact.merged_components(1).tolist()
+    [0, 1, 2]
     """
 
     labels: list[str]
@@ -212,6 +211,13 @@ class MergeHistory:
         if self.partitions is not None:
             return self.partitions[index].numpy().astype(np.int64)
         return replay.partition_at(self.merge_representatives(), self.c_components, index)
+
+    def merged_components(self, iteration: int) -> np.ndarray:
+        """The components merge `iteration` changed (sorted): every component of the group it formed, the only
+        ones whose group is another set of components after it than before."""
+        index = self._iteration(iteration)
+        partition = self.partition_at(index)
+        return np.flatnonzero(partition == partition[int(self.merge_representatives()[index, 0])])
 
     def partitions_between(self, start: int = 0, stop: int | None = None) -> Iterator[np.ndarray]:
         """Each partition after merges `start .. stop - 1` in turn (`[c]` int64 arrays), made a few MB at a time."""

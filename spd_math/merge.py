@@ -2,8 +2,10 @@
 
 State per group lives in *slots* (see `state.GroupState`): a merge rewrites the surviving
 group's row and column of the coactivation counts, and the vanished group's slot is reused
-by moving the last slot into it, so nothing of size k² is ever copied. The partition itself
-is kept in the numbering of docs/math.md §6 (groups ordered by their smallest member).
+by moving the last slot into it, so nothing of size k² is ever copied. The history records
+the merges (pairs of group ids in the numbering of docs/math.md §6, groups ordered by their
+smallest member), from which every partition is replayed (`spd_math.replay`); no partition is
+kept while merging.
 
 Boolean mode keeps each group's activation mask packed 64 samples a word. The new group's
 coactivation with a group l is `Q[a,l] + Q[b,l] - |a ∧ b ∧ l|`, which only looks at the

@@ -385,7 +385,7 @@ class GroupState(_SlotState):
     def offdiagonal_min(self) -> float:
         costs = self._pool_costs()
         if costs is not None and costs.numel() and self.pool.complete:
-            lowest = float(costs.min())
+            lowest = self.pool.lowest if self.pool.lowest is not None else float(costs.min())
             if lowest <= self._pool_level():
                 return lowest
         # No pool holds the minimum: the best row's exact minimum bounds it from above, and a pool up
@@ -900,6 +900,30 @@ DENSE_SWITCH_SHARE = 0.25
 # Share of the memory available at the start that the dense state may take when the run moves to it.
 DENSE_MEMORY_SHARE = 0.5
 DENSE_BYTES_PER_PAIR = 24
+
+
+# Per-group vectors of the scalable state (sizes, bounds, slots: a few dozen numbers each) and its candidate pool
+# (`POOL_BAND_PER_GROUP` pairs of about 40 bytes per group), per group.
+BYTES_PER_GROUP = 512
+
+
+def merge_state_bytes(n_samples: int, n_components: int, boolean: bool = True) -> int:
+    """About the memory the merge state of `n_samples` x `n_components` takes on its device (what the merge
+    allocates besides its input): the exact coactivation counts (k x k in 16 bits, as sparse activations have them;
+    32 bits, twice that, where many components are active on more than 32,767 samples), the packed masks (boolean
+    mode) and per-group vectors; the dense state's matrices for small problems.
+
+    Examples
+    --------
+    >>> round(merge_state_bytes(32_768, 16_000) / 2**20)
+    559
+    """
+    c, n = int(n_components), int(n_samples)
+    masks = c * ((n + 63) // 64) * 8 if boolean else c * 8
+    if c <= (DENSE_MAX_COMPONENTS if boolean else DENSE_MAX_COMPONENTS_CONTINUOUS):
+        return DENSE_BYTES_PER_PAIR * c * c + masks
+    counts = 2 if boolean else 8
+    return counts * c * c + masks + BYTES_PER_GROUP * c
 
 
 def available_bytes(device: torch.device) -> int:

@@ -18,17 +18,19 @@ _CLEAR_BELOW = "\r\x1b[J"
 
 
 def bar_line(member: str, step: StepProgress, width: int) -> str:
-    """`  member_003  merge [#########...............]  41%  6,512/15,999, k 9,488, MDL 1.234e+06, 38.2/s, 4 min left`."""
+    """`  member_003   merge       [#########...............]  41%  6,512/15,999, 4 min left, k 9,488, MDL 1.23e+06,
+    38.2 merges/s` (cut at the terminal's width)."""
     filled = int(round(BAR_WIDTH * min(max(step.fraction, 0.0), 1.0)))
     parts = [f"{step.done:,}/{step.total:,}"]
+    left = step.seconds_left
+    if left is not None and step.done < step.total:
+        parts.append(f"{duration(left)} left")
     if step.k is not None:
         parts.append(f"k {step.k:,}")
     if step.mdl_loss is not None:
         parts.append(f"MDL {step.mdl_loss:.4g}")
-    parts.append(f"{step.rate:,.1f} {step.unit}/s")
-    left = step.seconds_left
-    if left is not None and step.done < step.total:
-        parts.append(f"{duration(left)} left")
+    if step.rate > 0:
+        parts.append(f"{step.rate:,.1f} {step.unit}/s")
     line = (f"  {member:<12} {step.step:<11} [{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {step.fraction:4.0%}  "
             + ", ".join(parts))
     return line[:width]
@@ -54,9 +56,11 @@ class ProgressView:
         """The members in flight and where they are."""
         if self.live:
             width = shutil.get_terminal_size((120, 20)).columns - 1
-            self._clear()
-            self._draw([bar_line(member, step, width) for member, step in sorted(steps.items())])
-            self.stream.flush()
+            lines = [bar_line(member, step, width) for member, step in sorted(steps.items())]
+            if lines != self.shown:
+                self._clear()
+                self._draw(lines)
+                self.stream.flush()
             return
         for line in self.lines.due(steps):
             self.stream.write(line + "\n")

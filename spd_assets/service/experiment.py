@@ -32,7 +32,8 @@ from spd_assets.defs.jobs import ensemble_job_name, members_job_name
 from spd_assets.defs.resources import pool_limit
 from spd_assets.defs.slurm import cancel_jobs_of
 from spd_assets.errors import UsageError
-from spd_assets.service.preflight import preflight
+from spd_assets.service import memory
+from spd_assets.service.preflight import members_at_once_that_fit, preflight
 from spd_assets.service.registration import register
 from spd_assets.service.runs import (
     RUN_TAG_EXPERIMENT,
@@ -244,10 +245,16 @@ def _prepare(config: ExperimentConfig, home: Path, parallel: int | None, only_me
     devices = settings.device_names()
     notes = []
     with instance_at(home) as instance:
+        limit = pool_limit(instance)
+        at_once = parallel or members_at_once(settings, devices, limit, len(members))
+        merges_here = not settings.remote_devices and all(device.startswith("cpu") for device in devices)
+        if merges_here:  # members merge in this machine's memory: they must fit it (checked before any change)
+            at_once, fitting = members_at_once_that_fit(config, checked, min(at_once, max(len(members), 1)),
+                                                        asked=parallel is not None, available=memory.available_bytes())
+            notes += [fitting] if fitting else []
         for dead in reap_dead_runs(instance, reaper=origin):
             notes.append(f"  (run {dead.run_id[:8]}: its process {dead.pid} is gone; marked failed, pool slots freed)")
         notes += register(store, instance, config, checked.members, replace=replace)
-        limit = pool_limit(instance)
     for line in notes:
         progress.note(line)
     ensure_database(store)
@@ -259,7 +266,7 @@ def _prepare(config: ExperimentConfig, home: Path, parallel: int | None, only_me
         activation_shape=checked.activation_shape, activation_bytes=checked.activation_bytes,
         memory_budgeted=checked.memory_budgeted, devices=devices, executor=settings.executor, pool=DEVICE_POOL,
         pool_limit=limit, merges_at_once=leases_at_once(devices, limit),
-        parallel=parallel or members_at_once(settings, devices, limit, len(members)), invocation=invocation,
+        parallel=at_once, invocation=invocation,
         log_path=log_path, run_config=run_config_for(settings), instance_storage=settings.instance,
         slurm_partition=settings.slurm.partition,
     )

@@ -10,8 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from spd_assets.config import ExperimentConfig
+from spd_assets.errors import MemoryFitError
 from spd_assets.sources import ActivationSource, RunTimeNeed, source_for
 from spd_assets.sources.streaming import BYTES_PER_VALUE, check_memory_budget, kept_widths, n_samples
+from spd_math.state import merge_state_bytes
 
 
 @dataclass(frozen=True)
@@ -45,8 +47,64 @@ def preflight(config: ExperimentConfig, *, check_all: bool) -> Preflight:
             samples = n_samples(dims, config.seq_mode)
             components = sum(kept_widths(widths, merge.module_name_filter).values())
             shape = (samples, components)
-            if not source.has_token_batches:  # loaded whole, dense
+            streamed = source.has_token_batches or source.streams_batches
+            if not streamed or (source.streams_batches and merge.activation_threshold is None):  # loaded whole, dense
                 size = samples * components * BYTES_PER_VALUE
             elif merge.activation_threshold is None:  # streamed: with a threshold only the entries above it are kept
                 size = check_memory_budget(samples, components, source.memory_budget_bytes, what="each member")
     return Preflight(source, source.member_keys(), needs, check_all or ready, shape, size, source.has_token_batches)
+
+
+# A worker process before it holds any data: Python, torch, Dagster, Numba and the code location.
+WORKER_BASE_BYTES = 800 * 2**20
+# A batch loaded whole is held about this many times over while it is processed (the batch, the processed
+# matrix, the live columns).
+DENSE_COPIES = 3
+# Share of entries assumed above the activation threshold where only those are kept (causal importances of SPD
+# models and the synthetic source keep 1-3%); 8 bytes an entry.
+ASSUMED_DENSITY = 0.05
+COMPACT_BYTES_PER_ENTRY = 8
+
+
+def member_bytes(config: ExperimentConfig, checked: Preflight) -> int | None:
+    """About the most memory one member's worker holds: its activations and its merge state (None: not known before
+    running, or no merge here)."""
+    if checked.activation_shape is None or checked.source.has_histories:
+        return None
+    samples, components = checked.activation_shape
+    if checked.activation_bytes is not None:
+        activations = checked.activation_bytes * (1 if checked.memory_budgeted else DENSE_COPIES)
+    else:
+        activations = int(samples * components * ASSUMED_DENSITY * COMPACT_BYTES_PER_ENTRY)
+    boolean = config.merge_config.activation_threshold is not None
+    return WORKER_BASE_BYTES + activations + merge_state_bytes(samples, components, boolean)
+
+
+def members_at_once_that_fit(config: ExperimentConfig, checked: Preflight, parallel: int, *, asked: bool,
+                             available: int | None) -> tuple[int, str | None]:
+    """How many members may run at once in `available` bytes, and a note when that is fewer than `parallel`.
+
+    Raises
+    ------
+    MemoryFitError
+        One member would not fit, or `asked` (the user's `--parallel`) members would not.
+    """
+    needed = member_bytes(config, checked)
+    if needed is None or available is None:
+        return parallel, None
+    samples, components = checked.activation_shape
+    what = (f"each member needs about {needed / 2**30:.1f} GiB (its {samples:,} samples x {components:,} "
+            f"components and the merge's {components:,} x {components:,} coactivation counts)")
+    fit = available // needed
+    if fit < 1:
+        raise MemoryFitError(
+            f"{what}, but {available / 2**30:.1f} GiB is available here; expected a smaller member: fewer samples "
+            "(source.batch_size), fewer components (merge_config.module_name_filter, a higher "
+            "filter_dead_threshold), or a machine (or SLURM node) with more memory")
+    if parallel <= fit:
+        return parallel, None
+    if asked:
+        raise MemoryFitError(f"--parallel {parallel}: {what}, and {available / 2**30:.1f} GiB is available here, "
+                             f"enough for {fit} at once; expected --parallel {fit} or fewer")
+    return int(fit), (f"  ({what}: {fit} at a time fit the {available / 2**30:.1f} GiB available, not "
+                      f"{parallel})")

@@ -23,6 +23,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from spd_assets.service import memory
 from spd_assets.service.runs import RunOutcome, execute_run
 
 PR_SET_PDEATHSIG = 1  # from <sys/prctl.h>
@@ -100,18 +101,37 @@ class _Worker:
         child_end.close()
         self.task: RunTask | None = None
         self.started = 0.0
+        self.oom_kills_before: int | None = None
+        self.peak_bytes: int | None = None
 
     def assign(self, task: RunTask) -> None:
         self.task, self.started = task, time.perf_counter()
+        self.oom_kills_before = memory.oom_kills()
         self.connection.send(task)
 
+    def sample_memory(self) -> None:
+        """Remember the most this worker has held (it cannot be read once the kernel has killed it)."""
+        self.peak_bytes = memory.peak_resident_bytes(self.process.pid) or self.peak_bytes
+
     def death(self) -> str:
-        """How the worker ended, in words."""
+        """How the worker ended, in words: out of memory when the kernel's out-of-memory killer ended it."""
         self.process.join(timeout=5)
         code = self.process.exitcode
+        pid = self.process.pid
+        if code == -signal.SIGKILL and self._killed_for_memory():
+            held = f" after holding {self.peak_bytes / 2**30:.1f} GiB" if self.peak_bytes else ""
+            available = memory.available_bytes()
+            free = f" ({available / 2**30:.1f} GiB is available now)" if available is not None else ""
+            return (f"worker process {pid} ran out of memory: the kernel's out-of-memory killer ended it (SIGKILL)"
+                    f"{held}{free}; run fewer members at once (--parallel), or make each smaller (a smaller "
+                    "source.batch_size, fewer components, a higher activation_threshold)")
         if code is not None and code < 0:
-            return f"worker process {self.process.pid} was killed by {signal.Signals(-code).name}"
-        return f"worker process {self.process.pid} ended (exit code {code})"
+            return f"worker process {pid} was killed by {signal.Signals(-code).name}"
+        return f"worker process {pid} ended (exit code {code})"
+
+    def _killed_for_memory(self) -> bool:
+        after = memory.oom_kills()
+        return after is not None and self.oom_kills_before is not None and after > self.oom_kills_before
 
 
 class Workers:
@@ -150,6 +170,8 @@ class Workers:
                 continue  # a worker was replaced before it took its task
             ready = set(multiprocessing.connection.wait(
                 [w.connection for w in busy] + [w.process.sentinel for w in busy], timeout=TICK_S))
+            for worker in busy:
+                worker.sample_memory()
             on_tick()
             for worker in busy:
                 if worker.connection not in ready and worker.process.sentinel not in ready:

@@ -16,6 +16,11 @@ Our histories carry more, stored where original readers ignore it: `merge.pair_c
 `merge.mdl_losses.npy` (float64 [iters]) as extra entries and `seed` as an extra metadata key,
 each written only when known. `selected_pairs.npy` is left out when the history has none.
 Reading treats all of these as optional, so files written by the original load as they are.
+
+The partitions are most of such a file (iters x c ids: 2.2 GB for 33k components merged to the
+end), so both ways go a block of partitions at a time: writing replays them from the history's
+merges, reading recovers the merges from them (keeping the partitions as they are only for a
+file whose rows are not one merge apart), and memory stays a few MB whatever the file's size.
 """
 
 from __future__ import annotations

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from spd_assets.storage import values
 from spd_assets.storage.lineage import fingerprint
-from spd_assets.storage.values import HISTORY_ZIP_SUFFIX, MemberEnsemble
 from spd_math import MergeConfig
 from spd_math import MergeHistory as CurrentMergeHistory
 
@@ -46,18 +46,15 @@ class NormalizedEnsemble:
 
 
 @dataclass(frozen=True)
-class _MemberEnsemble:
+class MemberEnsemble:
     ensemble: NormalizedEnsemble
     members: list[str]
     missing: list[str]
 
 
-_MemberEnsemble.__name__ = "MemberEnsemble"
-
-
 def is_previous_layout(path: Path) -> bool:
     """Whether the value file at `path` is in the previous layout."""
-    if path.suffix == HISTORY_ZIP_SUFFIX:
+    if path.suffix == values.HISTORY_ZIP_SUFFIX:
         return True
     if path.name.startswith("normalized_ensemble") and path.suffix == ".npz" and path.exists():
         try:
@@ -73,8 +70,8 @@ def previous_fingerprint(value: Any) -> str:
     if isinstance(value, CurrentMergeHistory):
         return fingerprint(MergeHistory(value.labels, value.group_idxs, value.selected_pairs, value.k_groups,
                                         value.pair_costs, value.mdl_losses, value.config, value.seed))
-    if isinstance(value, MemberEnsemble):
+    if isinstance(value, values.MemberEnsemble):
         ensemble = value.ensemble
-        return fingerprint(_MemberEnsemble(NormalizedEnsemble(ensemble.merges, ensemble.labels, ensemble.present),
-                                           value.members, value.missing))
+        return fingerprint(MemberEnsemble(NormalizedEnsemble(ensemble.merges, ensemble.labels, ensemble.present),
+                                          value.members, value.missing))
     return fingerprint(value)

@@ -59,16 +59,17 @@ class StepProgress:
         return (self.total - self.done) / self.rate if self.rate > 0 else None
 
     def describe(self) -> str:
-        """`merge 6,512/15,999 (41%), k 9,488, MDL 1.23e+06, 38.2 merges/s, about 4 min left`."""
+        """`merge 6,512/15,999 merges (41%), about 4 min left, k 9,488, MDL 1.23e+06, 38.2 merges/s`."""
         parts = [f"{self.step} {self.done:,}/{self.total:,} {self.unit} ({self.fraction:.0%})"]
+        left = self.seconds_left
+        if left is not None and self.done < self.total:
+            parts.append(f"about {duration(left)} left")
         if self.k is not None:
             parts.append(f"k {self.k:,}")
         if self.mdl_loss is not None and math.isfinite(self.mdl_loss):
             parts.append(f"MDL {self.mdl_loss:.4g}")
-        parts.append(f"{self.rate:,.1f} {self.unit}/s")
-        left = self.seconds_left
-        if left is not None and self.done < self.total:
-            parts.append(f"about {duration(left)} left")
+        if self.rate > 0:
+            parts.append(f"{self.rate:,.1f} {self.unit}/s")
         return ", ".join(parts)
 
 
@@ -143,12 +144,15 @@ class ProgressReporter:
         self.started = time.monotonic()
         self.next_file = 0.0
         self.next_log = self.started + LOG_INTERVAL_S
-        self.recent: deque[tuple[float, int]] = deque([(self.started, 0)])
+        # (time, done) of recent updates: the rate counts from the first (a step's set-up is not its pace).
+        self.recent: deque[tuple[float, int]] = deque()
 
     def update(self, done: int, total: int, *, k: int | None = None, mdl_loss: float | None = None) -> None:
         now = time.monotonic()
         if now < self.next_file and now < self.next_log and done < total:
             return
+        if not self.recent:
+            self.recent.append((now, done))
         self.recent.append((now, done))
         while len(self.recent) > 2 and self.recent[1][0] < now - RATE_WINDOW_S:
             self.recent.popleft()

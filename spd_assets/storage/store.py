@@ -4,9 +4,11 @@
       experiments/<experiment>.yaml              registered experiment configs
       <experiment>/token_batches/<member>.npz          (model sources: the member's model inputs)
       <experiment>/component_activations/<member>.npz
-      <experiment>/merge_history/<member>.zip          (the original research format)
-      <experiment>/normalized_ensemble.npz
+      <experiment>/merge_history/<member>.npz          its merges: labels, merged pairs, costs, MDL losses
+      <experiment>/normalized_ensemble.npz             the label alignment and each member's merges
       <experiment>/distance_matrices.npz
+      <experiment>/exports/                            for other tools: the original's folders (on request)
+      progress/<experiment>/<member>.json              how far a running member's long step is
       tables/<table>/<experiment>__<part>.parquet      one file per experiment and partition
       device_leases/                             lock files of the device leases
       logs/                                      run logs of the command line

@@ -59,6 +59,12 @@ def test_partitions_replayed_from_merges_are_the_rule(sequence) -> None:
     for t in range(len(sampled)):
         np.testing.assert_array_equal(history.partition_at(t), expected[t])
     np.testing.assert_array_equal(np.array(list(history.partitions_between())).reshape(-1, c), expected)
+    previous = np.arange(c)
+    for t in range(len(sampled)):  # what each merge changed: the components whose group is another set now
+        changed = [x for x in range(c)
+                   if set(np.flatnonzero(expected[t] == expected[t][x])) != set(np.flatnonzero(previous == previous[x]))]
+        assert history.merged_components(t).tolist() == changed
+        previous = expected[t]
     # Dense partitions give back the same merges, and a history built from them holds only those.
     rebuilt = MergeHistory(labels=history.labels, group_idxs=expected)
     assert rebuilt.is_merge_sequence and torch.equal(rebuilt.merge_pairs, history.merge_pairs)

@@ -16,6 +16,7 @@ from spd_assets.sources.synthetic import (
     SyntheticParams,
     build_model,
     generate_batch,
+    generate_chunks,
     generate_rows,
 )
 from spd_math.partitions import adjusted_rand_index
@@ -245,3 +246,65 @@ def test_generate_batch_rejects_bad_arguments(default_model):
         generate_batch(default_model, seed=0, batch_size=0)
     with pytest.raises(TypeError, match="model: expected SyntheticModel"):
         generate_batch(SyntheticParams(), seed=0, batch_size=BATCH_SIZE)
+
+
+def reference_rows(model: SyntheticModel, seed: int, batch_size: int) -> np.ndarray:
+    """The batch as one random stream draws it, part after part over every token (how `generate_rows` was first
+    written, and what its chunks must reproduce)."""
+    from spd_assets.sources.synthetic import BATCH_STREAM, DEAD_FLOOR_CEILING, FLOOR_RATE
+
+    params = model.params
+    rng = np.random.default_rng([BATCH_STREAM, params.model_seed, seed])
+    n = batch_size * params.seq_len
+    feature_on = rng.random((n, model.n_planted_groups)) < model.feature_rates
+    fires = rng.random((n, model.n_components), dtype=np.float32) < np.where(model.dead, 0.0, params.noise_rate).astype(np.float32)
+    members = np.flatnonzero(model.planted_group >= 0)
+    reliable = rng.random((n, members.size), dtype=np.float32) < params.member_reliability
+    fires[:, members] |= feature_on[:, model.planted_group[members]] & reliable
+    draw = rng.random((n, model.n_components), dtype=np.float32)
+    ceiling = np.where(model.dead, DEAD_FLOOR_CEILING, LIVE_FLOOR_CEILING).astype(np.float32)
+    values = np.where(draw < FLOOR_RATE, draw * (ceiling / FLOOR_RATE), np.float32(0)).astype(np.float32)
+    values[fires] = rng.uniform(*ACTIVE_RANGE, size=int(fires.sum())).astype(np.float32)
+    return values
+
+
+@pytest.mark.parametrize("params", [
+    SMALL,
+    # Odd token and component counts: a part of float32 draws ends halfway through a 64-bit output.
+    SyntheticParams(n_layers=1, modules=("a", "b", "c"), components_per_module=(5, 7), n_planted_groups=3,
+                    group_size=(2, 3), seq_len=5),
+    SyntheticParams(n_layers=1, modules=("a",), components_per_module=(5, 5), n_planted_groups=0, seq_len=3),
+], ids=["small", "odd", "no-groups"])
+def test_streamed_chunks_are_the_batch_drawn_from_one_stream(params):
+    model = build_model(params)
+    for seed, batch_size in ((0, 1), (3, 7), (11, 8)):
+        expected = reference_rows(model, seed, batch_size)
+        np.testing.assert_array_equal(generate_rows(model, seed=seed, batch_size=batch_size), expected)
+        for chunk_sequences in (1, 2, 5):
+            chunks = list(generate_chunks(model, seed=seed, batch_size=batch_size, chunk_sequences=chunk_sequences))
+            assert [len(next(iter(chunk.values()))) for chunk in chunks][0] == min(chunk_sequences, batch_size)
+            rows = np.concatenate([np.concatenate([chunk[name].reshape(-1, chunk[name].shape[-1]).numpy()
+                                                   for name in model.module_sizes], axis=1) for chunk in chunks])
+            np.testing.assert_array_equal(rows, expected)
+
+
+def test_a_streamed_member_is_the_whole_batch_processed():
+    """The component_activations step with the source streaming (compact, chunk by chunk) and with the batch whole:
+    the same labels, dead components, statistics and merges."""
+    from spd_assets.config import parse_config
+    from spd_assets.defs import steps
+    from spd_assets.sources import source_for
+
+    config = parse_config({"name": "s", "source": {"kind": "synthetic", "batch_size": 8, "params": {
+        "n_layers": 2, "modules": ["attn.q", "mlp.up"], "components_per_module": [20, 30], "n_planted_groups": 6}}})
+    source = source_for(config.source)
+    whole_source = type("Whole", (type(source),), {"streams_batches": False})(source.config)
+    source.batch_chunks = lambda member, seed: generate_chunks(source.model, seed=seed, batch_size=8, chunk_sequences=3)
+    streamed = steps.component_activations(source, config, "member_000")
+    whole = steps.component_activations(whole_source, config, "member_000")
+    assert streamed.value.is_compact and not whole.value.is_compact
+    assert streamed.value.labels == whole.value.labels and streamed.value.dead_labels == whole.value.dead_labels
+    assert streamed.tables["component_stats"].equals(whole.tables["component_stats"])
+    merges = [spd_math.merge_iteration(result.value, config.merge_config, seed=1) for result in (streamed, whole)]
+    assert torch.equal(merges[0].merge_pairs, merges[1].merge_pairs)
+    assert torch.equal(merges[0].mdl_losses, merges[1].mdl_losses)
