@@ -131,6 +131,9 @@ class CandidatePool:
         # next `keep_at_most` does it in its own pass; anything else reading the entries does it first.
         self._pending: tuple[int, int, int, int, int] | None = None
         self.lowest: float | None = None  # the lowest cost `keep_at_most` kept (compiled pools)
+        # Where `costs` writes, kept from merge to merge: a fresh tensor of the pool's size each merge costs page
+        # faults on every page of it (large allocations come straight from the kernel).
+        self._costs_buffer = torch.empty(0, dtype=alpha_term.dtype, device=alpha_term.device)
 
     @property
     def complete(self) -> bool:
@@ -173,9 +176,14 @@ class CandidatePool:
         return self._i.numpy(), self._j.numpy(), self._terms.numpy(), self._q.numpy(), self._ceiling.numpy()
 
     def costs(self, log_k_minus_1: float) -> torch.Tensor:
-        """Scaled costs of the pooled pairs at L = `log_k_minus_1` (a fresh tensor). Only for `keep_at_most`, which
-        does a pending upkeep in its pass: entries it drops have costs here too."""
-        return torch.add(self._terms[: self.size], self._q[: self.size], alpha=-log_k_minus_1)
+        """Scaled costs of the pooled pairs at L = `log_k_minus_1`, in the pool's costs buffer (valid until the next
+        call). Only for `keep_at_most`, which does a pending upkeep in its pass: entries it drops have costs here
+        too."""
+        if self._costs_buffer.numel() < self.size:
+            self._costs_buffer = torch.empty(max(self.size, int(self._costs_buffer.numel() * GROWTH)),
+                                             dtype=self._terms.dtype, device=self._terms.device)
+        return torch.add(self._terms[: self.size], self._q[: self.size], alpha=-log_k_minus_1,
+                         out=self._costs_buffer[: self.size])
 
     def keep_at_most(self, costs: torch.Tensor, level: float) -> torch.Tensor:
         """Drop the pairs whose cost (`costs`, from `costs()`) is above `level`; returns the kept costs."""
