@@ -11,7 +11,7 @@ import torch
 from dagster import AssetKey, instance_for_test, materialize
 
 from spd_assets.defs import steps
-from spd_assets.defs.assets import TABLE_IO_MANAGER_KEY, VALUE_IO_MANAGER_KEY, experiment_assets
+from spd_assets.defs.assets import STORAGE_KEY, TABLE_IO_MANAGER_KEY, VALUE_IO_MANAGER_KEY, experiment_assets
 from spd_assets.defs.definitions import build_definitions
 from spd_assets.defs.io_managers import TableIOManager, ValueIOManager
 from spd_assets.defs.jobs import ensemble_job_name, members_job_name
@@ -135,6 +135,7 @@ def test_io_managers_store_values_and_tables_under_the_instance(config, tmp_path
         VALUE_IO_MANAGER_KEY: ValueIOManager(storage=storage),
         TABLE_IO_MANAGER_KEY: TableIOManager(storage=storage),
         source_resource_key(config.name): ActivationSourceResource.for_experiment(config),
+        STORAGE_KEY: storage,  # where the step's progress file goes
     }
     (tmp_path / "instance").mkdir()
     with instance_for_test(temp_dir=str(tmp_path / "instance")) as instance:
