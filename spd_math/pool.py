@@ -78,6 +78,32 @@ def _keep_at_most(i, j, terms, q, ceiling, costs, level, stale_end, keep, drop, 
 
 
 @kernels.compiled()
+def _keep_at_most_counting(i, j, terms, q, ceiling, costs, level, stale_end, keep, drop, source, target, cutoff,
+                           k):  # pragma: no cover - compiled
+    """`_keep_at_most` and `_row_counts_above_ceiling` of the kept entries at `cutoff` in the same pass: the new
+    size and the counts per row."""
+    counts = np.zeros(k, np.int64)
+    kept = 0
+    for t in range(costs.size):
+        a, b = i[t], j[t]
+        if t < stale_end:
+            if a == keep or a == drop or b == keep or b == drop:
+                continue
+            if a == source:
+                a = target
+            if b == source:
+                b = target
+        cost = costs[t]
+        if cost <= level:
+            above = ceiling[t]
+            i[kept], j[kept], terms[kept], q[kept], costs[kept], ceiling[kept] = a, b, terms[t], q[t], cost, above
+            if cost <= cutoff and above > cutoff:
+                counts[a] += 1
+            kept += 1
+    return kept, counts
+
+
+@kernels.compiled()
 def _row_counts(i, costs, cutoff, k):  # pragma: no cover - compiled
     counts = np.zeros(k, np.int64)
     for t in range(costs.size):
@@ -97,16 +123,14 @@ def _row_counts_above_ceiling(i, costs, ceiling, cutoff, k):  # pragma: no cover
 
 
 @kernels.compiled()
-def _row_entries(i, j, costs, cutoff, row):  # pragma: no cover - compiled
-    """Columns and costs of the candidates of one row, in pool order."""
+def _row_entries(i, j, costs, cutoff, row, count):  # pragma: no cover - compiled
+    """Columns and costs of the `count` candidates of one row, in pool order (one pass, ending at the last)."""
+    columns = np.empty(count, np.int64)
+    values = np.empty(count, np.float64)
     n = 0
     for t in range(costs.size):
-        if i[t] == row and costs[t] <= cutoff:
-            n += 1
-    columns = np.empty(n, np.int64)
-    values = np.empty(n, np.float64)
-    n = 0
-    for t in range(costs.size):
+        if n == count:
+            break
         if i[t] == row and costs[t] <= cutoff:
             columns[n] = j[t]
             values[n] = costs[t]
@@ -199,6 +223,20 @@ class CandidatePool:
         self._select(keep)
         return torch.masked_select(costs, keep)
 
+    def keep_at_most_counting(self, costs: torch.Tensor, level: float, cutoff: float,
+                              k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`keep_at_most(costs, level)` and `counts_above_ceiling(kept, cutoff, k)` at once (one pass over the pool
+        where compiled); returns the kept costs and the counts. `lowest` is not kept up to date."""
+        if not self.compiled:
+            kept = self.keep_at_most(costs, level)
+            return kept, self.counts_above_ceiling(kept, cutoff, k)
+        keep, drop, source, target, stale_end = self._pending or (-1, -1, -1, -1, 0)
+        self._pending = None
+        size, counts = _keep_at_most_counting(*self._buffers(), costs.numpy(), level, stale_end, keep, drop, source,
+                                              target, cutoff, k)
+        self.size, self.lowest = int(size), None
+        return costs[: self.size], torch.from_numpy(counts)
+
     def forget_and_move(self, keep: int, drop: int, source: int, target: int) -> None:
         """Forget the pairs of the merged groups `keep` and `drop`, then rename slot `source` to `target`."""
         if self.compiled:  # done in the next `keep_at_most`'s pass (or before anything else reads the entries)
@@ -277,7 +315,8 @@ class RowSelectedCandidates:
     def nth(self, index: int) -> tuple[int, int, float]:
         row = int(np.searchsorted(self.cumulative, index, side="right"))
         before = int(self.cumulative[row - 1]) if row else 0
-        columns, values = _row_entries(self.i, self.j, self.costs, self.cutoff, row)
+        count = int(self.cumulative[row]) - before
+        columns, values = _row_entries(self.i, self.j, self.costs, self.cutoff, row, count)
         order = np.argsort(columns, kind="stable")
         at = int(order[index - before])
         return row, int(columns[at]), float(values[at])

@@ -383,8 +383,10 @@ class GroupState(_SlotState):
     # --- what the samplers read --------------------------------------------------------------
 
     def offdiagonal_min(self) -> float:
-        costs = self._pool_costs()
-        if costs is not None and costs.numel() and self.pool.complete:
+        # A pool that counts pairs by their ceilings cannot say the minimum: its pass waits for the cutoff
+        # (`candidates_at_most` counts the candidates in it).
+        costs = self._pool_costs() if self.pool is not None and self.pool.complete else None
+        if costs is not None and costs.numel():
             lowest = self.pool.lowest if self.pool.lowest is not None else float(costs.min())
             if lowest <= self._pool_level():
                 return lowest
@@ -429,11 +431,14 @@ class GroupState(_SlotState):
             self._pool_wait = min(POOL_RETRY_CAP, 2**self._pool_overflows - 1) if self.pool is None else 0
         if self.pool is None:
             return self._counted_candidates(cutoff)
-        costs = self._pool_costs()
         if self.pool.complete or not self._counts_ceilings(cutoff):
-            return self.pool.candidates(costs, cutoff, self.k)
-        counts = self.pool.counts_above_ceiling(costs, cutoff, self.k).cpu()
-        counts += torch.from_numpy(self._ceiling_counts(cutoff))
+            return self.pool.candidates(self._pool_costs(), cutoff, self.k)
+        if self._pool_costs_cache is None:  # the pool's upkeep and its count in one pass
+            costs = self.pool.costs(self.log_k_minus_1)
+            self._pool_costs_cache, counts = self.pool.keep_at_most_counting(costs, self._pool_level(), cutoff, self.k)
+        else:
+            counts = self.pool.counts_above_ceiling(self._pool_costs_cache, cutoff, self.k)
+        counts = counts.cpu() + torch.from_numpy(self._ceiling_counts(cutoff))
         return RowCountedCandidates(self, torch.arange(self.k, device=self.device), counts, cutoff)
 
     def _pool_bounds(self, cutoff: float, slack: float) -> tuple[float, float]:
