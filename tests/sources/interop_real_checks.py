@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import random
+import signal
 import sys
 from pathlib import Path
 
@@ -170,6 +171,10 @@ def _array_findings(exported: np.ndarray, theirs: np.ndarray, histories, labels:
 
 
 if __name__ == "__main__":
+    # The original's compute_distances ends its multiprocessing.Pool with terminate(), which takes the task queue's
+    # lock and ends with SIGTERM any worker still waiting on it. A SIGTERM ignored by whatever started this process
+    # (a test runner's worker can leave it so) is inherited by those workers, and terminate() then waits forever.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     command, *arguments = sys.argv[1:]
     if command == "make-histories":
         result = make_histories(Path(arguments[0]), Path(arguments[1]))
