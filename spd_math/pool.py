@@ -52,10 +52,13 @@ def _forget_and_move(i, j, terms, q, ceiling, size, stale_end, keep, drop, sourc
 
 
 @kernels.compiled()
-def _keep_at_most(i, j, terms, q, ceiling, costs, level, stale_end, keep, drop, source, target):  # pragma: no cover
+def _keep_at_most(i, j, terms, q, ceiling, costs, level, stale_end, keep, drop, source, target, cutoff,
+                  k):  # pragma: no cover - compiled
     """In place, in one pass: a merge's deferred upkeep of the entries before `stale_end` (as `_forget_and_move`),
-    then only the entries whose cost is `<= level` kept (costs compacted alike). Returns the new size and the
-    lowest kept cost (+inf when none)."""
+    then only the entries whose cost is `<= level` kept (costs compacted alike). Returns the new size, the lowest
+    kept cost (+inf when none) and, per row of `k` (none when `k` is 0), the kept entries with cost `<= cutoff`
+    whose ceiling is above it (as `_row_counts_above_ceiling`)."""
+    counts = np.zeros(k, np.int64)
     kept = 0
     lowest = np.inf
     for t in range(costs.size):
@@ -69,38 +72,14 @@ def _keep_at_most(i, j, terms, q, ceiling, costs, level, stale_end, keep, drop, 
                 b = target
         cost = costs[t]
         if cost <= level:
-            i[kept], j[kept], terms[kept], q[kept], costs[kept] = a, b, terms[t], q[t], cost
-            ceiling[kept] = ceiling[t]
-            if cost < lowest:
-                lowest = cost
-            kept += 1
-    return kept, lowest
-
-
-@kernels.compiled()
-def _keep_at_most_counting(i, j, terms, q, ceiling, costs, level, stale_end, keep, drop, source, target, cutoff,
-                           k):  # pragma: no cover - compiled
-    """`_keep_at_most` and `_row_counts_above_ceiling` of the kept entries at `cutoff` in the same pass: the new
-    size and the counts per row."""
-    counts = np.zeros(k, np.int64)
-    kept = 0
-    for t in range(costs.size):
-        a, b = i[t], j[t]
-        if t < stale_end:
-            if a == keep or a == drop or b == keep or b == drop:
-                continue
-            if a == source:
-                a = target
-            if b == source:
-                b = target
-        cost = costs[t]
-        if cost <= level:
             above = ceiling[t]
             i[kept], j[kept], terms[kept], q[kept], costs[kept], ceiling[kept] = a, b, terms[t], q[t], cost, above
-            if cost <= cutoff and above > cutoff:
+            if cost < lowest:
+                lowest = cost
+            if k and cost <= cutoff and above > cutoff:
                 counts[a] += 1
             kept += 1
-    return kept, counts
+    return kept, lowest, counts
 
 
 @kernels.compiled()
@@ -212,11 +191,7 @@ class CandidatePool:
     def keep_at_most(self, costs: torch.Tensor, level: float) -> torch.Tensor:
         """Drop the pairs whose cost (`costs`, from `costs()`) is above `level`; returns the kept costs."""
         if self.compiled:
-            keep, drop, source, target, stale_end = self._pending or (-1, -1, -1, -1, 0)
-            self._pending = None
-            size, lowest = _keep_at_most(*self._buffers(), costs.numpy(), level, stale_end, keep, drop, source, target)
-            self.size, self.lowest = int(size), float(lowest)
-            return costs[: self.size]
+            return self._compiled_keep_at_most(costs, level, -math.inf, 0)[0]
         keep = costs <= level
         if bool(keep.all()):
             return costs
@@ -226,15 +201,19 @@ class CandidatePool:
     def keep_at_most_counting(self, costs: torch.Tensor, level: float, cutoff: float,
                               k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """`keep_at_most(costs, level)` and `counts_above_ceiling(kept, cutoff, k)` at once (one pass over the pool
-        where compiled); returns the kept costs and the counts. `lowest` is not kept up to date."""
-        if not self.compiled:
-            kept = self.keep_at_most(costs, level)
-            return kept, self.counts_above_ceiling(kept, cutoff, k)
+        where compiled); returns the kept costs and the counts."""
+        if self.compiled:
+            return self._compiled_keep_at_most(costs, level, cutoff, k)
+        kept = self.keep_at_most(costs, level)
+        return kept, self.counts_above_ceiling(kept, cutoff, k)
+
+    def _compiled_keep_at_most(self, costs: torch.Tensor, level: float, cutoff: float,
+                               k: int) -> tuple[torch.Tensor, torch.Tensor]:
         keep, drop, source, target, stale_end = self._pending or (-1, -1, -1, -1, 0)
         self._pending = None
-        size, counts = _keep_at_most_counting(*self._buffers(), costs.numpy(), level, stale_end, keep, drop, source,
-                                              target, cutoff, k)
-        self.size, self.lowest = int(size), None
+        size, lowest, counts = _keep_at_most(*self._buffers(), costs.numpy(), level, stale_end, keep, drop, source,
+                                             target, cutoff, k)
+        self.size, self.lowest = int(size), float(lowest)
         return costs[: self.size], torch.from_numpy(counts)
 
     def forget_and_move(self, keep: int, drop: int, source: int, target: int) -> None:
