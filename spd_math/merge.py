@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from spd_math.activations import ProcessedActivations
+from spd_math.checkpoint import CheckpointSink, MergeCheckpoint
 from spd_math.config import ConfigError, MergeConfig
 from spd_math.cost_view import MergeState
 from spd_math.errors import ActivationsError, MergeError
@@ -53,6 +54,12 @@ class MergeProgress:
 MIN_GROUPS = 3
 
 
+def planned_merges(n_components: int, iters: int | None) -> int:
+    """Merges a run makes: `iters` (all when None), or until at most MIN_GROUPS groups are left (one at least)."""
+    max_iters = n_components - 1 if iters is None else min(iters, n_components - 1)
+    return min(max_iters, max(n_components - MIN_GROUPS, 1))
+
+
 def _validated_pair(pair: object, k: int) -> tuple[int, int]:
     try:
         i, j = (int(v) for v in pair)  # type: ignore[union-attr]
@@ -71,6 +78,8 @@ def merge_iteration(
     seed: int | None = None,
     device: torch.device | str | None = None,
     progress: Callable[[MergeProgress], None] | None = None,
+    resume_from: MergeCheckpoint | None = None,
+    checkpoints: CheckpointSink | None = None,
 ) -> MergeHistory:
     """Run the greedy MDL merge on one batch of processed activations (docs/math.md §2-§7).
 
@@ -88,7 +97,14 @@ def merge_iteration(
         Where the merge state lives; defaults to the device of the activations.
     progress : callable, optional
         Called after every merge with a `MergeProgress` (merges done and planned, k, MDL loss, seconds
-        since the merge state was ready); cheap calls only: it runs once per merge.
+        since the merge state was ready); cheap calls only: it runs once per merge. Not called for the merges
+        a resumed run replays.
+    resume_from : MergeCheckpoint, optional
+        Go on from a checkpoint of this run (same activations, config and seed): its merges are replayed
+        without sampling, then sampling goes on from its generator state. The history is bit-identical to
+        that of a run never stopped (spd_math.checkpoint).
+    checkpoints : CheckpointSink, optional
+        Asked `due()` after every merge; given a `MergeCheckpoint` of the run so far when it says so.
 
     Returns
     -------
@@ -100,7 +116,8 @@ def merge_iteration(
     ActivationsError
         No samples, fewer than 2 components, or NaN/inf in the activations.
     MergeError
-        A pair sampler that answers something other than two different group indices.
+        A pair sampler that answers something other than two different group indices, or a checkpoint of
+        another run (other components or seed) or with pairs no run could have chosen.
     TypeError
         Arguments of the wrong type.
 
@@ -129,12 +146,17 @@ def merge_iteration(
             f"activation_threshold >= {dropped} (continuous mode needs dense values), got {config.activation_threshold}"
         )
     device = torch.device(device) if device is not None else activations.activations.device
+    max_iters = c - 1 if config.iters is None else min(config.iters, c - 1)
+    if resume_from is not None:
+        if not isinstance(resume_from, MergeCheckpoint):
+            raise TypeError(f"resume_from: expected a MergeCheckpoint, got {type(resume_from).__name__}")
+        seed = resume_from.seed if seed is None else seed
+        resume_from.check_resumes(c, seed, max_iters)
     if seed is None:
         seed = secrets.randbits(63)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed) if resume_from is None else resume_from.generator()
     state: MergeState = group_state(activations.activations, activations.labels, config.activation_threshold, config.alpha, device)
 
-    max_iters = c - 1 if config.iters is None else min(config.iters, c - 1)
     # The history is its merges (O(c + iters)); partitions are replayed from them when asked for.
     selected_pairs = np.empty((max_iters, 2), dtype=np.int64)
     pair_costs = np.empty(max_iters, dtype=np.float64)
@@ -143,11 +165,30 @@ def merge_iteration(
     sampler = SAMPLERS.lookup(config.merge_pair_sampling_method, ConfigError)
     sampler_kwargs = config.merge_pair_sampling_kwargs
 
+    def merge_pair(pair: tuple[int, int]) -> None:
+        nonlocal slot_of_group
+        k = state.k
+        low, high = min(pair), max(pair)
+        keep, drop = int(slot_of_group[low]), int(slot_of_group[high])
+        moved_group = int(np.flatnonzero(slot_of_group == k - 1)[0])
+        state.merge(keep, drop)
+        slot_of_group[moved_group] = drop
+        slot_of_group = np.delete(slot_of_group, high)
+
     n_done = 0
     # The loop ends after max_iters merges, or once at most MIN_GROUPS groups are left.
-    planned = min(max_iters, max(c - MIN_GROUPS, 1))
+    planned = planned_merges(c, config.iters)
+    if resume_from is not None:  # the checkpoint's merges again, without choosing them (spd_math.checkpoint)
+        n_done = resume_from.n_done
+        selected_pairs[:n_done] = resume_from.selected_pairs
+        pair_costs[:n_done] = resume_from.pair_costs
+        mdl_losses[:n_done] = resume_from.mdl_losses
+        for pair in resume_from.selected_pairs.tolist():
+            merge_pair(pair)
+    # A run stops once at most MIN_GROUPS are left (after one merge at least): a resumed one may have nothing left.
+    finished = n_done > 0 and state.k <= MIN_GROUPS
     started = time.perf_counter()
-    for iteration in range(max_iters):
+    for iteration in range(n_done, n_done if finished else max_iters):
         k = state.k
         offset = state.cost_offset()
         if pair_sampler is not None:
@@ -162,13 +203,7 @@ def merge_iteration(
             pair = (int(group_of_slot[slot_i]), int(group_of_slot[slot_j]))
             pair_costs[iteration] = (scaled_cost + offset) / n
 
-        low, high = min(pair), max(pair)
-        keep, drop = int(slot_of_group[low]), int(slot_of_group[high])
-        moved_group = int(np.flatnonzero(slot_of_group == k - 1)[0])
-        state.merge(keep, drop)
-        slot_of_group[moved_group] = drop
-        slot_of_group = np.delete(slot_of_group, high)
-
+        merge_pair(pair)
         selected_pairs[iteration] = pair
         mdl_losses[iteration] = state.mdl_loss()
         n_done = iteration + 1
@@ -177,6 +212,11 @@ def merge_iteration(
                                    time.perf_counter() - started))
         if state.k <= MIN_GROUPS:
             break
+        if checkpoints is not None and n_done < planned and checkpoints.due():
+            checkpoints.save(MergeCheckpoint(
+                seed=seed, n_components=c, selected_pairs=selected_pairs[:n_done].copy(),
+                pair_costs=pair_costs[:n_done].copy(), mdl_losses=mdl_losses[:n_done].copy(),
+                generator_state=generator.get_state().numpy().copy()))
 
     k_groups = np.arange(c - 1, c - 1 - n_done, -1, dtype=np.int64)
     return MergeHistory(

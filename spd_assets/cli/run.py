@@ -27,10 +27,14 @@ def _raise_interrupted(signum, _frame) -> None:
 
 
 def outcome_line(outcome: RunOutcome, done: int, total: int) -> str:
-    """`[2/6] ok     member_001    4.2 s   run 1a2b3c4d`, and the error on a second line when it failed."""
+    """`[2/6] ok     member_001    4.2 s   run 1a2b3c4d` (`, resumed at merge 1,234` when its merge went on from a
+    checkpoint), and the error on a second line when it failed."""
     mark = "ok    " if outcome.success else "FAILED"
     run = outcome.run_id[:8] if outcome.run_id else "-"
     line = f"  [{done}/{total}] {mark} {outcome.label:<24} {outcome.seconds:6.1f} s   run {run}"
+    resumed = outcome.metadata.get("merge_history", {}).get("resumed_at_merge")
+    if resumed:
+        line += f", resumed at merge {resumed:,}"
     return line + (f"\n           {outcome.error}" if outcome.error else "")
 
 

@@ -61,6 +61,7 @@ from spd_assets.defs.resources import ActivationSourceResource, DevicePoolResour
 from spd_assets.sources import SOURCES
 from spd_assets.storage import original_export, tables
 from spd_assets.storage.lineage import Consumed, fingerprint, lineage_tables
+from spd_assets.storage.checkpoints import DEFAULT_INTERVAL_S, checkpoint_path
 from spd_assets.storage.progress import PROGRESS_UNITS, ProgressReporter, progress_path
 from spd_assets.storage.schemas import TABLE_SCHEMAS
 from spd_assets.storage.values import (
@@ -132,16 +133,17 @@ class ExperimentAssets:
 
 def experiment_assets(
     config: ExperimentConfig, members: list[str], *, device_op_tags: dict | None = None,
-    slurm: SlurmSettings | None = None,
+    slurm: SlurmSettings | None = None, checkpoint_interval_s: float = DEFAULT_INTERVAL_S,
 ) -> ExperimentAssets:
     """The assets (with their checks) of one experiment whose ensemble members are `members` (partition keys).
 
     Steps that compute on a device (the merge) lease one from the device pool and belong to the
     Dagster concurrency pool `DEVICE_POOL`; `device_op_tags` go on those steps (e.g. Kubernetes GPU limits).
     With `slurm`, the merge runs as a SLURM job instead (`spd_assets.defs.slurm`): no local device is
-    leased and the step is in no pool, since its device is on a node that SLURM allocates.
+    leased and the step is in no pool, since its device is on a node that SLURM allocates. A merge saves a
+    checkpoint every `checkpoint_interval_s` seconds, from which its next attempt resumes.
     """
-    build = _ExperimentAssetBuilder(config, members, device_op_tags, slurm)
+    build = _ExperimentAssetBuilder(config, members, device_op_tags, slurm, checkpoint_interval_s)
     if build.has_histories:
         member_assets = [build.stored_history()]
     else:
@@ -167,9 +169,10 @@ class _ExperimentAssetBuilder:
     per step."""
 
     def __init__(self, config: ExperimentConfig, members: list[str], device_op_tags: dict | None,
-                 slurm: SlurmSettings | None = None) -> None:
+                 slurm: SlurmSettings | None = None, checkpoint_interval_s: float = DEFAULT_INTERVAL_S) -> None:
         self.config = config
         self.slurm = slurm
+        self.checkpoint_interval_s = checkpoint_interval_s
         self.name = config.name
         self.members = members
         self.partitions = StaticPartitionsDefinition(members)
@@ -338,14 +341,21 @@ class _ExperimentAssetBuilder:
                     context.log.info(f"leased {lease.device} after waiting {lease.waited_s:.1f} s")
                     merging = f"merging {activations.n_samples} samples x {activations.n_components} components"
                     context.log.info(f"{member}: {merging} on {lease.device}")
+                    store = getattr(context.resources, STORAGE_KEY).store
+                    checkpoints = steps.member_checkpoints(store, activations, self.config, member,
+                                                           self.checkpoint_interval_s, context.log.info,
+                                                           context.log.warning)
                     with _retry_on_out_of_memory(lease.device, merging), self.progress(context, "merge") as progress:
-                        result = steps.merge_history(activations, self.config, member, lease.torch_device, progress)
+                        result = steps.merge_history(activations, self.config, member, lease.torch_device, progress,
+                                                     checkpoints)
                 history = result.value
                 context.log.info(f"merged {history.c_components} components over {history.n_iters} iterations "
                                  f"in {result.metadata['seconds']:.2f} s on {lease.device}")
                 result.metadata.update(device=lease.device, device_wait_seconds=round(lease.waited_s, 3))
             yield from self.emit("merge_history", result,
                                  self.consumed(context, "component_activations", {member: activations}))
+            # The history is stored (the IO manager ran on the output above): nothing left to resume.
+            checkpoint_path(getattr(context.resources, STORAGE_KEY).store, self.name, member).unlink(missing_ok=True)
             yield checks.partition_sizes(history)
             if self.has_planted_truth:
                 source = getattr(context.resources, self.source_key).source
@@ -362,7 +372,8 @@ class _ExperimentAssetBuilder:
         store = getattr(context.resources, STORAGE_KEY).store
         folder = store.root / "slurm_jobs" / context.run_id / "merge_history"
         extras = {"step": "merge_history", "member": member, "results_root": str(store.root),
-                  "experiment_config_json": self.config.canonical_json}
+                  "experiment_config_json": self.config.canonical_json,
+                  "checkpoint_interval_s": self.checkpoint_interval_s}
         job = SlurmStepClient(self.slurm).run(context, name=f"{self.name}-{member}-merge", folder=folder, extras=extras)
         history_format = value_format(MergeHistory)
         history = history_format.load(folder / f"{VALUE_FILE}{history_format.suffix}")

@@ -42,7 +42,8 @@ def experiment_definitions(config: ExperimentConfig, settings: DeploymentSetting
     """The assets, checks, jobs and activation source of one experiment."""
     members = source_for(config.source).member_keys()
     assets = experiment_assets(config, members, device_op_tags=device_op_tags(settings),
-                               slurm=settings.slurm if settings.executor == "slurm" else None)
+                               slurm=settings.slurm if settings.executor == "slurm" else None,
+                               checkpoint_interval_s=settings.checkpoint_interval_s)
     return Definitions(
         assets=assets.assets,
         jobs=experiment_jobs(config.name, assets),

@@ -89,6 +89,8 @@ class DeploymentSettings(BaseModel):
         "sqlite", description="the Dagster instance's storage: sqlite (embedded, one host) or postgres (a server "
                               "every host reaches: the multi-host setup)")
     postgres_url: str | None = Field(None, description=f"with instance: postgres (else ${POSTGRES_URL_ENV})")
+    checkpoint_interval_s: float = Field(60.0, gt=0, description="how often a running merge saves its checkpoint, "
+                                                                 "from which a killed or requeued member resumes")
 
     @field_validator("devices")
     @classmethod

@@ -92,8 +92,11 @@ def run_remote_step(pipes) -> None:
                    f"{device} of {socket.gethostname()} (SLURM job {os.environ.get('SLURM_JOB_ID', '?')})")
     reporter = ProgressReporter(progress_path(store, config.name, member), pipes.log.info, experiment=config.name,
                                 member=member, step="merge", unit=PROGRESS_UNITS["merge"])
+    checkpoints = steps.member_checkpoints(store, activations, config, member, float(extras["checkpoint_interval_s"]),
+                                           pipes.log.info, pipes.log.warning)
+    checkpoints.checkpoint_on_sigterm()  # SLURM's notice before a time limit, preemption or requeue ends the job
     try:
-        result = steps.merge_history(activations, config, member, device, reporter)
+        result = steps.merge_history(activations, config, member, device, reporter, checkpoints)
     finally:
         reporter.close()
     history = result.value

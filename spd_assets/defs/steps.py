@@ -8,7 +8,7 @@ metadata a researcher reads in the UI, and the inputs it consumed from outside t
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,9 +27,11 @@ from spd_assets.sources import ActivationSource, ModelSource
 from spd_assets.sources.model_source import BYTES_PER_GB
 from spd_assets.sources.streaming import activations_from_chunks
 from spd_assets.storage import original_export, tables
+from spd_assets.storage.checkpoints import CheckpointKey, MemberCheckpoints, checkpoint_path
 from spd_assets.storage.lineage import Consumed, fingerprint
 from spd_assets.storage.progress import ProgressReporter
 from spd_assets.storage.schemas import TABLE_SCHEMAS
+from spd_assets.storage.store import ResultsStore
 from spd_assets.storage.values import ConsensusClusters, EnsembleDistances, ExplorerPage, MemberEnsemble, TokenBatch
 from spd_math import (
     MergeHistory,
@@ -41,6 +43,7 @@ from spd_math import (
     normalize_ensemble,
     process_activations,
 )
+from spd_math.merge import planned_merges
 
 # Components listed in the "most active" metadata table.
 MOST_ACTIVE_SHOWN = 10
@@ -209,15 +212,35 @@ def model_activations(
     return StepResult(processed, {"component_stats": stats}, metadata)
 
 
+def member_checkpoints(store: ResultsStore, activations: ProcessedActivations, config: ExperimentConfig, member: str,
+                       interval_s: float, log: Callable[[str], None],
+                       warn: Callable[[str], None] | None = None) -> MemberCheckpoints:
+    """The checkpoints of this member's merge (`spd_assets.storage.checkpoints`), saved every `interval_s` seconds."""
+    key = CheckpointKey(config.config_hash, fingerprint(activations))
+    total = planned_merges(activations.n_components, config.merge_config.iters)
+    return MemberCheckpoints(checkpoint_path(store, config.name, member), key, total, interval_s=interval_s,
+                             log=lambda line: log(f"{member}: {line}"),
+                             warn=None if warn is None else lambda line: warn(f"{member}: {line}"))
+
+
 def merge_history(activations: ProcessedActivations, config: ExperimentConfig, member: str, device,
-                  progress: ProgressReporter | None = None) -> StepResult:
+                  progress: ProgressReporter | None = None, checkpoints: MemberCheckpoints | None = None) -> StepResult:
     """The greedy MDL merge of one member on `device`, with its merge events and membership spans; `progress` is
-    told where the merge is after every merge."""
+    told where the merge is after every merge; with `checkpoints`, the merge resumes from this member's checkpoint
+    when it has one and saves new ones as it goes."""
     seed = config.member_seed(member)
     started = time.perf_counter()
-    report = None if progress is None else (
-        lambda where: progress.update(where.done, where.total, k=where.k, mdl_loss=where.mdl_loss))
-    history = merge_iteration(activations, config.merge_config, seed=seed, device=device, progress=report)
+    resume_from = checkpoints.resumable() if checkpoints is not None else None
+    first_merge: list[float] = []
+
+    def report(where) -> None:
+        if not first_merge:
+            first_merge.append(time.perf_counter() - started - where.seconds)
+        if progress is not None:
+            progress.update(where.done, where.total, k=where.k, mdl_loss=where.mdl_loss)
+
+    history = merge_iteration(activations, config.merge_config, seed=seed, device=device, progress=report,
+                              resume_from=resume_from, checkpoints=checkpoints)
     seconds = time.perf_counter() - started
     mdl = history.mdl_losses.numpy()
     best = int(np.argmin(mdl)) if mdl.size else -1
@@ -231,6 +254,9 @@ def merge_history(activations: ProcessedActivations, config: ExperimentConfig, m
         "k_at_mdl_min": int(history.k_groups[best]) if mdl.size else -1,
         "seconds": round(seconds, 3),
         "seed": seed,
+        **({"resumed_at_merge": resume_from.n_done,
+            "setup_and_replay_seconds": round(first_merge[0], 3) if first_merge else None}
+           if resume_from is not None else {}),
         "mdl_curve": Image(plots.mdl_curve(mdl, _numpy(history.pair_costs), history.k_groups.numpy(),
                                            f"{config.name} {member}: MDL loss per merge"), "MDL loss against iteration"),
     }
