@@ -14,8 +14,8 @@ import argparse
 import time
 
 import torch
-
 from bench_merge import DATA_KINDS, make_activations, peak_rss_mb
+
 from spd_math import MergeConfig, merge_iteration
 from spd_math.checkpoint import MergeCheckpoint
 

@@ -60,8 +60,8 @@ from spd_assets.defs.lineage import (
 from spd_assets.defs.resources import ActivationSourceResource, DevicePoolResource, source_resource_key
 from spd_assets.sources import SOURCES
 from spd_assets.storage import original_export, tables
-from spd_assets.storage.lineage import Consumed, fingerprint, lineage_tables
 from spd_assets.storage.checkpoints import DEFAULT_INTERVAL_S, checkpoint_path
+from spd_assets.storage.lineage import Consumed, fingerprint, lineage_tables
 from spd_assets.storage.progress import PROGRESS_UNITS, ProgressReporter, progress_path
 from spd_assets.storage.schemas import TABLE_SCHEMAS
 from spd_assets.storage.values import (

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import polars as pl
-import pytest
 import yaml
 
 from spd_assets.storage.checkpoints import CheckpointKey, MemberCheckpoints, checkpoint_path, read_checkpoint
@@ -88,7 +87,7 @@ def test_a_member_killed_mid_merge_resumes_from_its_checkpoint_with_identical_re
     rerun = cli(home, "run", "--config", str(config), "--members", "member_000")
     output = finish(rerun)
     assert rerun.returncode == 0, output
-    assert f"ok     member_000" in output and f"resumed at merge {at_kill:,}" in output, output
+    assert "ok     member_000" in output and f"resumed at merge {at_kill:,}" in output, output
     logs = "".join(path.read_text() for path in (store_at(home).logs_dir).glob("slow-*.log"))
     assert "member_000: resuming from the checkpoint saved" in logs and f"{at_kill:,} of" in logs
     assert not checkpoint.exists(), "the checkpoint outlived the member's stored history"
