@@ -61,8 +61,11 @@ class SlurmSettings(BaseModel):
     python: str | None = Field(None, description="the interpreter on the nodes with spd-cluster installed "
                                                  "(default: this one, on a shared filesystem)")
     poll_interval_s: float = Field(2.0, gt=0, description="how often a job's state is asked (squeue)")
-    transient_retries: int = Field(2, ge=0, description="Dagster retries of a step whose job was preempted or "
-                                                       "whose node failed")
+    transient_retries: int = Field(2, ge=0, description="Dagster retries of a step whose job was preempted, "
+                                                       "whose node failed or that hit its time limit (each retry "
+                                                       "resumes the merge from its checkpoint)")
+    requeue: bool = Field(True, description="submit jobs requeueable (sbatch --requeue): a job preempted or on a "
+                                            "failed node goes back to the queue and resumes from its checkpoint")
 
     def sbatch_options(self) -> list[str]:
         """The sbatch options these settings stand for."""
@@ -71,6 +74,7 @@ class SlurmSettings(BaseModel):
                     ("mem", self.mem), ("cpus_per_task", self.cpus_per_task)) if value is not None]
         if self.gpus_per_job:
             options.append(f"--gres=gpu:{self.gpus_per_job}")
+        options.append("--requeue" if self.requeue else "--no-requeue")
         return [*options, *self.extra_sbatch_args]
 
 

@@ -69,6 +69,7 @@ def run_remote_step(pipes) -> None:
     from spd_assets.config import ExperimentConfig
     from spd_assets.defs import steps
     from spd_assets.defs.slurm import DONE_FILE
+    from spd_assets.storage.checkpoints import StoppedAfterCheckpoint
     from spd_assets.storage.progress import PROGRESS_UNITS, ProgressReporter, progress_path
     from spd_assets.storage.store import ResultsStore
     from spd_assets.storage.values import value_format
@@ -97,6 +98,12 @@ def run_remote_step(pipes) -> None:
     checkpoints.checkpoint_on_sigterm()  # SLURM's notice before a time limit, preemption or requeue ends the job
     try:
         result = steps.merge_history(activations, config, member, device, reporter, checkpoints)
+    except StoppedAfterCheckpoint as stopped:
+        # Ended without closing the Pipes session: a requeued job opens it again, and what it reports (its results
+        # included) must still be read; a closed session would drop it. SLURM's job state says how the job ended.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(stopped.exit_status)
     finally:
         reporter.close()
     history = result.value

@@ -12,7 +12,11 @@ backfills and lineage unchanged); its device step hands the work to SLURM:
    step's log as they come, then returns what the job wrote; the asset yields it through the IO
    managers, as a local step would.
 
-A job that fails, times out, is canceled or preempted raises `SlurmError` with its state, reason
+Jobs are submitted requeueable (`slurm.requeue`): a job that SLURM requeues (preemption, `scontrol requeue`, a
+node that failed) goes back to the queue and is waited for; its merge resumes from the member's checkpoint
+(`spd_assets.storage.checkpoints`; on SIGTERM the job saves one before it ends). A job that ends preempted, on a
+failed node or at its time limit is retried by Dagster (`slurm.transient_retries`), resuming likewise. A job
+that fails, runs out of memory, is canceled, or is out of retries raises `SlurmError` with its state, reason
 and the tail of its stderr; if the step itself is interrupted (Terminate in the UI, Ctrl-C) the
 job is canceled (`scancel`). Jobs carry their Dagster run id in their comment, so that
 `cancel_jobs_of` can cancel the jobs of runs whose processes were killed, and `slurm_jobs` lists
@@ -44,8 +48,12 @@ DONE_FILE = "done.json"
 STDERR_TAIL_LINES = 30
 # States in which a job is over (https://slurm.schedmd.com/squeue.html#SECTION_JOB-STATE-CODES).
 SUCCEEDED = {"COMPLETED"}
-# A requeued job (REQUEUED, then PENDING again) is not over: it is waited for.
-TRANSIENT = {"PREEMPTED", "NODE_FAIL", "BOOT_FAIL"}
+# A requeued job (REQUEUED, then PENDING again) is not over: it is waited for. After these a retry goes on from the
+# merge's checkpoint (a time limit included: each attempt gets further).
+TRANSIENT = {"PREEMPTED", "NODE_FAIL", "BOOT_FAIL", "TIMEOUT"}
+# What a job's stderr says when SLURM killed it over its memory limit (without cgroups: jobacct_gather's
+# OverMemoryKill, state FAILED) or the kernel's OOM killer did (state OUT_OF_MEMORY).
+OUT_OF_MEMORY_SIGNS = ("exceeded memory limit", "exceeded job memory limit", "oom-kill", "out of memory")
 ENDED = SUCCEEDED | TRANSIENT | {"FAILED", "TIMEOUT", "CANCELLED", "OUT_OF_MEMORY", "DEADLINE", "REVOKED",
                                  "SPECIAL_EXIT"}
 COMMAND_TIMEOUT_S = 60
@@ -228,10 +236,16 @@ class SlurmStepClient:
 
         stderr = stderr_tail(folder / f"slurm-{final.job_id}.err")
         state = final.state or "no longer known to SLURM"
+        out_of_memory = final.state == "OUT_OF_MEMORY" or any(sign in stderr.lower() for sign in OUT_OF_MEMORY_SIGNS)
         what = (f"SLURM job {final.job_id} ({self.settings.job_name_prefix}{name}) ended {state}"
                 + (f" (reason {final.reason})" if final.reason and final.reason != "None" else "")
                 + (f", exit code {final.exit_code}" if final.exit_code else "")
                 + ("" if final.state not in SUCCEEDED else " without writing its results")
+                + (f": it ran out of memory (its limit: --mem={self.settings.mem or 'the partition default'}); ask "
+                   "for more with slurm.mem in spd_cluster.yaml, or give it fewer samples" if out_of_memory else "")
+                + (": it hit its time limit" + (f" (--time={self.settings.time})" if self.settings.time else "")
+                   + "; each retry resumes from the merge's checkpoint, so a re-run goes on from there"
+                   if final.state == "TIMEOUT" else "")
                 + f"; the tail of its stderr ({folder / f'slurm-{final.job_id}.err'}):\n{stderr}")
         if final.state in TRANSIENT:
             raise RetryRequested(max_retries=self.settings.transient_retries, seconds_to_wait=5) from SlurmError(what)

@@ -93,11 +93,18 @@ def first_failure_message(result) -> str | None:
     for event in result.all_events:
         if event.is_step_failure or event.is_run_failure:
             error = getattr(event.event_specific_data, "error", None)
-            # Dagster wraps the user's exception ("Error occurred while executing op ..."); its cause is the message.
-            while error is not None and error.cls_name.startswith("Dagster") and error.cause is not None:
+            # Dagster wraps the user's exception ("Error occurred while executing op ..."), and a step out of retries
+            # says "Exceeded max_retries of N": the cause is the message.
+            retries = None
+            while error is not None and error.cause is not None and (
+                    error.cls_name.startswith("Dagster") or error.cls_name == "RetryRequested"):
+                if error.cls_name == "RetryRequested":
+                    retries = error.message.strip().rsplit(" ", 1)[-1]
                 error = error.cause
+            if error is None:
+                return event.message
             # The message already starts with the exception's qualified class name.
-            return error.message.strip() if error is not None else event.message
+            return error.message.strip() + (f" (the last of {int(retries) + 1} attempts)" if retries else "")
     return None
 
 

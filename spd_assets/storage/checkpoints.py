@@ -109,6 +109,16 @@ def read_checkpoint(path: Path) -> StoredCheckpoint:
                             checkpoint)
 
 
+class StoppedAfterCheckpoint(Exception):
+    """A merge stopped on SIGTERM once its checkpoint was saved (the process is to end: exit status 143)."""
+
+    exit_status = 128 + signal.SIGTERM
+
+    def __init__(self, merges: int) -> None:
+        super().__init__(f"stopped on SIGTERM after saving a checkpoint at {merges:,} merges")
+        self.merges = merges
+
+
 class MemberCheckpoints:
     """One member's checkpoints: the one to resume from (`resumable`), and the sink a running merge saves to.
 
@@ -172,11 +182,11 @@ class MemberCheckpoints:
             self.failed = True
         if self.stop_after_save:
             self.log(f"saved a checkpoint at {checkpoint.n_done:,} merges after SIGTERM; ending")
-            raise SystemExit(128 + signal.SIGTERM)
+            raise StoppedAfterCheckpoint(checkpoint.n_done)
 
     def checkpoint_on_sigterm(self) -> None:
         """On SIGTERM (SLURM's notice before a time limit, preemption, requeue or scancel kills the job): save a
-        checkpoint after the merge in progress, then end (exit status 143)."""
+        checkpoint after the merge in progress, then raise `StoppedAfterCheckpoint` out of the merge."""
 
         def handle(signum, frame) -> None:
             self.requested = self.stop_after_save = True

@@ -149,21 +149,25 @@ def test_a_checkpoint_that_cannot_be_written_warns_once_and_the_merge_goes_on(tm
 SIGTERM_SCRIPT = """
 import sys
 from pathlib import Path
-from spd_assets.storage.checkpoints import CheckpointKey, MemberCheckpoints
+from spd_assets.storage.checkpoints import CheckpointKey, MemberCheckpoints, StoppedAfterCheckpoint
 from spd_math import MergeConfig, ProcessedActivations, merge_iteration
 from tests.math.test_resume import heterogeneous
 
-values = heterogeneous(3000, 400)
-activations = ProcessedActivations(values, [f"m:{i}" for i in range(400)])
-sink = MemberCheckpoints(Path(sys.argv[1]), CheckpointKey("c", "a"), 397, interval_s=3600.0)
+values = heterogeneous(3000, 1500)
+activations = ProcessedActivations(values, [f"m:{i}" for i in range(1500)])
+sink = MemberCheckpoints(Path(sys.argv[1]), CheckpointKey("c", "a"), 1497, interval_s=3600.0)
 sink.checkpoint_on_sigterm()
 
 def started(where):
     if where.done == 1:
         print("merging", flush=True)
 
-merge_iteration(activations, MergeConfig(activation_threshold=0.1, iters=None), seed=3, checkpoints=sink,
-                progress=started)
+try:
+    merge_iteration(activations, MergeConfig(activation_threshold=0.1, iters=None), seed=3, checkpoints=sink,
+                    progress=started)
+except StoppedAfterCheckpoint as stopped:
+    print(stopped, flush=True)
+    sys.exit(stopped.exit_status)
 print("finished", flush=True)
 """
 
@@ -174,9 +178,10 @@ def test_sigterm_saves_a_checkpoint_and_ends_the_merge(tmp_path):
     process = subprocess.Popen([sys.executable, "-c", SIGTERM_SCRIPT, str(path)], cwd=ROOT, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert process.stdout.readline().strip() == "merging"
-    time.sleep(0.5)
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 143, stderr
     assert "finished" not in stdout
-    assert read_checkpoint(path).checkpoint.n_done > 1, "no checkpoint after SIGTERM"
+    saved = read_checkpoint(path).checkpoint.n_done
+    assert saved > 1, "no checkpoint after SIGTERM"
+    assert f"stopped on SIGTERM after saving a checkpoint at {saved:,} merges" in stdout

@@ -135,11 +135,13 @@ AuthInfo=socket={socket_path}
 CredType=cred/munge
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
+JobAcctGatherType=jobacct_gather/linux
+JobAcctGatherFrequency=1
+JobAcctGatherParams=OverMemoryKill
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 SlurmdParameters=config_overrides
-DefMemPerCPU=1000
+DefMemPerCPU=3000
 ReturnToService=2
 MpiDefault=none
 StateSaveLocation={root / 'state'}

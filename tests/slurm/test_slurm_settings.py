@@ -21,7 +21,8 @@ def test_slurm_settings_become_sbatch_options(tmp_path, monkeypatch):
         "gpus_per_job": 1, "extra_sbatch_args": ["--constraint=h100"], "python": "/shared/venv/bin/python"}}))
     settings = load_settings(tmp_path)
     assert settings.slurm.sbatch_options() == ["--partition=gpu", "--account=lab", "--qos=high", "--time=02:00:00",
-                                               "--mem=32G", "--cpus-per-task=8", "--gres=gpu:1", "--constraint=h100"]
+                                               "--mem=32G", "--cpus-per-task=8", "--gres=gpu:1", "--requeue",
+                                               "--constraint=h100"]
     client = SlurmStepClient(settings.slurm)
     assert "exec /shared/venv/bin/python -m spd_assets.defs.remote_step" in client.script()
     options = client.job_options(name="exp-member_000-merge", folder=tmp_path, run_id="abc")
