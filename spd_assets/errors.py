@@ -39,6 +39,10 @@ class DeploymentError(SpdClusterError, ValueError):
     """The deployment settings are invalid; the message names the setting and the source."""
 
 
+class InstanceUnreachableError(SpdClusterError, RuntimeError):
+    """The Dagster instance's database (PostgreSQL) did not answer; the message says where and what to do."""
+
+
 class DeviceError(SpdClusterError, RuntimeError):
     """A device specification is invalid or no device could be leased; the message says which and why."""
 

@@ -23,6 +23,7 @@ Dagster's event log is the source of truth; the doctor brings the rest in line w
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,7 @@ from spd_assets.service.registration import carry_out
 from spd_assets.service.runs import RUN_TAG_EXPERIMENT, execute_run, run_config_for
 from spd_assets.sources import source_for
 from spd_assets.storage.atomic import leftover_temporaries
+from spd_assets.storage.checkpoints import CheckpointKey, read_checkpoint, stored_checkpoints
 from spd_assets.storage.experiments import pending_replacements, registered_experiments
 from spd_assets.storage.lineage import fingerprint, lineage_tables
 from spd_assets.storage.previous_layout import is_previous_layout, previous_fingerprint
@@ -278,6 +280,48 @@ def examine(store: ResultsStore, instance: DagsterInstance, *, repair: bool,
             findings.append(Finding(f"{config.name}: cannot list its members: {error}", None, config.name))
             continue
         findings += examine_experiment(store, instance, config, members, repair=repair)
+    findings += examine_checkpoints(store, instance, {config.name: config for config in registered.configs},
+                                    repair=repair, only=only)
+    return findings
+
+
+def examine_checkpoints(store: ResultsStore, instance: DagsterInstance, configs: dict[str, ExperimentConfig], *,
+                        repair: bool, only: list[str] | None = None) -> list[Finding]:
+    """Merge checkpoints (no run in flight): those no run can resume (another config, activations or code, a member
+    whose history was stored since, an experiment or member gone, unreadable) are removed; the others are listed."""
+    findings = []
+    for (experiment, member), path in stored_checkpoints(store).items():
+        if only and experiment not in only:
+            continue
+        label = f"{experiment}/merge_history[{member}]"
+        config = configs.get(experiment)
+        why, stored = None, None
+        try:
+            stored = read_checkpoint(path)
+        except (OSError, ValueError, KeyError) as error:
+            why = f"cannot be read ({type(error).__name__})"
+        if why is None and config is None:
+            why = f"is of an experiment no longer registered ({experiment!r})"
+        if why is None and member not in source_for(config.source).member_keys():
+            why = f"is of {member}, no longer a member of {experiment!r}"
+        if why is None:
+            activations = _latest_by_partition(instance, AssetKey([experiment, "component_activations"])).get(member)
+            current = CheckpointKey(config.config_hash,
+                                    activations.asset_materialization.tags.get(DATA_VERSION_TAG, "") if activations
+                                    else stored.key.activations)
+            why = stored.key.mismatch(current)
+        if why is None:
+            history = _latest_by_partition(instance, AssetKey([experiment, "merge_history"])).get(member)
+            if history is not None and history.timestamp > stored.saved:
+                why = f"is older than the member's history, stored by run {history.run_id[:8]}"
+        if why is not None:
+            findings.append(Finding(f"{label}: the merge checkpoint {path} {why}; no run can resume from it",
+                                    _remove(path, repair), experiment))
+        else:
+            done = stored.checkpoint.n_done
+            findings.append(Finding(f"{label}: a merge checkpoint of {done:,} of {stored.total:,} merges (saved "
+                                    f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(stored.saved))}); the member's "
+                                    "next run resumes from it", None, experiment, note=True))
     return findings
 
 

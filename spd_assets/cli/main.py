@@ -4,6 +4,7 @@ Each command imports only what it needs: `sql` answers without importing torch o
 """
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -92,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     clusters.add_argument("--output", type=Path, help="write the JSON to this file")
     add_export_parser(commands)
     args = parser.parse_args(argv)
+    # dagster-postgres warns of each retry of a connection on the root logger; the command line says it once,
+    # plainly, if they give up (InstanceUnreachableError).
+    logging.getLogger().addFilter(lambda record: not record.getMessage().startswith("Retrying failed database"))
     try:
         return _dispatch(args)
     except KeyboardInterrupt:  # before any work was under way; `run` handles its own interruptions

@@ -11,6 +11,7 @@ from typing import Any
 
 from spd_assets.defs.dead_runs import RUN_TAG_HOST, RUN_TAG_PID
 from spd_assets.defs.home import TEMPLATE_HOME
+from spd_assets.errors import InstanceUnreachableError
 
 # Each member's run executes in a worker process of its own, and members run in parallel over workers; with
 # the multiprocess executor too, the steps of a run need no further processes.
@@ -68,10 +69,51 @@ def prepare_instance(home: Path) -> Path:
 
 
 def instance_at(home: Path):
-    """The Dagster instance whose DAGSTER_HOME is `home` (a context manager), whatever the environment says."""
+    """The Dagster instance whose DAGSTER_HOME is `home` (a context manager), whatever the environment says;
+    InstanceUnreachableError when its database does not answer."""
     from dagster import DagsterInstance
 
-    return DagsterInstance.from_config(str(home))
+    try:
+        return DagsterInstance.from_config(str(home))
+    except Exception as error:
+        raise unreachable_instance(error, home) or error
+
+
+# What a step's failure says when the instance's database stopped answering while it ran.
+DATABASE_DOWN_SIGNS = ("DagsterPostgresException", "psycopg2.OperationalError")
+
+
+def _plain_failure(message: str | None) -> str | None:
+    """A run's failure message, said plainly when the instance's database stopped answering."""
+    if message is None or not any(sign in message for sign in DATABASE_DOWN_SIGNS):
+        return message
+    error = unreachable_instance(InstanceUnreachableError(message.strip().splitlines()[0]))
+    return f"{type(error).__name__}: {error}"
+
+
+def unreachable_instance(error: BaseException, home: Path | None = None) -> InstanceUnreachableError | None:
+    """The plain error for `error` when it says that the instance's PostgreSQL server did not answer (refused,
+    restarting, too many retries); None for any other error."""
+    chain, cause = [], error
+    while cause is not None:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    if not any(type(e).__name__ in ("DagsterPostgresException", "OperationalError", "InstanceUnreachableError")
+               for e in chain):
+        return None
+    from urllib.parse import urlsplit
+
+    from spd_assets.defs.deployment import SETTINGS_FILE, load_settings
+
+    try:
+        url = urlsplit(load_settings(home).postgres_url or "")
+        where = f" at {url.hostname}:{url.port or 5432}" if url.hostname else ""
+    except Exception:  # the settings themselves are at fault: the message still says what failed
+        where = ""
+    detail = str(chain[-1]).strip().splitlines()[0] if str(chain[-1]).strip() else type(chain[-1]).__name__
+    return InstanceUnreachableError(
+        f"the Dagster instance's PostgreSQL server{where} did not answer ({detail}); once it is up again (or "
+        f"postgres_url in {SETTINGS_FILE} is fixed), run again: members stopped mid-merge resume from their checkpoints")
 
 
 def _plain_metadata(result) -> dict[str, dict[str, Any]]:
@@ -134,7 +176,7 @@ def execute_run(job_name: str, partition: str | None, tags: dict[str, str], run_
             success=result.success,
             run_id=result.run_id,
             seconds=time.perf_counter() - started,
-            error=None if result.success else first_failure_message(result),
+            error=None if result.success else _plain_failure(first_failure_message(result)),
             checks=checks,
             metadata=_plain_metadata(result),
         )

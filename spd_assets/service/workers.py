@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from spd_assets.service import memory
-from spd_assets.service.runs import RunOutcome, execute_run
+from spd_assets.service.runs import RunOutcome, execute_run, unreachable_instance
 
 PR_SET_PDEATHSIG = 1  # from <sys/prctl.h>
 PARENT_WATCH_INTERVAL_S = 0.5
@@ -87,7 +87,8 @@ def _serve(connection, parent_pid: int, log_path: str, home: str) -> None:
 
                 selection = [AssetKey(list(path)) for path in task.asset_selection]
             outcome = execute_run(task.job_name, task.partition, task.tags, task.run_config, asset_selection=selection)
-        except Exception as error:  # the run never started: instance unreachable, job not found, ...
+        except Exception as error:  # the run never started or could not be recorded: instance unreachable, ...
+            error = unreachable_instance(error) or error
             outcome = RunOutcome(label=task.label, success=False, run_id=None, seconds=0.0,
                                  error=f"{type(error).__name__}: {error}")
         connection.send(outcome)

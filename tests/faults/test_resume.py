@@ -13,7 +13,13 @@ from pathlib import Path
 import polars as pl
 import yaml
 
-from spd_assets.storage.checkpoints import CheckpointKey, MemberCheckpoints, checkpoint_path, read_checkpoint
+from spd_assets.storage.checkpoints import (
+    CheckpointKey,
+    MemberCheckpoints,
+    checkpoint_path,
+    read_checkpoint,
+    write_checkpoint,
+)
 from spd_assets.storage.lineage import fingerprint
 from spd_math import MergeConfig, ProcessedActivations, merge_iteration
 from tests.faults.invariants import children_of
@@ -83,6 +89,16 @@ def test_a_member_killed_mid_merge_resumes_from_its_checkpoint_with_identical_re
     assert run.returncode == 1 and "FAILED member_000" in output, output
     at_kill = read_checkpoint(checkpoint).checkpoint.n_done
     assert at_kill >= saved
+
+    # The doctor lists the checkpoint a run will resume from, and removes one that no run can resume.
+    stale = checkpoint_path(store_at(home), "slow", "member_001")
+    stored = read_checkpoint(checkpoint)
+    write_checkpoint(stale, CheckpointKey("another-config", stored.key.activations), stored.checkpoint, stored.total)
+    output = finish(cli(home, "doctor"))
+    assert f"a merge checkpoint of {at_kill:,} of {stored.total:,} merges" in output, output
+    assert "the member's next run resumes from it" in output
+    assert f"the merge checkpoint {stale} it was made with another experiment config" in output, output
+    assert checkpoint.exists() and not stale.exists()
 
     rerun = cli(home, "run", "--config", str(config), "--members", "member_000")
     output = finish(rerun)

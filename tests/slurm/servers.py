@@ -187,6 +187,23 @@ class PostgresServer:
                        check=True)
         return f"postgresql://postgres@127.0.0.1:{self.port}/{name}"
 
+    def pg_ctl(self, *args: str) -> None:
+        subprocess.run(["runuser", "-u", "postgres", "--", str(self.bin / "pg_ctl"), "-D", str(self.root / "data"),
+                        "-l", str(self.root / "log"), "-o", self.options, *args], check=True, capture_output=True)
+
+    @property
+    def options(self) -> str:
+        return f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c max_connections=200"
+
+    def restart(self, down_s: float = 0.0) -> None:
+        """`pg_ctl restart` (fast shutdown: open connections are closed); with `down_s`, down that long between."""
+        if not down_s:
+            self.pg_ctl("-m", "fast", "-w", "restart")
+            return
+        self.pg_ctl("-m", "fast", "-w", "stop")
+        time.sleep(down_s)
+        self.pg_ctl("-w", "start")
+
     def stop(self) -> None:
         subprocess.run(["runuser", "-u", "postgres", "--", str(self.bin / "pg_ctl"), "-D", str(self.root / "data"),
                         "-m", "immediate", "stop"], capture_output=True)
@@ -205,9 +222,7 @@ def start_postgres() -> PostgresServer:
     try:
         subprocess.run([*as_postgres, str(bin_dir / "initdb"), "-D", str(root / "data"), "-A", "trust", "-U",
                         "postgres"], check=True, capture_output=True)
-        subprocess.run([*as_postgres, str(bin_dir / "pg_ctl"), "-D", str(root / "data"), "-l", str(root / "log"),
-                        "-o", f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c max_connections=200", "-w",
-                        "start"], check=True, capture_output=True)
+        server.pg_ctl("-w", "start")
     except BaseException:
         server.stop()
         raise

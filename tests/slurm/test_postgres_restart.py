@@ -1,0 +1,106 @@
+"""The Dagster instance's PostgreSQL server restarted (`pg_ctl restart`) while members merge: the runs go on (or
+fail saying so, and a re-run completes), no materialization is lost or recorded twice, and `doctor` finds nothing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import yaml
+from dagster import AssetKey
+
+from spd_assets.storage.checkpoints import checkpoint_path, read_checkpoint
+from tests.pipeline_helpers import instance_at, make_home, store_at
+from tests.slurm.test_slurm_executor import wait_for
+
+ROOT = Path(__file__).resolve().parents[2]
+TIMEOUT_S = 600
+MEMBERS = ["member_000", "member_001", "member_002"]
+# Longer than dagster-postgres retries a connection (five retries, about 6 s in all) and than what is left of the
+# first two members' merges when it starts: their materializations, and the start of the third member's run, fall
+# inside it. (A merge itself writes little: an outage shorter than the retries goes unnoticed.)
+OUTAGE_S = 20.0
+# Three members merging for a few seconds each, two at a time.
+CONFIG = {"name": "pg", "merge_config": {"iters": 150},
+          "source": {"kind": "synthetic", "n_members": 3, "batch_size": 48,
+                     "params": {"n_layers": 2, "modules": ["attn.q", "mlp.up", "mlp.down"],
+                                "components_per_module": [1300, 1500], "n_planted_groups": 6, "group_size": [2, 4],
+                                "seq_len": 64}}}
+
+
+def cli(home: Path, *args: str) -> subprocess.Popen:
+    environment = {**os.environ, "DAGSTER_HOME": str(home), "SPD_CLUSTER_DEVICES": "cpu:0,cpu:1"}
+    environment.pop("SPD_CLUSTER_EXECUTOR", None)
+    return subprocess.Popen([sys.executable, "-m", "spd_assets.cli", *args], env=environment, cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def merging(home: Path, process: subprocess.Popen) -> bool:
+    assert process.poll() is None, f"the run ended before its members merged:\n{process.stdout.read()}"
+    for member in MEMBERS[:2]:
+        try:
+            read_checkpoint(checkpoint_path(store_at(home), "pg", member))
+        except (OSError, ValueError, KeyError):
+            return False
+    return True
+
+
+def materializations_once_each(home: Path) -> None:
+    """Every member's activations and history recorded once per run that made them, and none missing."""
+    with instance_at(home) as instance:
+        for asset in ("merge_history", "component_activations"):
+            records = instance.fetch_materializations(AssetKey(["pg", asset]), limit=1000).records
+            by_run_and_member = Counter((record.run_id, record.partition_key) for record in records)
+            assert all(count == 1 for count in by_run_and_member.values()), by_run_and_member
+            assert {member for _, member in by_run_and_member} == set(MEMBERS)
+
+
+def test_a_postgres_restart_or_outage_mid_run_loses_and_duplicates_nothing(tmp_path, postgres_server):
+    home = make_home(tmp_path / "home")
+    url = postgres_server.create_database("restart_mid_run")
+    (home / "spd_cluster.yaml").write_text(yaml.safe_dump({"instance": "postgres", "postgres_url": url,
+                                                           "checkpoint_interval_s": 0.5}))
+    config = tmp_path / "pg.yaml"
+    config.write_text(yaml.safe_dump(CONFIG))
+
+    # A restart (fast shutdown, back within a second): Dagster's connection retries carry the runs through.
+    run = cli(home, "run", "--config", str(config))
+    wait_for(lambda: merging(home, run), TIMEOUT_S, "two members to merge")
+    postgres_server.restart()
+    output, _ = run.communicate(timeout=TIMEOUT_S)
+    assert run.returncode == 0 and "3/3 members" in output, output
+    materializations_once_each(home)
+
+    # Down for longer than those retries, mid-run: the runs wait it out (Dagster retries their writes) or fail saying
+    # so; either way a re-run completes and nothing is recorded twice or lost.
+    run = cli(home, "run", "--config", str(config))
+    wait_for(lambda: merging(home, run), TIMEOUT_S, "two members to merge")
+    postgres_server.restart(down_s=OUTAGE_S)
+    output, _ = run.communicate(timeout=TIMEOUT_S)
+    assert "Traceback" not in output, output
+    if run.returncode != 0:
+        assert "InstanceUnreachableError: the Dagster instance's PostgreSQL server" in output, output
+    print(f"a {OUTAGE_S:.0f} s outage mid-run: exit status {run.returncode}")
+
+    # Down when a run starts: it stops at once, saying where the server is and what to do.
+    postgres_server.pg_ctl("-m", "fast", "-w", "stop")
+    try:
+        refused = cli(home, "run", "--config", str(config))
+        output, _ = refused.communicate(timeout=TIMEOUT_S)
+    finally:
+        postgres_server.pg_ctl("-w", "start")
+    assert refused.returncode != 0 and "Traceback" not in output and "Retrying" not in output, output
+    assert f"the Dagster instance's PostgreSQL server at 127.0.0.1:{postgres_server.port} did not answer" in output
+    assert "run again: members stopped mid-merge resume from their checkpoints" in output, output
+
+    rerun = cli(home, "run", "--config", str(config))
+    output, _ = rerun.communicate(timeout=TIMEOUT_S)
+    assert rerun.returncode == 0 and "3/3 members" in output, output
+    materializations_once_each(home)
+
+    doctor = cli(home, "doctor")
+    report, _ = doctor.communicate(timeout=TIMEOUT_S)
+    assert doctor.returncode == 0 and "doctor: no problems found" in report, report
