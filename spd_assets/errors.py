@@ -31,6 +31,11 @@ class StorageError(SpdClusterError, RuntimeError):
     """A stored result is missing or unreadable; the message names the file."""
 
 
+class DiskFullError(StorageError):
+    """A result could not be written: its filesystem is full. The message names the filesystem, the file, and
+    what can be freed; nothing half-written is left and earlier results are untouched."""
+
+
 class DatabaseError(SpdClusterError, RuntimeError):
     """The results database cannot be opened or prepared; the message says why and what to do."""
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from spd_assets.errors import DiskFullError
 from spd_assets.storage.atomic import atomic_path
 from spd_assets.storage.store import ResultsStore
 from spd_math.checkpoint import MergeCheckpoint
@@ -175,10 +176,10 @@ class MemberCheckpoints:
         try:
             write_checkpoint(self.path, self.key, checkpoint, self.total)
             self.saved_merges = checkpoint.n_done
-        except OSError as error:  # a checkpoint only saves time: the merge goes on without it
+        except (OSError, DiskFullError) as error:  # a checkpoint only saves time: the merge goes on without it
             if not self.failed:
-                self.warn(f"could not save a checkpoint to {self.path} ({error.strerror or error}); merging on "
-                          "without one")
+                reason = getattr(error, "strerror", None) or str(error).split(":", 1)[0]
+                self.warn(f"could not save a checkpoint to {self.path} ({reason}); merging on without one")
             self.failed = True
         if self.stop_after_save:
             self.log(f"saved a checkpoint at {checkpoint.n_done:,} merges after SIGTERM; ending")

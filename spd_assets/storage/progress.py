@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from spd_assets.errors import DiskFullError
 from spd_assets.storage.atomic import atomic_path
 from spd_assets.storage.store import ResultsStore
 
@@ -165,7 +166,7 @@ class ProgressReporter:
             try:
                 with atomic_path(self.path) as temporary:
                     temporary.write_text(json.dumps(asdict(progress)))
-            except OSError:  # progress is a courtesy: a full or read-only disk must not fail the step
+            except (OSError, DiskFullError):  # progress is a courtesy: a full or read-only disk must not fail the step
                 self.path = None
         if now >= self.next_log:
             self.next_log = now + LOG_INTERVAL_S
