@@ -32,9 +32,11 @@ def outcome_line(outcome: RunOutcome, done: int, total: int) -> str:
     mark = "ok    " if outcome.success else "FAILED"
     run = outcome.run_id[:8] if outcome.run_id else "-"
     line = f"  [{done}/{total}] {mark} {outcome.label:<24} {outcome.seconds:6.1f} s   run {run}"
-    resumed = outcome.metadata.get("merge_history", {}).get("resumed_at_merge")
-    if resumed:
-        line += f", resumed at merge {resumed:,}"
+    merge = outcome.metadata.get("merge_history", {})
+    if merge.get("resumed_at_merge"):
+        line += f", resumed at merge {merge['resumed_at_merge']:,}"
+    if merge.get("computed_by_another_run"):
+        line += ", computed by another run of this experiment (waited for, not recomputed)"
     return line + (f"\n           {outcome.error}" if outcome.error else "")
 
 

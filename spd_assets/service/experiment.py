@@ -46,6 +46,7 @@ from spd_assets.service.runs import (
     run_config_for,
 )
 from spd_assets.service.workers import RunTask, Workers
+from spd_assets.storage.claims import ENSEMBLE, Claims
 from spd_assets.storage.database import ensure_database
 from spd_assets.storage.progress import StepProgress, read_progress
 
@@ -284,19 +285,35 @@ def _execute(config: ExperimentConfig, plan: ExperimentPlan, notes: list[str], o
     finished: list[RunOutcome] = []
     started = time.perf_counter()
     store, since = results_store(home), time.time()
+    # Members another `spd-cluster run` of this experiment is computing are waited for, not computed twice.
+    claims = Claims(store, config.name, plan.invocation)
+    elsewhere: list[str] = []
 
     def show_progress() -> None:
-        in_flight = set(workers.busy_labels())
+        in_flight = set(workers.busy_labels()) | set(elsewhere)
         found = read_progress(store, config.name, since)
         progress.running({member: step for member, step in found.items() if member in in_flight})
 
     def member_finished(outcome: RunOutcome) -> None:
+        claims.release(outcome.label)
         finished.append(outcome)
         progress.member_finished(outcome, len(finished), len(members))
 
     try:
-        outcomes = workers.run(member_tasks, member_finished, on_worker_death=lambda pid: _reap(home, origin),
+        elsewhere += [member for member in members if not claims.try_claim(member)]
+        for member in elsewhere:
+            holder = claims.holder(member)
+            progress.note(f"  {member}: being computed by another run of {config.name!r}"
+                          + (f" ({holder.describe()})" if holder else "") + "; waiting for it and using its result")
+        mine = [task for task in member_tasks if task.partition not in elsewhere]
+        outcomes = workers.run(mine, member_finished, on_worker_death=lambda pid: _reap(home, origin),
                                on_tick=show_progress)
+        outcomes += _wait_for_members_elsewhere(config, plan, claims, elsewhere, since, workers, member_tasks,
+                                                member_finished, show_progress, origin)
+        outcomes.sort(key=lambda outcome: members.index(outcome.label))
+        if not claims.try_claim(ENSEMBLE):
+            progress.note("  ensemble: another run of this experiment is writing it; waiting for it to finish")
+            claims.wait_for(ENSEMBLE)
         progress.ensemble_started()
         ensemble = workers.run([ensemble_task], lambda outcome: None)[0]
         progress.ensemble_finished(ensemble)
@@ -305,11 +322,61 @@ def _execute(config: ExperimentConfig, plan: ExperimentPlan, notes: list[str], o
         stopped = _stop(workers, plan, signum, finished)
         _bring_lineage_up_to_date(plan, tags)
         return ExperimentRun(plan, notes, finished, None, time.perf_counter() - started, stopped)
+    finally:
+        claims.release_all()
     workers.close()
     if not ensemble.success:
         # The ensemble run failed before its lineage step: the tables must still agree with what was recorded.
         _bring_lineage_up_to_date(plan, tags)
     return ExperimentRun(plan, notes, outcomes, ensemble, time.perf_counter() - started)
+
+
+def _wait_for_members_elsewhere(config: ExperimentConfig, plan: ExperimentPlan, claims: Claims, elsewhere: list[str],
+                                since: float, workers: Workers, member_tasks: list[RunTask], member_finished,
+                                show_progress, origin: str) -> list[RunOutcome]:
+    """The members another run was computing: each waited for, then its stored result used (when that run stored
+    it) or computed here (when it failed or was killed: its merge resumes from the checkpoint)."""
+    outcomes, to_compute = [], []
+    for member in list(elsewhere):
+        waited = claims.wait_for(member, on_wait=show_progress)
+        elsewhere.remove(member)
+        run_id = _stored_since(plan.home, config, member, since)
+        if run_id is None:
+            to_compute.append(member)
+            continue
+        outcome = RunOutcome(label=member, success=True, run_id=run_id, seconds=waited, error=None,
+                             metadata={"merge_history": {"computed_by_another_run": True}})
+        outcomes.append(outcome)
+        member_finished(outcome)
+    if to_compute:
+        # The other run failed or was killed: its runs in flight (their processes gone) must free their pool slots.
+        _reap(plan.home, origin)
+        tasks = [task for task in member_tasks if task.partition in to_compute]
+        outcomes += workers.run(tasks, member_finished, on_worker_death=lambda pid: _reap(plan.home, origin),
+                                on_tick=show_progress)
+    return outcomes
+
+
+def _stored_since(home: Path, config: ExperimentConfig, member: str, since: float) -> str | None:
+    """The run that stored `member`'s history of this config after `since` (seconds since the epoch) and succeeded;
+    None when none did."""
+    from dagster import AssetKey, AssetRecordsFilter, DagsterRunStatus
+
+    from spd_assets.defs.lineage import CONFIG_HASH_METADATA_KEY
+
+    with instance_at(home) as instance:
+        records = instance.fetch_materializations(
+            AssetRecordsFilter(asset_key=AssetKey([config.name, "merge_history"]), asset_partitions=[member],
+                               after_timestamp=since), limit=1).records
+        if not records:
+            return None
+        record = records[0]
+        stored_config = record.asset_materialization.metadata.get(CONFIG_HASH_METADATA_KEY)
+        run = instance.get_run_by_id(record.run_id)
+        if getattr(stored_config, "value", stored_config) != config.config_hash or run is None or (
+                run.status != DagsterRunStatus.SUCCESS):
+            return None
+        return record.run_id
 
 
 def _reap(home: Path, origin: str) -> None:
