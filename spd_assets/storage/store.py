@@ -9,6 +9,8 @@
       <experiment>/distance_matrices.npz
       <experiment>/exports/                            for other tools: the original's folders (on request)
       progress/<experiment>/<member>.json              how far a running member's long step is
+      checkpoints/<experiment>/<member>.npz            a running merge so far, to resume from (see `checkpoints`)
+      claims/<experiment>/<member>.lock                held by the run computing the member (see `claims`)
       tables/<table>/<experiment>__<part>.parquet      one file per experiment and partition
       device_leases/                             lock files of the device leases
       logs/                                      run logs of the command line
