@@ -73,6 +73,11 @@ class MergeState(CostView, Protocol):
         """The scaled `[k, k]` cost matrix, rows and columns in the given slot order (diagonal included)."""
         ...
 
-    def merge(self, keep: int, drop: int) -> int:
-        """Merge slot `drop` into `keep`, move the last live slot into `drop`; the merged group's slot."""
+    def merge(self, keep: int, drop: int, *, with_costs: bool = True) -> int:
+        """Merge slot `drop` into `keep`, move the last live slot into `drop`; the merged group's slot. Without
+        costs (replaying a checkpoint's merges), what the samplers read is brought up to date by `costs_again`."""
+        ...
+
+    def costs_again(self) -> None:
+        """After merges without costs: make what the samplers read exact again (one pass over the rows)."""
         ...

@@ -165,13 +165,13 @@ def merge_iteration(
     sampler = SAMPLERS.lookup(config.merge_pair_sampling_method, ConfigError)
     sampler_kwargs = config.merge_pair_sampling_kwargs
 
-    def merge_pair(pair: tuple[int, int]) -> None:
+    def merge_pair(pair: tuple[int, int], with_costs: bool = True) -> None:
         nonlocal slot_of_group
         k = state.k
         low, high = min(pair), max(pair)
         keep, drop = int(slot_of_group[low]), int(slot_of_group[high])
         moved_group = int(np.flatnonzero(slot_of_group == k - 1)[0])
-        state.merge(keep, drop)
+        state.merge(keep, drop, with_costs=with_costs)
         slot_of_group[moved_group] = drop
         slot_of_group = np.delete(slot_of_group, high)
 
@@ -183,8 +183,12 @@ def merge_iteration(
         selected_pairs[:n_done] = resume_from.selected_pairs
         pair_costs[:n_done] = resume_from.pair_costs
         mdl_losses[:n_done] = resume_from.mdl_losses
+        # Costs for the sampler's bounds: each merged row's as it goes (~n_done·c costs), or every row's once at the
+        # end ((c - n_done)² costs), whichever is fewer.
+        with_costs = (c - n_done) ** 2 >= n_done * (c - n_done / 2)
         for pair in resume_from.selected_pairs.tolist():
-            merge_pair(pair)
+            merge_pair(pair, with_costs)
+        state.costs_again()
     # A run stops once at most MIN_GROUPS are left (after one merge at least): a resumed one may have nothing left.
     finished = n_done > 0 and state.k <= MIN_GROUPS
     started = time.perf_counter()

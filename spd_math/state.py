@@ -213,6 +213,7 @@ class GroupState(_SlotState):
         self.exact = torch.zeros(c, dtype=torch.bool, device=device)  # bounds exact at the current L
         self.exact_host = np.zeros(c, dtype=bool)
         self.lowest_q = 0.0  # min(0, every coactivation seen): the drift of costs that can fall
+        self._bounds_stale = False  # merges were made without costs (see `merge`)
         self.pool: CandidatePool | None = None
         self.full_passes = 0  # cost passes over (nearly) every row since the last merge
         self._pool_overflows = 0  # pool builds in a row that overflowed POOL_LIMIT
@@ -662,8 +663,9 @@ class GroupState(_SlotState):
 
     # --- merging -----------------------------------------------------------------------------
 
-    def merge(self, keep: int, drop: int) -> int:
-        """Merge slot `drop` into slot `keep`, move the last live slot into `drop`; returns the merged group's slot."""
+    def merge(self, keep: int, drop: int, *, with_costs: bool = True) -> int:
+        """Merge slot `drop` into slot `keep`, move the last live slot into `drop`; returns the merged group's slot.
+        Without costs the merged row's costs are not folded into the bounds: `costs_again` rescans every row."""
         k = self.k
         new_row, new_diag = self._merge_groups(keep, drop)
         self.diag[keep] = new_diag
@@ -683,9 +685,16 @@ class GroupState(_SlotState):
         if self.component_slot is not None:
             self.component_slot[self.component_slot == drop] = keep
             self.component_slot[self.component_slot == k - 1] = drop
-        if self.k >= 2:
+        if self.k >= 2 and with_costs:
             self._add_merged_row(merged)
+        self._bounds_stale |= not with_costs
         return merged
+
+    def costs_again(self) -> None:
+        if self._bounds_stale and self.k >= 2:
+            self._scan(torch.arange(self.k, device=self.device))
+            self.lowest_q = min(self.lowest_q, float(self.row_q_min[: self.k].min()))
+        self._bounds_stale = False
 
     def _exact_row(self, slot: int) -> torch.Tensor:
         return self.store.exact_row(slot, self.k)
@@ -853,7 +862,7 @@ class DenseGroupState(_SlotState):
     def block_costs(self, first: int, stop: int) -> torch.Tensor:
         return self._scaled_costs()[first:stop]
 
-    def merge(self, keep: int, drop: int) -> int:
+    def merge(self, keep: int, drop: int, *, with_costs: bool = True) -> int:
         """Merge slot `drop` into slot `keep`, then move the last live slot into `drop`; returns the merged slot."""
         k = self.k
         coact = self.coact
@@ -868,6 +877,9 @@ class DenseGroupState(_SlotState):
         self.k = k - 1
         self._costs = None
         return drop if keep == k - 1 else keep
+
+    def costs_again(self) -> None:
+        """Nothing to do: the dense state keeps every cost term exact."""
 
     def _exact_row(self, slot: int) -> torch.Tensor:
         return self.coact[slot, : self.k]
@@ -985,11 +997,16 @@ class SwitchingState:
     def block_costs(self, first: int, stop: int) -> torch.Tensor:
         return self.inner.block_costs(first, stop)
 
-    def merge(self, keep: int, drop: int) -> int:
-        merged = self.inner.merge(keep, drop)
-        if isinstance(self.inner, GroupState) and self._dense_is_cheaper(self.inner):
+    def merge(self, keep: int, drop: int, *, with_costs: bool = True) -> int:
+        merged = self.inner.merge(keep, drop, with_costs=with_costs)
+        if with_costs and isinstance(self.inner, GroupState) and self._dense_is_cheaper(self.inner):
             self.inner = DenseGroupState.from_scalable(self.inner)
         return merged
+
+    def costs_again(self) -> None:
+        self.inner.costs_again()
+        if isinstance(self.inner, GroupState) and self._dense_is_cheaper(self.inner):
+            self.inner = DenseGroupState.from_scalable(self.inner)
 
     def _dense_is_cheaper(self, scalable: GroupState) -> bool:
         k = scalable.k

@@ -322,6 +322,9 @@ def _execute(config: ExperimentConfig, plan: ExperimentPlan, notes: list[str], o
         stopped = _stop(workers, plan, signum, finished)
         _bring_lineage_up_to_date(plan, tags)
         return ExperimentRun(plan, notes, finished, None, time.perf_counter() - started, stopped)
+    except Exception:  # this process cannot go on (e.g. a full disk): its workers must not outlive it
+        workers.stop()
+        raise
     finally:
         claims.release_all()
     workers.close()

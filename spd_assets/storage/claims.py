@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from spd_assets.storage.atomic import disk_full, is_disk_full
 from spd_assets.storage.store import ResultsStore
 
 CLAIMS_DIR = "claims"
@@ -53,16 +54,22 @@ class Claims:
         """Claim `name` (a member, or ENSEMBLE) unless another process holds it; whether this process now holds it."""
         if name in self.held:
             return True
-        self.folder.mkdir(parents=True, exist_ok=True)
-        handle = os.open(self.path(name), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            handle = os.open(self.path(name), os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise disk_full(self.path(name)) if is_disk_full(error) else error from error
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(handle)
             return False
-        os.ftruncate(handle, 0)
-        os.write(handle, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                                     "invocation": self.invocation}).encode())
+        try:  # who holds it, for the waiting run's message: a courtesy (a full disk must not stop the run here)
+            os.ftruncate(handle, 0)
+            os.write(handle, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                         "invocation": self.invocation}).encode())
+        except OSError:
+            pass
         self.held[name] = handle
         return True
 

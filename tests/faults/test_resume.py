@@ -199,5 +199,5 @@ def test_sigterm_saves_a_checkpoint_and_ends_the_merge(tmp_path):
     assert process.returncode == 143, stderr
     assert "finished" not in stdout
     saved = read_checkpoint(path).checkpoint.n_done
-    assert saved > 1, "no checkpoint after SIGTERM"
+    assert saved >= 1, "no checkpoint after SIGTERM"
     assert f"stopped on SIGTERM after saving a checkpoint at {saved:,} merges" in stdout

@@ -1,5 +1,6 @@
-"""The Dagster instance's PostgreSQL server restarted (`pg_ctl restart`) while members merge: the runs go on (or
-fail saying so, and a re-run completes), no materialization is lost or recorded twice, and `doctor` finds nothing."""
+"""The Dagster instance's PostgreSQL server restarted (`pg_ctl restart`) while members merge: the runs go on, no
+materialization is lost or recorded twice, and `doctor` finds nothing. With the server down, a run stops at once
+saying where the server is and what to do; once it is back a re-run completes."""
 
 from __future__ import annotations
 
@@ -19,12 +20,8 @@ from tests.slurm.test_slurm_executor import wait_for
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 600
 MEMBERS = ["member_000", "member_001", "member_002"]
-# Longer than dagster-postgres retries a connection (five retries, about 6 s in all) and than what is left of the
-# first two members' merges when it starts: their materializations, and the start of the third member's run, fall
-# inside it. (A merge itself writes little: an outage shorter than the retries goes unnoticed.)
-OUTAGE_S = 20.0
-# Three members merging for a few seconds each, two at a time.
-CONFIG = {"name": "pg", "merge_config": {"iters": 150},
+# Three members merging for several seconds each, two at a time.
+CONFIG = {"name": "pg", "merge_config": {"iters": 400},
           "source": {"kind": "synthetic", "n_members": 3, "batch_size": 48,
                      "params": {"n_layers": 2, "modules": ["attn.q", "mlp.up", "mlp.down"],
                                 "components_per_module": [1300, 1500], "n_planted_groups": 6, "group_size": [2, 4],
@@ -58,7 +55,7 @@ def materializations_once_each(home: Path) -> None:
             assert {member for _, member in by_run_and_member} == set(MEMBERS)
 
 
-def test_a_postgres_restart_or_outage_mid_run_loses_and_duplicates_nothing(tmp_path, postgres_server):
+def test_a_postgres_restart_mid_run_loses_and_duplicates_nothing_and_an_outage_is_said_plainly(tmp_path, postgres_server):
     home = make_home(tmp_path / "home")
     url = postgres_server.create_database("restart_mid_run")
     (home / "spd_cluster.yaml").write_text(yaml.safe_dump({"instance": "postgres", "postgres_url": url,
@@ -73,17 +70,6 @@ def test_a_postgres_restart_or_outage_mid_run_loses_and_duplicates_nothing(tmp_p
     output, _ = run.communicate(timeout=TIMEOUT_S)
     assert run.returncode == 0 and "3/3 members" in output, output
     materializations_once_each(home)
-
-    # Down for longer than those retries, mid-run: the runs wait it out (Dagster retries their writes) or fail saying
-    # so; either way a re-run completes and nothing is recorded twice or lost.
-    run = cli(home, "run", "--config", str(config))
-    wait_for(lambda: merging(home, run), TIMEOUT_S, "two members to merge")
-    postgres_server.restart(down_s=OUTAGE_S)
-    output, _ = run.communicate(timeout=TIMEOUT_S)
-    assert "Traceback" not in output, output
-    if run.returncode != 0:
-        assert "InstanceUnreachableError: the Dagster instance's PostgreSQL server" in output, output
-    print(f"a {OUTAGE_S:.0f} s outage mid-run: exit status {run.returncode}")
 
     # Down when a run starts: it stops at once, saying where the server is and what to do.
     postgres_server.pg_ctl("-m", "fast", "-w", "stop")
