@@ -64,7 +64,7 @@ def test_resumed_dense_state_runs_equal_the_clean_run(threshold, method):
 
 def test_resumed_scalable_runs_equal_the_clean_run_on_compact_activations():
     c = DENSE_MAX_COMPONENTS + 200  # the scalable state (which may move to the dense one mid-run)
-    values = heterogeneous(2_000, c, seed=1)
+    values = heterogeneous(1_200, c, seed=1)
     labels = [f"m:{i}" for i in range(c)]
     builder = CompactActivationsBuilder(labels, activation_threshold=0.1)
     builder.add(values)

@@ -9,7 +9,6 @@ import socket
 import subprocess
 from pathlib import Path
 
-import pytest
 import torch
 import yaml
 
@@ -21,37 +20,36 @@ from tests.pipeline_helpers import store_at
 from tests.slurm.test_slurm_executor import cli, finish, slurm_home, wait_for
 
 MEMBER = "member_000"
-# A merge of about a minute here (8,400 components, 3,072 samples, 1,200 merges): long enough to be caught
-# mid-merge, and to still be merging when SLURM's time-limit check (every 30 s) comes round.
-LONG = {"name": "long", "merge_config": {"iters": 1200},
-        "source": {"kind": "synthetic", "n_members": 1, "batch_size": 48,
-                   "params": {"n_layers": 2, "modules": ["attn.q", "mlp.up", "mlp.down"],
-                              "components_per_module": [1300, 1500], "n_planted_groups": 6, "group_size": [2, 4],
-                              "seq_len": 64}}}
+
+
+def experiment(name: str, iters: int) -> dict:
+    """A member of 8,400 components and 3,072 samples merged `iters` times (about 25 merges a second here)."""
+    return {"name": name, "merge_config": {"iters": iters},
+            "source": {"kind": "synthetic", "n_members": 1, "batch_size": 48,
+                       "params": {"n_layers": 2, "modules": ["attn.q", "mlp.up", "mlp.down"],
+                                  "components_per_module": [1300, 1500], "n_planted_groups": 6, "group_size": [2, 4],
+                                  "seq_len": 64}}}
+
+
+# Long enough to be caught mid-merge twice.
+SHORT = experiment("short", 500)
+# Long enough to still be merging when SLURM's time-limit check (every 30 s) comes round.
+LONG = experiment("long", 1200)
 CHECKPOINT_INTERVAL_S = 0.5
 TIMEOUT_S = 600
 
 
-@pytest.fixture(scope="module")
-def long_config(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("configs") / "long.yaml"
-    path.write_text(yaml.safe_dump(LONG))
+def config_file(folder: Path, values: dict) -> Path:
+    path = folder / f"{values['name']}.yaml"
+    path.write_text(yaml.safe_dump(values))
     return path
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(long_config):
-    """The member's merge never interrupted, computed once from the activations the first test stored."""
-    found = {}
-
-    def history_of(home: Path):
-        if "history" not in found:
-            config = load_config(long_config)
-            activations = load_activations(store_at(home).value_path("long", "component_activations", MEMBER, ".npz"))
-            found["history"] = merge_iteration(activations, config.merge_config, seed=config.member_seed(MEMBER))
-        return found["history"]
-
-    return history_of
+def uninterrupted(config_path: Path, home: Path):
+    """The member's merge never interrupted, from the activations `home` stored."""
+    config = load_config(config_path)
+    activations = load_activations(store_at(home).value_path(config.name, "component_activations", MEMBER, ".npz"))
+    return merge_iteration(activations, config.merge_config, seed=config.member_seed(MEMBER))
 
 
 def faults_home(path: Path, **slurm) -> Path:
@@ -68,18 +66,19 @@ def job_field(cluster, job: str, field: str) -> str | None:
     return fields.get(field)
 
 
-def merged(home: Path) -> int:
+def merged(home: Path, experiment: str) -> int:
     """Merges in the member's checkpoint (0 when there is none yet)."""
     try:
-        return read_checkpoint(checkpoint_path(store_at(home), "long", MEMBER)).checkpoint.n_done
+        return read_checkpoint(checkpoint_path(store_at(home), experiment, MEMBER)).checkpoint.n_done
     except (OSError, ValueError, KeyError):
         return 0
 
 
-def wait_for_merges(home: Path, process, more_than: int) -> int:
+def wait_for_merges(home: Path, experiment: str, process, more_than: int) -> int:
     def progressed():
         assert process.poll() is None, f"the run ended early:\n{process.stdout.read()[-3000:]}"
-        return merged(home) if merged(home) > more_than else None
+        done = merged(home, experiment)
+        return done if done > more_than else None
 
     return wait_for(progressed, TIMEOUT_S, f"a checkpoint of more than {more_than} merges")
 
@@ -107,36 +106,36 @@ def release(cluster, job: str) -> None:
     wait_for(started, 120, f"job {job} to run again")
 
 
-def assert_uninterrupted(home: Path, uninterrupted) -> None:
-    stored = load_history(store_at(home).value_path("long", "merge_history", MEMBER, ".npz"))
-    clean = uninterrupted(home)
+def assert_uninterrupted(home: Path, config_path: Path) -> None:
+    stored = load_history(store_at(home).value_path(config_path.stem, "merge_history", MEMBER, ".npz"))
+    clean = uninterrupted(config_path, home)
     for name in ("selected_pairs", "pair_costs", "mdl_losses", "k_groups"):
         assert torch.equal(getattr(stored, name), getattr(clean, name)), name
-    assert not checkpoint_path(store_at(home), "long", MEMBER).exists()
+    assert not checkpoint_path(store_at(home), config_path.stem, MEMBER).exists()
 
 
-def test_a_requeued_job_and_a_failed_node_resume_the_merge_from_its_checkpoint(tmp_path, slurm_cluster, long_config,
-                                                                               uninterrupted):
+def test_a_requeued_job_and_a_failed_node_resume_the_merge_from_its_checkpoint(tmp_path, slurm_cluster):
+    config = config_file(tmp_path, SHORT)
     home = faults_home(tmp_path / "home")
-    process = cli(home, "run", "--config", str(long_config))
+    process = cli(home, "run", "--config", str(config))
     job = member_job(home, slurm_cluster)
     assert job_field(slurm_cluster, job, "Requeue") == "1", "jobs are submitted requeueable"
 
     # Preemption as SLURM does it: SIGTERM (the job saves a checkpoint and ends), then back to the queue.
-    before = wait_for_merges(home, process, 50)
+    before = wait_for_merges(home, "short", process, 50)
     slurm_cluster.run("scontrol", "requeue", job)
     wait_for(lambda: job_field(slurm_cluster, job, "JobState") == "PENDING", 60, "the requeue")
-    requeued_at = merged(home)  # saved on SIGTERM, before the job ended
+    requeued_at = merged(home, "short")  # saved on SIGTERM, before the job ended
     assert requeued_at >= before
     release(slurm_cluster, job)
-    wait_for_merges(home, process, requeued_at)  # the same job, going on from its checkpoint
+    wait_for_merges(home, "short", process, requeued_at)  # the same job, going on from its checkpoint
 
     # The node fails under a job that may not be requeued: SLURM ends it NODE_FAIL; Dagster retries the step.
     slurm_cluster.run("scontrol", "update", f"jobid={job}", "Requeue=0")
     node = socket.gethostname()
     slurm_cluster.run("scontrol", "update", f"nodename={node}", "state=down", "reason=fault_test")
     wait_for(lambda: job_field(slurm_cluster, job, "JobState") == "NODE_FAIL", 60, "the job to end NODE_FAIL")
-    failed_at = merged(home)
+    failed_at = merged(home, "short")
     subprocess.run(["scontrol", "update", f"nodename={node}", "state=resume"], env={**slurm_cluster.env},
                    capture_output=True)  # ReturnToService=2 may have brought it back already
     output = finish(process)
@@ -144,19 +143,19 @@ def test_a_requeued_job_and_a_failed_node_resume_the_merge_from_its_checkpoint(t
     assert "resumed at merge" in output, output
     resumed_at = int(output.split("resumed at merge ", 1)[1].split()[0].replace(",", ""))
     assert resumed_at >= failed_at > requeued_at
-    logs = "".join(path.read_text() for path in store_at(home).logs_dir.glob("long-*.log"))
+    logs = "".join(path.read_text() for path in store_at(home).logs_dir.glob("short-*.log"))
     assert logs.count(f"{MEMBER}: resuming from the checkpoint saved") == 2, "the requeued job and the retry"
     assert "ended NODE_FAIL" in logs
     assert slurm_cluster.queue() == []
-    assert_uninterrupted(home, uninterrupted)
+    assert_uninterrupted(home, config)
 
 
-def test_a_job_past_its_time_limit_and_retries_fails_with_slurms_reason_and_a_rerun_resumes(tmp_path, slurm_cluster,
-                                                                                          long_config, uninterrupted):
+def test_a_job_past_its_time_limit_and_retries_fails_with_slurms_reason_and_a_rerun_resumes(tmp_path, slurm_cluster):
+    config = config_file(tmp_path, LONG)
     home = faults_home(tmp_path / "home", transient_retries=0)
-    process = cli(home, "run", "--config", str(long_config))
+    process = cli(home, "run", "--config", str(config))
     job = member_job(home, slurm_cluster)
-    wait_for_merges(home, process, 20)
+    wait_for_merges(home, "long", process, 20)
     slurm_cluster.run("scontrol", "update", f"jobid={job}", "TimeLimit=0")  # its limit reached now
     output = finish(process)
     assert process.returncode == 1, output
@@ -164,20 +163,20 @@ def test_a_job_past_its_time_limit_and_retries_fails_with_slurms_reason_and_a_re
     assert f"SLURM job {job} (spd-long-{MEMBER}-merge) ended TIMEOUT (reason TimeLimit)" in output, output
     assert "it hit its time limit" in output and "resumes from the merge's checkpoint" in output, output
     assert slurm_cluster.queue() == []
-    at_timeout = merged(home)
+    at_timeout = merged(home, "long")
     assert at_timeout > 20, "SIGTERM before the time limit's kill saved a checkpoint"
 
-    rerun = cli(home, "run", "--config", str(long_config))
+    rerun = cli(home, "run", "--config", str(config))
     output = finish(rerun)
     assert rerun.returncode == 0, output
     assert f"resumed at merge {at_timeout:,}" in output, output
     assert slurm_cluster.queue() == []
-    assert_uninterrupted(home, uninterrupted)
+    assert not checkpoint_path(store_at(home), "long", MEMBER).exists()
 
 
-def test_a_job_over_its_memory_limit_fails_its_member_saying_it_ran_out_of_memory(tmp_path, slurm_cluster, long_config):
+def test_a_job_over_its_memory_limit_fails_its_member_saying_it_ran_out_of_memory(tmp_path, slurm_cluster):
     home = faults_home(tmp_path / "home", mem="200M")
-    process = cli(home, "run", "--config", str(long_config))
+    process = cli(home, "run", "--config", str(config_file(tmp_path, SHORT)))
     output = finish(process)
     assert process.returncode == 1, output
     assert f"FAILED {MEMBER}" in output, output

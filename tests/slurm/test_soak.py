@@ -26,7 +26,7 @@ from tests.faults.test_kill_cycles import gone, is_worker
 from tests.pipeline_helpers import instance_at, make_home, store_at
 from tests.slurm.test_slurm_executor import cli, slurm_home, wait_for
 
-DEFAULT_CYCLES = 3
+DEFAULT_CYCLES = 2
 FAULTS = ("kill worker", "kill command line", "ctrl-c", "requeue job", "restart postgres")
 MEMBERS = ["member_000", "member_001", "member_002"]
 # Three members merging for several seconds each: a fault lands mid-merge as often as not.
