@@ -254,9 +254,8 @@ def merge_history(activations: ProcessedActivations, config: ExperimentConfig, m
         "k_at_mdl_min": int(history.k_groups[best]) if mdl.size else -1,
         "seconds": round(seconds, 3),
         "seed": seed,
-        **({"resumed_at_merge": resume_from.n_done,
-            "setup_and_replay_seconds": round(first_merge[0], 3) if first_merge else None}
-           if resume_from is not None else {}),
+        **({"resumed_at_merge": resume_from.n_done} if resume_from is not None else {}),
+        **({"setup_and_replay_seconds": round(first_merge[0], 3)} if resume_from is not None and first_merge else {}),
         "mdl_curve": Image(plots.mdl_curve(mdl, _numpy(history.pair_costs), history.k_groups.numpy(),
                                            f"{config.name} {member}: MDL loss per merge"), "MDL loss against iteration"),
     }

@@ -58,9 +58,10 @@ def test_a_full_disk_fails_the_step_that_cannot_write_and_leaves_earlier_results
     home = make_home(tmp_path / "home")
     (home / "spd_cluster").symlink_to(small_filesystem)  # the results folder on the small filesystem
     first = tmp_path / "first.yaml"
-    first.write_text(yaml.safe_dump({"name": "first", "source": SMALL_SYNTHETIC, "merge_config": {"iters": None}}))
+    first.write_text(yaml.safe_dump({"name": "first", "source": {**SMALL_SYNTHETIC, "n_members": 2},
+                                     "merge_config": {"iters": None}}))
     second = tmp_path / "second.yaml"
-    second.write_text(yaml.safe_dump({"name": "second", "source": {**SMALL_SYNTHETIC, "batch_size": 64},
+    second.write_text(yaml.safe_dump({"name": "second", "source": {**SMALL_SYNTHETIC, "n_members": 2, "batch_size": 64},
                                       "merge_config": {"iters": None}}))
     done = cli(home, "run", "--config", str(first))
     assert done.returncode == 0, done.stdout + done.stderr

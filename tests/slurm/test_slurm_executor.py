@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import polars as pl
+import pytest
 import yaml
 from dagster import DagsterEventType, DagsterRunStatus, RunsFilter
 
@@ -141,6 +142,7 @@ def wait_for_merging(home: Path, cluster, process: subprocess.Popen) -> list[str
     return wait_for(merging, TIMEOUT_S, "a member's job to start merging")
 
 
+@pytest.mark.slow  # a job ended mid-merge: also the time limit in tests/slurm/test_slurm_faults.py
 def test_a_job_canceled_mid_merge_fails_its_member_with_the_reason_and_a_rerun_completes(tmp_path, slurm_cluster):
     home = slurm_home(tmp_path / "home")
     config = slow_config(tmp_path)

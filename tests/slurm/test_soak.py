@@ -30,7 +30,7 @@ DEFAULT_CYCLES = 2
 FAULTS = ("kill worker", "kill command line", "ctrl-c", "requeue job", "restart postgres")
 MEMBERS = ["member_000", "member_001", "member_002"]
 # Three members merging for several seconds each: a fault lands mid-merge as often as not.
-CONFIG = {"name": "soak", "merge_config": {"iters": 300},
+CONFIG = {"name": "soak", "merge_config": {"iters": 200},
           "source": {"kind": "synthetic", "n_members": 3, "batch_size": 48,
                      "params": {"n_layers": 2, "modules": ["attn.q", "mlp.up", "mlp.down"],
                                 "components_per_module": [1300, 1500], "n_planted_groups": 6, "group_size": [2, 4],
@@ -86,7 +86,7 @@ def test_soak_under_random_faults(tmp_path, slurm_cluster, postgres_server):
 
     started = time.monotonic()
     clean = cli(clean_home, "run", "--config", str(config_path))  # the reference, computed meanwhile
-    window = 20.0  # a clean run here takes about 25 s
+    window = 15.0  # a clean run here takes about 20 s
     order = random.sample(FAULTS, len(FAULTS))  # every fault once before any repeats
     violations, log = [], []
     for cycle in range(cycles):
