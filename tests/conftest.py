@@ -40,9 +40,15 @@ def pytest_addoption(parser):
 
 # The files that take longest start first, so that with two workers (pyproject's `-n 2`) neither is
 # left alone with one of them at the end.
-LONGEST_FIRST = ("tests/faults/", "tests/cli/test_results_queries.py", "tests/cli/test_reruns_and_doctor.py",
+LONGEST_FIRST = ("tests/slurm/test_soak.py", "tests/slurm/test_slurm_faults.py", "tests/slurm/",
+                 "tests/faults/", "tests/cli/test_results_queries.py", "tests/cli/test_reruns_and_doctor.py",
                  "tests/defs/test_devices.py", "tests/cli/test_replace.py")
 
 
+def _start_rank(item) -> int:
+    return next((rank for rank, prefix in enumerate(LONGEST_FIRST) if item.nodeid.startswith(prefix)),
+                len(LONGEST_FIRST))
+
+
 def pytest_collection_modifyitems(config, items):
-    items.sort(key=lambda item: not item.nodeid.startswith(LONGEST_FIRST))  # stable: otherwise in order
+    items.sort(key=_start_rank)  # stable: otherwise in order
