@@ -22,8 +22,23 @@ from spd_assets.service.runs import CheckOutcome, RunOutcome
 INTERRUPTED_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
-def _raise_interrupted(signum, _frame) -> None:
-    raise Interrupted(signum)
+class _Stopper:
+    """Ctrl-C and SIGTERM stop the run. The exception a signal handler raises can be lost: raised while Python runs
+    a `__del__` or a weakref callback (SQLAlchemy's, Dagster's), it is printed as "Exception ignored" and the run
+    goes on. So the signal is also remembered, and raised again at the run's next progress report (twice a second)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def __call__(self, signum, _frame) -> None:
+        self.signum = signum
+        self.raise_pending()
+
+    def raise_pending(self) -> None:
+        if self.signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if self.signum is not None:
+            raise Interrupted(self.signum)
 
 
 def outcome_line(outcome: RunOutcome, done: int, total: int) -> str:
@@ -43,13 +58,16 @@ def outcome_line(outcome: RunOutcome, done: int, total: int) -> str:
 class _Printer(Progress):
     """Prints each step of the run as it happens, with the members in flight below (bars on a terminal)."""
 
-    def __init__(self) -> None:
+    def __init__(self, stopper: _Stopper) -> None:
         self.view = ProgressView()
+        self.stopper = stopper
 
     def note(self, line: str) -> None:
+        self.stopper.raise_pending()
         self.view.print(line)
 
     def planned(self, plan: ExperimentPlan) -> None:
+        self.stopper.raise_pending()
         lines = [f"spd-cluster: experiment {plan.experiment!r} (config {plan.config_hash}), {len(plan.members)} "
                  f"members, DAGSTER_HOME={plan.home}"]
         if plan.activation_shape is not None:
@@ -67,12 +85,15 @@ class _Printer(Progress):
         self.view.print("\n".join(lines))
 
     def running(self, steps) -> None:
+        self.stopper.raise_pending()
         self.view.update(steps)
 
     def member_finished(self, outcome: RunOutcome, done: int, total: int) -> None:
         self.view.print(outcome_line(outcome, done, total))
+        self.stopper.raise_pending()
 
     def ensemble_started(self) -> None:
+        self.stopper.raise_pending()
         self.view.close()
         self.view.print("ensemble: normalized ensemble, distances, consensus clusters and the cluster explorer")
 
@@ -186,13 +207,19 @@ def run_and_print(config: ExperimentConfig, *, parallel: int | None, only_member
 
     0 when every member and the ensemble succeeded, 1 when some failed, 130/143 after Ctrl-C/SIGTERM.
     """
-    previous = signal.signal(signal.SIGTERM, _raise_interrupted)  # SIGTERM stops the run as Ctrl-C does
-    printer = _Printer()
+    stopper = _Stopper()
+    previous = {signum: signal.signal(signum, stopper) for signum in (signal.SIGINT, signal.SIGTERM)}
+    printer = _Printer(stopper)
     try:
         run = run_experiment(config, home=dagster_home(), parallel=parallel, only_members=only_members,
                              replace=replace, origin=program, progress=printer)
+    except Interrupted as stopped:  # before any member started (SIGTERM; Ctrl-C is the command line's to say)
+        print(f"{program}: interrupted ({signal.Signals(stopped.signum).name}) before any member started",
+              file=sys.stderr)
+        return INTERRUPTED_EXIT.get(stopped.signum, 130)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         printer.view.close()
     if run.interruption is not None:
         print(interruption_line(run), file=sys.stderr, flush=True)

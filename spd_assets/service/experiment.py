@@ -161,8 +161,9 @@ class Progress:
         """A member's run ended (successfully or not)."""
 
     def running(self, steps: dict[str, StepProgress]) -> None:
-        """Where the members in flight are, about twice a second while they run: member -> its long step's
-        progress (its activations or its merge; members in a shorter step are not listed)."""
+        """Where the members in flight are, about twice a second while runs execute (empty during the ensemble):
+        member -> its long step's progress (its activations or its merge; members in a shorter step are not
+        listed). An exception raised here (e.g. a remembered interruption) stops the run as Ctrl-C does."""
 
     def ensemble_started(self) -> None:
         """The ensemble's run is about to start."""
@@ -313,9 +314,9 @@ def _execute(config: ExperimentConfig, plan: ExperimentPlan, notes: list[str], o
         outcomes.sort(key=lambda outcome: members.index(outcome.label))
         if not claims.try_claim(ENSEMBLE):
             progress.note("  ensemble: another run of this experiment is writing it; waiting for it to finish")
-            claims.wait_for(ENSEMBLE)
+            claims.wait_for(ENSEMBLE, on_wait=lambda: progress.running({}))
         progress.ensemble_started()
-        ensemble = workers.run([ensemble_task], lambda outcome: None)[0]
+        ensemble = workers.run([ensemble_task], lambda outcome: None, on_tick=lambda: progress.running({}))[0]
         progress.ensemble_finished(ensemble)
     except (KeyboardInterrupt, Interrupted) as interruption:
         signum = getattr(interruption, "signum", signal.SIGINT)

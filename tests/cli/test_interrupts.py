@@ -64,3 +64,24 @@ def test_an_interrupted_run_cancels_in_order_and_says_so_in_one_line(tmp_path, s
     doctor = subprocess.run([sys.executable, "-m", "spd_assets.cli", "doctor", "--dry-run"], env=environment,
                             capture_output=True, text=True, timeout=300)
     assert "lineage tables disagree" not in doctor.stdout, doctor.stdout
+
+
+def test_a_ctrl_c_lost_in_a_weakref_callback_still_stops_the_run():
+    """Python drops the KeyboardInterrupt of a Ctrl-C that lands in a weakref callback ("Exception ignored"): seen
+    in a soak, when SQLAlchemy's callbacks ran. The command line remembers the signal and stops at its next report."""
+    import weakref
+
+    from spd_assets.cli.run import _Printer, _Stopper
+
+    stopper = _Stopper()
+    printer = _Printer(stopper)
+
+    class Collected:
+        pass
+
+    kept = Collected()
+    reference = weakref.ref(kept, lambda gone: stopper(signal.SIGINT, None))
+    del kept  # the callback's KeyboardInterrupt is printed and ignored, as the soak saw
+    assert reference() is None
+    with pytest.raises(KeyboardInterrupt):
+        printer.running({})
