@@ -290,6 +290,14 @@ def examine_checkpoints(store: ResultsStore, instance: DagsterInstance, configs:
     """Merge checkpoints (no run in flight): those no run can resume (another config, activations or code, a member
     whose history was stored since, an experiment or member gone, unreadable) are removed; the others are listed."""
     findings = []
+    members_of: dict[str, list[str]] = {}  # per experiment, and each asset's latest records: asked once, not per file
+    latest: dict[tuple[str, str], dict[str | None, EventLogRecord]] = {}
+
+    def latest_of(experiment: str, asset: str, member: str) -> EventLogRecord | None:
+        if (experiment, asset) not in latest:
+            latest[experiment, asset] = _latest_by_partition(instance, AssetKey([experiment, asset]))
+        return latest[experiment, asset].get(member)
+
     for (experiment, member), path in stored_checkpoints(store).items():
         if only and experiment not in only:
             continue
@@ -302,16 +310,18 @@ def examine_checkpoints(store: ResultsStore, instance: DagsterInstance, configs:
             why = f"cannot be read ({type(error).__name__})"
         if why is None and config is None:
             why = f"is of an experiment no longer registered ({experiment!r})"
-        if why is None and member not in source_for(config.source).member_keys():
+        if why is None and experiment not in members_of:
+            members_of[experiment] = source_for(config.source).member_keys()
+        if why is None and member not in members_of[experiment]:
             why = f"is of {member}, no longer a member of {experiment!r}"
         if why is None:
-            activations = _latest_by_partition(instance, AssetKey([experiment, "component_activations"])).get(member)
+            activations = latest_of(experiment, "component_activations", member)
             current = CheckpointKey(config.config_hash,
                                     activations.asset_materialization.tags.get(DATA_VERSION_TAG, "") if activations
                                     else stored.key.activations)
             why = stored.key.mismatch(current)
         if why is None:
-            history = _latest_by_partition(instance, AssetKey([experiment, "merge_history"])).get(member)
+            history = latest_of(experiment, "merge_history", member)
             if history is not None and history.timestamp > stored.saved:
                 why = f"is older than the member's history, stored by run {history.run_id[:8]}"
         if why is not None:

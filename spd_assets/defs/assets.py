@@ -246,10 +246,13 @@ class _ExperimentAssetBuilder:
         for table, frame in result.tables.items():
             yield Output(frame, output_name=table)
 
-    def consumed(self, context: AssetExecutionContext, upstream: str, loaded: dict) -> list[Consumed]:
-        """The materializations of `upstream` whose values were loaded (partition -> value)."""
-        fingerprints = {partition: fingerprint(value) for partition, value in loaded.items()}
-        return consumed_inputs(context.instance, self.key(upstream), fingerprints)
+    def consumed(self, context: AssetExecutionContext, upstream: str, loaded: dict,
+                 fingerprints: dict[str | None, str] | None = None) -> list[Consumed]:
+        """The materializations of `upstream` whose values were loaded (partition -> value); `fingerprints` of
+        those values where already computed."""
+        known = fingerprints or {}
+        versions = {partition: known.get(partition) or fingerprint(value) for partition, value in loaded.items()}
+        return consumed_inputs(context.instance, self.key(upstream), versions)
 
     @contextmanager
     def progress(self, context: AssetExecutionContext, step: str) -> Iterator[ProgressReporter]:
@@ -332,6 +335,7 @@ class _ExperimentAssetBuilder:
                    on_device=not self.slurm, resources=[self.source_key, STORAGE_KEY])
         def merge_history(context: AssetExecutionContext, activations: ProcessedActivations) -> Iterator:
             member = context.partition_key
+            known: dict[str | None, str] = {}  # the activations' fingerprint, where the checkpoint key has it
             if self.slurm:
                 result = self.merge_on_slurm(context, member)
                 history = result.value
@@ -345,6 +349,7 @@ class _ExperimentAssetBuilder:
                     checkpoints = steps.member_checkpoints(store, activations, self.config, member,
                                                            self.checkpoint_interval_s, context.log.info,
                                                            context.log.warning)
+                    known[member] = checkpoints.key.activations
                     with _retry_on_out_of_memory(lease.device, merging), self.progress(context, "merge") as progress:
                         result = steps.merge_history(activations, self.config, member, lease.torch_device, progress,
                                                      checkpoints)
@@ -353,7 +358,7 @@ class _ExperimentAssetBuilder:
                                  f"in {result.metadata['seconds']:.2f} s on {lease.device}")
                 result.metadata.update(device=lease.device, device_wait_seconds=round(lease.waited_s, 3))
             yield from self.emit("merge_history", result,
-                                 self.consumed(context, "component_activations", {member: activations}))
+                                 self.consumed(context, "component_activations", {member: activations}, known))
             # The history is stored (the IO manager ran on the output above): nothing left to resume.
             checkpoint_path(getattr(context.resources, STORAGE_KEY).store, self.name, member).unlink(missing_ok=True)
             yield checks.partition_sizes(history)
