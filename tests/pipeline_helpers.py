@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 from dagster import DagsterInstance, Definitions
@@ -28,6 +31,28 @@ SMALL_SYNTHETIC = {
         "seq_len": 32,
     },
 }
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def merging_experiment(name: str, iters: int, n_members: int) -> dict:
+    """An experiment whose members each merge 8,400 components over 3,072 samples: about 25 merges a second here,
+    so `iters` sets how long a member merges (long enough for a fault to land mid-merge)."""
+    return {"name": name, "merge_config": {"iters": iters},
+            "source": {"kind": "synthetic", "n_members": n_members, "batch_size": 48,
+                       "params": {"n_layers": 2, "modules": ["attn.q", "mlp.up", "mlp.down"],
+                                  "components_per_module": [1300, 1500], "n_planted_groups": 6,
+                                  "group_size": [2, 4], "seq_len": 64}}}
+
+
+def cli_process(home: Path, *args: str, devices: str = "cpu:0", **popen) -> subprocess.Popen:
+    """`spd-cluster ARGS` started on the instance at `home` with these devices (the deployment's executor), its
+    output (stdout and stderr) on `.stdout`."""
+    environment = {**os.environ, "DAGSTER_HOME": str(home), "SPD_CLUSTER_DEVICES": devices}
+    environment.pop("SPD_CLUSTER_EXECUTOR", None)
+    return subprocess.Popen([sys.executable, "-m", "spd_assets.cli", *args], env=environment, cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
+
 
 # The type of each value asset's value, which decides its file format.
 VALUE_TYPES = {

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -16,24 +15,17 @@ import yaml
 from dagster import AssetKey
 
 from spd_assets.storage.checkpoints import checkpoint_path, read_checkpoint
-from tests.pipeline_helpers import instance_at, make_home, store_at
+from tests.pipeline_helpers import cli_process, instance_at, make_home, merging_experiment, store_at
 
 ROOT = Path(__file__).resolve().parents[2]
 MEMBERS = ["member_000", "member_001"]
 TIMEOUT_S = 600
 # Two members merging for about 15 s each: long enough for a second run to start while they do.
-SLOW = {"name": "slow", "merge_config": {"iters": 500},
-        "source": {"kind": "synthetic", "n_members": 2, "batch_size": 48,
-                   "params": {"n_layers": 2, "modules": ["attn.q", "mlp.up", "mlp.down"],
-                              "components_per_module": [1300, 1500], "n_planted_groups": 6, "group_size": [2, 4],
-                              "seq_len": 64}}}
+SLOW = merging_experiment("slow", iters=500, n_members=2)
 
 
 def cli(home: Path, *args: str) -> subprocess.Popen:
-    environment = {**os.environ, "DAGSTER_HOME": str(home), "SPD_CLUSTER_DEVICES": "cpu:0,cpu:1"}
-    environment.pop("SPD_CLUSTER_EXECUTOR", None)
-    return subprocess.Popen([sys.executable, "-m", "spd_assets.cli", *args], env=environment, cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    return cli_process(home, *args, devices="cpu:0,cpu:1", start_new_session=True)
 
 
 def setup(tmp_path: Path) -> tuple[Path, Path]:
@@ -65,6 +57,18 @@ def wait_until_waiting(process: subprocess.Popen, lines: list[str]) -> None:
         lines.append(line)
 
 
+def second_run_waiting_for_the_first(tmp_path: Path) -> tuple[Path, subprocess.Popen, subprocess.Popen, list[str]]:
+    """A first run whose members merge, and a second run of the same experiment that says it waits for them; the
+    home, both processes and the second's output so far."""
+    home, config = setup(tmp_path)
+    first = cli(home, "run", "--config", str(config))
+    wait_until_merging(home, first)
+    second = cli(home, "run", "--config", str(config))
+    lines: list[str] = []
+    wait_until_waiting(second, lines)
+    return home, first, second, lines
+
+
 def history_materializations(home: Path) -> Counter:
     with instance_at(home) as instance:
         records = instance.fetch_materializations(AssetKey(["slow", "merge_history"]), limit=100).records
@@ -72,12 +76,7 @@ def history_materializations(home: Path) -> Counter:
 
 
 def test_a_second_run_waits_for_the_members_the_first_computes_and_uses_them(tmp_path):
-    home, config = setup(tmp_path)
-    first = cli(home, "run", "--config", str(config))
-    wait_until_merging(home, first)
-    second = cli(home, "run", "--config", str(config))
-    lines: list[str] = []
-    wait_until_waiting(second, lines)
+    home, first, second, lines = second_run_waiting_for_the_first(tmp_path)
     first_output, _ = first.communicate(timeout=TIMEOUT_S)
     second_output = "".join(lines) + second.communicate(timeout=TIMEOUT_S)[0]
     assert first.returncode == 0, first_output
@@ -91,12 +90,7 @@ def test_a_second_run_waits_for_the_members_the_first_computes_and_uses_them(tmp
 
 
 def test_when_the_first_run_is_killed_the_waiting_run_computes_its_members_resuming_their_merges(tmp_path):
-    home, config = setup(tmp_path)
-    first = cli(home, "run", "--config", str(config))
-    wait_until_merging(home, first)
-    second = cli(home, "run", "--config", str(config))
-    lines: list[str] = []
-    wait_until_waiting(second, lines)
+    home, first, second, lines = second_run_waiting_for_the_first(tmp_path)
     os.killpg(first.pid, signal.SIGKILL)  # the command line and its workers, as a lost terminal or OOM would
     first.communicate(timeout=TIMEOUT_S)
     second_output = "".join(lines) + second.communicate(timeout=TIMEOUT_S)[0]

@@ -25,7 +25,7 @@ from spd_math import MergeConfig, ProcessedActivations, merge_iteration
 from tests.faults.invariants import children_of
 from tests.faults.test_kill_cycles import is_worker
 from tests.math.test_resume import EveryNth, heterogeneous, same_history
-from tests.pipeline_helpers import make_home, store_at
+from tests.pipeline_helpers import cli_process, make_home, store_at
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 600
@@ -45,9 +45,7 @@ def home_with_checkpoints(path: Path) -> Path:
 
 
 def cli(home: Path, *args: str) -> subprocess.Popen:
-    environment = {**os.environ, "DAGSTER_HOME": str(home), "SPD_CLUSTER_DEVICES": "cpu:0"}
-    return subprocess.Popen([sys.executable, "-m", "spd_assets.cli", *args], env=environment, cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    return cli_process(home, *args, start_new_session=True)
 
 
 def finish(process: subprocess.Popen) -> str:

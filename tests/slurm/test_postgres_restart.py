@@ -4,9 +4,7 @@ saying where the server is and what to do, having changed nothing."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -14,25 +12,18 @@ import yaml
 from dagster import AssetKey
 
 from spd_assets.storage.checkpoints import checkpoint_path, read_checkpoint
-from tests.pipeline_helpers import instance_at, make_home, store_at
+from tests.pipeline_helpers import cli_process, instance_at, make_home, merging_experiment, store_at
 from tests.slurm.test_slurm_executor import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 600
 MEMBERS = ["member_000", "member_001"]
 # Two members merging for several seconds each, side by side.
-CONFIG = {"name": "pg", "merge_config": {"iters": 400},
-          "source": {"kind": "synthetic", "n_members": 2, "batch_size": 48,
-                     "params": {"n_layers": 2, "modules": ["attn.q", "mlp.up", "mlp.down"],
-                                "components_per_module": [1300, 1500], "n_planted_groups": 6, "group_size": [2, 4],
-                                "seq_len": 64}}}
+CONFIG = merging_experiment("pg", iters=400, n_members=2)
 
 
 def cli(home: Path, *args: str) -> subprocess.Popen:
-    environment = {**os.environ, "DAGSTER_HOME": str(home), "SPD_CLUSTER_DEVICES": "cpu:0,cpu:1"}
-    environment.pop("SPD_CLUSTER_EXECUTOR", None)
-    return subprocess.Popen([sys.executable, "-m", "spd_assets.cli", *args], env=environment, cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return cli_process(home, *args, devices="cpu:0,cpu:1")
 
 
 def merging(home: Path, process: subprocess.Popen) -> bool:

@@ -16,25 +16,16 @@ from spd_assets.config import load_config
 from spd_assets.storage.checkpoints import checkpoint_path, read_checkpoint
 from spd_assets.storage.values import load_activations, load_history
 from spd_math import merge_iteration
-from tests.pipeline_helpers import store_at
+from tests.pipeline_helpers import merging_experiment, store_at
 from tests.slurm.test_slurm_executor import cli, finish, slurm_home, wait_for
 
 MEMBER = "member_000"
 
 
-def experiment(name: str, iters: int) -> dict:
-    """A member of 8,400 components and 3,072 samples merged `iters` times (about 25 merges a second here)."""
-    return {"name": name, "merge_config": {"iters": iters},
-            "source": {"kind": "synthetic", "n_members": 1, "batch_size": 48,
-                       "params": {"n_layers": 2, "modules": ["attn.q", "mlp.up", "mlp.down"],
-                                  "components_per_module": [1300, 1500], "n_planted_groups": 6, "group_size": [2, 4],
-                                  "seq_len": 64}}}
-
-
 # Long enough to be caught mid-merge twice.
-SHORT = experiment("short", 500)
+SHORT = merging_experiment("short", iters=500, n_members=1)
 # Long enough to still be merging when SLURM's time-limit check (every 30 s) comes round.
-LONG = experiment("long", 1200)
+LONG = merging_experiment("long", iters=1200, n_members=1)
 CHECKPOINT_INTERVAL_S = 0.5
 TIMEOUT_S = 600
 

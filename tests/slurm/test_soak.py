@@ -22,18 +22,14 @@ import yaml
 from spd_assets.config import load_config
 from tests.faults.invariants import check_all, children_of
 from tests.faults.test_kill_cycles import gone, is_worker
-from tests.pipeline_helpers import instance_at, make_home, store_at
+from tests.pipeline_helpers import instance_at, make_home, merging_experiment, store_at
 from tests.slurm.test_slurm_executor import cli, slurm_home, wait_for
 
 DEFAULT_CYCLES = 2
 FAULTS = ("kill worker", "kill command line", "ctrl-c", "requeue job", "restart postgres")
 MEMBERS = ["member_000", "member_001", "member_002"]
 # Three members merging for several seconds each: a fault lands mid-merge as often as not.
-CONFIG = {"name": "soak", "merge_config": {"iters": 200},
-          "source": {"kind": "synthetic", "n_members": 3, "batch_size": 48,
-                     "params": {"n_layers": 2, "modules": ["attn.q", "mlp.up", "mlp.down"],
-                                "components_per_module": [1300, 1500], "n_planted_groups": 6, "group_size": [2, 4],
-                                "seq_len": 64}}}
+CONFIG = merging_experiment("soak", iters=200, n_members=3)
 TIMEOUT_S = 600
 TABLES = ("merge_events", "membership_spans", "component_stats")
 
