@@ -224,7 +224,8 @@ def test_doctor_fails_a_run_whose_job_is_gone(tmp_path, slurm_cluster, monkeypat
         (run,) = instance.get_runs(filters=RunsFilter(statuses=[DagsterRunStatus.STARTED]))
         # As if the run's process lived on another host: its pid cannot be checked here, only its job.
         instance.add_run_tags(run.run_id, {RUN_TAG_HOST: "another-host"})
-        assert not any(job in finding.problem for finding in examine(store_at(home), instance, repair=False))
+        findings = examine(store_at(home), instance, repair=False)
+        assert not [finding for finding in findings if f"SLURM job {job} " in finding.problem], findings
         slurm_cluster.run("scancel", job)
         wait_for(lambda: job not in slurm_cluster.queue(), 60, f"job {job} to leave the queue")
         monkeypatch.setattr(slurm, "GONE_JOB_GRACE_S", 0.0)
