@@ -2,11 +2,14 @@
 
 Figures are drawn with Matplotlib's object API on the non-interactive Agg canvas (no pyplot,
 no global state), sized to be read at the width of Dagster's metadata panel, and kept to tens
-of kilobytes: one of each is drawn at every materialization.
+of kilobytes: one of each is drawn at every materialization. `png_bytes` renders any figure
+(these and the original's export plots) and `markdown_image` puts a PNG into Markdown, as
+metadata shows it.
 """
 
 from __future__ import annotations
 
+import base64
 import io
 from collections.abc import Mapping, Sequence
 
@@ -24,6 +27,15 @@ ANNOTATED_MEMBERS_MAX = 10
 HEATMAP_COLORS = "viridis"
 # A curve whose maximum exceeds its median this many times is drawn on a (symmetric) log axis.
 LOG_SCALE_RATIO = 20
+# The MDL curve's zoom on its minimum: this fraction of the iterations either side of it (at least the minimum
+# count), and this fraction of the shown range added above and below.
+ZOOM_HALF_WIDTH_FRACTION = 0.1
+ZOOM_HALF_WIDTH_MIN = 5
+ZOOM_MARGIN = 0.08
+# A zoom on this few iterations marks each one.
+ZOOM_DOTS_MAX = 60
+# The zoom panel's Matplotlib label, by which it can be found among the figure's axes.
+ZOOM_LABEL = "mdl_zoom"
 
 
 def _figure(height_in: float) -> Figure:
@@ -32,11 +44,16 @@ def _figure(height_in: float) -> Figure:
     return figure
 
 
-def _png(figure: Figure) -> bytes:
+def png_bytes(figure: Figure) -> bytes:
+    """The figure as PNG bytes; without creation metadata, so equal figures are equal bytes."""
     buffer = io.BytesIO()
-    # No creation metadata, so equal figures are equal bytes.
     figure.savefig(buffer, format="png", metadata={"Software": None})
     return buffer.getvalue()
+
+
+def markdown_image(png: bytes, title: str) -> str:
+    """A PNG as a Markdown image with its data inline (what Dagster's metadata panel shows), `title` its alt text."""
+    return f"![{title}](data:image/png;base64,{base64.b64encode(png).decode()})"
 
 
 def _annotate(axes, image, values: np.ndarray, fmt: str) -> None:
@@ -64,28 +81,72 @@ def _member_ticks(axes, members: Sequence[str]) -> None:
     axes.set_yticks(range(len(members)), short, fontsize=7)
 
 
-def mdl_curve(mdl_losses: np.ndarray, pair_costs: np.ndarray | None, k_groups: np.ndarray, title: str) -> bytes:
-    """MDL loss against iteration with its minimum marked, and the chosen pair's cost below it."""
+def zoom_window(mdl_losses: np.ndarray) -> tuple[int, int, float, float]:
+    """The minimum's neighbourhood: first and last iteration, lowest and highest loss shown (margins included).
+
+    It spans `ZOOM_HALF_WIDTH_FRACTION` of the iterations either side of the minimum. Its height is that of the
+    descent into the minimum within it, so the rise at the end of the merge, which reaches many times the
+    minimum, does not flatten it: after the minimum it ends where the curve leaves that height. A minimum at the
+    first iteration has no descent; the rise after it sets the height then.
+    """
+    best = int(np.nanargmin(mdl_losses))
+    half_width = max(ZOOM_HALF_WIDTH_MIN, int(np.ceil(ZOOM_HALF_WIDTH_FRACTION * mdl_losses.size)))
+    first, last = max(0, best - half_width), min(mdl_losses.size - 1, best + half_width)
+    descent = mdl_losses[first:best + 1] if best > first else mdl_losses[first:last + 1]
+    low, high = float(mdl_losses[best]), float(np.nanmax(descent))
+    risen = np.flatnonzero(mdl_losses[best:last + 1] > high)
+    if risen.size:
+        last = best + int(risen[0])
+    margin = ZOOM_MARGIN * (high - low) if high > low else max(abs(low), 1.0) * ZOOM_MARGIN
+    return first, last, low - margin, high + margin
+
+
+def mdl_figure(mdl_losses: np.ndarray, pair_costs: np.ndarray | None, k_groups: np.ndarray, title: str) -> Figure:
+    """MDL loss against iteration with its minimum marked; below it the minimum's neighbourhood (`zoom_window`),
+    which the whole curve's scale, set by the rise at the end of the merge, flattens; then the chosen pair's cost."""
+    mdl_losses = np.asarray(mdl_losses, dtype=np.float64)
     iterations = np.arange(mdl_losses.size)
-    panels = 2 if pair_costs is not None else 1
+    has_minimum = bool(np.isfinite(mdl_losses).any())
+    panels = 1 + has_minimum + (pair_costs is not None)
     figure = _figure(2.0 + 1.4 * panels)
-    axes = figure.subplots(panels, 1, sharex=True, squeeze=False)[:, 0]
-    axes[0].plot(iterations, mdl_losses, color="tab:blue", linewidth=1.2)
-    if mdl_losses.size:
-        best = int(np.argmin(mdl_losses))
-        axes[0].plot(best, mdl_losses[best], "o", color="tab:red", markersize=6)
-        axes[0].annotate(f"minimum at iteration {best} (k={int(k_groups[best])})", (best, mdl_losses[best]),
-                         xytext=(0.5, 0.85), textcoords="axes fraction", ha="center", fontsize=8, color="tab:red",
-                         arrowprops={"arrowstyle": "->", "color": "tab:red", "linewidth": 0.8})
-    axes[0].set_ylabel("MDL loss (bits)")
-    axes[0].set_title(title, fontsize=10)
-    if pair_costs is not None:
-        axes[1].plot(iterations, pair_costs, color="tab:gray", linewidth=0.8)
-        axes[1].set_ylabel("chosen pair's\ncost (bits)")
-    axes[-1].set_xlabel("iteration (merges so far; k = components - iteration - 1)")
-    for ax in axes:
+    axes = list(figure.subplots(panels, 1, squeeze=False)[:, 0])
+    whole = axes.pop(0)
+    zoom = axes.pop(0) if has_minimum else None
+    costs = axes.pop(0) if pair_costs is not None else None
+    whole.plot(iterations, mdl_losses, color="tab:blue", linewidth=1.2)
+    whole.set_ylabel("MDL loss (bits)")
+    whole.set_title(title, fontsize=10)
+    if zoom is not None:
+        best = int(np.nanargmin(mdl_losses))
+        where = f"minimum at iteration {best} (k={int(k_groups[best])})"
+        whole.plot(best, mdl_losses[best], "o", color="tab:red", markersize=6)
+        whole.annotate(where, (best, mdl_losses[best]), xytext=(0.5, 0.85), textcoords="axes fraction", ha="center",
+                       fontsize=8, color="tab:red", arrowprops={"arrowstyle": "->", "color": "tab:red", "linewidth": 0.8})
+        first, last, low, high = zoom_window(mdl_losses)
+        whole.axvspan(first, last, color="tab:red", alpha=0.08, linewidth=0)
+        zoom.set_label(ZOOM_LABEL)
+        shown = slice(first, last + 1)
+        dots = "." if last - first <= ZOOM_DOTS_MAX else None
+        zoom.plot(iterations[shown], mdl_losses[shown], color="tab:blue", linewidth=1.2, marker=dots, markersize=3)
+        zoom.plot(best, mdl_losses[best], "o", color="tab:red", markersize=6)
+        zoom.axvline(best, color="tab:red", linewidth=0.8, alpha=0.5)
+        zoom.set_xlim(first - 0.5, last + 0.5)
+        zoom.set_ylim(low, high)
+        zoom.set_ylabel("MDL loss (bits),\nnear the minimum", fontsize=8)
+        zoom.set_title(f"{where}: {mdl_losses[best]:,.6g} bits (the shaded iterations above)", fontsize=8, color="tab:red")
+    if costs is not None:
+        costs.sharex(whole)
+        costs.plot(iterations, pair_costs, color="tab:gray", linewidth=0.8)
+        costs.set_ylabel("chosen pair's\ncost (bits)")
+    (costs if costs is not None else whole).set_xlabel("iteration (merges so far; k = components - iteration - 1)")
+    for ax in figure.axes:
         ax.grid(alpha=0.3)
-    return _png(figure)
+    return figure
+
+
+def mdl_curve(mdl_losses: np.ndarray, pair_costs: np.ndarray | None, k_groups: np.ndarray, title: str) -> bytes:
+    """PNG of `mdl_figure`."""
+    return png_bytes(mdl_figure(mdl_losses, pair_costs, k_groups, title))
 
 
 def member_overlap(members: Sequence[str], present: np.ndarray) -> bytes:
@@ -103,7 +164,7 @@ def member_overlap(members: Sequence[str], present: np.ndarray) -> bytes:
     axes.set_ylabel("member")
     axes.set_title(f"Shared component labels (Jaccard) of {len(members)} members, union {present.shape[1]}", fontsize=10)
     figure.colorbar(image, ax=axes, label="labels in both / labels in either")
-    return _png(figure)
+    return png_bytes(figure)
 
 
 def distance_curves(by_method: Mapping[str, np.ndarray]) -> bytes:
@@ -134,7 +195,7 @@ def distance_curves(by_method: Mapping[str, np.ndarray]) -> bytes:
             ax.text(0.5, 0.5, "one member: no pairs to compare", transform=ax.transAxes, ha="center", color="gray")
     axes[0].set_title("Distance between members' partitions", fontsize=10)
     axes[-1].set_xlabel("iteration (merges so far)")
-    return _png(figure)
+    return png_bytes(figure)
 
 
 def distance_heatmaps(by_method: Mapping[str, np.ndarray], members: Sequence[str], iteration: int) -> bytes:
@@ -154,7 +215,7 @@ def distance_heatmaps(by_method: Mapping[str, np.ndarray], members: Sequence[str
         figure.colorbar(image, ax=ax, shrink=0.8, label="distance (count)")
     axes[0].set_ylabel("member")
     figure.suptitle(f"Distances between members at iteration {iteration} (diagonal blank)", fontsize=10)
-    return _png(figure)
+    return png_bytes(figure)
 
 
 def co_association_heatmap(matrix: np.ndarray, cluster_sizes: Sequence[int], iteration: int, n_members: int,
@@ -172,7 +233,7 @@ def co_association_heatmap(matrix: np.ndarray, cluster_sizes: Sequence[int], ite
     shown = f"the {len(cluster_sizes)} largest clusters, " if len(cluster_sizes) < shown_of else ""
     axes.set_title(f"Co-association at iteration {iteration}: {shown}{matrix.shape[0]} components", fontsize=10)
     figure.colorbar(image, ax=axes, label=f"fraction of {n_members} members sharing a group")
-    return _png(figure)
+    return png_bytes(figure)
 
 
 def _square(corner: float, size: int):
