@@ -2,9 +2,8 @@
 
 Figures are drawn with Matplotlib's object API on the non-interactive Agg canvas (no pyplot,
 no global state), sized to be read at the width of Dagster's metadata panel, and kept to tens
-of kilobytes: one of each is drawn at every materialization. `png_bytes` renders any figure
-(these and the original's export plots) and `markdown_image` puts a PNG into Markdown, as
-metadata shows it.
+of kilobytes: one of each is drawn at every materialization. `png_bytes` renders a figure and
+`markdown_image` puts a PNG into Markdown, as Dagster's and Pipes' metadata show it.
 """
 
 from __future__ import annotations

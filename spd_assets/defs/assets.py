@@ -17,7 +17,6 @@ it feeds (Parquet through the table IO manager, with their column schema in the 
 """
 
 
-import base64
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -47,6 +46,7 @@ from dagster import (
     multi_asset,
 )
 
+from spd_assets.analysis.plots import markdown_image
 from spd_assets.config import ExperimentConfig
 from spd_assets.defs import checks, steps
 from spd_assets.defs.deployment import DEVICE_POOL, SlurmSettings
@@ -111,7 +111,7 @@ def _dagster_metadata(metadata: dict) -> dict:
         if isinstance(value, steps.Markdown):
             return MetadataValue.md(str(value))
         if isinstance(value, steps.Image):
-            return MetadataValue.md(f"![{value.title}](data:image/png;base64,{base64.b64encode(value.png).decode()})")
+            return MetadataValue.md(markdown_image(value.png, value.title))
         if isinstance(value, Path):
             return MetadataValue.path(str(value))
         if isinstance(value, (list, dict)):

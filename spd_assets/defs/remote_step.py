@@ -10,7 +10,6 @@ its output folder, and reports its logs and the materialization's metadata over 
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import socket
@@ -41,13 +40,13 @@ def allocated_cpus() -> int | None:
 
 def pipes_metadata(metadata: dict) -> dict:
     """Step metadata as Pipes metadata values (Markdown and figures rendered as Markdown, lists as JSON)."""
+    from spd_assets.analysis.plots import markdown_image
     from spd_assets.defs import steps
 
     converted = {}
     for name, value in metadata.items():
         if isinstance(value, steps.Image):
-            converted[name] = {"type": "md", "raw_value":
-                               f"![{value.title}](data:image/png;base64,{base64.b64encode(value.png).decode()})"}
+            converted[name] = {"type": "md", "raw_value": markdown_image(value.png, value.title)}
         elif isinstance(value, steps.Markdown):
             converted[name] = {"type": "md", "raw_value": str(value)}
         elif isinstance(value, Path):
