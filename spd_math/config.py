@@ -21,6 +21,18 @@ def _finite_number(name: str, value: Any, **bounds: Any) -> float:
     return finite_number(name, value, ConfigError, **bounds)
 
 
+def _checked_iters(iters: Any) -> int | None:
+    if iters is not None and (isinstance(iters, bool) or not isinstance(iters, int) or iters < 1):
+        raise ConfigError(f"iters: expected a positive integer or None (null in YAML), got {iters!r}")
+    return iters
+
+
+def _checked_module_name_filter(prefix: Any) -> str | None:
+    if prefix is not None and not isinstance(prefix, str):
+        raise ConfigError(f"module_name_filter: expected a module name prefix (string) or None (null in YAML), got {prefix!r}")
+    return prefix
+
+
 @dataclass(frozen=True)
 class MergeConfig:
     """How one merge run works (docs/math.md §2-§7), with the keys and defaults of the original research configs.
@@ -67,23 +79,23 @@ class MergeConfig:
     module_name_filter: str | None = None
 
     def __post_init__(self) -> None:
-        if self.activation_threshold is not None:
-            object.__setattr__(
-                self, "activation_threshold", _finite_number("activation_threshold", self.activation_threshold)
-            )
-        object.__setattr__(self, "alpha", _finite_number("alpha", self.alpha, minimum=0.0))
-        if self.iters is not None:
-            if isinstance(self.iters, bool) or not isinstance(self.iters, int) or self.iters < 1:
-                raise ConfigError(f"iters: expected a positive integer or None, got {self.iters!r}")
-        SAMPLERS.lookup(self.merge_pair_sampling_method, ConfigError)
-        object.__setattr__(self, "merge_pair_sampling_kwargs", self._validated_sampler_kwargs())
-        object.__setattr__(
-            self, "filter_dead_threshold", _finite_number("filter_dead_threshold", self.filter_dead_threshold, minimum=0.0)
-        )
-        if self.module_name_filter is not None and not isinstance(self.module_name_filter, str):
-            raise ConfigError(
-                f"module_name_filter: expected a module name prefix (string) or None, got {self.module_name_filter!r}"
-            )
+        # Every value at fault is named at once (one per line), so a config is fixed in one pass.
+        problems: list[str] = []
+
+        def check(name: str, validated) -> None:
+            try:
+                object.__setattr__(self, name, validated(getattr(self, name)))
+            except ConfigError as error:
+                problems.append(str(error))
+
+        check("activation_threshold", lambda value: None if value is None else _finite_number("activation_threshold", value))
+        check("alpha", lambda value: _finite_number("alpha", value, minimum=0.0))
+        check("iters", _checked_iters)
+        check("merge_pair_sampling_kwargs", lambda _: self._validated_sampler_kwargs())  # the method's name too
+        check("filter_dead_threshold", lambda value: _finite_number("filter_dead_threshold", value, minimum=0.0))
+        check("module_name_filter", _checked_module_name_filter)
+        if problems:
+            raise ConfigError("\n".join(problems))
 
     def _validated_sampler_kwargs(self) -> dict[str, float]:
         kwargs = self.merge_pair_sampling_kwargs
@@ -107,10 +119,13 @@ class MergeConfig:
             raise ConfigError(f"merge config: expected a mapping, got {type(values).__name__}")
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(values) - known)
-        if unknown:
-            close = [match for key in unknown for match in difflib.get_close_matches(key, known, n=1)]
-            meant = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
-            raise ConfigError(f"merge config: unknown key(s) {unknown}{meant}; expected only {sorted(known)}")
+        problems = []
+        for key in unknown:  # one line per key, as `MergeConfig` names its values at fault
+            close = difflib.get_close_matches(str(key), known, n=1)
+            meant = f"; did you mean {close[0]!r}?" if close else ""
+            problems.append(f"{key}: unknown key {key!r}{meant} (keys here: {', '.join(sorted(known))})")
+        if problems:
+            raise ConfigError("\n".join(problems))
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:

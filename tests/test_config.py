@@ -175,13 +175,24 @@ def test_consensus_settings_are_validated():
     ({"source": {"kind": "synthetic", "n_member": 3}}, "source.n_member: unknown key 'n_member'; did you mean 'n_members'?"),
     ({"consensus": {"treshold": 0.3}}, "consensus.treshold: unknown key 'treshold'; did you mean 'threshold'?"),
     ({"nme": "x"}, "nme: unknown key 'nme'; did you mean 'name'?"),
-    ({"merge_config": {"alph": 1}}, "unknown key(s) ['alph'] (did you mean 'alpha'?)"),
+    ({"merge_config": {"alph": 1}}, "merge_config.alph: unknown key 'alph'; did you mean 'alpha'?"),
 ])
 def test_a_misspelt_key_is_named_as_written_with_the_key_meant(values, expected):
     with pytest.raises(ExperimentConfigError) as raised:
         parse_config(values)
     assert expected in str(raised.value)
     assert ".synthetic." not in str(raised.value)
+
+
+def test_every_value_at_fault_is_named_at_once_and_null_is_said_as_written():
+    with pytest.raises(ExperimentConfigError) as raised:
+        parse_config({"merge_config": {"iters": -5, "alpha": "high"}, "source": {"kind": "synthetic", "n_members": None}})
+    lines = str(raised.value).splitlines()[1:]
+    assert sorted(lines) == sorted([
+        "  merge_config.alpha: expected a number, got 'high'",
+        "  merge_config.iters: expected a positive integer or None (null in YAML), got -5",
+        "  source.n_members: Input should be a valid integer (got null)",
+    ])
 
 
 def test_merge_config_is_parsed_once_and_written_back_with_the_original_keys():

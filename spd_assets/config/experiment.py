@@ -34,6 +34,8 @@ from spd_math.distances import DISTANCE_METHODS
 EXPERIMENT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,62}$")
 # Folders of the results root that are not experiments (so no experiment may take their names).
 RESERVED_NAMES = frozenset({"experiments", "tables", "device_leases", "logs"})
+# A line of a block's error that names one of its keys: `alpha: expected a number, got 'high'`.
+KEY_AT_FAULT = re.compile(r"^[a-z_]+: ")
 
 
 def _parse_merge_config(values: Any) -> MergeConfig:
@@ -186,7 +188,7 @@ def _describe(error: ValidationError) -> str:
         where = ".".join(written) or "(top level)"
         message = problem["msg"].removeprefix("Value error, ")
         value = problem.get("input")
-        shown = "" if isinstance(value, dict) or problem["type"] == "missing" else f" (got {value!r})"
+        shown = "" if isinstance(value, dict) or problem["type"] == "missing" else f" (got {_as_yaml(value)})"
         if problem["type"] == "extra_forbidden":
             model = _model_at(loc[:-1])
             known = sorted(model.model_fields) if model is not None else []
@@ -195,8 +197,17 @@ def _describe(error: ValidationError) -> str:
             if known:
                 message += f" (keys here: {', '.join(known)})"
             shown = ""
+        if problem["type"] == "value_error" and all(KEY_AT_FAULT.match(line) for line in message.splitlines()):
+            # A block validated as a whole (merge_config) names each of its keys at fault on a line: `key: why`.
+            lines += [f"  {where}.{line}" for line in message.splitlines()]
+            continue
         lines.append(f"  {where}: {message}{shown}")
     return "\n".join(lines)
+
+
+def _as_yaml(value: Any) -> str:
+    """A value as the config file writes it: `null`, `true`, `'high'`, `-5`."""
+    return json.dumps(value) if value is None or isinstance(value, bool) else repr(value)
 
 
 def parse_config(values: Any, *, origin: str = "config") -> ExperimentConfig:

@@ -75,7 +75,7 @@ def test_validate_says_what_would_run(capsys, name, expected):
     ({"rank_cost_fn_name": "log"}, "rank_cost_fn_name: 'log'; only 'const_1'"),
     ({"module_name_filter": ["layers.0.mlp_in"]}, "is a set of module names, which is not supported here"),
     ({"save_plots": True}, "unknown key(s) ['save_plots']"),
-    ({"alpha": -1.0}, "merge_config: alpha: expected a number >= 0.0, got -1.0"),
+    ({"alpha": -1.0}, "merge_config.alpha: expected a number >= 0.0, got -1.0"),
 ])
 def test_unsupported_values_are_refused_with_a_reason(tmp_path, capsys, values, expected):
     flat = yaml.safe_load((ORIGINAL / "flat_run.yaml").read_text())
