@@ -229,8 +229,8 @@ class NormalizedHistories(NormalizedEnsemble):
     metadata : mapping, optional
         The original's keys when made by `normalize_ensemble`: `component_labels`, `n_ensemble`,
         `n_iters_min`, `n_iters_max`, `n_iters_range`, `c_components`, `config` (the members' merge config
-        as a dict, or None when they lack one or differ) and `history_metadatas` (per member: `seed`,
-        `c_components`, `n_iters`). Kept read-only.
+        as a dict, or None when they lack one or differ) and `history_metadatas` (per member, what its
+        history file's `metadata.json` holds: `history_metadata`). Kept read-only.
     present : torch.Tensor or numpy.ndarray, optional
         `[n_ens, c]` whether each member had each label; default every label in every member (the
         original's merge arrays do not record it).
@@ -309,7 +309,7 @@ class NormalizedHistories(NormalizedEnsemble):
         if union != list(ensemble.labels):
             raise EnsembleError("histories: their labels are not the ensemble's labels; expected the histories the "
                                 "ensemble was aligned from, in its member order")
-        return cls.aligned(ensemble, _metadata(histories, ensemble.labels))
+        return cls.aligned(ensemble, ensemble_metadata(histories, ensemble.labels))
 
 
 def _read_only_metadata(metadata: Mapping[str, Any] | None) -> Mapping[str, Any]:
@@ -407,10 +407,30 @@ def _check_histories(histories: Sequence[MergeHistory]) -> None:
             raise EnsembleError(f"histories[{m}]: expected a MergeHistory, got {type(history).__name__}")
 
 
-def _metadata(histories: Sequence[MergeHistory], labels: list[str]) -> dict[str, Any]:
-    """The original's ensemble metadata (`ensemble_meta.json`), from what our histories record."""
+def history_metadata(history: MergeHistory) -> dict[str, Any]:
+    """What the original keeps of one history as its `meta`: the `metadata.json` of its zip (`merge_config`,
+    `c_components`, `n_iters_current`, `labels`, and our `seed` when the history has one)."""
+    metadata: dict[str, Any] = {
+        "merge_config": history.config.to_dict() if history.config is not None else None,
+        "c_components": history.c_components,
+        "n_iters_current": history.n_iters,
+        "labels": list(history.labels),
+    }
+    if history.seed is not None:
+        metadata["seed"] = int(history.seed)
+    return metadata
+
+
+def ensemble_metadata(histories: Sequence[MergeHistory], labels: Sequence[str],
+                      origin_paths: Sequence[str] | None = None) -> dict[str, Any]:
+    """The original's ensemble metadata (what its `MergeHistoryEnsemble.normalized()` returns beside the array,
+    and `ensemble_meta.json` holds), from what our histories record; `origin_paths` are the members' history files
+    (the original reads its histories from files, and its `meta` names each one as `origin_path`)."""
     iterations = [history.n_iters for history in histories]
     configs = [history.config.to_dict() if history.config is not None else None for history in histories]
+    metadatas = [history_metadata(history) for history in histories]
+    if origin_paths is not None:
+        metadatas = [{**metadata, "origin_path": str(path)} for metadata, path in zip(metadatas, origin_paths, strict=True)]
     return {
         "component_labels": list(labels),
         "n_ensemble": len(histories),
@@ -420,10 +440,7 @@ def _metadata(histories: Sequence[MergeHistory], labels: list[str]) -> dict[str,
         "c_components": len(labels),
         # The original requires one config; ours may mix them, which is said by None.
         "config": configs[0] if all(config == configs[0] for config in configs) else None,
-        "history_metadatas": [
-            {"seed": history.seed, "c_components": history.c_components, "n_iters": history.n_iters}
-            for history in histories
-        ],
+        "history_metadatas": metadatas,
     }
 
 
@@ -465,7 +482,7 @@ def normalize_ensemble(histories: Sequence[MergeHistory] | MergeHistoryEnsemble)
         columns = np.fromiter((position[label] for label in history.labels), dtype=np.int64, count=len(history.labels))
         present[m, columns] = True
         member_columns.append(columns)
-    metadata = _metadata(histories, labels)
+    metadata = ensemble_metadata(histories, labels)
     if all(history.is_merge_sequence for history in histories):
         member_merges = torch.stack([history.merge_pairs[:n_iters] for history in histories])
         ensemble = NormalizedEnsemble(labels=labels, present=torch.from_numpy(present), member_columns=member_columns,

@@ -40,6 +40,7 @@ from spd_assets.errors import HistoryFormatError
 from spd_assets.storage.atomic import atomic_path
 from spd_math import replay
 from spd_math.config import ConfigError, MergeConfig
+from spd_math.ensemble import history_metadata
 from spd_math.history import MergeHistory
 
 GROUP_IDXS = "merge.group_idxs.npy"
@@ -74,15 +75,7 @@ def write_history_zip(history: MergeHistory, path: str | os.PathLike[str]) -> No
     if history.selected_pairs is not None:
         entries[SELECTED_PAIRS] = _npy_bytes(_id_array(path, "selected_pairs", history.selected_pairs.numpy(), id_dtype))
     entries[LABELS] = "\n".join(history.labels).encode("utf-8")
-    metadata: dict[str, Any] = {
-        "merge_config": history.config.to_dict() if history.config is not None else None,
-        "c_components": c,
-        "n_iters_current": history.n_iters,
-        "labels": list(history.labels),
-    }
-    if history.seed is not None:
-        metadata["seed"] = int(history.seed)
-    entries[METADATA] = json.dumps(metadata).encode("utf-8")
+    entries[METADATA] = json.dumps(history_metadata(history)).encode("utf-8")
     for name, values in ((PAIR_COSTS, history.pair_costs), (MDL_LOSSES, history.mdl_losses)):
         if values is not None:
             entries[name] = _npy_bytes(values.detach().cpu().numpy().astype(np.float64))

@@ -51,6 +51,7 @@ from spd_assets.errors import ExportError
 from spd_assets.storage.atomic import atomic_path
 from spd_assets.storage.history_format import PARTITION_BLOCK_IDS, dense_bytes, write_history_zip
 from spd_math import MergeConfig, MergeHistory
+from spd_math.ensemble import ensemble_metadata
 
 CLUSTERING = "clustering"
 REGISTRY_DB = "ensemble_registry.db"
@@ -212,19 +213,6 @@ def original_distances(distances: torch.Tensor | np.ndarray, method: str) -> np.
     return np.where(keep, values, np.nan).astype(dtype)
 
 
-def history_metadata(history: MergeHistory) -> dict[str, Any]:
-    """The `metadata.json` a history's zip holds (what the original's `MergeHistory.read` keeps as `meta`)."""
-    metadata: dict[str, Any] = {
-        "merge_config": history.config.to_dict() if history.config is not None else None,
-        "c_components": history.c_components,
-        "n_iters_current": history.n_iters,
-        "labels": list(history.labels),
-    }
-    if history.seed is not None:
-        metadata["seed"] = int(history.seed)
-    return metadata
-
-
 @dataclass(frozen=True)
 class EnsembleExport:
     """What one ensemble export is made of: members in ensemble order with their histories and dataset seeds, the
@@ -290,20 +278,9 @@ def write_original_ensemble(export: EnsembleExport, out: str | os.PathLike[str])
                                         indent=2, ensure_ascii=False))
     _write_text(ensemble_dir / PIPELINE_CONFIG, yaml.dump(_pipeline_config(export, base_config)))
 
-    labels = _union_labels(export.histories)
-    metadatas = [{**history_metadata(history), "origin_path": str(path)}
-                 for history, path in zip(export.histories, history_paths)]
-    n_rows = [history.n_iters for history in export.histories]
-    meta = {
-        "component_labels": labels,
-        "n_ensemble": len(export.histories),
-        "n_iters_min": min(n_rows),
-        "n_iters_max": max(n_rows),
-        "n_iters_range": [min(n_rows), max(n_rows)],
-        "c_components": len(labels),
-        "config": merge_config.to_dict(),
-        "history_metadatas": metadatas,
-    }
+    meta = ensemble_metadata(export.histories, _union_labels(export.histories), origin_paths=history_paths)
+    if meta["config"] is None:  # histories that record no merge config: the experiment's
+        meta["config"] = merge_config.to_dict()
     _write_text(ensemble_dir / ENSEMBLE_META, json.dumps(meta, indent=2))
     _write_merge_array(ensemble_dir / ENSEMBLE_ARRAY, export.histories)
     for method, distances in export.distances.items():
@@ -367,16 +344,6 @@ def register_ensemble(registry: Path, ensemble_id: str, run_ids: Sequence[str]) 
             connection.executemany(
                 "INSERT INTO ensemble_runs (pipeline_run_id, idx, clustering_run_id) VALUES (?, ?, ?)",
                 [(ensemble_id, idx, run_id) for idx, run_id in enumerate(run_ids)])
-    finally:
-        connection.close()
-
-
-def registry_runs(registry: Path, ensemble_id: str) -> list[tuple[int, str]]:
-    """(idx, clustering_run_id) of an ensemble in an original registry, by idx."""
-    connection = sqlite3.connect(f"file:{registry}?mode=ro", uri=True)
-    try:
-        return [(int(idx), str(run)) for idx, run in connection.execute(
-            "SELECT idx, clustering_run_id FROM ensemble_runs WHERE pipeline_run_id = ? ORDER BY idx", (ensemble_id,))]
     finally:
         connection.close()
 

@@ -94,6 +94,13 @@ def test_the_folder_holds_what_the_original_pipeline_writes(tmp_path):
     assert meta["component_labels"] == ["a:0", "a:1", "b:0", "b:1"] and meta["n_ensemble"] == 2
     assert meta["n_iters_range"] == [2, 2] and meta["config"] == MergeConfig(iters=2).to_dict()
     assert [m["origin_path"] for m in meta["history_metadatas"]] == [str(d / "history.zip") for d in folder.run_dirs]
+    for entry, run_dir in zip(meta["history_metadatas"], folder.run_dirs):  # the original's meta: the file's metadata
+        with zipfile.ZipFile(run_dir / "history.zip") as archive:
+            assert entry == {**json.loads(archive.read("metadata.json")), "origin_path": str(run_dir / "history.zip")}
+    ours = normalize_ensemble([FIRST, SECOND]).metadata  # one metadata: spd_math's, with the files the original read
+    paths = [{"origin_path": str(d / "history.zip")} for d in folder.run_dirs]
+    assert meta == json.loads(json.dumps({**ours, "history_metadatas": [
+        {**entry, **path} for entry, path in zip(ours["history_metadatas"], paths)]}))
     with np.load(folder.ensemble_dir / "ensemble_merge_array.npz") as stored:
         assert list(stored) == ["merge_array"]
         assert np.array_equal(stored["merge_array"], original.original_merge_array([FIRST, SECOND])[0])
