@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from spd_assets.config import ExperimentConfigError, dump_config, load_config, parse_config
+from spd_assets.config import ExperimentConfig, ExperimentConfigError, dump_config, load_config, parse_config
 from spd_math import ActivationsError, ConfigError, MergeConfig, process_activations
 
 
@@ -203,3 +203,13 @@ def test_merge_config_is_parsed_once_and_written_back_with_the_original_keys():
     assert again == config and again.config_hash == config.config_hash
     renamed = config.model_copy(update={"name": "renamed"})
     assert renamed.config_hash != config.config_hash, "a copy is hashed anew, never with the original's cached hash"
+
+
+def test_setting_another_source_kind_leaves_the_default_kinds_settings_behind():
+    with pytest.raises(ExperimentConfigError) as raised:
+        load_config(None, ["source.kind=histories"])
+    assert str(raised.value).splitlines()[1:] == ["  source.directory: Field required"]
+    for overrides in (["source.kind=files", "source.directory=/data"], ["source.directory=/data", "source.kind=files"]):
+        source = load_config(None, overrides).source
+        assert source.kind == "files" and str(source.directory) == "/data" and source.n_members is None
+    assert load_config(None, ["source.n_members=4"]).source == ExperimentConfig().source.model_copy(update={"n_members": 4})

@@ -251,8 +251,14 @@ def parse_config(values: Any, *, origin: str = "config") -> ExperimentConfig:
 
 
 def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """`["merge_config.alpha=0.5", "name=alpha_half"]` set into a copy of `values`; values are read as YAML."""
+    """`["merge_config.alpha=0.5", "name=alpha_half"]` set into a copy of `values`; values are read as YAML.
+
+    Setting `source.kind` to another kind starts the source afresh: only the `source.*` keys set here are kept,
+    not the other kind's settings.
+    """
     values = json.loads(json.dumps(values, default=str))
+    kind_before = values.get("source", {}).get("kind") if isinstance(values.get("source"), dict) else None
+    source_keys_set = {}
     for override in overrides:
         key, separator, raw = override.partition("=")
         if not separator or not key.strip():
@@ -267,6 +273,16 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
             target[leaf] = yaml.safe_load(raw)
         except yaml.YAMLError as error:
             raise ExperimentConfigError(f"--set {override!r}: the value is not valid YAML: {error}") from None
+        if parents and parents[0] == "source":
+            source_keys_set[tuple([*parents[1:], leaf])] = target[leaf]
+    source = values.get("source")
+    if isinstance(source, dict) and source.get("kind") != kind_before:
+        values["source"] = {}
+        for path, value in source_keys_set.items():
+            section = values["source"]
+            for part in path[:-1]:
+                section = section.setdefault(part, {})
+            section[path[-1]] = value
     return values
 
 
