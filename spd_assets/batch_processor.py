@@ -3,7 +3,7 @@
 `BatchProcessor(n_workers, devices).process_all_batches(batches, config)` merges each batch file as
 `process_data_batch` does (the `files` source's reader, the member seed of the file's partition key), in
 worker processes that each lease a device exactly as the pipeline's steps do: an exclusive lock file per
-device under the results folder of the Dagster instance (`spd_assets.defs.devices`). A GPU a running
+device under the results folder of the Dagster instance (`spd_assets.deployment.devices`). A GPU a running
 pipeline holds is therefore never shared, and the pipeline waits for the devices held here.
 
 Nothing is recorded in Dagster: no lineage, no retries, no UI; the histories come back as values (save them
@@ -20,9 +20,9 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 
 from spd_assets.config import ExperimentConfig
-from spd_assets.defs.deployment import load_settings
-from spd_assets.defs.devices import lease_device, validate_devices
-from spd_assets.defs.home import dagster_home, results_store
+from spd_assets.deployment.devices import lease_device, validate_devices
+from spd_assets.deployment.home import dagster_home, results_store
+from spd_assets.deployment.settings import load_settings
 from spd_assets.errors import BatchProcessingError, DeviceError
 from spd_assets.processing import ConfigLike, experiment_config, process_data_batch
 from spd_math import MergeHistory

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from spd_assets.config import ExperimentConfig, load_config, parse_config
-from spd_assets.defs.home import dagster_home
+from spd_assets.deployment.home import dagster_home
 from spd_assets.errors import PipelineError
 from spd_assets.results import ClusteringResults
 from spd_assets.service.experiment import ExperimentPlan, Progress, run_experiment

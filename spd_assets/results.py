@@ -19,7 +19,7 @@ import polars as pl
 import torch
 
 from spd_assets.config import ExperimentConfig
-from spd_assets.defs.home import dagster_home, results_store
+from spd_assets.deployment.home import dagster_home, results_store
 from spd_assets.errors import StorageError
 from spd_assets.storage.experiments import registered_config
 from spd_assets.storage.schemas import TABLE_SCHEMAS

@@ -12,8 +12,8 @@ from dagster import DagsterInstance, Definitions
 
 from spd_assets.config import ExperimentConfig, parse_config
 from spd_assets.defs.definitions import build_definitions
-from spd_assets.defs.home import TEMPLATE_HOME, results_store
 from spd_assets.defs.jobs import ensemble_job_name, members_job_name
+from spd_assets.deployment.home import TEMPLATE_HOME, results_store
 from spd_assets.storage.store import ResultsStore
 from spd_assets.storage.values import value_format
 

@@ -1,6 +1,6 @@
 """The layers of the tree import only downward: every import statement of the two packages, lazy ones included.
 
-    spd_math  <  errors  <  config  <  storage  <  sources  <  analysis, processing  <  defs
+    spd_math  <  errors  <  config  <  storage  <  sources  <  analysis, processing  <  deployment  <  defs
               <  service, results, batch_processor  <  cli, notebook
 
 A module may import its own layer and the layers left of it; nothing outside `cli/` imports `cli/`.
@@ -22,6 +22,7 @@ LAYERS = [
     ("spd_assets.storage",),
     ("spd_assets.sources",),
     ("spd_assets.analysis", "spd_assets.processing"),
+    ("spd_assets.deployment",),
     ("spd_assets.defs",),
     ("spd_assets.service", "spd_assets.results", "spd_assets.batch_processor"),
     ("spd_assets.cli", "spd_assets.notebook", "spd_assets"),
@@ -94,10 +95,11 @@ def test_the_check_sees_an_upward_import(tmp_path, monkeypatch):
     (tmp_path / "spd_assets/storage/leak.py").write_text(
         "def f():\n    from spd_assets.service.experiment import run_experiment\n")
     monkeypatch.setitem(globals(), "ROOT", tmp_path)
-    assert upward_imports() == ["spd_assets/storage/leak.py:2 imports spd_assets.service.experiment (layer 7 above 3)"]
+    assert upward_imports() == ["spd_assets/storage/leak.py:2 imports spd_assets.service.experiment (layer 8 above 3)"]
 
 
 @pytest.mark.parametrize("module, rank", [("spd_math.merge", 0), ("spd_assets.config.sources", 2),
-                                          ("spd_assets.cli.main", 8), ("spd_assets", 8)])
+                                          ("spd_assets.deployment.home", 6), ("spd_assets.cli.main", 9),
+                                          ("spd_assets", 9)])
 def test_layers_are_ranked_by_longest_prefix(module, rank):
     assert layer_of(module) == rank

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from spd_assets.config import parse_config
-from spd_assets.defs.devices import LEASE_LOG, lease_device
+from spd_assets.deployment.devices import LEASE_LOG, lease_device
 from spd_assets.errors import BatchFileError, BatchProcessingError, DeviceError, StorageError
 from spd_assets.sources.synthetic import SyntheticParams, build_model, generate_batch
 from spd_assets.storage.lineage import fingerprint

@@ -41,7 +41,6 @@ from spd_assets.defs.dead_runs import (
     process_alive,
     reap_dead_runs,
 )
-from spd_assets.defs.deployment import load_settings
 from spd_assets.defs.io_managers import VALUE_TYPE_METADATA_KEY
 from spd_assets.defs.jobs import ensemble_job_name
 from spd_assets.defs.lineage import (
@@ -51,6 +50,7 @@ from spd_assets.defs.lineage import (
     recorded_materializations,
 )
 from spd_assets.defs.slurm import examine_slurm_jobs
+from spd_assets.deployment.settings import load_settings
 from spd_assets.errors import SpdClusterError
 from spd_assets.service.registration import carry_out
 from spd_assets.service.runs import RUN_TAG_EXPERIMENT, execute_run, run_config_for

@@ -43,7 +43,7 @@ def add_export_parser(commands) -> None:
 
 def run_export(args: argparse.Namespace) -> int:
     """Dispatch `spd-cluster export ...`; errors are printed without a traceback (exit 1)."""
-    from spd_assets.defs.home import point_at_instance
+    from spd_assets.deployment.home import point_at_instance
 
     home = point_at_instance()
     try:

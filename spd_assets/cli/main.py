@@ -10,7 +10,7 @@ from pathlib import Path
 
 from spd_assets.cli.export import add_export_parser, run_export
 from spd_assets.cli.sql import OUTPUT_FORMATS, emit, run_sql
-from spd_assets.defs.home import point_at_instance, results_store
+from spd_assets.deployment.home import point_at_instance, results_store
 from spd_assets.errors import SpdClusterError
 
 

@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append("source.dataset_streaming=true")
     given = [flag for flag in NOT_USED_FLAGS if getattr(args, flag) not in (None, False)]
     from spd_assets.cli.run import environment, run_config_file
-    from spd_assets.defs.deployment import EXECUTOR_ENV, load_settings
+    from spd_assets.deployment.settings import EXECUTOR_ENV, load_settings
 
     executor = {}
     if args.local is False:

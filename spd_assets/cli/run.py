@@ -12,8 +12,8 @@ from contextlib import contextmanager
 from spd_assets.cli.progress_view import ProgressView
 from spd_assets.cli.validate import describe_loaded, storage_of
 from spd_assets.config import ExperimentConfig, load_config_file
-from spd_assets.defs.deployment import SLURM_SETTING_ENVS
-from spd_assets.defs.home import PROJECT_ROOT, dagster_home
+from spd_assets.deployment.home import PROJECT_ROOT, dagster_home
+from spd_assets.deployment.settings import SLURM_SETTING_ENVS
 from spd_assets.errors import SpdClusterError
 from spd_assets.service.experiment import ExperimentPlan, ExperimentRun, Interrupted, Progress, run_experiment
 from spd_assets.service.runs import CheckOutcome, RunOutcome

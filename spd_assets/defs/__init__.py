@@ -11,7 +11,8 @@
 - `io_managers`  values to their files, tables to Parquet
 - `jobs`         per-member and whole-ensemble jobs
 - `executors`    multiprocess, in-process or Kubernetes
-- `devices`      exclusive device leases (GPUs or CPU slots)
-- `deployment`   settings of this machine or cluster (`$DAGSTER_HOME/spd_cluster.yaml`)
-- `home`         where the Dagster instance and its results folder are
+- `slurm`        a member's device step as one SLURM job
+- `remote_step`  what that job runs on a node
+
+Where steps run (settings, devices, the instance) is `spd_assets.deployment`, below this package.
 """

@@ -49,7 +49,6 @@ from dagster import (
 from spd_assets.analysis.plots import markdown_image
 from spd_assets.config import ExperimentConfig
 from spd_assets.defs import checks, steps
-from spd_assets.defs.deployment import DEVICE_POOL, SlurmSettings
 from spd_assets.defs.io_managers import VALUE_TYPE_METADATA_KEY
 from spd_assets.defs.lineage import (
     CONFIG_HASH_METADATA_KEY,
@@ -58,6 +57,7 @@ from spd_assets.defs.lineage import (
     materialization_records,
 )
 from spd_assets.defs.resources import ActivationSourceResource, DevicePoolResource, source_resource_key
+from spd_assets.deployment.settings import DEVICE_POOL, SlurmSettings
 from spd_assets.sources import SOURCES
 from spd_assets.storage import original_export, tables
 from spd_assets.storage.checkpoints import DEFAULT_INTERVAL_S, checkpoint_path

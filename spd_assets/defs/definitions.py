@@ -19,9 +19,7 @@ from spd_assets.defs.assets import (
     VALUE_IO_MANAGER_KEY,
     experiment_assets,
 )
-from spd_assets.defs.deployment import DeploymentSettings, load_settings
 from spd_assets.defs.executors import device_op_tags, executor_for
-from spd_assets.defs.home import dagster_home, results_store
 from spd_assets.defs.io_managers import TableIOManager, ValueIOManager
 from spd_assets.defs.jobs import experiment_jobs
 from spd_assets.defs.resources import (
@@ -31,6 +29,8 @@ from spd_assets.defs.resources import (
     source_resource_key,
 )
 from spd_assets.defs.sensors import dead_runs
+from spd_assets.deployment.home import dagster_home, results_store
+from spd_assets.deployment.settings import DeploymentSettings, load_settings
 from spd_assets.errors import SpdClusterError
 from spd_assets.sources import source_for
 from spd_assets.storage.experiments import registered_experiments

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dagster import ExecutorDefinition, in_process_executor, multi_or_in_process_executor
 
-from spd_assets.defs.deployment import DeploymentSettings
+from spd_assets.deployment.settings import DeploymentSettings
 
 
 def executor_for(settings: DeploymentSettings) -> ExecutorDefinition:

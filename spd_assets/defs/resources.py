@@ -11,8 +11,8 @@ from dagster import ConfigurableResource, InitResourceContext
 from pydantic import PrivateAttr
 
 from spd_assets.config import ExperimentConfig
-from spd_assets.defs.deployment import DEVICE_POOL
-from spd_assets.defs.devices import Lease, lease_device
+from spd_assets.deployment.devices import Lease, lease_device
+from spd_assets.deployment.settings import DEVICE_POOL
 from spd_assets.errors import StorageError
 from spd_assets.sources import ActivationSource, source_for
 from spd_assets.storage.store import ResultsStore, default_results_root
@@ -67,7 +67,7 @@ def source_resource_key(experiment: str) -> str:
 
 
 class DevicePoolResource(ConfigurableResource):
-    """The devices steps lease exclusively (GPUs, or CPU slots); see `spd_assets.defs.devices`."""
+    """The devices steps lease exclusively (GPUs, or CPU slots); see `spd_assets.deployment.devices`."""
 
     storage: StorageResource
     devices: list[str]

@@ -35,7 +35,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from spd_assets.defs.deployment import SlurmSettings
+from spd_assets.deployment.settings import SlurmSettings
 from spd_assets.errors import SlurmError
 
 # Run tag and materialization metadata key of a step's SLURM job id.

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from spd_assets.defs.deployment import POSTGRES_URL_ENV, DeploymentSettings
+from spd_assets.deployment.settings import POSTGRES_URL_ENV, DeploymentSettings
 from spd_assets.errors import DeploymentError
 
 

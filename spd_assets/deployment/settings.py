@@ -17,8 +17,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from spd_assets.defs.devices import validate_devices, visible_devices
-from spd_assets.defs.home import dagster_home
+from spd_assets.deployment.devices import validate_devices, visible_devices
+from spd_assets.deployment.home import dagster_home
 from spd_assets.errors import DeploymentError, DeviceError
 
 SETTINGS_FILE = "spd_cluster.yaml"

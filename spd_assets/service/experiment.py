@@ -25,12 +25,12 @@ from pathlib import Path
 
 from spd_assets.config import ExperimentConfig
 from spd_assets.defs.dead_runs import reap_dead_runs
-from spd_assets.defs.deployment import DEVICE_POOL, DeploymentSettings, load_settings
-from spd_assets.defs.devices import leases_at_once
-from spd_assets.defs.home import results_store
 from spd_assets.defs.jobs import ensemble_job_name, members_job_name
 from spd_assets.defs.resources import pool_limit
 from spd_assets.defs.slurm import cancel_jobs_of
+from spd_assets.deployment.devices import leases_at_once
+from spd_assets.deployment.home import results_store
+from spd_assets.deployment.settings import DEVICE_POOL, DeploymentSettings, load_settings
 from spd_assets.errors import UsageError
 from spd_assets.service import memory
 from spd_assets.service.preflight import members_at_once_that_fit, preflight

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from spd_assets.defs.dead_runs import RUN_TAG_HOST, RUN_TAG_PID
-from spd_assets.defs.home import TEMPLATE_HOME
+from spd_assets.deployment.home import TEMPLATE_HOME
 from spd_assets.errors import InstanceUnreachableError
 
 # Each member's run executes in a worker process of its own, and members run in parallel over workers; with
@@ -58,8 +58,8 @@ def prepare_instance(home: Path) -> Path:
     template = TEMPLATE_HOME / "dagster.yaml"
     if not (home / "dagster.yaml").exists() and template.exists():
         shutil.copy(template, home / "dagster.yaml")
-    from spd_assets.defs.deployment import load_settings
-    from spd_assets.defs.instance_storage import configure_instance_storage
+    from spd_assets.deployment.instance_storage import configure_instance_storage
+    from spd_assets.deployment.settings import load_settings
 
     configure_instance_storage(home, load_settings(home))
     # Create the instance's storage once, here: parallel workers creating it together would race.
@@ -103,7 +103,7 @@ def unreachable_instance(error: BaseException, home: Path | None = None) -> Inst
         return None
     from urllib.parse import urlsplit
 
-    from spd_assets.defs.deployment import SETTINGS_FILE, load_settings
+    from spd_assets.deployment.settings import SETTINGS_FILE, load_settings
 
     try:
         url = urlsplit(load_settings(home).postgres_url or "")

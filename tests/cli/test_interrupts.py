@@ -13,8 +13,8 @@ import pytest
 import yaml
 from dagster import DagsterRunStatus, RunsFilter
 
-from spd_assets.defs.deployment import DEVICE_POOL
-from spd_assets.defs.devices import LEASE_LOG, holders
+from spd_assets.deployment.devices import LEASE_LOG, holders
+from spd_assets.deployment.settings import DEVICE_POOL
 from tests.faults.invariants import children_of, no_orphans
 from tests.pipeline_helpers import SMALL_SYNTHETIC, instance_at, make_home
 

@@ -16,9 +16,9 @@ from dagster import AssetKey, DagsterEventType, DagsterRunStatus, Definitions, R
 
 from spd_assets.defs.dead_runs import reap_dead_runs
 from spd_assets.defs.definitions import build_definitions
-from spd_assets.defs.deployment import DEVICE_POOL, DeploymentSettings, load_settings
-from spd_assets.defs.devices import LEASE_LOG, DeviceError, holders, lease_device
 from spd_assets.defs.sensors import dead_runs
+from spd_assets.deployment.devices import LEASE_LOG, DeviceError, holders, lease_device
+from spd_assets.deployment.settings import DEVICE_POOL, DeploymentSettings, load_settings
 from tests.pipeline_helpers import SMALL_SYNTHETIC, instance_at, make_home, small_config
 
 # Members whose merge takes long enough (seconds) that concurrently started runs surely overlap.
@@ -92,7 +92,7 @@ def test_five_concurrent_runs_share_two_slots_without_overlap(tmp_path, devices,
 HOLDER_SCRIPT = """
 import sys, time
 from pathlib import Path
-from spd_assets.defs.devices import lease_device
+from spd_assets.deployment.devices import lease_device
 with lease_device(["cpu:0"], Path(sys.argv[1]), holder={"who": "doomed"}, timeout_s=5):
     print("leased", flush=True)
     time.sleep(600)

@@ -11,9 +11,9 @@ import polars as pl
 
 from spd_assets.config import ExperimentConfig
 from spd_assets.defs.dead_runs import IN_FLIGHT, process_alive
-from spd_assets.defs.deployment import DEVICE_POOL
-from spd_assets.defs.devices import holders
 from spd_assets.defs.lineage import materialization_records
+from spd_assets.deployment.devices import holders
+from spd_assets.deployment.settings import DEVICE_POOL
 from spd_assets.sources import source_for
 from spd_assets.storage.lineage import lineage_tables
 from spd_assets.storage.store import ResultsStore

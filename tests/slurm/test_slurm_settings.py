@@ -7,9 +7,9 @@ import yaml
 from dagster import AssetKey
 
 from spd_assets.defs.definitions import build_definitions
-from spd_assets.defs.deployment import DeploymentSettings, load_settings
-from spd_assets.defs.instance_storage import configure_instance_storage
 from spd_assets.defs.slurm import SlurmStepClient
+from spd_assets.deployment.instance_storage import configure_instance_storage
+from spd_assets.deployment.settings import DeploymentSettings, load_settings
 from spd_assets.errors import DeploymentError
 from tests.pipeline_helpers import make_home, small_config
 
