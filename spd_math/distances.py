@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from spd_math import assignment, contingency
-from spd_math.ensemble import NormalizedEnsemble
 from spd_math.errors import DistanceError
+from spd_math.normalized import NormalizedEnsemble
 from spd_math.registry import Registry
 from spd_math.validation import integer_labels
 
