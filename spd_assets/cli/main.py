@@ -107,7 +107,8 @@ def run_doctor(args) -> int:
     """`spd-cluster doctor`: compare Dagster's record with the files and processes, repair; the exit status."""
     from dagster import DagsterInstance
 
-    from spd_assets.cli.doctor import examine, report
+    from spd_assets.cli.doctor import report
+    from spd_assets.service.doctor import examine
     from spd_assets.service.runs import prepare_instance
 
     home = prepare_instance(point_at_instance())

@@ -209,9 +209,9 @@ def test_spd_clustering_no_local_submits_to_slurm_with_the_pipeline_partition_an
 
 
 def test_doctor_fails_a_run_whose_job_is_gone(tmp_path, slurm_cluster, monkeypatch):
-    from spd_assets.cli.doctor import examine
     from spd_assets.defs import slurm
     from spd_assets.defs.dead_runs import RUN_TAG_HOST
+    from spd_assets.service.doctor import examine
 
     home = slurm_home(tmp_path / "home")
     process = cli(home, "run", "--config", str(slow_config(tmp_path)), "--members", "member_000")
