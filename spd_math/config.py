@@ -124,9 +124,13 @@ class MergeConfig:
             close = difflib.get_close_matches(str(key), known, n=1)
             meant = f"; did you mean {close[0]!r}?" if close else ""
             problems.append(f"{key}: unknown key {key!r}{meant} (keys here: {', '.join(sorted(known))})")
+        try:  # the known keys' values are checked too, so every problem is named at once
+            config = cls(**{key: value for key, value in values.items() if key in known})
+        except ConfigError as error:
+            problems += str(error).splitlines()
         if problems:
             raise ConfigError("\n".join(problems))
-        return cls(**values)
+        return config
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict with the original keys."""

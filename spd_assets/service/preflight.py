@@ -10,9 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from spd_assets.config import ExperimentConfig
-from spd_assets.errors import MemoryFitError
+from spd_assets.errors import ExperimentConfigError, MemoryFitError
 from spd_assets.sources import ActivationSource, RunTimeNeed, source_for
 from spd_assets.sources.streaming import BYTES_PER_VALUE, check_memory_budget, kept_widths, n_samples
+from spd_math.merge import MIN_GROUPS, planned_merges
 from spd_math.state import merge_state_bytes
 
 
@@ -52,7 +53,32 @@ def preflight(config: ExperimentConfig, *, check_all: bool) -> Preflight:
                 size = samples * components * BYTES_PER_VALUE
             elif merge.activation_threshold is None:  # streamed: with a threshold only the entries above it are kept
                 size = check_memory_budget(samples, components, source.memory_budget_bytes, what="each member")
+    check_consensus_range(config, None if shape is None else shape[1])
     return Preflight(source, source.member_keys(), needs, check_all or ready, shape, size, source.has_token_batches)
+
+
+def check_consensus_range(config: ExperimentConfig, components: int | None) -> None:
+    """Raise `ExperimentConfigError` where `consensus.iteration` or `consensus.k` is sure to fall outside every
+    member's merges, so the mistake is said before any member runs, not after all of them.
+
+    `components` is one member's count before dead ones are dropped (None where not known before running): the
+    members merge at most `planned_merges(components, iters)` times, from at most `components` groups.
+    """
+    consensus, iters = config.consensus, config.merge_config.iters
+    if consensus.iteration is not None:
+        most = iters if components is None else planned_merges(components, iters)
+        if most is not None and consensus.iteration >= most:
+            why = f"merge_config.iters is {iters}" if components is None else (
+                f"members of {components:,} components make at most {most:,} merges with merge_config.iters "
+                f"{'null' if iters is None else iters}")
+            raise ExperimentConfigError(f"consensus.iteration: expected 0..{most - 1}, got {consensus.iteration}: {why}")
+    if consensus.k is not None and components is not None and components > MIN_GROUPS:
+        if consensus.k >= components:
+            raise ExperimentConfigError(f"consensus.k: expected fewer groups than a member's {components:,} components "
+                                        f"(the merge starts from them), got {consensus.k:,}")
+        if consensus.k < MIN_GROUPS:
+            raise ExperimentConfigError(f"consensus.k: expected at least {MIN_GROUPS} (the merge stops at {MIN_GROUPS} "
+                                        f"groups), got {consensus.k}")
 
 
 # A worker process before it holds any data: Python, torch, Dagster, Numba and the code location.

@@ -56,3 +56,11 @@ def test_invalid_config_is_rejected_before_any_work(tmp_path):
     assert "merge_config" in stderr and "sampler" in stderr
     assert "source.n_members" in stderr and "source.synthetic" not in stderr, "keys as written in the file"
     assert not (home / "spd_cluster").exists(), "nothing may be written for an invalid config"
+    assert "merge_config.alpha: expected a number >= 0.0" in stderr, "the known keys' values are checked too"
+
+    # A consensus setting outside every member's merges is said before any member runs, not after all of them.
+    config_path.write_text(yaml.safe_dump({"name": "bad", "source": SMALL_SYNTHETIC, "consensus": {"k": 100_000}}))
+    process = run_cli(["run", "--config", str(config_path)], home)
+    stdout, stderr = process.communicate()
+    assert process.returncode == 2 and "consensus.k: expected fewer groups than a member's" in stderr, stderr
+    assert not (home / "spd_cluster" / "bad").exists(), "no member may run"
