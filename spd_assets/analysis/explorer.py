@@ -3,7 +3,8 @@
 `explorer_data` gathers what the page shows into plain JSON-able values; `explorer_html` puts
 them into the page (`explorer.html`, plain HTML, CSS and JavaScript, no external resources), so
 the file opens from disk in any browser. The page lists the consensus clusters (sorted by size,
-stability or activation frequency), filters them by component label, and opens one to show its
+stability or activation frequency), filters them by component label (saying when a label is a
+component in no cluster, or no component of the experiment at all), and opens one to show its
 components grouped by module, how much each member agrees with it, and, when the experiment's
 source has token batches, the top-activating token contexts with the tokens highlighted
 (`analysis.contexts`).
@@ -11,6 +12,8 @@ source has token batches, the top-activating token contexts with the tokens high
 Data model (`explorer_data`'s return value)::
 
     experiment, iteration, rule, threshold, members, n_components, n_unclustered, has_contexts
+    unclustered: [label]   components merged but in no cluster (sorted), n_unclustered of them
+    dead: [label]          components dead in every member: never merged, so in no cluster (sorted)
     clusters: [{id, size, stability, activation_frequency,
                 member_agreement: [fraction of the cluster's pairs sharing a group, per member],
                 modules: [{module, components: [{label, index, stability, activation_frequency, members_present}]}],
@@ -65,6 +68,13 @@ def _member_agreement(partitions: np.ndarray, items: np.ndarray) -> list[float]:
     return agreement
 
 
+def _dead_everywhere(component_stats: pl.DataFrame, merged: Sequence[str]) -> list[str]:
+    """Labels of `component_stats` dead in every member that has them and absent from the merged labels: the dead
+    filter dropped them before merging, so they are components of the experiment in no cluster."""
+    dead = component_stats.group_by("label").agg(pl.col("dead").all()).filter(pl.col("dead"))["label"].to_list()
+    return sorted(set(dead) - set(merged))
+
+
 def explorer_data(experiment: str, consensus: ConsensusClusters, partitions: np.ndarray, component_stats: pl.DataFrame,
                   contexts: Mapping[int, Sequence[TokenContext]] | None = None) -> dict:
     """What the explorer shows, as JSON-able values (see the module's docstring).
@@ -115,6 +125,8 @@ def explorer_data(experiment: str, consensus: ConsensusClusters, partitions: np.
         "members": list(consensus.members),
         "n_components": len(consensus.labels),
         "n_unclustered": int((consensus.cluster_of < 0).sum()),
+        "unclustered": sorted(np.asarray(consensus.labels, dtype=object)[consensus.cluster_of < 0].tolist()),
+        "dead": _dead_everywhere(component_stats, consensus.labels),
         "has_contexts": contexts is not None,
         "clusters": clusters,
     }

@@ -38,6 +38,13 @@ def test_data_describes_every_cluster(data):
     live = stats.filter((stats["label"] == some["label"]) & ~stats["dead"])
     assert some["activation_frequency"] == pytest.approx(live["activation_frequency"].mean(), abs=1e-4)
     assert explored["has_contexts"] is False
+    # Every component of the experiment is named once: in a cluster, merged but in no cluster, or dead everywhere.
+    clustered = [c["label"] for cluster in explored["clusters"] for m in cluster["modules"] for c in m["components"]]
+    assert explored["unclustered"] == sorted(np.array(consensus.labels)[consensus.cluster_of < 0])
+    assert len(explored["unclustered"]) == explored["n_unclustered"] > 0
+    dead_everywhere = set(stats["label"]) - set(stats.filter(~stats["dead"])["label"])
+    assert explored["dead"] == sorted(dead_everywhere) and explored["dead"]
+    assert sorted(clustered + explored["unclustered"] + explored["dead"]) == sorted(stats["label"].unique())
 
 
 def write_page(tmp_path: Path, data: dict) -> Path:
@@ -62,9 +69,30 @@ def test_page_loads_searches_and_opens_a_cluster(browser, data, tmp_path):
     items = page.locator("#cluster-list li")
     assert items.count() == len(holding) >= 1
     assert sorted(int(items.nth(i).get_attribute("data-cluster")) for i in range(items.count())) == sorted(holding)
+    assert page.locator("#search-status").inner_text() == f"{wanted} is in cluster {explored['clusters'][-1]['id']}."
     page.fill("#search", "no-such-component")
     assert page.locator("#cluster-list li").count() == 0
+    assert page.locator("#search-status").inner_text() == "No component no-such-component in this experiment."
+
+    # A component in no cluster, or dead in every member, says so; one the experiment lacks says that instead,
+    # with the labels a typo away to choose from.
+    status = page.locator("#search-status")
+    alone, dead = explored["unclustered"][0], explored["dead"][0]
+    page.fill("#search", alone)
+    needed = int(np.ceil(consensus.threshold * len(consensus.members)))
+    assert status.inner_text() == (
+        f"{alone} is in no cluster at this threshold: at iteration {consensus.iteration} it shares a group with no other "
+        f"component in at least {needed} of the {len(consensus.members)} members ({100 * consensus.threshold:.1f}%).")
+    page.fill("#search", dead.upper())
+    assert status.inner_text().startswith(f"{dead} is in no cluster: it is dead in every member")
+    typo = wanted.replace("layers", "layars")
+    page.fill("#search", typo)
+    assert status.inner_text().startswith(f"No component {typo} in this experiment. Did you mean {wanted}")
+    assert page.locator("#cluster-list li").count() == 0
+    status.locator("button", has_text=wanted).first.click()
+    assert page.input_value("#search") == wanted and page.locator("#cluster-list li").count() == len(holding)
     page.fill("#search", "")
+    assert status.is_hidden()
 
     # Sorting by stability puts the most stable first.
     page.select_option("#sort", "stability")
