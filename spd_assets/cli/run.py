@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 from collections import defaultdict
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Mapping
 
 from spd_assets.cli.progress_view import ProgressView
 from spd_assets.cli.validate import describe_loaded, storage_of
 from spd_assets.config import ExperimentConfig, load_config_file
 from spd_assets.deployment.home import PROJECT_ROOT, dagster_home
-from spd_assets.deployment.settings import SLURM_SETTING_ENVS
 from spd_assets.errors import SpdClusterError
 from spd_assets.service.experiment import ExperimentPlan, ExperimentRun, Interrupted, Progress, run_experiment
 from spd_assets.service.runs import CheckOutcome, RunOutcome
@@ -115,9 +112,9 @@ def check_summary(checks: list[CheckOutcome]) -> list[str]:
             failed = [e for e in evaluations if not e.passed]
             if failed:
                 label = "warning" if all(e.severity == "WARN" for e in failed) else "FAILED"
-                members = ", ".join(e.partition or "-" for e in failed)
-                reason = f": {failed[0].description}" if failed[0].description else ""
-                part += f" ({label}: {members}{reason})"
+                # A member's check names the members that failed it; a whole-experiment check only its reason.
+                said = [", ".join(e.partition for e in failed if e.partition), failed[0].description]
+                part += f" ({label}: {': '.join(filter(None, said)) or 'no reason given'})"
             parts.append(part)
         lines.append(f"  {asset:<22} " + "; ".join(parts))
     return lines
@@ -163,24 +160,11 @@ def interruption_line(run: ExperimentRun) -> str:
             f"{flight} and {len(stopped.queued)} queued member(s); {len(stopped.finished)} finished before{jobs}")
 
 
-@contextmanager
-def environment(variables: dict[str, str]) -> Iterator[None]:
-    """`variables` set in this process's environment (which worker processes inherit) for a `with` block."""
-    previous = {name: os.environ.get(name) for name in variables}
-    os.environ.update(variables)
-    try:
-        yield
-    finally:
-        for name, value in previous.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
 def run_config_file(path, overrides: list[str], *, parallel: int | None = None, only_members: list[str] | None = None,
-                    program: str = "spd-cluster", not_used_flags: list[str] = (), replace: bool = False) -> int:
-    """Load a config file (an experiment config or an original one) and run it; 2 when it is invalid."""
+                    program: str = "spd-cluster", not_used_flags: list[str] = (), replace: bool = False,
+                    executor: str | None = None) -> int:
+    """Load a config file (an experiment config or an original one) and run it (on `executor`, default the
+    deployment's); 2 when it is invalid."""
     try:
         loaded = load_config_file(path, overrides)
     except SpdClusterError as error:
@@ -190,20 +174,20 @@ def run_config_file(path, overrides: list[str], *, parallel: int | None = None, 
         print(line)
     if not_used_flags:
         print(f"  flags not used here: {' '.join(not_used_flags)}")
-    # An original pipeline's SLURM keys: for this invocation's jobs (its worker processes inherit them).
-    slurm = {SLURM_SETTING_ENVS[setting]: value for setting, value in loaded.slurm.items()}
     try:
-        with environment(slurm):
-            return run_and_print(loaded.config, parallel=parallel, only_members=only_members, replace=replace,
-                                 program=program)
+        # An original pipeline's SLURM keys: for this invocation's jobs.
+        return run_and_print(loaded.config, parallel=parallel, only_members=only_members, replace=replace,
+                             program=program, executor=executor, slurm=loaded.slurm)
     except SpdClusterError as error:
         print(f"{program}: {error}", file=sys.stderr)
         return 2
 
 
 def run_and_print(config: ExperimentConfig, *, parallel: int | None, only_members: list[str] | None,
-                  replace: bool = False, program: str = "spd-cluster") -> int:
-    """Run `config` in the instance of DAGSTER_HOME, printing as it goes; the exit status.
+                  replace: bool = False, program: str = "spd-cluster", executor: str | None = None,
+                  slurm: Mapping[str, str] | None = None) -> int:
+    """Run `config` in the instance of DAGSTER_HOME (`executor` and `slurm` settings over the deployment's),
+    printing as it goes; the exit status.
 
     0 when every member and the ensemble succeeded, 1 when some failed, 130/143 after Ctrl-C/SIGTERM.
     """
@@ -212,7 +196,7 @@ def run_and_print(config: ExperimentConfig, *, parallel: int | None, only_member
     printer = _Printer(stopper)
     try:
         run = run_experiment(config, home=dagster_home(), parallel=parallel, only_members=only_members,
-                             replace=replace, origin=program, progress=printer)
+                             replace=replace, origin=program, progress=printer, executor=executor, slurm=slurm)
     except Interrupted as stopped:  # before any member started (SIGTERM; Ctrl-C is the command line's to say)
         print(f"{program}: interrupted ({signal.Signals(stopped.signum).name}) before any member started",
               file=sys.stderr)

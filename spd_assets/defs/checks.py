@@ -75,7 +75,9 @@ def every_component_assigned(ensemble: MemberEnsemble) -> AssetCheckResult:
     else:
         unassigned = int((aligned.merges < 0).sum())
     return AssetCheckResult(check_name="every_component_assigned", passed=unassigned == 0,
-                            metadata={"unassigned_entries": unassigned})
+                            metadata={"unassigned_entries": unassigned},
+                            description=f"{unassigned:,} (member, iteration, component) entries have no group"
+                            if unassigned else None)
 
 
 def all_members_present(ensemble: MemberEnsemble) -> AssetCheckResult:
@@ -85,6 +87,8 @@ def all_members_present(ensemble: MemberEnsemble) -> AssetCheckResult:
         passed=not ensemble.missing,
         severity=AssetCheckSeverity.WARN,
         metadata={"missing_members": MetadataValue.json(ensemble.missing)},
+        description=f"the ensemble was built without {', '.join(ensemble.missing)} (no merge history stored)"
+        if ensemble.missing else None,
     )
 
 
@@ -97,4 +101,4 @@ def symmetric_with_zero_diagonal(by_method: dict[str, torch.Tensor]) -> AssetChe
         if bool(values.diagonal(dim1=1, dim2=2).any()):
             problems.append(f"{method}: nonzero diagonal")
     return AssetCheckResult(check_name="symmetric_with_zero_diagonal", passed=not problems,
-                            metadata={"problems": MetadataValue.json(problems)})
+                            metadata={"problems": MetadataValue.json(problems)}, description="; ".join(problems) or None)

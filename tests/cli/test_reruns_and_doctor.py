@@ -73,6 +73,23 @@ def test_each_run_prints_a_check_summary_per_asset(reruns):
     assert "partition_sizes 1/1 passed" in rerun.split("checks:\n", 1)[1]
 
 
+def test_a_failed_check_says_its_members_and_its_reason_and_nothing_stray():
+    from spd_assets.cli.run import check_summary
+    from spd_assets.service.runs import CheckOutcome
+
+    lines = check_summary([
+        CheckOutcome("merge_history", "partition_sizes", "member_000", True, "ERROR", None),
+        CheckOutcome("merge_history", "partition_sizes", "member_001", False, "ERROR", "group sizes do not sum to c"),
+        CheckOutcome("normalized_ensemble", "all_members_present", None, False, "WARN", None),
+        CheckOutcome("consensus_clusters", "mdl_minimum_inside_the_merge", None, False, "WARN", "the MDL loss is lowest"),
+    ])
+    assert lines == [
+        "  merge_history          partition_sizes 1/2 passed (FAILED: member_001: group sizes do not sum to c)",
+        "  normalized_ensemble    all_members_present 0/1 passed (warning: no reason given)",
+        "  consensus_clusters     mdl_minimum_inside_the_merge 0/1 passed (warning: the MDL loss is lowest)",
+    ]
+
+
 @pytest.mark.slow  # doctor after kills: also every cycle of tests/faults/test_kill_cycles.py
 def test_doctor_repairs_what_killed_steps_and_deleted_files_leave_and_says_what_to_recompute(reruns):
     """Three kinds of damage at once: a value file overwritten by a step killed before Dagster recorded it

@@ -70,7 +70,9 @@ def test_each_format_materializes_and_broken_files_fail_only_their_partition(tmp
         check = instance.event_log_storage.get_asset_check_execution_history(
             AssetCheckKey(AssetKey(["from_files", "normalized_ensemble"]), "all_members_present"), limit=1
         )[0]
-        assert not check.event.dagster_event.event_specific_data.passed
+        evaluation = check.event.dagster_event.event_specific_data
+        assert not evaluation.passed
+        assert evaluation.description == "the ensemble was built without b1, b3 (no merge history stored)"
 
     with connect_read_only(store_at(home)) as connection:
         statuses = dict(connection.execute(
