@@ -1,13 +1,15 @@
 """Shared test helpers: where the golden vectors live, and the one way a test skips without them; the
 `browser` fixture.
 
-Golden vectors are read from ../shared/golden relative to the project root (CI always has
-them); where that folder is absent (a user's clone of the project alone), every golden test
-skips with the reason below and all other tests still run.
+Golden vectors are read from ../shared/golden relative to the project root; where that folder
+is absent (a user's clone of the project alone), every golden test skips with the reason below
+and all other tests still run. CI sets SPD_CLUSTER_REQUIRE_GOLDEN=1, which turns that skip into
+a failure: there the math is always checked against them.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,7 @@ from tests.browser import browser  # noqa: F401 (a fixture: a real Chromium for 
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 GOLDEN_DIR = PROJECT_ROOT.parent / "shared" / "golden"
+REQUIRE_GOLDEN_ENV = "SPD_CLUSTER_REQUIRE_GOLDEN"
 
 
 def golden_files(pattern: str) -> list[Path]:
@@ -28,7 +31,10 @@ def golden_files(pattern: str) -> list[Path]:
 def load_golden(path: Path) -> dict[str, np.ndarray]:
     """All arrays of one golden file; skips the calling test when the file is not there."""
     if not path.exists():
-        pytest.skip(f"golden vectors not found at {GOLDEN_DIR} (they live in ../shared/golden next to the project)")
+        reason = f"golden vectors not found at {path} (they live in ../shared/golden next to the project)"
+        if os.environ.get(REQUIRE_GOLDEN_ENV) == "1":
+            pytest.fail(f"{reason}; {REQUIRE_GOLDEN_ENV}=1 requires them")
+        pytest.skip(reason)
     with np.load(path) as data:
         return {key: data[key] for key in data.files}
 
