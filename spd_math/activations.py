@@ -26,6 +26,7 @@ STATS_CHUNK_ENTRIES = 1 << 26
 REMAP_BLOCK = 1 << 24  # column indices remapped at a time when dead components are dropped
 MIN_CAPACITY = 1 << 16  # kept entries a compact builder makes room for at first
 STATISTICS_BLOCK = 1024  # fewest columns per work item of the compiled chunk statistics
+COMPILED_DTYPES = (np.float32, np.float64)  # CPU chunks the compiled path reads; others (float16) go through NumPy
 ROW_ORDER_SUM_ENTRIES = 1 << 24  # entries a device chunk's row-order sums scan at a time
 
 
@@ -344,7 +345,7 @@ class CompactActivationsBuilder:
             self._add_tensor(values)
             return
         array = values.numpy()
-        if kernels.AVAILABLE and array.dtype in (np.float32, np.float64):
+        if array.dtype in COMPILED_DTYPES:
             self._add_compiled(np.ascontiguousarray(array))  # a no-op for the usual contiguous chunk
             return
         self._refuse_nonfinite(nonfinite_columns(values).tolist())

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from spd_math.kernels import AVAILABLE, compiled, max_threads, parallel_range, thread_id
+from spd_math.kernels import compiled, max_threads, parallel_range, thread_id
 
 # Larger than every distance a search can reach (distances are at most n).
 UNREACHED = np.iinfo(np.int64).max // 4
@@ -502,4 +502,4 @@ def matched_totals(merges: np.ndarray, n_ids: int, first: np.ndarray, second: np
     return totals
 
 
-__all__ = ["AVAILABLE", "matched_totals", "matched_totals_of_merges"]
+__all__ = ["matched_totals", "matched_totals_of_merges"]

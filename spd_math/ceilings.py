@@ -110,20 +110,13 @@ class CeilingIndex:
         return counts
 
 
-def _merged_counts(s: np.ndarray, r: np.ndarray, alpha: float, cutoff: float) -> np.ndarray:
-    """Per merged group, the other merged groups it pairs with at a ceiling `<= cutoff`."""
-    if kernels.AVAILABLE:
-        return _merged_counts_compiled(s, r, alpha, cutoff)
-    ceilings = (s[:, None] * r[None, :] + s[None, :] * r[:, None]) * alpha
-    under = ceilings <= cutoff
-    return under.sum(axis=1) - under.diagonal()
-
-
 @kernels.compiled()
-def _merged_counts_compiled(s, r, alpha, cutoff):  # pragma: no cover - compiled
-    """The merged groups by size, each size's counts sorted: for a row i and the groups j of one size, the
+def _merged_counts(s, r, alpha, cutoff):  # pragma: no cover - compiled
+    """Per merged group, the other merged groups it pairs with at a ceiling `<= cutoff`.
+
+    The merged groups by size, each size's counts sorted: for a row i and the groups j of one size, the
     ceiling fl(fl(fl(s_i·r_j) + fl(s_j·r_i))·α) is monotone in s_j, so the pairs under the cutoff are a prefix,
-    found by bisection on the exact float predicate (the rounding of the NumPy expression: no FMA). Merged groups
+    found by bisection on the exact float predicate (rounded as `pair_ceilings` computes it: no FMA). Merged groups
     come in few sizes, so a row costs a few bisections, not a pass over every merged group."""
     m = s.size
     counts = np.zeros(m, np.int64)

@@ -11,7 +11,7 @@ How the counts are made depends on the device and the measured density:
   compiled Gustavson product that adds one to `Q[i, j]` for every sample holding both i and
   j (work ~ Σ_s active_s², never a near-dense sparse intermediate), writing the upper
   triangle straight into the narrow count matrix and mirroring it.
-- otherwise (dense masks, other devices, or no Numba): chunked float32 products of 0/1
+- otherwise (dense masks, other devices): chunked float32 products of 0/1
   rows, exact while a chunk has fewer than 2**24 rows.
 
 Continuous mode keeps the dense float64 product of the original engine, chunk by chunk, so
@@ -42,8 +42,6 @@ SPARSE_DENSITY = 0.1
 COUNT_BLOCK_ROWS = 32
 # Tile size of the cache-friendly mirror of the upper triangle.
 MIRROR_TILE = 64
-# A float32 product is exact while every count stays below 2**24.
-FLOAT32_EXACT_ROWS = 1 << 24
 
 
 def chunk_rows(n_components: int) -> int:
@@ -157,7 +155,7 @@ def boolean_setup(values: torch.Tensor, threshold: float, labels: list[str] | No
     Returns `(masks, diag, structure, dense_counts)`: exactly one of `structure`, `dense_counts` is set.
     """
     n, c = values.shape
-    use_compiled = kernels.AVAILABLE and backend.numpy_fast_path(torch.empty(0, device=device))
+    use_compiled = backend.numpy_fast_path(torch.empty(0, device=device))
     if is_sparse(values) and use_compiled:
         structure = csr_of_sparse_input(values, threshold)
         if structure.nnz <= SPARSE_DENSITY * n * c:

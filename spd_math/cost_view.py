@@ -1,8 +1,8 @@
-"""What a merge state offers the pair samplers and the merge loop, as `typing.Protocol`s.
+"""What a merge state offers the pair samplers and the merge loop (`typing.Protocol`s), and the cost view of a matrix.
 
 The samplers (`samplers.py`) never see a cost matrix: they read a `CostView`, which the merge
 states (`state.GroupState`, `state.DenseGroupState`, `state.SwitchingState`) and the plain
-matrix wrapper `samplers.DenseCostView` implement. The merge loop (`merge.py`) reads a
+matrix wrapper `DenseCostView` (here) implement. The merge loop (`merge.py`) reads a
 `MergeState`: a cost view that can also merge two groups. Costs are the engine's scaled costs,
 `n · cost − S·log2((k−1)/k)` (docs/math.md §4), identical to the float in every implementation.
 """
@@ -13,6 +13,8 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
+
+from spd_math import backend
 
 
 @runtime_checkable
@@ -81,3 +83,52 @@ class MergeState(CostView, Protocol):
     def costs_again(self) -> None:
         """After merges without costs: make what the samplers read exact again (one pass over the rows)."""
         ...
+
+
+class DenseCostView:
+    """A cost view of a full `[k, k]` matrix (the diagonal is ignored)."""
+
+    def __init__(self, costs: torch.Tensor) -> None:
+        self.costs = costs.clone()
+        self.k = costs.shape[0]
+        self.costs.diagonal().fill_(float("inf"))
+
+    def offdiagonal_min(self) -> float:
+        return float(self.costs.min())
+
+    def offdiagonal_max(self) -> float:
+        masked = self.costs.clone()
+        masked.diagonal().fill_(float("-inf"))
+        return float(masked.max())
+
+    def candidates_at_most(self, cutoff: float, slack: float) -> _FlatCandidates:
+        return _FlatCandidates(self.costs, cutoff)
+
+    @staticmethod
+    def candidates_of(costs: torch.Tensor, cutoff: float) -> _FlatCandidates:
+        """Candidates of a matrix whose diagonal is already +inf."""
+        return _FlatCandidates(costs, cutoff)
+
+    def row_blocks(self) -> list[tuple[int, int]]:
+        return [(0, self.k)]
+
+    def block_costs(self, first: int, stop: int) -> torch.Tensor:
+        return self.costs[first:stop]
+
+
+class _FlatCandidates:
+    def __init__(self, costs: torch.Tensor, cutoff: float) -> None:
+        self.costs = costs
+        self.flat = _flat_indices_at_most(costs, cutoff)
+        self.count = int(self.flat.numel())
+
+    def nth(self, index: int) -> tuple[int, int, float]:
+        i, j = divmod(int(self.flat[index]), self.costs.shape[0])
+        return i, j, float(self.costs[i, j])
+
+
+def _flat_indices_at_most(costs: torch.Tensor, cutoff: float) -> torch.Tensor:
+    """Row-major flat indices of the entries `<= cutoff`, in ascending order."""
+    if backend.numpy_fast_path(costs):
+        return torch.from_numpy(np.flatnonzero(costs.numpy() <= cutoff))  # far faster than torch.nonzero here
+    return torch.nonzero(costs.flatten() <= cutoff).squeeze(1)

@@ -1,29 +1,20 @@
 """Compiled CPU kernels (Numba) for the exact integer work of the merge setup and for reducing
 activation chunks to their compact form, and the decorator other modules compile theirs with.
 
-Optional: where Numba is not installed, `AVAILABLE` is False and callers take their torch or NumPy
-paths (the ones every non-CPU device uses), which give the same exact integers; functions
-made with `compiled` then run as plain Python (same results, far slower).
+Other devices than the CPU take torch paths that give the same exact integers.
 """
 
 from __future__ import annotations
 
 import functools
 
+import numba
 import numpy as np
 import torch
 
-try:  # pragma: no cover - exercised wherever numba is installed
-    import numba
-
-    AVAILABLE = True
-except ImportError:  # pragma: no cover
-    numba = None
-    AVAILABLE = False
-
 
 def compiled(**options):
-    """`numba.njit` (cached, releasing the GIL) with `options`, or the plain function without Numba.
+    """`numba.njit` (cached, releasing the GIL) with `options`.
 
     A parallel kernel runs on as many threads as torch's CPU operations may use here (a worker's
     share of the cores), and leaves torch's thread count as it found it: Numba's OpenMP layer sets
@@ -31,8 +22,6 @@ def compiled(**options):
     """
 
     def wrap(function):
-        if not AVAILABLE:
-            return function
         kernel = numba.njit(cache=True, nogil=True, **options)(function)
         if not options.get("parallel"):
             return kernel
@@ -51,21 +40,14 @@ def compiled(**options):
     return wrap
 
 
-# Loops and thread ids inside functions compiled with parallel=True (plain equivalents without Numba).
-parallel_range = numba.prange if AVAILABLE else range
+# Loops and thread ids inside functions compiled with parallel=True.
+parallel_range = numba.prange
+thread_id = numba.get_thread_id
 
 
 def max_threads() -> int:
     """How many threads a parallel compiled loop may use (thread ids are below it)."""
-    return int(numba.config.NUMBA_NUM_THREADS) if AVAILABLE else 1
-
-
-if AVAILABLE:
-    thread_id = numba.get_thread_id
-else:  # pragma: no cover
-
-    def thread_id() -> int:
-        return 0
+    return int(numba.config.NUMBA_NUM_THREADS)
 
 
 @compiled()

@@ -9,7 +9,7 @@ The sampler draws uniformly among the candidates (cost `<= cutoff`) in row-major
 only two things are asked of the pool: how many candidates there are, and the n-th of them in
 that order. On heterogeneous data the window can hold a large share of all k² pairs, so neither
 answer sorts: candidates are counted per row in one pass, and the n-th is found in its row. On
-the CPU (with Numba) the per-merge upkeep (forgetting the merged groups' pairs, renumbering the
+the CPU the per-merge upkeep (forgetting the merged groups' pairs, renumbering the
 moved slot, dropping pairs that rose above the level, appending the merged group's pairs) is one
 compiled pass over buffers grown in place; other devices use the equivalent torch operations.
 
@@ -127,7 +127,7 @@ class CandidatePool:
     def __init__(self, i: torch.Tensor, j: torch.Tensor, alpha_term: torch.Tensor, q: torch.Tensor,
                  ceiling: torch.Tensor, level: float, built_at: float, floor: float = -math.inf) -> None:
         self.level, self.built_at, self.floor = level, built_at, floor
-        self.compiled = kernels.AVAILABLE and backend.numpy_fast_path(i)
+        self.compiled = backend.numpy_fast_path(i)
         self._i, self._j, self._terms, self._q, self._ceiling = i, j, alpha_term, q, ceiling
         self.size = int(i.numel())
         # A merge's upkeep not yet done (compiled pools): (keep, drop, source, target, entries it applies to). The

@@ -1,7 +1,7 @@
 """Choosing the pair to merge (docs/math.md §5), from a *cost view* rather than a cost matrix.
 
 A cost view (`cost_view.CostView`) answers what a sampler asks (the merge engine's `GroupState`
-answers without a full pass over the k² costs where it can; `DenseCostView` wraps a plain matrix):
+answers without a full pass over the k² costs where it can; `cost_view.DenseCostView` wraps a plain matrix):
 
 - `k`: groups (slots) 0..k-1;
 - `offdiagonal_min()`, `offdiagonal_max()`: exact extremes over the pairs i != j;
@@ -25,7 +25,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from spd_math import backend
 from spd_math.cost_view import CostView
 from spd_math.errors import ConfigError
 from spd_math.registry import Registry
@@ -33,55 +32,6 @@ from spd_math.validation import finite_number
 
 # Look-ahead of the range sampler's candidate pool, as a share of the cost range, at least.
 MIN_POOL_SLACK = 0.01
-
-
-class DenseCostView:
-    """A cost view of a full `[k, k]` matrix (the diagonal is ignored)."""
-
-    def __init__(self, costs: torch.Tensor) -> None:
-        self.costs = costs.clone()
-        self.k = costs.shape[0]
-        self.costs.diagonal().fill_(float("inf"))
-
-    def offdiagonal_min(self) -> float:
-        return float(self.costs.min())
-
-    def offdiagonal_max(self) -> float:
-        masked = self.costs.clone()
-        masked.diagonal().fill_(float("-inf"))
-        return float(masked.max())
-
-    def candidates_at_most(self, cutoff: float, slack: float) -> _FlatCandidates:
-        return _FlatCandidates(self.costs, cutoff)
-
-    @staticmethod
-    def candidates_of(costs: torch.Tensor, cutoff: float) -> _FlatCandidates:
-        """Candidates of a matrix whose diagonal is already +inf."""
-        return _FlatCandidates(costs, cutoff)
-
-    def row_blocks(self) -> list[tuple[int, int]]:
-        return [(0, self.k)]
-
-    def block_costs(self, first: int, stop: int) -> torch.Tensor:
-        return self.costs[first:stop]
-
-
-class _FlatCandidates:
-    def __init__(self, costs: torch.Tensor, cutoff: float) -> None:
-        self.costs = costs
-        self.flat = _flat_indices_at_most(costs, cutoff)
-        self.count = int(self.flat.numel())
-
-    def nth(self, index: int) -> tuple[int, int, float]:
-        i, j = divmod(int(self.flat[index]), self.costs.shape[0])
-        return i, j, float(self.costs[i, j])
-
-
-def _flat_indices_at_most(costs: torch.Tensor, cutoff: float) -> torch.Tensor:
-    """Row-major flat indices of the entries `<= cutoff`, in ascending order."""
-    if backend.numpy_fast_path(costs):
-        return torch.from_numpy(np.flatnonzero(costs.numpy() <= cutoff))  # far faster than torch.nonzero here
-    return torch.nonzero(costs.flatten() <= cutoff).squeeze(1)
 
 
 def range_choice(view: CostView, threshold: float, generator: torch.Generator) -> tuple[int, int, float]:
@@ -133,16 +83,6 @@ def _cumulative(costs: torch.Tensor, lo: float, temperature: float, carry) -> to
     weights = torch.exp((lo - costs.to(torch.float64)) / temperature).flatten()  # diagonal: exp(-inf) = 0
     start = torch.zeros(1, dtype=weights.dtype, device=weights.device) if carry is None else carry.reshape(1).to(weights)
     return torch.cumsum(torch.cat([start, weights]), dim=0)
-
-
-def sample_range(costs: torch.Tensor, threshold: float, generator: torch.Generator) -> tuple[int, int]:
-    """`range_choice` on a full `[k, k]` cost matrix: the pair `(i, j)`."""
-    return range_choice(DenseCostView(costs), threshold, generator)[:2]
-
-
-def sample_mcmc(costs: torch.Tensor, temperature: float, generator: torch.Generator) -> tuple[int, int]:
-    """`mcmc_choice` on a full `[k, k]` cost matrix: the pair `(i, j)`."""
-    return mcmc_choice(DenseCostView(costs), temperature, generator)[:2]
 
 
 def _range_kwargs(kwargs: Mapping[str, float]) -> dict[str, float]:

@@ -53,6 +53,7 @@ import torch
 from spd_math import backend, coactivation, kernels
 from spd_math.bitsets import overlap_counts
 from spd_math.ceilings import CeilingIndex, pair_ceilings
+from spd_math.cost_view import DenseCostView
 from spd_math.costs import log_factors
 from spd_math.pool import CandidatePool, RowCountedCandidates
 from spd_math.store import CoactivationStore, narrow_store
@@ -243,7 +244,7 @@ class GroupState(_SlotState):
         q_max = torch.where(wide, self.diag, q_max)  # wide rows: their 16-bit entries may be clipped; s_i bounds them
         self.row_q_max[:c] = q_max
         self.row_q_min[:c] = 0.0
-        if kernels.AVAILABLE and self.device.type == "cpu":
+        if self.device.type == "cpu":
             # Nearly exact row extremes in one compiled pass: the lazy searches then scan few rows.
             lows, highs = kernels.pair_score_extremes(matrix.numpy(), self.diag_host, alpha, 2 * alpha + L)
             lows_t, highs_t = torch.from_numpy(lows), torch.from_numpy(highs)
@@ -713,13 +714,8 @@ class GroupState(_SlotState):
         word_index, bit = np.nonzero(bits)
         samples = words[word_index] * 64 + bit
         indptr, indices = self.structure.indptr, self.structure.indices
-        if kernels.AVAILABLE:  # one pass, no temporaries: merges of dense groups cover most samples
-            counts = kernels.slot_counts_of_samples(indptr, indices, self.component_slot, samples, k)
-        else:
-            starts, lengths = indptr[samples], indptr[samples + 1] - indptr[samples]
-            first_of_sample = np.cumsum(lengths) - lengths
-            positions = np.repeat(starts - first_of_sample, lengths) + np.arange(int(lengths.sum()))
-            counts = np.bincount(self.component_slot[indices[positions]], minlength=k)[:k]
+        # One pass, no temporaries: merges of dense groups cover most samples.
+        counts = kernels.slot_counts_of_samples(indptr, indices, self.component_slot, samples, k)
         merged = np.flatnonzero(self.sizes_host[:k] != 1)
         if merged.size:
             rows = self.masks.numpy()[np.ix_(words, merged)] & words_np[words][:, None]
@@ -852,8 +848,6 @@ class DenseGroupState(_SlotState):
         return self
 
     def candidates_at_most(self, cutoff: float, slack: float):
-        from spd_math.samplers import DenseCostView  # noqa: PLC0415 (samplers import this module's users)
-
         return DenseCostView.candidates_of(self._scaled_costs(), cutoff)
 
     def row_blocks(self) -> list[tuple[int, int]]:

@@ -2,18 +2,12 @@
 
 `matched_totals` keeps its matching and prices from one partition pair to the next; every
 step's total must equal scipy's `linear_sum_assignment` on that step's contingency table,
-whatever the steps are (merges, splits, moves, relabellings, unrelated partitions), and the
-path without compiled kernels must give the same numbers.
+whatever the steps are (merges, splits, moves, relabellings, unrelated partitions).
 """
 
 from __future__ import annotations
 
 import itertools
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,8 +15,6 @@ from scipy.optimize import linear_sum_assignment
 
 from spd_math import MergeConfig, ProcessedActivations, assignment, compute_distances, merge_iteration
 from spd_math.assignment import matched_totals
-
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 def reference_total(a: np.ndarray, b: np.ndarray) -> int:
@@ -163,39 +155,6 @@ def test_two_members_and_unchanged_steps() -> None:
     merges, n_ids = random_sequences(rng, n_members=2, n_steps=10, n=25)
     merges = np.repeat(merges, 3, axis=1)  # every partition three times in a row
     assert_every_step_optimal(merges, n_ids, *all_pairs(2))
-
-
-def test_same_totals_without_numba() -> None:
-    """Where numba cannot be imported, the same functions run as plain Python with the same results."""
-    rng = np.random.default_rng(11)
-    merges, n_ids = random_sequences(rng, n_members=3, n_steps=8, n=20)
-    first, second = all_pairs(3)
-    script = "\n".join(
-        [
-            "import sys; sys.modules['numba'] = None  # as if numba were not installed",
-            "import json, sys",
-            "import numpy as np",
-            "from spd_math import kernels",
-            "from spd_math.assignment import matched_totals",
-            "merges, n_ids, first, second = json.loads(sys.stdin.read())",
-            "totals = matched_totals(np.array(merges), n_ids, np.array(first), np.array(second))",
-            "print(json.dumps({'compiled': kernels.AVAILABLE, 'totals': totals.tolist()}))",
-        ]
-    )
-    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
-    done = subprocess.run(
-        [sys.executable, "-c", script],
-        input=json.dumps([merges.tolist(), n_ids, first.tolist(), second.tolist()]),
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=PROJECT_ROOT,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["compiled"] is False
-    assert result["totals"] == matched_totals(merges, n_ids, first, second).tolist()
 
 
 def test_pairs_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -137,7 +137,7 @@ def test_builder_compiled_and_numpy_paths_agree_exactly(monkeypatch, dtype, bloc
     labels = [f"m:{j}" for j in range(values.shape[1])]
 
     def built(compiled: bool):
-        monkeypatch.setattr(kernels, "AVAILABLE", compiled)
+        monkeypatch.setattr(activations, "COMPILED_DTYPES", (np.float32, np.float64) if compiled else ())
         builder = CompactActivationsBuilder(labels, activation_threshold=0.05, filter_dead_threshold=0.005)
         for start in range(0, len(values), 256):
             builder.add(values[start : start + 256])
@@ -158,7 +158,7 @@ def test_builder_compiled_and_numpy_paths_agree_exactly(monkeypatch, dtype, bloc
     bad = values[:256].copy()
     bad[3, 7] = np.nan
     for compiled_path in (True, False):
-        monkeypatch.setattr(kernels, "AVAILABLE", compiled_path)
+        monkeypatch.setattr(activations, "COMPILED_DTYPES", (np.float32, np.float64) if compiled_path else ())
         builder = CompactActivationsBuilder(labels, activation_threshold=0.05)
         with pytest.raises(ActivationsError, match="NaN or inf in component.s. m:7"):
             builder.add(bad)

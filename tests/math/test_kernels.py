@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 
 from spd_math import kernels
 
 
-@pytest.mark.skipif(not kernels.AVAILABLE, reason="Numba is not installed: no compiled kernels")
 def test_a_parallel_kernel_runs_on_torchs_threads_and_leaves_them_as_they_were():
     import numba
 
