@@ -49,7 +49,8 @@ def run_export(args: argparse.Namespace) -> int:
     try:
         if args.target == "original":
             folder = export_original(args.experiment, args.out, spd_run=args.spd_run, home=home,
-                                     announce=lambda line: print(line, flush=True))
+                                     announce=lambda line: print(line, flush=True),
+                                     warn=lambda line: print(line, file=sys.stderr, flush=True))
             print(f"spd-cluster export: the original's ensemble folder of {args.experiment!r}: {folder.ensemble_dir}")
             print(f"  runs: {folder.run_dirs[0].parent} ({len(folder.run_dirs)}); registry: {folder.registry}")
             return 0
@@ -69,14 +70,21 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def export_original(experiment: str, out: Path, *, spd_run: str | None = None, home: Path | None = None,
-                    announce=lambda line: None):
+                    announce=lambda line: None, warn=lambda line: None):
     """Write the experiment's stored results as the original pipeline's folders under `out`, after announcing
-    their size (the original stores every partition of every member: iterations x components per member)."""
+    their size (the original stores every partition of every member: iterations x components per member), and
+    warning when the run configs can name no wandb SPD run (the original's scripts then refuse the folder)."""
     from spd_assets.results import ClusteringResults
-    from spd_assets.storage.original_export import original_folder_bytes, write_original_ensemble
+    from spd_assets.storage.original_export import original_folder_bytes, spd_run_of, write_original_ensemble
 
     results = ClusteringResults.load(experiment, home=home)
-    export = ensemble_export(results, spd_run)
+    source = _source_of(results.config)
+    export = ensemble_export(results, spd_run, source)
+    if spd_run_of(export.model_path) is None:
+        warn(f"spd-cluster export: warning: the run configs' model_path will be {export.model_path!r}, not a wandb "
+             f"run ({_no_run(results.config, source)}); the original's scripts will refuse this folder (its "
+             "ClusteringRunConfig: \"model_path must start with 'wandb:'\", so get_cluster_mapping fails too); pass "
+             "--spd-run wandb:<entity>/<project>/<run> to name the SPD run")
     sizes = original_folder_bytes(export.histories)
     announce(f"spd-cluster export: writing every partition of {len(export.histories)} members in the original's "
              f"format under {out}: run histories {sizes['runs'] / 1e6:,.1f} MB, ensemble array "
@@ -84,16 +92,12 @@ def export_original(experiment: str, out: Path, *, spd_run: str | None = None, h
     return write_original_ensemble(export, out)
 
 
-def ensemble_export(results, spd_run: str | None = None):
+def ensemble_export(results, spd_run: str | None = None, source=None):
     """The `EnsembleExport` of loaded `ClusteringResults`; `spd_run` replaces the source's model as model_path."""
     from spd_assets.defs.steps import ensemble_export as export_of
-    from spd_assets.sources import source_for
 
     config = results.config
-    try:
-        source = source_for(config.source)
-    except (SpdClusterError, OSError):
-        source = None
+    source = source if source is not None else _source_of(config)
     model_path = None
     if spd_run is not None:
         entity, project, run = _checked_run(spd_run).split("/")
@@ -105,18 +109,21 @@ def ensemble_export(results, spd_run: str | None = None):
 def export_spd_app(experiment: str, out: Path, *, member: str | None = None, iteration: int | None = None,
                    spd_run: str | None = None, notes: str | None = None, home: Path | None = None):
     """Write the SPD app's cluster mapping of the experiment's consensus (default) or of one member at `iteration`."""
+    from spd_assets.defs.steps import export_ids
     from spd_assets.results import ClusteringResults
     from spd_assets.storage import original_export as original
 
     results = ClusteringResults.load(experiment, home=home)
     config = results.config
-    run = _spd_run(config, spd_run)
+    source = _source_of(config)
+    run = _spd_run(config, spd_run, source)
     if member is None:
         consensus = results.consensus
         mapping = original.consensus_mapping_file(
             experiment=config.name, config_hash=config.config_hash, spd_run=run, iteration=consensus.iteration,
             rule=consensus.rule, threshold=consensus.threshold, n_members=len(consensus.members),
-            labels=consensus.labels, cluster_of=consensus.cluster_of, notes=notes)
+            labels=consensus.labels, cluster_of=consensus.cluster_of, notes=notes,
+            ensemble_id=export_ids(config, list(consensus.members), source)[0])
     else:
         members = list(results.ensemble.members)
         if member not in members:
@@ -125,33 +132,43 @@ def export_spd_app(experiment: str, out: Path, *, member: str | None = None, ite
         row, labels = original.original_member_row([results.histories[m] for m in members], members.index(member),
                                                    iteration)
         mapping = original.cluster_mapping_file(
-            ensemble_id=original.ensemble_id_for(config.name, config.config_hash), notes=notes or "", spd_run=run,
+            ensemble_id=export_ids(config, members, source)[0], notes=notes or "", spd_run=run,
             n_iterations=iteration, run_idx=members.index(member), clusters=original.row_clusters(row, labels))
     return original.write_json(out, mapping), mapping
 
 
-def _spd_run(config, spd_run: str | None) -> str:
+def _spd_run(config, spd_run: str | None, source) -> str:
+    from spd_assets.defs.steps import source_model_path
     from spd_assets.storage.original_export import spd_run_of
 
     if spd_run is not None:
         return _checked_run(spd_run)
-    model = _model_of(config)
-    found = spd_run_of(model)
+    found = spd_run_of(source_model_path(config, source))
     if found is None:
-        raise ExportError(f"experiment {config.name!r} names no wandb SPD run (its {config.source.kind} source's "
-                          f"model is {model!r}); give the run the app has loaded with --spd-run ENTITY/PROJECT/RUN")
+        raise ExportError(f"{_no_run(config, source)}. The SPD app loads a mapping only for the run it has loaded "
+                          "(the mapping's spd_run), so pass that run: --spd-run ENTITY/PROJECT/RUN "
+                          "(e.g. goodfire/spd/0d2lld8j)")
     return found
 
 
-def _model_of(config) -> str | None:
+def _no_run(config, source=None) -> str:
+    """'experiment X names no wandb SPD run: <why>' (its source, or its source's model path)."""
     from spd_assets.defs.steps import source_model_path
+    from spd_assets.storage.original_export import no_spd_run_reason
+
+    source = source if source is not None else _source_of(config)
+    reason = no_spd_run_reason(config.source.kind, source_model_path(config, source))
+    return f"experiment {config.name!r} names no wandb SPD run: {reason}"
+
+
+def _source_of(config):
+    """The experiment's activation source, or None where it cannot be made here (e.g. spd not installed)."""
     from spd_assets.sources import source_for
 
     try:
-        source = source_for(config.source)
+        return source_for(config.source)
     except (SpdClusterError, OSError):
-        source = None
-    return source_model_path(config, source)
+        return None
 
 
 def _checked_run(spd_run: str) -> str:

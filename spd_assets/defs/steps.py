@@ -449,11 +449,28 @@ def ensemble_export(config: ExperimentConfig, members: list[str], histories: Map
         seeds = [int(source.batch_seed(member, config.member_seed(member))) for member in members]
     except (SpdClusterError, OSError, AttributeError, ValueError):
         seeds = [int(histories[member].seed or 0) for member in members]
+    ensemble_id, run_ids = export_ids(config, members, source)
     return original_export.EnsembleExport(
-        experiment=config.name, ensemble_id=original_export.ensemble_id_for(config.name, config.config_hash),
-        members=list(members), histories=[histories[member] for member in members],
-        distances=dict(distances), merge_config=config.merge_config, model_path=str(model_path),
-        batch_size=getattr(config.source, "batch_size", None), dataset_seeds=seeds)
+        experiment=config.name, ensemble_id=ensemble_id, members=list(members),
+        histories=[histories[member] for member in members], distances=dict(distances),
+        merge_config=config.merge_config, model_path=str(model_path),
+        batch_size=getattr(config.source, "batch_size", None), dataset_seeds=seeds, run_ids=run_ids)
+
+
+def export_ids(config: ExperimentConfig, members: list[str],
+               source: ActivationSource | None) -> tuple[str, list[str]]:
+    """The ensemble id and the members' clustering run ids an export of `members` (ensemble order) is written under:
+    the original's, where the source's histories came from it (a `histories` source: `original_ids`), else ids
+    stable for the experiment and its config (so exporting again replaces the same folders)."""
+    original_ensemble, original_runs = None, {}
+    if source is not None and hasattr(source, "original_ids"):
+        try:
+            original_ensemble, original_runs = source.original_ids(list(members))
+        except (SpdClusterError, OSError):  # the histories' folder is gone: the stored copies get ids of their own
+            pass
+    ensemble_id = original_ensemble or original_export.ensemble_id_for(config.name, config.config_hash)
+    return ensemble_id, [original_runs.get(member) or original_export.run_id_for(ensemble_id, member)
+                         for member in members]
 
 
 def original_ensemble_folder(ensemble: MemberEnsemble, histories: Mapping[str, MergeHistory],
@@ -462,6 +479,12 @@ def original_ensemble_folder(ensemble: MemberEnsemble, histories: Mapping[str, M
     """The original pipeline's ensemble folder, run folders and registry rows of the experiment, under `out` (laid
     out as the original's SPD_OUT_DIR); its size is announced before anything is written."""
     export = ensemble_export(config, ensemble.members, histories, distances.by_method, source)
+    if original_export.spd_run_of(export.model_path) is None:
+        reason = original_export.no_spd_run_reason(config.source.kind, source_model_path(config, source))
+        announce(f"warning: the run configs' model_path will be {export.model_path!r}, not a wandb run (experiment "
+                 f"{config.name!r} names no wandb SPD run: {reason}); the original's scripts will refuse this folder "
+                 "(its ClusteringRunConfig: \"model_path must start with 'wandb:'\", so get_cluster_mapping fails "
+                 "too); `spd-cluster export original --spd-run wandb:<entity>/<project>/<run>` names the SPD run")
     sizes = original_export.original_folder_bytes(export.histories)
     announce(f"writing every partition of {len(export.histories)} members in the original's format under {out}: "
              f"run histories {sizes['runs'] / 1e6:,.1f} MB, ensemble array {sizes['ensemble'] / 1e6:,.1f} MB "
@@ -485,4 +508,4 @@ def spd_app_mapping(consensus: ConsensusClusters, config: ExperimentConfig,
     return original_export.consensus_mapping_file(
         experiment=config.name, config_hash=config.config_hash, spd_run=spd_run, iteration=consensus.iteration,
         rule=consensus.rule, threshold=consensus.threshold, n_members=len(consensus.members), labels=consensus.labels,
-        cluster_of=consensus.cluster_of)
+        cluster_of=consensus.cluster_of, ensemble_id=export_ids(config, list(consensus.members), source)[0])

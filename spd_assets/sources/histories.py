@@ -49,26 +49,31 @@ _EXPECTED = (f"an original ensemble folder (beside ../../{REGISTRY}), the origin
 
 def discover_histories(directory: Path, ensemble_id: str | None = None) -> dict[str, Path]:
     """Member key -> history file, in ensemble order (registry) or name order (a folder)."""
+    return _discover(directory, ensemble_id)[1]
+
+
+def _discover(directory: Path, ensemble_id: str | None) -> tuple[str | None, dict[str, Path]]:
+    """The registry's ensemble id the histories are the runs of (None for a folder) and `discover_histories`."""
     root = Path(directory)
     if not root.is_dir():
         raise HistoryFileError(f"source.directory: {root} {'is not a directory' if root.exists() else 'does not exist'}; "
                                f"expected {_EXPECTED}")
     if (root / REGISTRY).is_file():
-        found = _from_registry(root / REGISTRY, ensemble_id)
+        ensemble_id, found = _from_registry(root / REGISTRY, ensemble_id)
     elif root.parent.name == "ensembles" and (root.parent.parent / REGISTRY).is_file():
-        found = _from_registry(root.parent.parent / REGISTRY, ensemble_id or root.name)
+        ensemble_id, found = _from_registry(root.parent.parent / REGISTRY, ensemble_id or root.name)
     else:
-        found = _from_folder(root)
+        ensemble_id, found = None, _from_folder(root)
     if not found:
         raise HistoryFileError(f"source.directory: {root} holds no merge histories; expected {_EXPECTED}")
     bad = [key for key in found if PARTITION_KEY_FORBIDDEN & set(key) or not key]
     if bad:
         raise HistoryFileError(f"source.directory: {root}: member names {bad} contain characters Dagster partition "
                                f"keys cannot hold ({''.join(sorted(PARTITION_KEY_FORBIDDEN))}); rename them")
-    return found
+    return ensemble_id, found
 
 
-def _from_registry(registry: Path, ensemble_id: str | None) -> dict[str, Path]:
+def _from_registry(registry: Path, ensemble_id: str | None) -> tuple[str, dict[str, Path]]:
     try:
         connection = sqlite3.connect(f"file:{registry}?mode=ro", uri=True)
         try:
@@ -87,7 +92,7 @@ def _from_registry(registry: Path, ensemble_id: str | None) -> dict[str, Path]:
         raise HistoryFileError(f"source: {registry} is not a readable ensemble registry ({error})") from error
     if not runs:
         raise HistoryFileError(f"source: {registry} has no runs of ensemble {ensemble_id!r}; it holds {ensembles}")
-    return {str(run): registry.parent / "runs" / str(run) / RUN_HISTORY for _, run in runs}
+    return ensemble_id, {str(run): registry.parent / "runs" / str(run) / RUN_HISTORY for _, run in runs}
 
 
 def _from_folder(root: Path) -> dict[str, Path]:
@@ -120,8 +125,12 @@ class HistoriesSource(ActivationSource[HistoriesSourceConfig]):
     has_histories = True
 
     @cached_property
+    def _discovered(self) -> tuple[str | None, dict[str, Path]]:
+        return _discover(self.config.directory, self.config.ensemble_id)
+
+    @property
     def _files(self) -> dict[str, Path]:
-        return discover_histories(self.config.directory, self.config.ensemble_id)
+        return self._discovered[1]
 
     def member_keys(self) -> list[str]:
         keys = list(self._files)
@@ -178,6 +187,18 @@ class HistoriesSource(ActivationSource[HistoriesSourceConfig]):
             if isinstance(found, str):
                 return found
         return None
+
+    def original_ids(self, members: list[str]) -> tuple[str | None, dict[str, str]]:
+        """The original's ids of an ensemble of `members` (in its order), where they came from the original: its
+        ensemble (pipeline run) id when the histories were read through its registry and the members are that
+        ensemble's runs, all of them in its order (other members make another ensemble), and member -> clustering
+        run id for each member whose history is an original run's (listed by the registry, or a `history.zip`
+        beside its `clustering_run_config.json`): the run folder's name, which is also the member's."""
+        ensemble_id, files = self._discovered
+        runs = {member: files[member].parent.name for member in members if member in files
+                and (ensemble_id is not None or (files[member].name == RUN_HISTORY
+                                                 and (files[member].parent / RUN_CONFIG).is_file()))}
+        return (ensemble_id if ensemble_id is not None and list(members) == list(files) else None), runs
 
     def load_batch(self, member: str, seed: int) -> Mapping[str, torch.Tensor]:
         raise SourceError(f"the histories source has no activations: member {member!r} is a stored merge history, "

@@ -100,6 +100,29 @@ def spd_run_of(model_path: str | None) -> str | None:
     return None
 
 
+# Why a source names no wandb SPD run, by source kind (when it names no model at all).
+_NO_SPD_MODEL = {
+    "synthetic": "its synthetic source generates activations without an SPD model",
+    "files": "its files source reads activations from files that name no SPD model",
+    "torch": "its torch source runs a torch model, not an SPD run on wandb",
+    "histories": f"its histories' run configs ({RUN_CONFIG} beside each history) name no model_path",
+    "spd": "its spd source's experiment_key could not be resolved to a model_path (that needs the spd package)",
+}
+
+
+def no_spd_run_reason(kind: str, model_path: str | None) -> str:
+    """Why an experiment whose source is of `kind`, with model `model_path` (None: none), names no wandb SPD run.
+
+    Examples
+    --------
+    >>> no_spd_run_reason("spd", "/runs/local/model_100.pth")
+    "its spd source's model '/runs/local/model_100.pth' is not a wandb run"
+    """
+    if model_path is not None:
+        return f"its {kind} source's model {model_path!r} is not a wandb run"
+    return _NO_SPD_MODEL.get(kind, f"its {kind} source names no SPD model")
+
+
 def ensemble_id_for(experiment: str, config_hash: str) -> str:
     """The pipeline run id of an experiment's export: `e-` and 8 hex digits, as the original's, but stable, so that
     exporting the same results again replaces the same folder."""
@@ -228,6 +251,7 @@ class EnsembleExport:
     batch_size: int | None
     dataset_seeds: list[int]
     notes: dict[str, Any] = field(default_factory=dict)
+    run_ids: list[str] | None = None  # each member's clustering run id; default `run_id_for` the ensemble and member
 
 
 @dataclass(frozen=True)
@@ -247,9 +271,14 @@ def write_original_ensemble(export: EnsembleExport, out: str | os.PathLike[str])
     Earlier exports of the same ensemble are replaced (same ids); other ensembles and runs under
     `out`, and their registry rows, are left as they are.
     """
-    if len(export.histories) != len(export.members) or len(export.dataset_seeds) != len(export.members):
-        raise ExportError(f"{len(export.members)} members, {len(export.histories)} histories and "
-                          f"{len(export.dataset_seeds)} dataset seeds: expected one of each per member")
+    run_ids = export.run_ids if export.run_ids is not None else [run_id_for(export.ensemble_id, member)
+                                                                 for member in export.members]
+    if not len(export.histories) == len(export.dataset_seeds) == len(run_ids) == len(export.members):
+        raise ExportError(f"{len(export.members)} members, {len(export.histories)} histories, "
+                          f"{len(export.dataset_seeds)} dataset seeds and {len(run_ids)} run ids: expected one of "
+                          "each per member")
+    if len(set(run_ids)) != len(run_ids):
+        raise ExportError(f"run ids {run_ids}: expected a different run id for each member")
     configs = {json.dumps(history.config.to_dict() if history.config else None, sort_keys=True)
                for history in export.histories}
     if len(configs) > 1:
@@ -261,7 +290,6 @@ def write_original_ensemble(export: EnsembleExport, out: str | os.PathLike[str])
     (ensemble_dir / "plots").mkdir(parents=True, exist_ok=True)
     merge_config = export.histories[0].config or export.merge_config
 
-    run_ids = [run_id_for(export.ensemble_id, member) for member in export.members]
     run_dirs = []
     history_paths = []
     for idx, (run_id, history, seed) in enumerate(zip(run_ids, export.histories, export.dataset_seeds)):
@@ -431,12 +459,13 @@ def _write_npz(path: Path, **arrays: np.ndarray) -> None:
 
 def consensus_mapping_file(*, experiment: str, config_hash: str, spd_run: str, iteration: int, rule: str,
                            threshold: float, n_members: int, labels: Sequence[str], cluster_of: np.ndarray,
-                           notes: str | None = None) -> dict[str, Any]:
+                           notes: str | None = None, ensemble_id: str | None = None) -> dict[str, Any]:
     """The SPD app's mapping of an experiment's consensus clusters. No single run made them, so `run_idx` is -1 and
-    the notes say how they were taken (unless `notes` is given)."""
+    the notes say how they were taken (unless `notes` is given); `ensemble_id` is the id its ensemble is exported
+    under (default: `ensemble_id_for` the experiment and config)."""
     if notes is None:
         notes = (f"spd-cluster consensus clusters of experiment {experiment!r}: components together in at least "
                  f"{threshold:g} of {n_members} members after iteration {iteration} ({rule})")
-    return cluster_mapping_file(ensemble_id=ensemble_id_for(experiment, config_hash), notes=notes, spd_run=spd_run,
-                                n_iterations=iteration, run_idx=-1,
+    return cluster_mapping_file(ensemble_id=ensemble_id or ensemble_id_for(experiment, config_hash), notes=notes,
+                                spd_run=spd_run, n_iterations=iteration, run_idx=-1,
                                 clusters=consensus_clusters_mapping(labels, cluster_of))

@@ -28,7 +28,15 @@ def test_export_original_writes_the_folder_and_registry(experiment, tmp_path, mo
     assert spd_cluster(["export", "original", "--experiment", "small", "--out", str(tmp_path)]) == 0
     ensemble_id = ensemble_id_for("small", results.config.config_hash)
     ensemble_dir = tmp_path / "clustering" / "ensembles" / ensemble_id
-    assert str(ensemble_dir) in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert str(ensemble_dir) in printed.out
+    # No SPD run to name: written all the same, with a warning that the original's scripts refuse its model_path.
+    warning, = [line for line in printed.err.splitlines() if "warning" in line]
+    assert "model_path will be '(spd-cluster synthetic source: no SPD run)', not a wandb run" in warning
+    assert "its synthetic source generates activations without an SPD model" in warning
+    assert "the original's scripts will refuse this folder" in warning
+    assert "\"model_path must start with 'wandb:'\", so get_cluster_mapping fails too" in warning
+    assert "pass --spd-run wandb:<entity>/<project>/<run>" in warning and "None" not in warning
     with np.load(ensemble_dir / "ensemble_merge_array.npz") as stored:
         merges = stored["merge_array"]
     histories = [results.histories[m] for m in results.ensemble.members]
@@ -44,6 +52,13 @@ def test_export_original_writes_the_folder_and_registry(experiment, tmp_path, mo
         with np.load(ensemble_dir / f"distances_{method}.npz") as stored:
             assert stored["distances"].shape == (30, 3, 3)
         assert (ensemble_dir / "plots" / f"distances_{method}.png").read_bytes()[:4] == b"\x89PNG"
+
+    named = tmp_path / "named"  # --spd-run names the run (any form the original accepts): no warning
+    assert spd_cluster(["export", "original", "--experiment", "small", "--out", str(named),
+                        "--spd-run", "wandb:goodfire/spd/abcd1234"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    base = json.loads((named / "clustering" / "ensembles" / ensemble_id / "clustering_run_config.json").read_text())
+    assert base["model_path"] == "wandb:goodfire/spd/runs/abcd1234"
 
 
 def test_export_spd_app_member_and_consensus(experiment, tmp_path, monkeypatch, capsys):
@@ -72,8 +87,15 @@ def test_export_spd_app_member_and_consensus(experiment, tmp_path, monkeypatch, 
     assert "consensus clusters of experiment 'small'" in consensus["notes"]
 
 
+# Without a run: what is missing, why the app needs it and what to pass, naming the source (never "None").
+NO_RUN = ("experiment 'small' names no wandb SPD run: its synthetic source generates activations without an SPD model. "
+          "The SPD app loads a mapping only for the run it has loaded (the mapping's spd_run), so pass that run: "
+          "--spd-run ENTITY/PROJECT/RUN (e.g. goodfire/spd/0d2lld8j)")
+
+
 @pytest.mark.parametrize("arguments, message", [
-    (["--member", "member_000", "--iteration", "1"], "names no wandb SPD run"),
+    (["--member", "member_000", "--iteration", "1"], NO_RUN),
+    ([], NO_RUN),
     (["--member", "member_000", "--spd-run", "a/b/abcd1234"], "--member needs --iteration"),
     (["--iteration", "3", "--spd-run", "a/b/abcd1234"], "--iteration goes with --member"),
     (["--member", "member_009", "--iteration", "1", "--spd-run", "a/b/abcd1234"], "'member_009' is not a member"),
@@ -84,7 +106,8 @@ def test_export_spd_app_refuses_with_the_reason(experiment, tmp_path, monkeypatc
     home, _ = experiment
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     assert spd_cluster(["export", "spd-app", "--experiment", "small", "--out", str(tmp_path / "m.json"), *arguments]) == 1
-    assert message in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert message in error and "None" not in error
     assert not (tmp_path / "m.json").exists()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import sqlite3
 import zipfile
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from spd_assets.cli.main import main as spd_cluster
 from spd_assets.config import parse_config
 from spd_assets.errors import HistoryFileError
 from spd_assets.notebook import cluster_analysis_pipeline
@@ -138,6 +140,17 @@ def test_an_original_ensemble_folder_gives_its_registered_runs_in_order(tmp_path
     by_id = HistoriesSource(HistoriesSourceConfig(directory=folder.registry.parent, ensemble_id="e-12345678"))
     assert by_id.member_keys() == source.member_keys()
 
+    # The original's ids, for an export of these runs: the ensemble's only for all its runs, in its order.
+    runs = source.member_keys()
+    assert source.original_ids(runs) == ("e-12345678", {run: run for run in runs})
+    first_two = HistoriesSource(HistoriesSourceConfig(directory=folder.ensemble_dir, n_members=2))
+    assert first_two.original_ids(first_two.member_keys()) == (None, {run: run for run in runs[:2]})
+    assert source.original_ids(runs[::-1])[0] is None
+    # A folder of run folders: runs beside their run configs keep their ids; a loose zip is no run of the original.
+    write_history_zip(histories[0], folder.run_dirs[0].parent / "loose.zip")
+    in_folder = HistoriesSource(HistoriesSourceConfig(directory=folder.run_dirs[0].parent))
+    assert in_folder.original_ids(in_folder.member_keys()) == (None, {run: run for run in runs})
+
 
 def test_past_runs_become_an_experiment_and_bad_files_fail_alone(tmp_path):
     """Five members: a current-format run folder, a September 2025 file, a truncated zip, a zip in neither format
@@ -184,9 +197,9 @@ def test_past_runs_become_an_experiment_and_bad_files_fail_alone(tmp_path):
     assert same_partitions(ClusteringResults.load("past", home=home).histories["a_current"], good[0])
 
 
-def test_an_imported_original_ensemble_gets_the_apps_mapping_and_its_own_original_folder(tmp_path):
+def test_an_imported_original_ensemble_gets_the_apps_mapping_and_its_original_folder_again(tmp_path, monkeypatch):
     """The registry's runs name a wandb SPD run: the consensus step writes the SPD app's mapping for it, and the
-    `original_ensemble_folder` asset writes the ensemble again, with the same histories."""
+    `original_ensemble_folder` asset writes the ensemble again, with the same histories under the same ids."""
     histories = [merged(seed) for seed in range(3)]
     export = original_export.EnsembleExport(
         experiment="before", ensemble_id="e-12345678", members=["m0", "m1", "m2"], histories=histories, distances={},
@@ -201,10 +214,28 @@ def test_an_imported_original_ensemble_gets_the_apps_mapping_and_its_own_origina
     clustered = {label for label, cluster in zip(results.consensus.labels, results.consensus.cluster_of) if cluster >= 0}
     assert {label for label, cluster in mapping["clusters"].items() if cluster is not None} == clustered
 
-    ensemble_id = original_export.ensemble_id_for("imported", results.config.config_hash)
+    assert mapping["ensemble_id"] == "e-12345678"  # the ensemble the app's mapping is of keeps its id
+
     assert materialize_original_folder(home, "imported").success  # written when asked for
     again = exports / "original" / "clustering"
-    meta = json.loads((again / "ensembles" / ensemble_id / "ensemble_meta.json").read_text())
+    meta = json.loads((again / "ensembles" / "e-12345678" / "ensemble_meta.json").read_text())
     assert meta["n_ensemble"] == 3 and meta["component_labels"] == sorted({x for h in histories for x in h.labels})
     run_configs = [json.loads(p.read_text()) for p in sorted((again / "runs").glob("*/clustering_run_config.json"))]
     assert {c["model_path"] for c in run_configs} == {"wandb:goodfire/spd/runs/abcd1234"}
+    # Exported again, the original's runs keep the ensemble id and run ids they came with.
+    assert sorted(p.name for p in (again / "runs").iterdir()) == sorted(d.name for d in folder.run_dirs)
+    assert {c["ensemble_id"] for c in run_configs} == {"e-12345678"}
+    assert not (again / "ensembles" / original_export.ensemble_id_for("imported", results.config.config_hash)).exists()
+    rows = sqlite3.connect(again / "ensemble_registry.db").execute(
+        "SELECT pipeline_run_id, idx, clustering_run_id FROM ensemble_runs ORDER BY idx").fetchall()
+    assert rows == [("e-12345678", idx, d.name) for idx, d in enumerate(folder.run_dirs)]
+
+    monkeypatch.setenv("DAGSTER_HOME", str(home))  # the command line's exports too
+    assert spd_cluster(["export", "original", "--experiment", "imported", "--out", str(tmp_path / "cli")]) == 0
+    assert (tmp_path / "cli" / "clustering" / "ensembles" / "e-12345678" / "ensemble_merge_array.npz").is_file()
+    assert sorted(p.name for p in (tmp_path / "cli" / "clustering" / "runs").iterdir()) == sorted(
+        d.name for d in folder.run_dirs)
+    assert spd_cluster(["export", "spd-app", "--experiment", "imported", "--out", str(tmp_path / "m.json"),
+                        "--member", folder.run_dirs[1].name, "--iteration", "3"]) == 0
+    member_mapping = json.loads((tmp_path / "m.json").read_text())
+    assert member_mapping["ensemble_id"] == "e-12345678" and member_mapping["run_idx"] == 1
