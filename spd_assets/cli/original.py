@@ -64,18 +64,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.dataset_streaming:
         overrides.append("source.dataset_streaming=true")
     given = [flag for flag in NOT_USED_FLAGS if getattr(args, flag) not in (None, False)]
-    from spd_assets.cli.run import environment, run_config_file
-    from spd_assets.deployment.settings import EXECUTOR_ENV, load_settings
+    from spd_assets.cli.run import run_config_file
+    from spd_assets.deployment.settings import load_settings
 
-    executor = {}
+    executor = None  # the deployment's
     if args.local is False:
-        executor = {EXECUTOR_ENV: "slurm"}
+        executor = "slurm"
     elif args.local and load_settings().executor == "slurm":
-        executor = {EXECUTOR_ENV: "in_process"}
-
-    with environment(executor):  # for this invocation (its worker processes inherit it)
-        return run_config_file(args.config, overrides, program="spd-clustering",
-                               not_used_flags=[f"--{flag.replace('_', '-')}" for flag in given])
+        executor = "in_process"
+    return run_config_file(args.config, overrides, program="spd-clustering", executor=executor,
+                           not_used_flags=[f"--{flag.replace('_', '-')}" for flag in given])
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ an experiment, so they live beside the Dagster instance.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -158,3 +160,26 @@ def load_settings(home: Path | None = None) -> DeploymentSettings:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg'].removeprefix('Value error, ')}" for e in error.errors())
         raise DeploymentError(f"deployment settings ({path} and ${EXECUTOR_ENV}/${DEVICES_ENV}/${INSTANCE_ENV}) are "
                               f"invalid: {problems}") from None
+
+
+@contextmanager
+def settings_overridden(*, executor: str | None = None, slurm: Mapping[str, str] | None = None) -> Iterator[None]:
+    """The deployment's `executor` and `slurm:` settings (those in `SLURM_SETTING_ENVS`) overridden for a `with`
+    block (None, or no `slurm` keys: as deployed).
+
+    The overrides are this process's environment variables, as a person would set them: `load_settings` reads
+    them here and in every process started meanwhile (the workers that execute Dagster runs load the code
+    location, and so the settings, in processes of their own).
+    """
+    variables = {**({EXECUTOR_ENV: executor} if executor is not None else {}),
+                 **{SLURM_SETTING_ENVS[setting]: value for setting, value in (slurm or {}).items()}}
+    previous = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +30,7 @@ from spd_assets.defs.resources import pool_limit
 from spd_assets.defs.slurm import cancel_jobs_of
 from spd_assets.deployment.devices import leases_at_once
 from spd_assets.deployment.home import results_store
-from spd_assets.deployment.settings import DEVICE_POOL, DeploymentSettings, load_settings
+from spd_assets.deployment.settings import DEVICE_POOL, DeploymentSettings, load_settings, settings_overridden
 from spd_assets.errors import UsageError
 from spd_assets.service import memory
 from spd_assets.service.preflight import members_at_once_that_fit, preflight
@@ -189,6 +189,8 @@ def run_experiment(
     replace: bool = False,
     origin: str = "spd-cluster run",
     progress: Progress | None = None,
+    executor: str | None = None,
+    slurm: Mapping[str, str] | None = None,
 ) -> ExperimentRun:
     """Materialize every asset of `config` into the Dagster instance at `home`: each member, then the ensemble.
 
@@ -208,6 +210,12 @@ def run_experiment(
         Who runs it, in each run's tags (`spd_cluster/origin`).
     progress
         Told what happens as it happens.
+    executor
+        The executor of this experiment's runs (`in_process`, `multiprocess`, `k8s` or `slurm`); default: the
+        deployment's (`spd_cluster.yaml`, `$SPD_CLUSTER_EXECUTOR`).
+    slurm
+        SLURM settings of this experiment's jobs over the deployment's: `partition` and `job_name_prefix` (an
+        original pipeline config's `slurm_partition` and `slurm_job_name_prefix`).
 
     Returns
     -------
@@ -224,9 +232,11 @@ def run_experiment(
         `only_members` names members the experiment does not have, or `parallel` is not positive.
     """
     progress = progress or Progress()
-    plan, notes = _prepare(config, Path(home).resolve(), parallel, only_members, replace, origin, progress)
-    progress.planned(plan)
-    return _execute(config, plan, notes, origin, progress)
+    # The worker processes load the deployment settings themselves: the overrides reach them through the environment.
+    with settings_overridden(executor=executor, slurm=slurm):
+        plan, notes = _prepare(config, Path(home).resolve(), parallel, only_members, replace, origin, progress)
+        progress.planned(plan)
+        return _execute(config, plan, notes, origin, progress)
 
 
 def _prepare(config: ExperimentConfig, home: Path, parallel: int | None, only_members: Sequence[str] | None,

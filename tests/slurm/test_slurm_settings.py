@@ -9,7 +9,7 @@ from dagster import AssetKey
 from spd_assets.defs.definitions import build_definitions
 from spd_assets.defs.slurm import SlurmStepClient
 from spd_assets.deployment.instance_storage import configure_instance_storage
-from spd_assets.deployment.settings import DeploymentSettings, load_settings
+from spd_assets.deployment.settings import DeploymentSettings, load_settings, settings_overridden
 from spd_assets.errors import DeploymentError
 from tests.pipeline_helpers import make_home, small_config
 
@@ -29,6 +29,25 @@ def test_slurm_settings_become_sbatch_options(tmp_path, monkeypatch):
     assert "--job-name=spd-exp-member_000-merge" in options and "--comment=spd_cluster_run=abc" in options
     monkeypatch.setenv("SPD_CLUSTER_SLURM_PARTITION", "h200-reserved")  # an original pipeline's slurm_partition
     assert load_settings(tmp_path).slurm.partition == "h200-reserved"
+
+
+def test_an_invocations_executor_and_slurm_settings_hold_for_its_block_only(tmp_path, monkeypatch):
+    monkeypatch.delenv("SPD_CLUSTER_EXECUTOR", raising=False)
+    monkeypatch.delenv("SPD_CLUSTER_SLURM_JOB_NAME_PREFIX", raising=False)
+    monkeypatch.setenv("SPD_CLUSTER_SLURM_PARTITION", "deployed")
+
+    def seen():
+        settings = load_settings(tmp_path)
+        return settings.executor, settings.slurm.partition, settings.slurm.job_name_prefix
+
+    with settings_overridden(executor="slurm", slurm={"partition": "h200-reserved", "job_name_prefix": "orig-"}):
+        assert seen() == ("slurm", "h200-reserved", "orig-")
+    assert seen() == ("in_process", "deployed", "spd-")
+    with settings_overridden():
+        assert seen() == ("in_process", "deployed", "spd-")
+    with pytest.raises(DeploymentError, match="executor"), settings_overridden(executor="cluster"):
+        load_settings(tmp_path)
+    assert seen() == ("in_process", "deployed", "spd-")
 
 
 def test_with_slurm_the_merge_leases_no_local_device(tmp_path, monkeypatch):
