@@ -342,7 +342,7 @@ def timed_state_class():
     if hasattr(merge_module, "_GroupState"):  # the engine before spd_math.state existed
         module, names = merge_module, ["_GroupState"]
     else:
-        import spd_math.state as module
+        import spd_math._engine.state as module
 
         names = ["GroupState", "DenseGroupState"]
     for name in names:
@@ -359,7 +359,7 @@ def timed_state_class():
 
 def state_choices() -> dict:
     """`--states` names -> a function that builds that state, as `merge_iteration` would call it."""
-    import spd_math.state as state_module
+    import spd_math._engine.state as state_module
 
     picked = merge_module.group_state
     return {

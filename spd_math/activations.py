@@ -11,7 +11,7 @@ import numpy as np
 import scipy.sparse
 import torch
 
-from spd_math import kernels
+from spd_math._engine import kernels
 from spd_math.errors import ActivationsError
 from spd_math.validation import as_tensor, describe_columns, finite_number, nonfinite_columns
 

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from spd_math.kernels import compiled, max_threads, parallel_range, thread_id
+from spd_math._engine.kernels import compiled, max_threads, parallel_range, thread_id
 
 # Larger than every distance a search can reach (distances are at most n).
 UNREACHED = np.iinfo(np.int64).max // 4

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from spd_math.kernels import compiled, parallel_range
+from spd_math._engine.kernels import compiled, parallel_range
 
 EMPTY = -1
 # Fibonacci hashing: the key times 2**64 / golden ratio, top bits.

@@ -7,7 +7,7 @@ log part cancel because `log2(k-1) - log2((k-1)/k) - log2(k) = 0`, leaving
 
 The first term is the same for every pair, the second changes with k only, and the
 α-term of a pair changes only when one of its two groups is merged. The merge engine
-(`spd_math.state`) relies on that: its dense state, for small problems, keeps the α-term
+(`spd_math._engine.state`) relies on that: its dense state, for small problems, keeps the α-term
 as a matrix and rewrites only the merged group's row and column per merge; its scalable
 state stores no α-term matrix, evaluates the α-terms of the rows it reads, and keeps
 those of the pairs in its candidate pool.

@@ -1,6 +1,6 @@
 """The greedy MDL merge (docs/math.md §2-§7), doing work proportional to what each merge changes.
 
-State per group lives in *slots* (see `state.GroupState`): a merge rewrites the surviving
+State per group lives in *slots* (see `_engine.state.GroupState`): a merge rewrites the surviving
 group's row and column of the coactivation counts, and the vanished group's slot is reused
 by moving the last slot into it, so nothing of size k² is ever copied. The history records
 the merges (pairs of group ids in the numbering of docs/math.md §6, groups ordered by their
@@ -27,14 +27,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from spd_math._engine.cost_view import MergeState
+from spd_math._engine.state import group_state
 from spd_math.activations import ProcessedActivations
 from spd_math.checkpoint import CheckpointSink, MergeCheckpoint
 from spd_math.config import ConfigError, MergeConfig
-from spd_math.cost_view import MergeState
 from spd_math.errors import ActivationsError, MergeError
 from spd_math.history import MergeHistory
 from spd_math.samplers import SAMPLERS
-from spd_math.state import group_state
 
 PairSampler = Callable[[torch.Tensor], tuple[int, int]]
 

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from spd_math.kernels import compiled
+from spd_math._engine.kernels import compiled
 
 # Returned by the checking kernels when every row passed.
 ALL_VALID = -1

@@ -1,7 +1,7 @@
 """Choosing the pair to merge (docs/math.md §5), from a *cost view* rather than a cost matrix.
 
-A cost view (`cost_view.CostView`) answers what a sampler asks (the merge engine's `GroupState`
-answers without a full pass over the k² costs where it can; `cost_view.DenseCostView` wraps a plain matrix):
+A cost view (`_engine.cost_view.CostView`) answers what a sampler asks (the merge engine's `GroupState`
+answers without a full pass over the k² costs where it can; `DenseCostView` wraps a plain matrix):
 
 - `k`: groups (slots) 0..k-1;
 - `offdiagonal_min()`, `offdiagonal_max()`: exact extremes over the pairs i != j;
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from spd_math.cost_view import CostView
+from spd_math._engine.cost_view import CostView
 from spd_math.errors import ConfigError
 from spd_math.registry import Registry
 from spd_math.validation import finite_number

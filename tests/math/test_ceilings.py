@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spd_math import state
-from spd_math.ceilings import CeilingIndex, pair_ceilings
+from spd_math._engine import state
+from spd_math._engine.ceilings import CeilingIndex, pair_ceilings
 
 
 def brute_ceilings(s: np.ndarray, r: np.ndarray, alpha: float) -> np.ndarray:

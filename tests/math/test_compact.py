@@ -12,11 +12,11 @@ from spd_math import (
     CompactActivationsBuilder,
     MergeConfig,
     ProcessedActivations,
-    backend,
     drop_dead,
     merge_iteration,
     process_activations,
 )
+from spd_math._engine import backend
 
 
 def sparse_values(seed: int, n: int = 700, c: int = 45, density: float = 0.08) -> np.ndarray:
@@ -125,7 +125,8 @@ def test_builder_reports_nan_with_the_component_label():
 def test_builder_compiled_and_numpy_paths_agree_exactly(monkeypatch, dtype, block):
     """The compiled chunk path keeps exactly the entries, statistics and errors of the NumPy one, including
     values equal to the threshold in the chunk's precision, however the columns are split between threads."""
-    from spd_math import activations, kernels
+    from spd_math import activations
+    from spd_math._engine import kernels
 
     monkeypatch.setattr(activations, "STATISTICS_BLOCK", block)
     monkeypatch.setattr(kernels, "max_threads", lambda: 4)  # 130 columns: 4 blocks of 33, or 1 of 1024

@@ -17,7 +17,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from spd_math import MergeConfig, ProcessedActivations, backend, merge_iteration, state, store
+from spd_math import MergeConfig, ProcessedActivations, merge_iteration
+from spd_math._engine import backend, state, store
 from tests.math.reference_engine import reference_merge
 
 
@@ -242,7 +243,7 @@ def test_cost_matrices_are_bit_identical(threshold, alpha):
 
 
 def test_every_state_offers_what_the_samplers_and_the_loop_read():
-    from spd_math.cost_view import Candidates, CostView, DenseCostView, MergeState
+    from spd_math._engine.cost_view import Candidates, CostView, DenseCostView, MergeState
 
     activations, _ = random_problem(0, n=200, c=30, density=0.2, threshold=0.1, alpha=1.0, iters=None,
                                     method="range", kwargs={"threshold": 0.05})

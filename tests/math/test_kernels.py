@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from spd_math import kernels
+from spd_math._engine import kernels
 
 
 def test_a_parallel_kernel_runs_on_torchs_threads_and_leaves_them_as_they_were():

@@ -14,10 +14,10 @@ from spd_math import (
     ActivationsError,
     MergeConfig,
     ProcessedActivations,
-    backend,
     compute_merge_costs,
     merge_iteration,
 )
+from spd_math._engine import backend
 
 
 def textbook_merge(activations: torch.Tensor, config: MergeConfig, choose) -> dict[str, list]:

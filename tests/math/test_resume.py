@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from spd_math import MergeConfig, MergeError, ProcessedActivations, merge_iteration
+from spd_math._engine.state import DENSE_MAX_COMPONENTS
 from spd_math.activations import CompactActivationsBuilder
 from spd_math.checkpoint import MergeCheckpoint
-from spd_math.state import DENSE_MAX_COMPONENTS
 
 
 class EveryNth:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from spd_math import backend, coactivation, kernels
+from spd_math._engine import backend, coactivation, kernels
 
 FLOAT = torch.float64
 # Group counts of 16-bit storage; groups above it are "wide" and their mutual counts kept apart.

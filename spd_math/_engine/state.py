@@ -50,13 +50,13 @@ import math
 import numpy as np
 import torch
 
-from spd_math import backend, coactivation, kernels
-from spd_math.bitsets import overlap_counts
-from spd_math.ceilings import CeilingIndex, pair_ceilings
-from spd_math.cost_view import DenseCostView
+from spd_math._engine import backend, coactivation, kernels
+from spd_math._engine.bitsets import overlap_counts
+from spd_math._engine.ceilings import CeilingIndex, pair_ceilings
+from spd_math._engine.cost_view import DenseCostView
+from spd_math._engine.pool import CandidatePool, RowCountedCandidates
+from spd_math._engine.store import CoactivationStore, narrow_store
 from spd_math.costs import log_factors
-from spd_math.pool import CandidatePool, RowCountedCandidates
-from spd_math.store import CoactivationStore, narrow_store
 
 FLOAT = torch.float64
 # Rows of the cost matrix evaluated at once: about this many entries per block (32 MB of float64).

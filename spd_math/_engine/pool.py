@@ -26,7 +26,7 @@ import math
 import numpy as np
 import torch
 
-from spd_math import backend, kernels
+from spd_math._engine import backend, kernels
 
 # Growth of the pool's buffers when pairs are appended (in place: no copy of the whole pool per merge).
 GROWTH = 1.5

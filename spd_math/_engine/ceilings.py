@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from spd_math import kernels
+from spd_math._engine import kernels
 
 
 def pair_ceilings(s_i, r_i, s_j, r_j, alpha: float):

@@ -1,8 +1,8 @@
 """What a merge state offers the pair samplers and the merge loop (`typing.Protocol`s), and the cost view of a matrix.
 
-The samplers (`samplers.py`) never see a cost matrix: they read a `CostView`, which the merge
+The samplers (`spd_math.samplers`) never see a cost matrix: they read a `CostView`, which the merge
 states (`state.GroupState`, `state.DenseGroupState`, `state.SwitchingState`) and the plain
-matrix wrapper `DenseCostView` (here) implement. The merge loop (`merge.py`) reads a
+matrix wrapper `DenseCostView` (here) implement. The merge loop (`spd_math.merge`) reads a
 `MergeState`: a cost view that can also merge two groups. Costs are the engine's scaled costs,
 `n · cost − S·log2((k−1)/k)` (docs/math.md §4), identical to the float in every implementation.
 """
@@ -14,7 +14,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from spd_math import backend
+from spd_math._engine import backend
 
 
 @runtime_checkable

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from spd_math import backend, kernels
-from spd_math.bitsets import BITS_PER_WORD, n_words, pack_words
+from spd_math._engine import backend, kernels
+from spd_math._engine.bitsets import BITS_PER_WORD, n_words, pack_words
 from spd_math.errors import ActivationsError
 from spd_math.validation import describe_columns, nonfinite_columns
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from spd_math import backend
+from spd_math._engine import backend
 from spd_math.errors import MergeError
 
 BITS_PER_WORD = 64
