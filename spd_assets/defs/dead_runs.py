@@ -13,11 +13,15 @@ Where a run's process is known, whether it lives can be checked on this machine:
 A run is dead when that process is gone, is a zombie, or is a newer process that reuses its pid.
 The command line reaps dead runs at start (`run`, `doctor`); under `dagster dev` the code
 location's `dead_runs` sensor does, every few seconds.
+
+With `executor: slurm`, a run's step waits on a SLURM job: `examine_slurm_jobs` (for `spd-cluster doctor`)
+finds runs in flight whose job is gone and jobs that work for runs that are over.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import time
 from dataclasses import dataclass
@@ -25,7 +29,7 @@ from pathlib import Path
 
 from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, DefaultRunLauncher, RunsFilter
 
-from spd_assets.defs.slurm import SLURM_JOB_TAG, cancel_jobs_of
+from spd_assets.defs.slurm import SLURM_JOB_TAG, cancel, cancel_jobs_of, job_end_time, job_state, slurm_jobs
 
 RUN_TAG_HOST = "spd_cluster/host"
 RUN_TAG_PID = "spd_cluster/pid"
@@ -154,3 +158,53 @@ def free_slots_of_finished_runs(instance: DagsterInstance, *, older_than_s: floa
             storage.free_concurrency_slots_for_run(record.dagster_run.run_id)
             freed.append(record.dagster_run.run_id)
     return freed
+
+
+# A run still in flight this long after its SLURM job ended has no live process waiting for the job.
+GONE_JOB_GRACE_S = 60.0
+
+
+@dataclass(frozen=True)
+class SlurmProblem:
+    """What disagrees between a Dagster run and SLURM's queue, and what was (or would be) done about it."""
+
+    problem: str
+    repair: str
+
+
+def examine_slurm_jobs(instance, *, repair: bool) -> list[SlurmProblem]:
+    """What disagrees between Dagster's runs and SLURM's queue: jobs working for runs that are over or unknown
+    (canceled), and runs in flight whose job is gone (marked failed); nothing where SLURM is not installed.
+
+    `instance` is the Dagster instance; with `repair` False only what would be done is said.
+    """
+    if shutil.which("squeue") is None:
+        return []
+    problems = []
+    in_flight = {run.run_id: run for run in instance.get_runs(filters=RunsFilter(statuses=IN_FLIGHT))}
+    for job in slurm_jobs():
+        if job.run_id in in_flight:
+            continue
+        run = instance.get_run_by_id(job.run_id) if job.run_id else None
+        whose = f"run {job.run_id[:8]}, which is {run.status.value}" if run else f"run {job.run_id}, unknown here"
+        if repair:
+            cancel([job.job_id])
+        problems.append(SlurmProblem(f"SLURM job {job.job_id} ({job.name}, {job.state}) works for {whose}",
+                                     "canceled it" if repair else "would cancel it"))
+    queued = {job.job_id for job in slurm_jobs()} if in_flight else set()
+    for run in in_flight.values():
+        job_id = run.tags.get(SLURM_JOB_TAG)
+        if not job_id or job_id in queued:
+            continue
+        state = job_state(job_id)
+        ended_at = job_end_time(job_id) if state.state is not None else None
+        if ended_at is not None and time.time() - ended_at < GONE_JOB_GRACE_S:
+            continue  # just ended: the run's process is taking in its results
+        how = (f"ended {state.state}" if state.state else "is no longer known to SLURM")
+        if repair:
+            instance.report_run_failed(run, f"Failed: its SLURM job {job_id} {how} and no process took in its "
+                                            "results; marked by spd-cluster doctor")
+            free_pool_slots(instance, run.run_id)
+        problems.append(SlurmProblem(f"run {run.run_id[:8]} is {run.status.value} but its SLURM job {job_id} {how}",
+                                     "marked it failed" if repair else "would mark it failed"))
+    return problems

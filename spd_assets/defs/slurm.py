@@ -20,7 +20,7 @@ that fails, runs out of memory, is canceled, or is out of retries raises `SlurmE
 and the tail of its stderr; if the step itself is interrupted (Terminate in the UI, Ctrl-C) the
 job is canceled (`scancel`). Jobs carry their Dagster run id in their comment, so that
 `cancel_jobs_of` can cancel the jobs of runs whose processes were killed, and `slurm_jobs` lists
-them for `spd-cluster doctor`.
+them for `spd-cluster doctor` (`dead_runs.examine_slurm_jobs`).
 """
 
 from __future__ import annotations
@@ -256,59 +256,7 @@ def read_done(folder: Path) -> dict:
     return json.loads((folder / DONE_FILE).read_text())
 
 
-# A run still in flight this long after its SLURM job ended has no live process waiting for the job.
-GONE_JOB_GRACE_S = 60.0
-
-
-@dataclass(frozen=True)
-class SlurmProblem:
-    problem: str
-    repair: str
-
-
-def examine_slurm_jobs(instance, *, repair: bool) -> list[SlurmProblem]:
-    """What disagrees between Dagster's runs and SLURM's queue: jobs working for runs that are over or unknown
-    (canceled), and runs in flight whose job is gone (marked failed); nothing where SLURM is not installed.
-
-    `instance` is the Dagster instance; with `repair` False only what would be done is said.
-    """
-    from dagster import RunsFilter
-
-    from spd_assets.defs.dead_runs import IN_FLIGHT, free_pool_slots
-
-    if shutil.which("squeue") is None:
-        return []
-    problems = []
-    in_flight = {run.run_id: run for run in instance.get_runs(filters=RunsFilter(statuses=IN_FLIGHT))}
-    for job in slurm_jobs():
-        if job.run_id in in_flight:
-            continue
-        run = instance.get_run_by_id(job.run_id) if job.run_id else None
-        whose = f"run {job.run_id[:8]}, which is {run.status.value}" if run else f"run {job.run_id}, unknown here"
-        if repair:
-            cancel([job.job_id])
-        problems.append(SlurmProblem(f"SLURM job {job.job_id} ({job.name}, {job.state}) works for {whose}",
-                                     "canceled it" if repair else "would cancel it"))
-    queued = {job.job_id for job in slurm_jobs()} if in_flight else set()
-    for run in in_flight.values():
-        job_id = run.tags.get(SLURM_JOB_TAG)
-        if not job_id or job_id in queued:
-            continue
-        state = job_state(job_id)
-        ended_at = _end_time(job_id) if state.state is not None else None
-        if ended_at is not None and time.time() - ended_at < GONE_JOB_GRACE_S:
-            continue  # just ended: the run's process is taking in its results
-        how = (f"ended {state.state}" if state.state else "is no longer known to SLURM")
-        if repair:
-            instance.report_run_failed(run, f"Failed: its SLURM job {job_id} {how} and no process took in its "
-                                            "results; marked by spd-cluster doctor")
-            free_pool_slots(instance, run.run_id)
-        problems.append(SlurmProblem(f"run {run.run_id[:8]} is {run.status.value} but its SLURM job {job_id} {how}",
-                                     "marked it failed" if repair else "would mark it failed"))
-    return problems
-
-
-def _end_time(job_id: str) -> float | None:
+def job_end_time(job_id: str) -> float | None:
     """When job `job_id` ended (seconds since the epoch), if SLURM still says."""
     answer = _command("scontrol", "show", "job", "--oneliner", job_id)
     fields = dict(part.split("=", 1) for part in answer.stdout.split() if "=" in part)

@@ -35,6 +35,7 @@ from spd_assets.defs.assets import experiment_assets
 from spd_assets.defs.dead_runs import (
     FINISHED,
     IN_FLIGHT,
+    examine_slurm_jobs,
     find_dead_runs,
     free_pool_slots,
     process_alive,
@@ -48,7 +49,6 @@ from spd_assets.defs.lineage import (
     materialization_records,
     recorded_materializations,
 )
-from spd_assets.defs.slurm import examine_slurm_jobs
 from spd_assets.deployment.settings import load_settings
 from spd_assets.errors import SpdClusterError
 from spd_assets.service.registration import carry_out

@@ -209,7 +209,7 @@ def test_spd_clustering_no_local_submits_to_slurm_with_the_pipeline_partition_an
 
 
 def test_doctor_fails_a_run_whose_job_is_gone(tmp_path, slurm_cluster, monkeypatch):
-    from spd_assets.defs import slurm
+    from spd_assets.defs import dead_runs
     from spd_assets.defs.dead_runs import RUN_TAG_HOST
     from spd_assets.service.doctor import examine
 
@@ -228,7 +228,7 @@ def test_doctor_fails_a_run_whose_job_is_gone(tmp_path, slurm_cluster, monkeypat
         assert not [finding for finding in findings if f"SLURM job {job} " in finding.problem], findings
         slurm_cluster.run("scancel", job)
         wait_for(lambda: job not in slurm_cluster.queue(), 60, f"job {job} to leave the queue")
-        monkeypatch.setattr(slurm, "GONE_JOB_GRACE_S", 0.0)
+        monkeypatch.setattr(dead_runs, "GONE_JOB_GRACE_S", 0.0)
         findings = examine(store_at(home), instance, repair=True)
         (gone,) = [finding for finding in findings if f"SLURM job {job}" in finding.problem]
         assert gone.problem == f"run {run.run_id[:8]} is STARTED but its SLURM job {job} ended CANCELLED"
