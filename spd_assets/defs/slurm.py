@@ -25,7 +25,6 @@ them for `spd-cluster doctor` (`dead_runs.examine_slurm_jobs`).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -250,10 +249,6 @@ class SlurmStepClient:
         if final.state in TRANSIENT:
             raise RetryRequested(max_retries=self.settings.transient_retries, seconds_to_wait=5) from SlurmError(what)
         raise SlurmError(what)
-
-
-def read_done(folder: Path) -> dict:
-    return json.loads((folder / DONE_FILE).read_text())
 
 
 def job_end_time(job_id: str) -> float | None:
