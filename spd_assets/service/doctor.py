@@ -42,7 +42,6 @@ from spd_assets.defs.dead_runs import (
     reap_dead_runs,
 )
 from spd_assets.defs.io_managers import VALUE_TYPE_METADATA_KEY
-from spd_assets.defs.jobs import ensemble_job_name
 from spd_assets.defs.lineage import (
     CONSUMED_METADATA_KEY,
     DATA_VERSION_TAG,
@@ -51,19 +50,19 @@ from spd_assets.defs.lineage import (
 )
 from spd_assets.deployment.settings import load_settings
 from spd_assets.errors import SpdClusterError
+from spd_assets.service.lineage import rebuild_lineage
 from spd_assets.service.registration import carry_out
-from spd_assets.service.runs import RUN_TAG_EXPERIMENT, execute_run, run_config_for
+from spd_assets.service.runs import RUN_TAG_EXPERIMENT, run_config_for
 from spd_assets.sources import source_for
 from spd_assets.storage.atomic import leftover_temporaries
 from spd_assets.storage.checkpoints import CheckpointKey, read_checkpoint, stored_checkpoints
 from spd_assets.storage.experiments import pending_replacements, registered_experiments
-from spd_assets.storage.lineage import fingerprint, lineage_tables
+from spd_assets.storage.lineage import LINEAGE_TABLES, fingerprint, lineage_tables
 from spd_assets.storage.previous_layout import is_previous_layout, previous_fingerprint
 from spd_assets.storage.schemas import TABLE_SCHEMAS
 from spd_assets.storage.store import ResultsStore
 from spd_assets.storage.values import value_format
 
-LINEAGE_TABLES = ("materializations", "lineage_edges")
 # Columns that identify a row of each lineage table (the rest follow from them).
 LINEAGE_IDENTITY = {
     "materializations": ["asset", "partition", "run_id", "data_version"],
@@ -224,13 +223,9 @@ def _examine_lineage(store: ResultsStore, instance: DagsterInstance, name: str, 
     problem = f"{name}: the lineage tables disagree with Dagster's event log ({'; '.join(differences)})"
     if not repair:
         return [Finding(problem, "would rebuild them from the event log", name)]
-    try:
-        outcome = execute_run(ensemble_job_name(name), None, {RUN_TAG_EXPERIMENT: name, RUN_TAG_DOCTOR: "lineage"},
-                              {**(run_config_for(load_settings()) or {}), **QUIET},
-                              asset_selection=[AssetKey([name, table]) for table in LINEAGE_TABLES])
-        error = None if outcome.success else (outcome.error or f"run {outcome.run_id} failed")
-    except Exception as failure:  # the run could not even start: report it like a failed one
-        outcome, error = None, f"{type(failure).__name__}: {failure}"
+    outcome = rebuild_lineage(name, {RUN_TAG_EXPERIMENT: name, RUN_TAG_DOCTOR: "lineage"},
+                              {**(run_config_for(load_settings()) or {}), **QUIET})
+    error = None if outcome.success else (outcome.error or f"run {outcome.run_id} failed")
     if error is not None:
         return [Finding(problem, None, name, ""), Finding(f"{name}: rebuilding the lineage tables failed: {error}")]
     return [Finding(problem, f"rebuilt them from the event log (run {outcome.run_id[:8]})", name)]

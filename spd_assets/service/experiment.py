@@ -33,6 +33,7 @@ from spd_assets.deployment.home import results_store
 from spd_assets.deployment.settings import DEVICE_POOL, DeploymentSettings, load_settings, settings_overridden
 from spd_assets.errors import UsageError
 from spd_assets.service import memory
+from spd_assets.service.lineage import rebuild_lineage
 from spd_assets.service.preflight import members_at_once_that_fit, preflight
 from spd_assets.service.registration import register
 from spd_assets.service.runs import (
@@ -52,7 +53,6 @@ from spd_assets.storage.progress import StepProgress, read_progress
 
 # Names the face that ran an experiment, in each of its runs' tags.
 RUN_TAG_ORIGIN = "spd_cluster/origin"
-LINEAGE_TABLES = ("materializations", "lineage_edges")
 # Marks the run that rebuilt the lineage tables after an interrupted or failed invocation.
 RUN_TAG_LINEAGE = "spd_cluster/lineage"
 
@@ -425,9 +425,7 @@ def _bring_lineage_up_to_date(plan: ExperimentPlan, tags: dict[str, str]) -> Non
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the clean-up of an interruption runs to its end
     workers = Workers(1, str(plan.log_path), str(plan.home))
     try:
-        task = RunTask(ensemble_job_name(plan.experiment), None, {**tags, RUN_TAG_LINEAGE: "catch-up"},
-                       plan.run_config, asset_selection=tuple((plan.experiment, table) for table in LINEAGE_TABLES))
-        workers.run([task], lambda outcome: None)
+        rebuild_lineage(plan.experiment, {**tags, RUN_TAG_LINEAGE: "catch-up"}, plan.run_config, workers=workers)
     finally:
         workers.close()
         signal.signal(signal.SIGINT, previous)

@@ -80,18 +80,23 @@ def _serve(connection, parent_pid: int, log_path: str, home: str) -> None:
             return
         if task is None:
             return
-        try:
-            selection = None
-            if task.asset_selection is not None:
-                from dagster import AssetKey
+        connection.send(execute_task(task))
 
-                selection = [AssetKey(list(path)) for path in task.asset_selection]
-            outcome = execute_run(task.job_name, task.partition, task.tags, task.run_config, asset_selection=selection)
-        except Exception as error:  # the run never started or could not be recorded: instance unreachable, ...
-            error = unreachable_instance(error) or error
-            outcome = RunOutcome(label=task.label, success=False, run_id=None, seconds=0.0,
-                                 error=f"{type(error).__name__}: {error}")
-        connection.send(outcome)
+
+def execute_task(task: RunTask) -> RunOutcome:
+    """Execute `task`'s run in this process; a run that never started or could not be recorded (an unreachable
+    instance, ...) is a failed outcome that says why."""
+    try:
+        selection = None
+        if task.asset_selection is not None:
+            from dagster import AssetKey
+
+            selection = [AssetKey(list(path)) for path in task.asset_selection]
+        return execute_run(task.job_name, task.partition, task.tags, task.run_config, asset_selection=selection)
+    except Exception as error:
+        error = unreachable_instance(error) or error
+        return RunOutcome(label=task.label, success=False, run_id=None, seconds=0.0,
+                          error=f"{type(error).__name__}: {error}")
 
 
 class _Worker:

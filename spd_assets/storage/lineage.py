@@ -23,6 +23,8 @@ import torch
 from spd_assets.storage.schemas import TABLE_SCHEMAS
 
 FINGERPRINT_LENGTH = 16
+# The lineage tables, in the order `lineage_tables` returns them.
+LINEAGE_TABLES = ("materializations", "lineage_edges")
 
 
 def _parts(value) -> Iterator[bytes]:
