@@ -16,6 +16,7 @@ Costs and candidates
     cost_view     what a merge state offers the samplers and the merge loop (protocols), and a matrix's cost view
     ceilings      cost ceilings: an upper bound of a pair's cost that reads no coactivation
     pool          the range sampler's candidate pool: pairs whose cost was at most a level
+    pool_policy   when the scalable state rebuilds its pool, and which floor and level a new one gets
 
 The state
     state         the merge states (scalable, dense, switching between them) and `group_state`, which picks one

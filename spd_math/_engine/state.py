@@ -31,8 +31,9 @@ stay valid as L drifts and entries are removed; the global extremes are found by
 only rows whose bound could hold them. The range sampler's candidates come from a *pool* of
 pairs whose cost was at most a level when last evaluated: while the window's cutoff stays
 at or below that level, the pool holds every candidate; otherwise it is rebuilt from the
-rows whose lower bound is at most the new level. Continuous mode allows negative
-coactivations; there the bounds include the drift of negative entries and a safety margin.
+rows whose lower bound is at most the new level (when, and to which level, `pool_policy.PoolPolicy`
+decides). Continuous mode allows negative coactivations; there the bounds include the drift of
+negative entries and a safety margin.
 
 Ceilings instead of a pool of everything. On heterogeneous activations (rates spread over an
 order of magnitude, a few dense components), once the strongly coactivating groups are merged
@@ -55,6 +56,7 @@ from spd_math._engine.bitsets import overlap_counts
 from spd_math._engine.ceilings import CeilingIndex, pair_ceilings
 from spd_math._engine.cost_view import DenseCostView
 from spd_math._engine.pool import CandidatePool, RowCountedCandidates
+from spd_math._engine.pool_policy import PoolPolicy
 from spd_math._engine.store import CoactivationStore, narrow_store
 from spd_math.costs import log_factors
 
@@ -67,24 +69,9 @@ BLOCK_ENTRIES = 1 << 22
 LAZY_BATCH_ENTRIES = 1 << 13
 # Relative safety margin on bounds that drift (rounding of a few float64 operations is ~1e-16).
 BOUND_MARGIN = 1e-10
-# Share of the cost range above the minimum that a freshly built pool covers.
-POOL_SHARE = 0.06
-# Share of the range sampler's look-ahead below the cutoff down to which a pool holds pairs that its ceilings
-# would count (the rest are counted by ceiling): room for the cutoff to fall a little without a rebuild.
-FLOOR_SHARE = 0.02
-# Pairs with a ceiling between a pool's floor and its level (all in the pool) per live group, at most (and at
-# least this many in all): the level comes down where ceilings crowd, found in this many bisection steps.
-POOL_BAND_PER_GROUP = 4
 # Rows of a pool rebuild are read through their ceiling windows (gathers) rather than whole (one contiguous
 # read each) where the windows hold at most this share of the rows' entries.
 WINDOW_READ_SHARE = 0.1
-POOL_BAND_MIN = 1 << 16
-LEVEL_BISECTIONS = 12
-# Pool entries beyond which the range sampler counts candidates row by row instead.
-POOL_LIMIT = 1 << 25
-# After a pool overflowed, the range sampler counts row by row for this many iterations (doubling per overflow
-# in a row, up to the cap) before it tries to build a pool again: a failed build costs a pass over the rows.
-POOL_RETRY_CAP = 64
 
 
 def _offdiagonal_extremes(values: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor):
@@ -216,9 +203,8 @@ class GroupState(_SlotState):
         self.lowest_q = 0.0  # min(0, every coactivation seen): the drift of costs that can fall
         self._bounds_stale = False  # merges were made without costs (see `merge`)
         self.pool: CandidatePool | None = None
+        self.pool_policy = PoolPolicy()  # when the pool is rebuilt, and what a new one covers
         self.full_passes = 0  # cost passes over (nearly) every row since the last merge
-        self._pool_overflows = 0  # pool builds in a row that overflowed POOL_LIMIT
-        self._pool_wait = 0  # range choices left to count row by row before building a pool again
         self.last_full_passes = 0  # ... and in the iteration before it
         self._pool_costs_cache: torch.Tensor | None = None
         self._max_cache: float | None = None
@@ -395,14 +381,14 @@ class GroupState(_SlotState):
         # No pool holds the minimum: the best row's exact minimum bounds it from above, and a pool up
         # to a little above that bound holds it (and, usually, this iteration's candidates too) unless
         # pairs under that level are counted by their ceilings; then the lazy row search finds it.
-        if self._pool_wait > 0 or self.pool is not None:
+        if not self.pool_policy.builds_for_minimum(self.pool is not None):
             return self._extreme(lowest=True)
         bounds = self._min_bounds()
         best = torch.argmin(bounds).reshape(1)
         self._scan(best)
         upper = float(self.row_min[best])
         highest = self.offdiagonal_max()
-        level = upper + POOL_SHARE * (highest - upper)
+        level = self.pool_policy.minimum_level(upper, highest)
         if self._counts_ceilings(level) and self._ceiling_counts(level).any():
             return self._extreme(lowest=True)
         self._rebuild_pool(level, upper)
@@ -422,15 +408,13 @@ class GroupState(_SlotState):
         Pairs whose ceiling is at most the cutoff are counted from the group counts alone
         (`ceilings.ceiling_counts`); the pool holds the others that can be candidates.
         """
-        if self.pool is None or cutoff > self._pool_level() or cutoff < self.pool.floor:
-            if self._pool_wait > 0:
-                self._pool_wait -= 1
+        if self.pool is None or not self.pool_policy.answers(cutoff, self._pool_level(), self.pool.floor):
+            if self.pool_policy.counts_rows_instead():
                 self.pool, self._pool_costs_cache = None, None
                 return self._counted_candidates(cutoff)
             floor, level = self._pool_bounds(cutoff, max(slack, 0.0))
             self._rebuild_pool(level, cutoff, floor)
-            self._pool_overflows = self._pool_overflows + 1 if self.pool is None else 0
-            self._pool_wait = min(POOL_RETRY_CAP, 2**self._pool_overflows - 1) if self.pool is None else 0
+            self.pool_policy.built(overflowed=self.pool is None)
         if self.pool is None:
             return self._counted_candidates(cutoff)
         if self.pool.complete or not self._counts_ceilings(cutoff):
@@ -444,32 +428,15 @@ class GroupState(_SlotState):
         return RowCountedCandidates(self, torch.arange(self.k, device=self.device), counts, cutoff)
 
     def _pool_bounds(self, cutoff: float, slack: float) -> tuple[float, float]:
-        """`(floor, level)` of a new pool for `cutoff`: up to `slack` above it, and a little under it.
-
-        Every pair with a ceiling in (floor, level] belongs in the pool whatever its coactivation;
-        where ceilings crowd (most pairs of rare groups share a few small counts) the level is
-        lowered until at most `POOL_BAND_PER_GROUP · k` of them are, and the floor raised to the cutoff.
-        """
+        """`(floor, level)` of a new pool for `cutoff` (`PoolPolicy.bounds`), counting pairs by their ceilings."""
         if not self.boolean:
-            return -math.inf, cutoff + slack
+            return self.pool_policy.bounds(cutoff, slack, self.k, None)
         index = self._ceilings()
 
         def under(value: float) -> int:  # pairs (ordered) with a ceiling <= value; every ceiling is >= 0
             return int(index.counts(value).sum()) if value >= 0 else 0
 
-        budget = max(POOL_BAND_MIN, POOL_BAND_PER_GROUP * self.k)
-        floor = cutoff - FLOOR_SHARE * slack
-        below, at_cutoff = under(floor), under(cutoff)
-        if at_cutoff - below > budget // 4:
-            floor, below = cutoff, at_cutoff
-        level = cutoff + slack
-        if under(level) - below > budget:
-            low, high = cutoff, level
-            for _ in range(LEVEL_BISECTIONS):
-                middle = (low + high) / 2
-                low, high = (middle, high) if under(middle) - below <= budget else (low, middle)
-            level = low
-        return (floor if below else -math.inf), level
+        return self.pool_policy.bounds(cutoff, slack, self.k, under)
 
     # --- ceilings ------------------------------------------------------------------------------
 
@@ -550,13 +517,13 @@ class GroupState(_SlotState):
                 chosen &= self._pair_ceilings(block[:, None], torch.arange(self.k, device=self.device)) > floor
             local, j = torch.nonzero(chosen, as_tuple=True)
             parts.append((block[local], j, torch.masked_select(terms, chosen), torch.masked_select(q, chosen)))
-            if sum(part[0].numel() for part in parts) > POOL_LIMIT:
+            if self.pool_policy.too_large(sum(part[0].numel() for part in parts)):
                 return self._pool_overflow(level, cutoff, floor)
         if plain.any():
             plain_rows = torch.from_numpy(rows_host[plain]).to(self.device)
             for first in range(0, plain_rows.numel(), step):
                 parts.extend(self._filtered_entries(plain_rows[first : first + step], level, floor, windows))
-                if sum(part[0].numel() for part in parts) > POOL_LIMIT:
+                if self.pool_policy.too_large(sum(part[0].numel() for part in parts)):
                     return self._pool_overflow(level, cutoff, floor)
         if parts:
             i, j, terms, q = (torch.cat(items) for items in zip(*parts))
@@ -566,8 +533,9 @@ class GroupState(_SlotState):
         self.pool = CandidatePool(i, j, terms, q, self._pair_ceilings(i, j), level, L, floor)
 
     def _pool_overflow(self, level: float, cutoff: float, floor: float) -> None:
-        if level > cutoff:
-            self._rebuild_pool(cutoff, cutoff, floor)
+        retry_level = self.pool_policy.level_after_overflow(level, cutoff)
+        if retry_level is not None:
+            self._rebuild_pool(retry_level, cutoff, floor)
         else:
             self.pool = None
 
@@ -914,7 +882,7 @@ DENSE_BYTES_PER_PAIR = 24
 
 
 # Per-group vectors of the scalable state (sizes, bounds, slots: a few dozen numbers each) and its candidate pool
-# (`POOL_BAND_PER_GROUP` pairs of about 40 bytes per group), per group.
+# (`PoolSettings.band_per_group` pairs of about 40 bytes per group), per group.
 BYTES_PER_GROUP = 512
 
 

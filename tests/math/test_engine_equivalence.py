@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from spd_math import MergeConfig, ProcessedActivations, merge_iteration
-from spd_math._engine import backend, state, store
+from spd_math._engine import backend, pool_policy, state, store
 from tests.math.reference_engine import reference_merge
 
 
@@ -140,7 +140,7 @@ def test_identical_histories_where_ceilings_count_most_candidates(engine, monkey
 def small_blocks(monkeypatch):
     """Row blocks of a few rows, a tiny pool and a lazy batch of 2: every regime on small problems."""
     monkeypatch.setattr(state, "BLOCK_ENTRIES", 64)
-    monkeypatch.setattr(state, "POOL_LIMIT", 6)
+    monkeypatch.setattr(pool_policy, "DEFAULT_SETTINGS", pool_policy.PoolSettings(limit=6))
     monkeypatch.setattr(state, "LAZY_BATCH_ENTRIES", 2)
 
 
