@@ -339,7 +339,7 @@ def peak_rss_mb() -> float:
 def timed_state_class():
     """The engine's state classes, wrapped to record when their construction (the setup) ends."""
     marks: list[float] = []
-    if hasattr(merge_module, "_GroupState"):  # the engine before spd_math.state existed
+    if hasattr(merge_module, "_GroupState"):  # the engine before it had a state module
         module, names = merge_module, ["_GroupState"]
     else:
         import spd_math._engine.state as module
