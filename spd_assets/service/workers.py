@@ -17,10 +17,12 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import signal
+import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from spd_assets.service import memory
@@ -99,11 +101,32 @@ def execute_task(task: RunTask) -> RunOutcome:
                           error=f"{type(error).__name__}: {error}")
 
 
+@contextmanager
+def _main_module_left_alone():
+    """Start processes without their re-importing the caller's `__main__`, as `spawn` otherwise does.
+
+    A worker needs only this package, and re-importing `__main__` would run a script without an
+    `if __name__ == "__main__":` guard a second time in every worker (starting the experiment again), and
+    fails outright for a script read from standard input (`python - < script.py`: there is no file).
+    multiprocessing imports `__main__` in the child only where it has a module name or a file.
+    """
+    main = sys.modules["__main__"]
+    hidden = {name: main.__dict__.pop(name) for name in ("__file__",) if name in main.__dict__}
+    spec = getattr(main, "__spec__", None)
+    main.__spec__ = None
+    try:
+        yield
+    finally:
+        main.__dict__.update(hidden)
+        main.__spec__ = spec
+
+
 class _Worker:
     def __init__(self, context, log_path: str, home: str) -> None:
         self.connection, child_end = context.Pipe(duplex=True)
         self.process = context.Process(target=_serve, args=(child_end, os.getpid(), log_path, home))
-        self.process.start()
+        with _main_module_left_alone():
+            self.process.start()
         child_end.close()
         self.task: RunTask | None = None
         self.started = 0.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import subprocess
 import sys
@@ -95,3 +96,26 @@ def test_a_changed_config_under_the_same_name_is_refused_unless_replaced(tmp_pat
         cluster_analysis_pipeline(changed, home=home)
     replaced = cluster_analysis_pipeline(changed, home=home, replace=True)
     assert replaced.tables["experiments"]["config_json"].str.contains('"alpha":0.5').all()
+
+
+SCRIPT_WITHOUT_GUARD = """
+from spd_assets import cluster_analysis_pipeline
+source = {"kind": "synthetic", "n_members": 2, "batch_size": 8}
+results = cluster_analysis_pipeline({"name": "scripted", "source": source, "merge_config": {"iters": 20}}, replace=True)
+print("consensus at iteration", results.consensus.iteration)
+"""
+
+
+@pytest.mark.parametrize("how", ["file", "stdin"])
+def test_a_script_without_a_main_guard_or_read_from_standard_input_runs_once(tmp_path, how):
+    """The workers are spawned without re-importing the script: it runs once, and `python - < script.py` works."""
+    home = make_home(tmp_path / "home")
+    script = tmp_path / "script.py"
+    script.write_text(SCRIPT_WITHOUT_GUARD)
+    command = [sys.executable, str(script)] if how == "file" else [sys.executable, "-"]
+    done = subprocess.run(command, input=None if how == "file" else SCRIPT_WITHOUT_GUARD, cwd=tmp_path,
+                          env={**os.environ, "DAGSTER_HOME": str(home)}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stdout + done.stderr
+    assert done.stdout.count("scripted: 2 members") == 1 and done.stdout.count("consensus at iteration") == 1, done.stdout
+    with instance_at(home) as instance:
+        assert len(instance.get_runs(filters=RunsFilter(tags={RUN_TAG_EXPERIMENT: "scripted"}))) == 3, "two members, one ensemble"
