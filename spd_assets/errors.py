@@ -31,6 +31,10 @@ class StorageError(SpdClusterError, RuntimeError):
     """A stored result is missing or unreadable; the message names the file."""
 
 
+class UnknownExperimentError(StorageError):
+    """An experiment's name that no config in the results folder has (misspelt, or never run there)."""
+
+
 class DiskFullError(StorageError):
     """A result could not be written: its filesystem is full. The message names the filesystem, the file, and
     what can be freed; nothing half-written is left and earlier results are untouched."""

@@ -23,7 +23,7 @@ from spd_assets.deployment.home import dagster_home, results_store
 from spd_assets.errors import StorageError
 from spd_assets.storage.experiments import registered_config
 from spd_assets.storage.schemas import TABLE_SCHEMAS
-from spd_assets.storage.store import ResultsStore
+from spd_assets.storage.store import ResultsStore, require_experiment
 from spd_assets.storage.values import (
     VALUE_FORMATS,
     ConsensusClusters,
@@ -110,9 +110,8 @@ class ClusteringResults:
         the project's `dagster_home/`)."""
         home = Path(home).resolve() if home is not None else dagster_home()
         store = results_store(home)
+        require_experiment(store, experiment)
         config = registered_config(store, experiment)
-        if config is None:
-            raise StorageError(f"no experiment {experiment!r} is registered in {store.experiments_dir}")
         ensemble = load_ensemble(_value_path(store, experiment, "normalized_ensemble", MemberEnsemble))
         histories = {member: load_history(_value_path(store, experiment, "merge_history", MergeHistory, member))
                      for member in ensemble.members}

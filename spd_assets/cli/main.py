@@ -12,6 +12,7 @@ from spd_assets.cli.export import add_export_parser, run_export
 from spd_assets.cli.sql import OUTPUT_FORMATS, emit, run_sql
 from spd_assets.deployment.home import point_at_instance, results_store
 from spd_assets.errors import SpdClusterError
+from spd_assets.storage.store import require_experiment
 
 
 def print_clusters(args) -> int:
@@ -113,6 +114,9 @@ def run_doctor(args) -> int:
 
     home = prepare_instance(point_at_instance())
     store = results_store(home)
+    for name in args.experiment or []:
+        if not store.experiment_dir(name).exists():  # results of an experiment no longer registered are examined
+            require_experiment(store, name)
     print(f"spd-cluster doctor: DAGSTER_HOME={home}" + (" (dry run: nothing is changed)" if args.dry_run else ""))
     with DagsterInstance.get() as instance:
         findings = examine(store, instance, repair=not args.dry_run, only=args.experiment)
@@ -154,9 +158,6 @@ def _dispatch(args) -> int:
     if args.command == "run":
         from spd_assets.cli.run import run_config_file
 
-        if args.parallel is not None and args.parallel < 1:
-            print(f"spd-cluster: --parallel: expected a positive number, got {args.parallel}", file=sys.stderr)
-            return 2
         only = [m.strip() for m in args.members.split(",") if m.strip()] if args.members else None
         return run_config_file(args.config, args.set, parallel=args.parallel, only_members=only, replace=args.replace)
     return 2

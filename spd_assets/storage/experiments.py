@@ -17,9 +17,7 @@ from pathlib import Path
 from spd_assets.config import ExperimentConfig, dump_config, load_config
 from spd_assets.errors import ExperimentConfigError
 from spd_assets.storage.atomic import atomic_path
-from spd_assets.storage.store import ResultsStore
-
-DEFAULT_EXPERIMENT = "default"
+from spd_assets.storage.store import DEFAULT_EXPERIMENT, ResultsStore
 
 
 @dataclass(frozen=True)

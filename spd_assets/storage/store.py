@@ -22,11 +22,16 @@ The store knows paths and writes atomically; what a file holds is for `values`, 
 
 from __future__ import annotations
 
+import difflib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from spd_assets.errors import UnknownExperimentError
 from spd_assets.storage.atomic import atomic_path
+
+# The experiment every results folder has: the embedded config, unless one named so is registered.
+DEFAULT_EXPERIMENT = "default"
 
 # Partition part of a table file name for assets that are not partitioned.
 WHOLE_EXPERIMENT = "all"
@@ -72,6 +77,12 @@ class ResultsStore:
     @property
     def logs_dir(self) -> Path:
         return self.root / "logs"
+
+    def experiment_names(self) -> list[str]:
+        """The experiments this folder knows: the default and every registered config's name."""
+        directory = self.experiments_dir
+        registered = {path.stem for path in directory.glob("*.yaml")} if directory.is_dir() else set()
+        return sorted({DEFAULT_EXPERIMENT, *registered})
 
     def experiment_dir(self, experiment: str) -> Path:
         return self.root / experiment
@@ -124,6 +135,20 @@ class ResultsStore:
         with atomic_path(path) as temporary:
             frame.write_parquet(temporary)
         return path
+
+
+def require_experiment(store: ResultsStore, name: str) -> None:
+    """Raise `UnknownExperimentError`, naming the close matches, unless the folder knows experiment `name`.
+
+    Every face that takes an experiment's name asks here first, so a misspelt name is said as such, not as
+    missing results.
+    """
+    known = store.experiment_names()
+    if name in known:
+        return
+    close = difflib.get_close_matches(name, known, n=3)
+    hint = f"did you mean {' or '.join(map(repr, close))}?" if close else f"the experiments here: {', '.join(known)}"
+    raise UnknownExperimentError(f"no experiment {name!r} in {store.root}; {hint}")
 
 
 def glob_escape(text: str) -> str:

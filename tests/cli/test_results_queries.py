@@ -313,6 +313,23 @@ def test_consensus_at_another_iteration_is_computed(home):
     stability = np.array([consensus["stability"][str(i)] for i in range(consensus["n_clusters"])])
     assert ((stability >= 0.5) & (stability <= 1.0)).all()
 
+    # Another threshold alone: at the stored consensus's iteration, chosen by its rule.
+    stored_consensus = load_consensus(asset_path("default", "consensus_clusters", None, home))
+    stricter = json.loads(cli(home, "clusters", "--consensus", "--threshold", "0.9").stdout)
+    expected = consensus_clusters(stored.ensemble.merges[:, stored_consensus.iteration, :], threshold=0.9)
+    assert not stricter["stored"] and stricter["threshold"] == 0.9 and stricter["rule"] == stored_consensus.rule
+    assert stricter["iteration"] == stored_consensus.iteration
+    assert [stricter["clusters"][label] for label in stored.ensemble.labels] == [
+        int(c) if c >= 0 else None for c in expected.cluster_of]
+
+
+@pytest.mark.parametrize("arguments", [["clusters", "--consensus"], ["clusters", "--member", "member_000", "--iteration", "1"],
+                                       ["export", "spd-app", "--out", "mapping.json"]])
+def test_a_misspelt_experiment_is_named_with_the_close_matches(home, arguments):
+    answer = cli(home, *arguments, "--experiment", "defualt", check=False)
+    assert answer.returncode != 0 and "Traceback" not in answer.stderr
+    assert "no experiment 'defualt'" in answer.stderr and "did you mean 'default'?" in answer.stderr, answer.stderr
+
 
 QUERY_IMPORTS = r"""
 import sys
