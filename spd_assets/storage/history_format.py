@@ -322,4 +322,5 @@ def _merge_config(values: Any, path: str | os.PathLike[str]) -> MergeConfig | No
     try:
         return MergeConfig.from_dict(values)
     except ConfigError as error:
-        raise HistoryFormatError(f"{path}: {METADATA} merge_config cannot be loaded ({error})") from error
+        problems = "; ".join(str(error).splitlines())
+        raise HistoryFormatError(f"{path}: {METADATA} merge_config cannot be loaded ({problems})") from error

@@ -251,7 +251,7 @@ def replace_entry(name: str, data: bytes):
         (replace_metadata(lambda m: m.update(n_iters_current=7)), r"n_iters_current is 7 but the entries hold only 6"),
         (replace_metadata(lambda m: m.update(n_iters_current="6")), r"n_iters_current must be a non-negative integer"),
         (replace_metadata(lambda m: m.update(seed=-1)), r"seed must be a non-negative integer or null"),
-        (replace_metadata(lambda m: m["merge_config"].update(depth=3, width=2)), r"merge_config cannot be loaded.*\['depth', 'width'\]"),
+        (replace_metadata(lambda m: m["merge_config"].update(depth=3, width=2)), r"merge_config cannot be loaded \(depth: unknown key 'depth' .*; width: unknown key 'width'"),
         (replace_metadata(lambda m: m["merge_config"].update(alpha=-1.0)), r"merge_config cannot be loaded.*alpha"),
     ],
 )
