@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from spd_assets.cli.progress_view import ProgressView
 from spd_assets.cli.validate import describe_loaded, storage_of
 from spd_assets.config import ExperimentConfig, load_config_file
-from spd_assets.deployment.home import PROJECT_ROOT, dagster_home
+from spd_assets.deployment.home import PROJECT_ROOT, dagster_home, results_store
 from spd_assets.errors import SpdClusterError
 from spd_assets.service.experiment import ExperimentPlan, ExperimentRun, Interrupted, Progress, run_experiment
 from spd_assets.service.runs import CheckOutcome, RunOutcome
@@ -120,8 +120,9 @@ def check_summary(checks: list[CheckOutcome]) -> list[str]:
     return lines
 
 
-def summary_lines(run: ExperimentRun) -> list[str]:
-    """What `spd-cluster run` prints at the end: members, checks, consensus, and where everything is."""
+def summary_lines(run: ExperimentRun, *, new_experiment: bool = False) -> list[str]:
+    """What `spd-cluster run` prints at the end: members, checks, consensus, and where everything is (and, for an
+    experiment run here for the first time, that a UI started before shows it once it reloads its definitions)."""
     plan, failed = run.plan, run.failed_members
     total = len(plan.members)
     ensemble = run.ensemble is not None and run.ensemble.success
@@ -146,6 +147,10 @@ results   {run.results_dir}""")
 tables    {run.database_path}  (DuckDB views over Parquet; any DuckDB client can open it read-only)
   query:  spd-cluster sql "{query}"
 UI        DAGSTER_HOME={plan.home} dagster dev -w {PROJECT_ROOT / 'workspace.yaml'}   (then open http://localhost:3000)""")
+    if new_experiment:
+        # The code location reads the registered experiments when it loads: a UI already running has not seen this one.
+        lines.append(f"          a UI started before this run shows {plan.experiment!r} once you click "
+                     "\"Reload definitions\" (or restart it)")
     return lines
 
 
@@ -194,6 +199,7 @@ def run_and_print(config: ExperimentConfig, *, parallel: int | None, only_member
     stopper = _Stopper()
     previous = {signum: signal.signal(signum, stopper) for signum in (signal.SIGINT, signal.SIGTERM)}
     printer = _Printer(stopper)
+    new_experiment = config.name not in results_store(dagster_home()).experiment_names()
     try:
         run = run_experiment(config, home=dagster_home(), parallel=parallel, only_members=only_members,
                              replace=replace, origin=program, progress=printer, executor=executor, slurm=slurm)
@@ -208,5 +214,5 @@ def run_and_print(config: ExperimentConfig, *, parallel: int | None, only_member
     if run.interruption is not None:
         print(interruption_line(run), file=sys.stderr, flush=True)
         return INTERRUPTED_EXIT.get(run.interruption.signum, 130)
-    print("\n".join(summary_lines(run)))
+    print("\n".join(summary_lines(run, new_experiment=new_experiment)))
     return 0 if run.success else 1

@@ -71,6 +71,9 @@ def test_each_run_prints_a_check_summary_per_asset(reruns):
     assert "partition_sizes 3/3 passed" in summary[0]
     assert "symmetric_with_zero_diagonal 1/1 passed" in summary[2]
     assert "partition_sizes 1/1 passed" in rerun.split("checks:\n", 1)[1]
+    # A UI started before the first run has not loaded the new experiment: the first run says how to see it.
+    assert f"a UI started before this run shows '{NAME}' once you click \"Reload definitions\"" in full
+    assert "Reload definitions" not in rerun
 
 
 def test_a_failed_check_says_its_members_and_its_reason_and_nothing_stray():
