@@ -156,10 +156,18 @@ def _dispatch(args) -> int:
 
         return validate(args.config, args.set)
     if args.command == "run":
-        from spd_assets.cli.run import run_config_file
+        # The config is read before Dagster and the service are imported, so a mistake in it is said at once.
+        from spd_assets.config import load_config_file
+
+        try:
+            loaded = load_config_file(args.config, args.set)
+        except SpdClusterError as error:
+            print(f"spd-cluster: {error}", file=sys.stderr)
+            return 2
+        from spd_assets.cli.run import run_loaded
 
         only = [m.strip() for m in args.members.split(",") if m.strip()] if args.members else None
-        return run_config_file(args.config, args.set, parallel=args.parallel, only_members=only, replace=args.replace)
+        return run_loaded(loaded, parallel=args.parallel, only_members=only, replace=args.replace)
     return 2
 
 

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 
 from spd_assets.cli.progress_view import ProgressView
 from spd_assets.cli.validate import describe_loaded, storage_of
-from spd_assets.config import ExperimentConfig, load_config_file
+from spd_assets.config import ExperimentConfig, LoadedConfig, load_config_file
 from spd_assets.deployment.home import PROJECT_ROOT, dagster_home, results_store
 from spd_assets.errors import SpdClusterError
 from spd_assets.service.experiment import ExperimentPlan, ExperimentRun, Interrupted, Progress, run_experiment
@@ -175,6 +175,14 @@ def run_config_file(path, overrides: list[str], *, parallel: int | None = None, 
     except SpdClusterError as error:
         print(f"{program}: {error}", file=sys.stderr)
         return 2
+    return run_loaded(loaded, parallel=parallel, only_members=only_members, program=program,
+                      not_used_flags=not_used_flags, replace=replace, executor=executor)
+
+
+def run_loaded(loaded: LoadedConfig, *, parallel: int | None = None, only_members: list[str] | None = None,
+               program: str = "spd-cluster", not_used_flags: list[str] = (), replace: bool = False,
+               executor: str | None = None) -> int:
+    """Run a config file already read (see `run_config_file`)."""
     for line in describe_loaded(loaded):
         print(line)
     if not_used_flags:

@@ -5,9 +5,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from spd_assets.config import LoadedConfig, load_config_file
 from spd_assets.errors import SpdClusterError
-from spd_assets.service.preflight import Preflight, preflight
+
+if TYPE_CHECKING:
+    from spd_assets.service.preflight import Preflight
 
 MEMBERS_LISTED = 4
 
@@ -16,6 +20,9 @@ def validate(path: Path, overrides: list[str]) -> int:
     """Print what `spd-cluster run --config path` would run; 0 when valid, 2 (with the problems) when not."""
     try:
         loaded = load_config_file(path, overrides)
+        # Imported once the config has read: a mistake in it is said before the service (and Dagster) loads.
+        from spd_assets.service.preflight import preflight
+
         checked = preflight(loaded.config, check_all=False)
     except SpdClusterError as error:
         print(f"spd-cluster validate: {path}: invalid\n{error}", file=sys.stderr)

@@ -64,3 +64,15 @@ def test_invalid_config_is_rejected_before_any_work(tmp_path):
     stdout, stderr = process.communicate()
     assert process.returncode == 2 and "consensus.k: expected fewer groups than a member's" in stderr, stderr
     assert not (home / "spd_cluster" / "bad").exists(), "no member may run"
+
+
+def test_a_mistake_in_the_config_is_said_before_dagster_is_imported(tmp_path):
+    config_path = tmp_path / "typo.yaml"
+    config_path.write_text("name: typo\nmerge_config: {alpah: 1}\n")
+    probe = ("import sys\nfrom spd_assets.cli.main import main\ncode = main(sys.argv[1:])\n"
+             "sys.stderr.write('dagster imported: %s' % ('dagster' in sys.modules))\nsys.exit(code)")
+    for command in ("run", "validate"):
+        done = subprocess.run([sys.executable, "-c", probe, command, "--config", str(config_path)], capture_output=True,
+                              text=True, env={**os.environ, "DAGSTER_HOME": str(make_home(tmp_path / command))})
+        assert done.returncode == 2 and "merge_config.alpah: unknown key 'alpah'" in done.stderr, done.stderr
+        assert done.stderr.endswith("dagster imported: False"), done.stderr
