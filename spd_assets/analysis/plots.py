@@ -2,19 +2,21 @@
 
 Figures are drawn with Matplotlib's object API on the non-interactive Agg canvas (no pyplot,
 no global state), sized to be read at the width of Dagster's metadata panel, and kept to tens
-of kilobytes: one of each is drawn at every materialization. `png_bytes` renders a figure and
-`markdown_image` puts a PNG into Markdown, as Dagster's and Pipes' metadata show it.
+of kilobytes: one of each is drawn at every materialization. They are rendered by
+`storage.figures.png_bytes` (shared with the exports); `markdown_image` puts a PNG into Markdown,
+as Dagster's and Pipes' metadata show it.
 """
 
 from __future__ import annotations
 
 import base64
-import io
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from spd_assets.storage.figures import png_bytes
 
 # Inches at DPI: about 640 pixels wide, what the UI shows without scaling down much.
 WIDTH_IN = 6.4
@@ -41,13 +43,6 @@ def _figure(height_in: float) -> Figure:
     figure = Figure(figsize=(WIDTH_IN, height_in), dpi=DPI, layout="constrained")
     FigureCanvasAgg(figure)
     return figure
-
-
-def png_bytes(figure: Figure) -> bytes:
-    """The figure as PNG bytes; without creation metadata, so equal figures are equal bytes."""
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", metadata={"Software": None})
-    return buffer.getvalue()
 
 
 def markdown_image(png: bytes, title: str) -> str:

@@ -49,6 +49,7 @@ import yaml
 
 from spd_assets.errors import ExportError
 from spd_assets.storage.atomic import atomic_path
+from spd_assets.storage.figures import png_bytes
 from spd_assets.storage.history_format import PARTITION_BLOCK_IDS, dense_bytes, write_history_zip
 from spd_math import MergeConfig, MergeHistory
 from spd_math.ensemble import ensemble_metadata
@@ -394,10 +395,9 @@ def distances_plot(distances: np.ndarray, method: str) -> bytes:
     axes.set_ylabel("distance")
     axes.set_title(f"Distance Distribution ({method})")
     axes.legend()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
+    png = png_bytes(figure)
     plt.close(figure)
-    return buffer.getvalue()
+    return png
 
 
 def member_clusters(merges: np.ndarray, labels: Sequence[str], run_idx: int, iteration: int) -> dict[str, int | None]:
