@@ -231,6 +231,8 @@ def run_experiment(
     UsageError
         `only_members` names members the experiment does not have, or `parallel` is not positive.
     """
+    if parallel is not None and parallel < 1:  # before any work (the preflight may load a model)
+        raise UsageError(f"--parallel: expected a positive number, got {parallel}")
     progress = progress or Progress()
     # The worker processes load the deployment settings themselves: the overrides reach them through the environment.
     with settings_overridden(executor=executor, slurm=slurm):
@@ -249,8 +251,6 @@ def _prepare(config: ExperimentConfig, home: Path, parallel: int | None, only_me
         if unknown:
             raise UsageError(f"--members: {unknown} are not members of {config.name!r}; expected some of {members}")
         members = [member for member in members if member in only_members]
-    if parallel is not None and parallel < 1:
-        raise UsageError(f"--parallel: expected a positive number, got {parallel}")
     home = prepare_instance(home)
     store = results_store(home)
     settings = load_settings(home)

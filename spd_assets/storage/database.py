@@ -84,18 +84,19 @@ def _ensure_schema_files(store: ResultsStore, connection: duckdb.DuckDBPyConnect
             columns = ", ".join(f"CAST(NULL AS {sql}) AS {name}" for name, (sql, _) in table.columns.items())
             path = store.table_dir(table.name) / SCHEMA_FILE
             with atomic_path(path) as temporary:
-                writer.execute(f"COPY (SELECT {columns} WHERE false) TO '{_quoted(temporary)}' (FORMAT parquet)")
+                writer.execute(f"COPY (SELECT {columns} WHERE false) TO '{quoted_path(temporary)}' (FORMAT parquet)")
     finally:
         if connection is None:
             writer.close()
 
 
-def _quoted(path: Path) -> str:
+def quoted_path(path: Path) -> str:
+    """`path` as the inside of a SQL string literal: its POSIX form, single quotes doubled."""
     return path.as_posix().replace("'", "''")
 
 
 def _view_sql(store: ResultsStore, table: str) -> str:
-    pattern = _quoted(store.table_dir(table) / "*.parquet")
+    pattern = quoted_path(store.table_dir(table) / "*.parquet")
     return f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM read_parquet('{pattern}', union_by_name = true)"
 
 
