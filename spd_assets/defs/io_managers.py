@@ -13,6 +13,7 @@ from typing import Any
 import polars as pl
 from dagster import ConfigurableIOManager, InputContext, MetadataValue, OutputContext
 
+from spd_assets.defs.lineage import plain_value
 from spd_assets.defs.resources import StorageResource
 from spd_assets.errors import StorageError
 from spd_assets.storage.schemas import TABLE_SCHEMAS
@@ -21,10 +22,6 @@ from spd_assets.storage.values import value_format
 
 def _names(asset_key) -> tuple[str, str]:
     return asset_key.path[0], asset_key.path[-1]
-
-
-def _plain(value):
-    return getattr(value, "value", value)  # a MetadataValue -> its plain value
 
 
 def _partition(context: OutputContext) -> str | None:
@@ -60,7 +57,7 @@ class ValueIOManager(ConfigurableIOManager):
         if value_type is None:
             raise StorageError(f"asset {context.asset_key.to_user_string()}: no {VALUE_TYPE_METADATA_KEY!r} in its "
                                "definition metadata, so the format of its stored value is unknown")
-        value_format_ = self._format(_plain(value_type), context.asset_key)
+        value_format_ = self._format(plain_value(value_type), context.asset_key)
 
         def path_of(partition: str | None):
             # A file of the previous layout is read as it is, where the value has not been written since.

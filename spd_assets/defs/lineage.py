@@ -58,13 +58,17 @@ def consumed_inputs(
     return [Consumed(asset, partition, version, found.get(partition)) for partition, version in loaded_versions.items()]
 
 
-def _plain(value):
-    """A Dagster MetadataValue -> its plain value; an embedded plot -> a placeholder (the picture stays in
-    Dagster's event log; the lineage tables stay small enough to query)."""
-    plain = getattr(value, "value", value)
-    if isinstance(plain, str) and EMBEDDED_IMAGE in plain:
+def plain_value(value):
+    """A Dagster MetadataValue -> its plain value (anything else as it is)."""
+    return getattr(value, "value", value)
+
+
+def _without_pictures(value):
+    """A plain metadata value as the lineage tables keep it: an embedded plot -> a placeholder (the picture stays
+    in Dagster's event log; the lineage tables stay small enough to query)."""
+    if isinstance(value, str) and EMBEDDED_IMAGE in value:
         return EMBEDDED_IMAGE_PLACEHOLDER
-    return plain
+    return value
 
 
 def materialization_records(
@@ -78,7 +82,7 @@ def materialization_records(
             materialization = record.asset_materialization
             if materialization is None or (record.partition_key is not None and record.partition_key not in members):
                 continue
-            metadata = {name: _plain(value) for name, value in materialization.metadata.items()}
+            metadata = {name: _without_pictures(plain_value(value)) for name, value in materialization.metadata.items()}
             consumed = metadata.pop(CONSUMED_METADATA_KEY, None) or []
             if isinstance(consumed, str):
                 consumed = json.loads(consumed)

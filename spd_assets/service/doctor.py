@@ -46,6 +46,7 @@ from spd_assets.defs.lineage import (
     CONSUMED_METADATA_KEY,
     DATA_VERSION_TAG,
     materialization_records,
+    plain_value,
     recorded_materializations,
 )
 from spd_assets.deployment.settings import load_settings
@@ -85,10 +86,6 @@ class Finding:
     note: bool = False  # something to know, not a problem (nothing to repair)
 
 
-def _plain(value):
-    return getattr(value, "value", value)
-
-
 def _latest_by_partition(instance: DagsterInstance, key: AssetKey) -> dict[str | None, EventLogRecord]:
     latest: dict[str | None, EventLogRecord] = {}
     for record in recorded_materializations(instance, AssetRecordsFilter(asset_key=key)):
@@ -122,7 +119,7 @@ def _check_value(path: Path, value_type: str, record: EventLogRecord) -> str | N
 
 def _check_table(path: Path, record: EventLogRecord) -> str | None:
     """Why the table file does not hold the recorded materialization, or None when it does."""
-    recorded = _plain(record.asset_materialization.metadata.get("dagster/row_count"))
+    recorded = plain_value(record.asset_materialization.metadata.get("dagster/row_count"))
     try:
         rows = pl.scan_parquet(path).select(pl.len()).collect().item()
     except Exception as error:  # any reader failure on a damaged file
@@ -134,7 +131,7 @@ def _check_table(path: Path, record: EventLogRecord) -> str | None:
 
 
 def _unrecorded_inputs(record: EventLogRecord) -> list[str]:
-    consumed = _plain(record.asset_materialization.metadata.get(CONSUMED_METADATA_KEY)) or []
+    consumed = plain_value(record.asset_materialization.metadata.get(CONSUMED_METADATA_KEY)) or []
     return [f"{item['asset']}[{item['partition']}]" if item.get("partition") else item["asset"]
             for item in consumed if not str(item.get("asset", "")).startswith("source:") and not item.get("run_id")]
 
@@ -148,7 +145,7 @@ def examine_experiment(store: ResultsStore, instance: DagsterInstance, config: E
     lineage_keys = [AssetKey([name, table]) for table in LINEAGE_TABLES]
     for spec in specs:
         asset = spec.key.path[-1]
-        value_type = _plain(spec.metadata.get(VALUE_TYPE_METADATA_KEY))
+        value_type = plain_value(spec.metadata.get(VALUE_TYPE_METADATA_KEY))
         if (value_type is None and asset not in TABLE_SCHEMAS) or spec.key in lineage_keys:
             continue  # stored by other means (not the doctor's to judge), or the lineage tables (checked below)
         partitioned = spec.partitions_def is not None
