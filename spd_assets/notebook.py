@@ -13,21 +13,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from spd_assets.config import ExperimentConfig, load_config, parse_config
+from spd_assets.config import ExperimentConfig
 from spd_assets.deployment.home import dagster_home
 from spd_assets.errors import PipelineError
+from spd_assets.processing import experiment_config
 from spd_assets.results import ClusteringResults
 from spd_assets.service.experiment import ExperimentPlan, Progress, run_experiment
 from spd_assets.service.runs import RunOutcome
 from spd_assets.storage.progress import ProgressLines
-
-
-def _as_config(config: ExperimentConfig | Mapping[str, Any] | str | os.PathLike[str] | None) -> ExperimentConfig:
-    if isinstance(config, ExperimentConfig):
-        return config
-    if config is None or isinstance(config, (str, os.PathLike)):
-        return load_config(config)
-    return parse_config(dict(config), origin="config")
 
 
 class _NotebookProgress(Progress):
@@ -115,7 +108,7 @@ def cluster_analysis_pipeline(
     >>> results.consensus.iteration, len(results.histories)  # doctest: +SKIP
     (472, 3)
     """
-    config = _as_config(config)
+    config = experiment_config(config)
     home = Path(home).resolve() if home is not None else dagster_home()
     run = run_experiment(config, home=home, parallel=parallel, replace=replace,
                          origin="cluster_analysis_pipeline", progress=_NotebookProgress(verbose))

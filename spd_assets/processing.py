@@ -35,7 +35,7 @@ from spd_assets.errors import BatchFileError, SourceError, StorageError
 from spd_assets.sources.files import SUPPORTED_SUFFIXES, load_batch
 from spd_assets.sources.model_source import BYTES_PER_GB
 from spd_assets.sources.spd import causal_importances
-from spd_assets.sources.streaming import activations_from_chunks
+from spd_assets.sources.streaming import activations_from_chunks, batch_activations
 from spd_assets.sources.torch_model import hooked_forward, match_modules
 from spd_assets.storage.history_format import read_history_zip, write_history_zip
 from spd_assets.storage.values import load_history
@@ -43,9 +43,7 @@ from spd_math import (
     MergeHistory,
     MergeHistoryEnsemble,
     ProcessedActivations,
-    drop_dead,
     merge_iteration,
-    process_activations,
 )
 
 __all__ = [
@@ -63,17 +61,18 @@ HISTORY_FILE_SUFFIXES = (".zip", ".npz")
 ConfigLike = ExperimentConfig | Mapping[str, Any] | str | os.PathLike[str]
 
 
-def experiment_config(config: ConfigLike) -> ExperimentConfig:
-    """An `ExperimentConfig` as it is, one validated from a mapping of its keys (as in a YAML file), or one read
-    from a YAML config file (relative paths in it are relative to the file), as `cluster_analysis_pipeline` takes."""
+def experiment_config(config: ConfigLike | None) -> ExperimentConfig:
+    """An `ExperimentConfig` as it is, one validated from a mapping of its keys (as in a YAML file), one read
+    from a YAML config file (relative paths in it are relative to the file), or for None the embedded default:
+    the configs `cluster_analysis_pipeline`, `BatchProcessor` and the functions here take."""
     if isinstance(config, ExperimentConfig):
         return config
     if isinstance(config, Mapping):
         return parse_config(dict(config), origin="config")
-    if isinstance(config, (str, os.PathLike)):
+    if config is None or isinstance(config, (str, os.PathLike)):
         return load_config(config)
-    raise TypeError(f"config: expected an ExperimentConfig, a mapping of its keys or a config file path, "
-                    f"got {type(config).__name__}")
+    raise TypeError(f"config: expected an ExperimentConfig, a mapping of its keys or a config file path (None: the "
+                    f"embedded default), got {type(config).__name__}")
 
 
 def is_component_model(model: nn.Module) -> bool:
@@ -249,12 +248,9 @@ def process_data_batch(
     files = config.source if isinstance(config.source, FilesSourceConfig) else None
     batch = load_batch(path.parent, path.stem, value_range=files.value_range if files else DEFAULT_VALUE_RANGE,
                        layout=files.layout if files else None)
-    merge_config = config.merge_config
     # As the pipeline's component_activations step: every component first, then the dead ones dropped.
-    every_component = process_activations(batch, filter_dead_threshold=0.0, seq_mode=config.seq_mode,
-                                          module_filter=merge_config.module_name_filter)
-    processed = drop_dead(every_component, merge_config.filter_dead_threshold)
-    return merge_iteration(processed, merge_config, seed=config.member_seed(path.stem), device=device)
+    _, processed = batch_activations(batch, config.merge_config, config.seq_mode)
+    return merge_iteration(processed, config.merge_config, seed=config.member_seed(path.stem), device=device)
 
 
 def save_merge_history(history: MergeHistory, path: PathLike) -> None:

@@ -25,7 +25,7 @@ from spd_assets.config.sources import DEFAULT_MEMORY_BUDGET_GB
 from spd_assets.errors import NoMembersError, SpdClusterError
 from spd_assets.sources import ActivationSource, ModelSource
 from spd_assets.sources.model_source import BYTES_PER_GB
-from spd_assets.sources.streaming import activations_from_chunks
+from spd_assets.sources.streaming import activations_from_chunks, batch_activations
 from spd_assets.storage import original_export, tables
 from spd_assets.storage.checkpoints import CheckpointKey, MemberCheckpoints, checkpoint_path
 from spd_assets.storage.lineage import Consumed, fingerprint
@@ -38,10 +38,8 @@ from spd_math import (
     ProcessedActivations,
     adjusted_rand_index,
     compute_distances,
-    drop_dead,
     merge_iteration,
     normalize_ensemble,
-    process_activations,
 )
 from spd_math.merge import planned_merges
 
@@ -100,10 +98,7 @@ def component_activations(source: ActivationSource, config: ExperimentConfig, me
     if source.streams_batches and merge_config.activation_threshold is not None:
         return _streamed_activations(source, config, member, seed, progress)
     batch = source.load_batch(member, seed)
-    every_component = process_activations(
-        batch, filter_dead_threshold=0.0, seq_mode=config.seq_mode, module_filter=merge_config.module_name_filter
-    )
-    processed = drop_dead(every_component, merge_config.filter_dead_threshold)
+    every_component, processed = batch_activations(batch, merge_config, config.seq_mode)
     stats = tables.component_stats(
         config.name, member, every_component, dead_labels=processed.dead_labels,
         activation_threshold=merge_config.activation_threshold,

@@ -4,7 +4,8 @@ A model source yields its activations chunk by chunk (module name -> `[rows, seq
 `[rows, C]`). `activations_from_chunks` treats each chunk as `spd_math.process_activations`
 would treat the whole batch (seq mode, module filter, float32, finite values), accumulates the
 statistics of the `component_stats` table, and drops dead components at the end exactly as
-`spd_math.drop_dead` drops them. The result equals `drop_dead(process_activations(whole batch))`.
+`spd_math.drop_dead` drops them. The result equals `drop_dead(process_activations(whole batch))`,
+which is what `batch_activations` computes for a batch held whole.
 
 Memory: with an activation threshold (the usual case) each chunk goes straight into
 spd_math's compact form (`CompactActivationsBuilder`: only entries above the threshold, as a
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 
 from spd_assets.errors import SourceError
-from spd_math import CompactActivationsBuilder, MergeConfig, ProcessedActivations
+from spd_math import CompactActivationsBuilder, MergeConfig, ProcessedActivations, drop_dead, process_activations
 from spd_math.activations import ColumnStats
 from spd_math.errors import ActivationsError
 
@@ -270,3 +271,15 @@ def _drop_dead(matrix: torch.Tensor, labels: list[str], maxima: torch.Tensor, th
         labels=[label for label, live in zip(labels, keep) if live],
         dead_labels=[label for label, live in zip(labels, keep) if not live],
     )
+
+
+def batch_activations(batch: Mapping[str, torch.Tensor | np.ndarray], merge_config: MergeConfig,
+                      seq_mode: str | None) -> tuple[ProcessedActivations, ProcessedActivations]:
+    """A whole batch processed as the merge takes it: (every component, the components kept).
+
+    Every component first (seq mode, module filter; the statistics are of them all), then the dead ones
+    dropped by `merge_config.filter_dead_threshold`: what `activations_from_chunks` gives a chunk at a time.
+    """
+    every_component = process_activations(batch, filter_dead_threshold=0.0, seq_mode=seq_mode,
+                                          module_filter=merge_config.module_name_filter)
+    return every_component, drop_dead(every_component, merge_config.filter_dead_threshold)
