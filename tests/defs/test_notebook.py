@@ -83,6 +83,7 @@ def test_invalid_config_is_rejected_before_any_run(tmp_path):
     assert not (tmp_path / "home").exists()
 
 
+@pytest.mark.slow  # the same service as the command line's: tests/cli/test_replace.py
 def test_a_changed_config_under_the_same_name_is_refused_unless_replaced(tmp_path):
     from spd_assets import cluster_analysis_pipeline
     from spd_assets.errors import ExperimentChangedError

@@ -11,6 +11,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pytest
 import yaml
 from dagster import AssetKey
 
@@ -89,6 +90,7 @@ def test_a_second_run_waits_for_the_members_the_first_computes_and_uses_them(tmp
     assert "2/2 members" in second_output and "ensemble" in second_output
 
 
+@pytest.mark.slow  # a waiting run: also the first test here; a killed merge resuming: tests/faults/test_resume.py
 def test_when_the_first_run_is_killed_the_waiting_run_computes_its_members_resuming_their_merges(tmp_path):
     home, first, second, lines = second_run_waiting_for_the_first(tmp_path)
     os.killpg(first.pid, signal.SIGKILL)  # the command line and its workers, as a lost terminal or OOM would

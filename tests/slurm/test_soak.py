@@ -3,9 +3,9 @@
 `doctor`, and nothing may be left wrong (runs in flight, pool slots, partial files, lineage, orphan processes, jobs in
 the queue). A last run completes; its tables equal a clean run's, and `doctor` finds nothing.
 
-CI runs a few cycles; a longer soak:
+It is in `pytest -m slow` (each fault also has its own test in the normal suite), two cycles; a longer soak:
 
-    SPD_SOAK_CYCLES=20 pytest tests/slurm/test_soak.py -s        # SPD_SOAK_SEED=... repeats one
+    SPD_SOAK_CYCLES=20 pytest -m slow tests/slurm/test_soak.py -s        # SPD_SOAK_SEED=... repeats one
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import subprocess
 import time
 
 import polars as pl
+import pytest
 import yaml
 
 from spd_assets.config import load_config
@@ -67,6 +68,7 @@ def inflict(fault: str, process: subprocess.Popen, cluster, postgres) -> str:
     return fault
 
 
+@pytest.mark.slow  # each fault has its own test in the normal suite; the soak strikes them at random, in turn
 def test_soak_under_random_faults(tmp_path, slurm_cluster, postgres_server):
     cycles = int(os.environ.get("SPD_SOAK_CYCLES", DEFAULT_CYCLES))
     seed = int(os.environ.get("SPD_SOAK_SEED", random.randrange(2**31)))
