@@ -29,6 +29,7 @@ import torch
 
 from spd_math._engine.cost_view import MergeState
 from spd_math._engine.state import group_state
+from spd_math._engine.state import merge_state_bytes as merge_state_bytes  # public here: callers size a merge's memory
 from spd_math.activations import ProcessedActivations
 from spd_math.checkpoint import CheckpointSink, MergeCheckpoint
 from spd_math.config import ConfigError, MergeConfig

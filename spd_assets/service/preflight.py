@@ -13,8 +13,7 @@ from spd_assets.config import ExperimentConfig
 from spd_assets.errors import ExperimentConfigError, MemoryFitError
 from spd_assets.sources import ActivationSource, RunTimeNeed, source_for
 from spd_assets.sources.streaming import BYTES_PER_VALUE, check_memory_budget, kept_widths, n_samples
-from spd_math._engine.state import merge_state_bytes
-from spd_math.merge import MIN_GROUPS, planned_merges
+from spd_math.merge import MIN_GROUPS, merge_state_bytes, planned_merges
 
 
 @dataclass(frozen=True)
