@@ -92,12 +92,12 @@ def export_original(experiment: str, out: Path, *, spd_run: str | None = None, h
     return write_original_ensemble(export, out)
 
 
-def ensemble_export(results, spd_run: str | None = None, source=None):
-    """The `EnsembleExport` of loaded `ClusteringResults`; `spd_run` replaces the source's model as model_path."""
+def ensemble_export(results, spd_run: str | None, source):
+    """The `EnsembleExport` of loaded `ClusteringResults` (`source`: its activation source, None where it cannot be
+    made here); `spd_run` replaces the source's model as model_path."""
     from spd_assets.defs.steps import ensemble_export as export_of
 
     config = results.config
-    source = source if source is not None else _source_of(config)
     model_path = None
     if spd_run is not None:
         entity, project, run = _checked_run(spd_run).split("/")
@@ -151,12 +151,12 @@ def _spd_run(config, spd_run: str | None, source) -> str:
     return found
 
 
-def _no_run(config, source=None) -> str:
-    """'experiment X names no wandb SPD run: <why>' (its source, or its source's model path)."""
+def _no_run(config, source) -> str:
+    """'experiment X names no wandb SPD run: <why>' (its source, or its source's model path; `source` None where
+    it cannot be made here)."""
     from spd_assets.defs.steps import source_model_path
     from spd_assets.storage.original_export import no_spd_run_reason
 
-    source = source if source is not None else _source_of(config)
     reason = no_spd_run_reason(config.source.kind, source_model_path(config, source))
     return f"experiment {config.name!r} names no wandb SPD run: {reason}"
 
